@@ -1,0 +1,1 @@
+"""Optimizers emitted by lopt-compile, one package per spec."""

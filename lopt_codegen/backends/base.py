@@ -1,0 +1,43 @@
+"""What the runtime hands a backend each step, and the interface backends implement."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ir.program import Program
+from ..networks.base import NetworkKind
+
+
+@dataclass
+class TensorTask:
+    """One parameter tensor's share of a step. `state` is the optimizer state of the
+    parameter: accumulators (float32, shaped [channels, *shape with reduced axes = 1]),
+    network state, and `step` (float32 0-D tensor, t before this step)."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    state: dict[str, torch.Tensor]
+    hyper: dict[str, float]
+    variant: str                       # "factored" or "unfactored"
+    axes: tuple[int, int] | None       # (d0, d1) for factored tensors
+
+
+@dataclass
+class StepBatch:
+    tasks: list[TensorTask]
+    mlp_weights: list[torch.Tensor] | None = None  # [w0, b0, w1, b1, ...] shared by all tensors
+    network: NetworkKind | None = None
+    loss_features: torch.Tensor | None = None      # (channels,) from the loss buffer
+    extra: dict = field(default_factory=dict)
+
+
+class Backend:
+    name: str = "base"
+
+    def __init__(self, program: Program):
+        self.program = program
+
+    def step(self, batch: StepBatch) -> None:
+        """Update params and state of every task in place."""
+        raise NotImplementedError

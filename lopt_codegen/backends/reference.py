@@ -1,0 +1,151 @@
+"""The reference backend: interprets the IR with eager torch ops, on any device.
+
+Every value is a float32 tensor shaped [channels, *param_shape], with size 1 on the
+axes its level does not have (so torch broadcasting implements level broadcasting).
+It is the oracle the compiled backends are tested against, and the fallback everywhere.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+import torch
+
+from ..ir.nodes import Node, topo_order
+from .base import Backend, StepBatch, TensorTask
+
+_UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
+    "tanh": torch.tanh, "abs": torch.abs, "sign": torch.sign, "relu": torch.relu, "sigmoid": torch.sigmoid,
+    "zero_nonfinite": lambda x: torch.where(torch.isfinite(x), x, torch.zeros_like(x)),
+}
+_BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
+    "min": torch.minimum, "max": torch.maximum,
+    "lt": lambda a, b: (a < b).float(), "le": lambda a, b: (a <= b).float(),
+    "gt": lambda a, b: (a > b).float(), "ge": lambda a, b: (a >= b).float(),
+    "eq": lambda a, b: (a == b).float(), "ne": lambda a, b: (a != b).float(),
+}
+_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+class TensorEvaluator:
+    """Evaluates IR nodes for one parameter tensor."""
+
+    def __init__(self, task: TensorTask, batch: StepBatch):
+        self.task, self.batch = task, batch
+        self.p = task.param.detach().to(torch.float32)
+        self.ndim = self.p.dim()
+        self.net_out: dict[str, torch.Tensor] = {}
+        self.mlp_weights = batch.mlp_weights
+
+    def scalar(self, values: torch.Tensor) -> torch.Tensor:
+        """A (channels,) vector as a broadcastable value."""
+        return values.to(device=self.p.device, dtype=torch.float32).reshape(-1, *[1] * self.ndim)
+
+    def leaf(self, node: Node) -> torch.Tensor:
+        op, task = node.op, self.task
+        if op == "const":
+            return self.scalar(torch.tensor(node.attrs, dtype=torch.float32))
+        if op == "grad":
+            return task.grad.to(torch.float32).unsqueeze(0)
+        if op == "param":
+            return self.p.unsqueeze(0)
+        if op == "hyper":
+            return self.scalar(torch.tensor([task.hyper[node.attrs[0]]], dtype=torch.float32))
+        if op == "step":
+            return self.scalar(task.state["step"])
+        if op == "rank":
+            return self.scalar(torch.tensor([float(sum(d > 1 for d in self.p.shape))]))
+        if op == "state":
+            return task.state[node.attrs[0]]
+        if op == "loss_features":
+            return self.scalar(self.batch.loss_features)
+        if op == "net_out":
+            return self.scalar(self.net_out[node.attrs[0]])
+        raise ValueError(f"reference backend: unknown leaf op {op}")
+
+    def apply(self, node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+        op = node.op
+        if op in _UNARY:
+            return _UNARY[op](args[0])
+        if op in _BINARY:
+            return _BINARY[op](args[0], args[1])
+        if op == "where":
+            return torch.where(args[0] != 0, args[1], args[2])
+        if op == "mean":
+            dims = tuple(range(1, self.ndim + 1))
+            return args[0].mean(dim=dims, keepdim=True) if dims else args[0]
+        if op in ("mean_d0", "mean_d1"):
+            axis = self.task.axes[0 if op == "mean_d0" else 1]
+            return args[0].mean(dim=1 + axis, keepdim=True)
+        if op == "concat":
+            shape = torch.broadcast_shapes(*(a.shape[1:] for a in args))
+            return torch.cat([a.expand(a.shape[0], *shape) for a in args], dim=0)
+        if op == "channel":
+            i = node.attrs[0]
+            return args[0][i:i + 1]
+        if op == "mlp":
+            return self.mlp(node, args[0])
+        raise ValueError(f"reference backend: unknown op {op}")
+
+    def mlp(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        sizes, activation = node.attrs
+        h = x.expand(x.shape[0], *self.p.shape).reshape(sizes[0], -1)
+        weights = self.mlp_weights
+        n_layers = len(sizes) - 1
+        for i in range(n_layers):
+            w, b = weights[2 * i], weights[2 * i + 1]
+            h = torch.addmm(b.unsqueeze(1), w, h)
+            if i < n_layers - 1:
+                h = _ACTIVATIONS[activation](h)
+        return h.reshape(sizes[-1], *self.p.shape)
+
+    def evaluate(self, roots: list[Node]) -> list[torch.Tensor]:
+        """Evaluate roots, freeing each intermediate after its last use (memory stays
+        near a few element-level values, not one per node)."""
+        order = topo_order(roots)
+        uses = Counter(id(a) for n in order for a in n.args)
+        for r in roots:
+            uses[id(r)] += 1
+        values: dict[int, torch.Tensor] = {}
+        for node in order:
+            if node.args:
+                out = self.apply(node, [values[id(a)] for a in node.args])
+                for a in node.args:
+                    uses[id(a)] -= 1
+                    if uses[id(a)] == 0:
+                        del values[id(a)]
+            else:
+                out = self.leaf(node)
+            values[id(node)] = out
+        return [values[id(r)] for r in roots]
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def step(self, batch: StepBatch) -> None:
+        program = self.program
+        evaluators = [TensorEvaluator(task, batch) for task in batch.tasks]
+        if batch.network is not None:
+            self._run_network(batch, evaluators)
+        for ev, task in zip(evaluators, batch.tasks):
+            graph = program.variants[task.variant]
+            names = list(graph.accumulators)
+            *accs, new_p = ev.evaluate([graph.accumulators[n] for n in names] + [graph.new_param])
+            for name, value in zip(names, accs):
+                task.state[name].copy_(value)
+            task.param.detach().copy_(new_p[0])
+
+    def _run_network(self, batch: StepBatch, evaluators: list[TensorEvaluator]) -> None:
+        net = batch.network
+        x = torch.stack([ev.evaluate([self.program.variants[t.variant].network_input])[0].reshape(-1)
+                         for ev, t in zip(evaluators, batch.tasks)])
+        state = {k: torch.stack([t.state[k] for t in batch.tasks]) for k in net.state_keys}
+        outputs, mlp, new_state = net.forward(x, state)
+        for i, (ev, task) in enumerate(zip(evaluators, batch.tasks)):
+            ev.net_out = {name: out[i] for name, out in outputs.items()}
+            ev.mlp_weights = [w[i] for w in mlp]
+            for k in net.state_keys:
+                task.state[k].copy_(new_state[k][i])

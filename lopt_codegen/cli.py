@@ -1,0 +1,71 @@
+"""lopt-compile: compile optimizer specs into generated/<name>/ packages."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .emit import render_package, stale_files, write_package
+from .ir import lower_spec
+from .ir.plan import explain
+from .spec import SPEC_SCHEMA, SpecError, load_spec
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lopt-compile", description="Compile learned-optimizer specs "
+                                "into importable PyTorch optimizers under generated/.")
+    p.add_argument("specs", nargs="*", metavar="SPEC", help="YAML spec files, e.g. specs/velo.yaml")
+    p.add_argument("--out", default="generated", help="output folder (default: generated)")
+    p.add_argument("--backend", default="reference", choices=["reference"],
+                   help="code generator (the TVM and CUDA backends are not built yet)")
+    p.add_argument("--explain", action="store_true", help="print the pass plan instead of writing files")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if the files under --out are stale against the specs and templates")
+    p.add_argument("--schema", action="store_true", help="print the JSON Schema of the spec language")
+    return p
+
+
+def _spec_path(path: str) -> str:
+    """The spec path as recorded in generated files: relative to the cwd when inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.schema:
+        print(json.dumps(SPEC_SCHEMA, indent=2))
+        return 0
+    if not args.specs:
+        _parser().print_usage(sys.stderr)
+        print("lopt-compile: error: give at least one SPEC (or --schema)", file=sys.stderr)
+        return 2
+    try:
+        programs = [(path, lower_spec(load_spec(path))) for path in args.specs]
+    except SpecError as exc:
+        print(f"lopt-compile: error: {exc}", file=sys.stderr)
+        return 2
+    status = 0
+    for path, program in programs:
+        if args.explain:
+            print(explain(program))
+            continue
+        files = render_package(program, _spec_path(path), args.backend)
+        if args.check:
+            stale = stale_files(files, args.out, program.name)
+            if stale:
+                print(f"stale: {', '.join(stale)} (run: lopt-compile {path})", file=sys.stderr)
+                status = 1
+            else:
+                print(f"up to date: {os.path.join(args.out, program.name)}")
+            continue
+        target = write_package(files, args.out, program.name)
+        print(f"{path} -> {target}/ ({program.class_name})")
+    return status
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Emit a generated package: generated/<name>/{__init__.py, program.json, manifest.json}.
+
+Output is deterministic (no timestamps), so `--check` can regenerate it in memory and
+compare byte for byte. Writes are atomic: a temp folder, then a rename.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import jinja2
+
+from . import __version__
+from .ir.plan import plan_program, plan_to_dict
+from .ir.program import Program
+from .ir.serialize import program_to_json
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
+HYPER_DOC = {"lr": "learning rate; p <- p - lr * step", "weight_decay": "weight decay (the spec's rule)",
+             "num_steps": "the training horizon in steps"}
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+
+
+def templates_sha256() -> str:
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(TEMPLATES)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, TEMPLATES).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def render_package(program: Program, spec_path: str, backend: str = "reference") -> dict[str, str]:
+    """File name -> content of the generated package."""
+    description = program.description or f"the {program.name} learned optimizer"
+    hyperparameters = [(n, repr(d) if d is not None else None) for n, d in program.hyperparameters.items()]
+    init = _env().get_template("python/optimizer.py.j2").render(
+        program=program, version=__version__, spec_path=spec_path, description=description,
+        summary=description.split(".")[0].strip(), hyperparameters=hyperparameters,
+        hyper_doc={n: HYPER_DOC.get(n, "a hyperparameter of the spec") for n, _ in hyperparameters})
+    manifest = {
+        "name": program.name, "class_name": program.class_name, "spec": spec_path,
+        "spec_sha256": program.spec_sha256, "templates_sha256": templates_sha256(),
+        "compiler_version": __version__, "backend": backend, "target": "torch (eager, any device)",
+        "plan": plan_to_dict(plan_program(program)),
+    }
+    return {"__init__.py": init, "program.json": program_to_json(program),
+            "manifest.json": json.dumps(manifest, indent=1) + "\n"}
+
+
+def write_package(files: dict[str, str], out_dir: str, name: str) -> str:
+    """Write atomically: the package appears whole or not at all."""
+    os.makedirs(out_dir, exist_ok=True)
+    marker = os.path.join(out_dir, "__init__.py")
+    if not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write('"""Optimizers emitted by lopt-compile, one package per spec."""\n')
+    target = os.path.join(out_dir, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir)
+    try:
+        for fname, content in files.items():
+            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
+                f.write(content)
+        old = None
+        if os.path.exists(target):
+            old = tempfile.mkdtemp(prefix=f".{name}.old.", dir=out_dir)
+            os.rmdir(old)
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def stale_files(files: dict[str, str], out_dir: str, name: str) -> list[str]:
+    """Files of generated/<name> that differ from what the compiler emits now."""
+    stale = []
+    for fname, content in files.items():
+        path = os.path.join(out_dir, name, fname)
+        try:
+            with open(path, encoding="utf-8") as f:
+                if f.read() == content:
+                    continue
+        except OSError:
+            pass
+        stale.append(path)
+    return stale

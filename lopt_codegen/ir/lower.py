@@ -1,0 +1,270 @@
+"""Spec -> Program: resolve names, inline functions, check levels and channels, and
+build one interned dataflow graph per tensor variant (factored / unfactored)."""
+from __future__ import annotations
+
+import hashlib
+
+from ..networks import LOSS_BUFFER_KINDS, NETWORK_KINDS
+from ..spec.errors import Mark, SpecError
+from ..spec.expr import FUNCTIONS, Call, Expr, Name, Num
+from ..spec.model import Spec, Variants
+from .nodes import BINARY, REDUCE, UNARY, Graph, Level, Node, join, reduced_level
+from .program import VARIANTS, MlpInfo, Program, VariantGraph
+from .validate_weights import check_weight_layout
+
+BUILTIN_NAMES = ("g", "p", "grad", "t", "rank", "loss_features")
+
+
+class _Lowerer:
+    """Lowers the expressions of one spec for one variant into one Graph."""
+
+    def __init__(self, spec: Spec, variant: str, graph: Graph):
+        self.spec, self.variant, self.g = spec, variant, graph
+        self.resolved: dict[str, Node] = {}
+        self.resolving: list[str] = []
+        self.mlp_outputs: dict[str, Node] | None = None
+
+    # --- node construction with level/channel rules -------------------------------
+    def const(self, values: tuple[float, ...]) -> Node:
+        return self.g.make("const", (), values, Level.STEP, len(values))
+
+    def op(self, name: str, args: tuple[Node, ...], mark: Mark) -> Node:
+        channels = 1
+        for a in args:
+            if a.channels != 1 and channels not in (1, a.channels):
+                detail = ", ".join(str(x.channels) for x in args)
+                raise SpecError(mark, f"channel mismatch in {name}: operands have {detail} channels; "
+                                "channels broadcast only when equal or 1")
+            channels = max(channels, a.channels)
+        level = Level.STEP
+        for a in args:
+            level = join(level, a.level)
+        return self.g.make(name, args, (), level, channels)
+
+    def reduce(self, name: str, arg: Node, mark: Mark) -> Node:
+        if REDUCE[name] is not None and self.variant == "unfactored" and arg.level > Level.TENSOR:
+            raise SpecError(mark, f"{name} needs a factored tensor (rank >= 2), but this expression is "
+                            "also used for tensors of rank < 2; give it `factored:` and `unfactored:` variants")
+        return self.g.make(name, (arg,), (), reduced_level(name, arg.level), arg.channels)
+
+    # --- names ---------------------------------------------------------------------
+    def name(self, expr: Name, scope: dict[str, Node]) -> Node:
+        n = expr.name
+        if n in scope:
+            return scope[n]
+        if n in self.resolved:
+            return self.resolved[n]
+        if n in self.resolving:
+            cycle = " -> ".join(self.resolving[self.resolving.index(n):] + [n])
+            raise SpecError(expr.mark, f"cycle in definitions: {cycle}")
+        self.resolving.append(n)
+        try:
+            node = self._resolve(expr)
+        finally:
+            self.resolving.pop()
+        self.resolved[n] = node
+        return node
+
+    def _resolve(self, expr: Name) -> Node:
+        n, spec = expr.name, self.spec
+        if n == "grad":
+            raw = self.g.make("grad", (), (), Level.ELEMENT, 1)
+            return self.op("zero_nonfinite", (raw,), expr.mark) if spec.nonfinite == "zero" else raw
+        if n == "g":
+            return self.single(self.lower(spec.grad), spec.grad.mark, "the gradient expression")
+        if n == "p":
+            return self.g.make("param", (), (), Level.ELEMENT, 1)
+        if n == "t":
+            return self.g.make("step", (), (), Level.STEP, 1)
+        if n == "rank":
+            return self.g.make("rank", (), (), Level.TENSOR, 1)
+        if n == "loss_features":
+            if spec.loss_buffer is None:
+                raise SpecError(expr.mark, "loss_features needs a `loss_buffer` section")
+            kind = LOSS_BUFFER_KINDS[spec.loss_buffer.kind]
+            return self.g.make("loss_features", (), (), Level.STEP, kind.channels)
+        if n in spec.hyperparameters:
+            return self.g.make("hyper", (), (n,), Level.STEP, 1)
+        if n in spec.accumulators:
+            new, _ = self.accumulator(n, expr.mark)
+            return new
+        if n in spec.derived:
+            return self.lower(self.pick(spec.derived[n], n, expr.mark))
+        if n in spec.mlp.outputs:
+            return self.mlp_output(n)
+        if spec.network is not None and n in NETWORK_KINDS[spec.network.kind].outputs:
+            kind = NETWORK_KINDS[spec.network.kind]
+            return self.g.make("net_out", (), (n,), Level.TENSOR, kind.outputs[n])
+        raise SpecError(expr.mark, f"unknown name '{n}'; known names: {', '.join(self.known_names())}")
+
+    def known_names(self) -> list[str]:
+        spec = self.spec
+        names = [*BUILTIN_NAMES, *spec.hyperparameters, *spec.accumulators, *spec.derived, *spec.mlp.outputs]
+        if spec.network is not None:
+            names += list(NETWORK_KINDS[spec.network.kind].outputs)
+        return names
+
+    def pick(self, variants: Variants, name: str, mark: Mark) -> Expr:
+        expr = variants.get(self.variant)
+        if expr is None:
+            rank = "rank >= 2" if self.variant == "factored" else "rank < 2"
+            raise SpecError(mark, f"'{name}' has no `{self.variant}` variant, but it is used for "
+                            f"{self.variant} tensors ({rank}); define one at {variants.mark}")
+        return expr
+
+    def single(self, node: Node, mark: Mark, what: str) -> Node:
+        if node.channels != 1:
+            raise SpecError(mark, f"{what} must have 1 channel, it has {node.channels}")
+        return node
+
+    # --- accumulators, MLP ---------------------------------------------------------
+    def accumulator(self, name: str, mark: Mark) -> tuple[Node, Node]:
+        """(value after this step, state node holding the value before it)."""
+        acc = self.spec.accumulators[name]
+        x = self.lower(self.pick(acc.ema, name, mark))
+        decays = []
+        for d in acc.decays:
+            node = self.single(self.lower(d), d.mark, "a decay")
+            if node.level != Level.STEP:
+                raise SpecError(d.mark, "a decay must be a number or depend only on hyperparameters and t")
+            decays.append(node)
+        k = len(decays)
+        if x.channels not in (1, k):
+            raise SpecError(acc.ema.mark, f"accumulator '{name}' has {k} decays but its expression has "
+                            f"{x.channels} channels; expected 1 or {k}")
+        decay = decays[0] if k == 1 else self.g.make("concat", tuple(decays), (), Level.STEP, k)
+        state = self.g.make("state", (), (name,), x.level, k)
+        one = self.const((1.0,))
+        new = self.op("add", (self.op("mul", (decay, state), mark),
+                              self.op("mul", (self.op("sub", (one, decay), mark), x), mark)), mark)
+        return new, state
+
+    def mlp_output(self, name: str) -> Node:
+        if self.mlp_outputs is None:
+            self.mlp_outputs = {}  # set before lowering features: a use inside them is a cycle
+            spec = self.spec
+            feats = []
+            eps = self.const((spec.norm_eps,))
+            for e in spec.normalized:
+                x = self.lower(e)
+                second_moment = self.reduce("mean", self.op("mul", (x, x), e.mark), e.mark)
+                feats.append(self.op("mul", (x, self.op("rsqrt", (self.op("add", (second_moment, eps), e.mark),),
+                                                        e.mark)), e.mark))
+            feats += [self.lower(e) for e in spec.raw_features]
+            total = sum(f.channels for f in feats)
+            if total != spec.mlp.sizes[0]:
+                raise SpecError(spec.mlp.mark, f"the features have {total} channels but mlp.sizes[0] is "
+                                f"{spec.mlp.sizes[0]}")
+            inputs = self.g.make("concat", tuple(feats), (), Level.ELEMENT, total)
+            out = self.g.make("mlp", (inputs,), (spec.mlp.sizes, spec.mlp.activation), Level.ELEMENT,
+                              spec.mlp.sizes[-1])
+            for i, o in enumerate(spec.mlp.outputs):
+                self.mlp_outputs[o] = self.g.make("channel", (out,), (i,), Level.ELEMENT, 1)
+        if name not in self.mlp_outputs:
+            raise SpecError(self.spec.mlp.mark, f"the MLP output '{name}' is used by its own features")
+        return self.mlp_outputs[name]
+
+    # --- expressions ---------------------------------------------------------------
+    def lower(self, expr: Expr, scope: dict[str, Node] | None = None) -> Node:
+        scope = scope or {}
+        if isinstance(expr, Num):
+            return self.const(expr.values)
+        if isinstance(expr, Name):
+            return self.name(expr, scope)
+        assert isinstance(expr, Call)
+        f = expr.func
+        if f in self.spec.functions:
+            fn = self.spec.functions[f]
+            self.arity(expr, len(fn.args))
+            args = {a: self.lower(x, scope) for a, x in zip(fn.args, expr.args)}
+            return self.lower(fn.body, args)
+        if f not in FUNCTIONS and f not in UNARY | BINARY:
+            known = sorted(set(FUNCTIONS) | set(self.spec.functions))
+            raise SpecError(expr.mark, f"unknown function '{f}'; known functions: {', '.join(known)}")
+        if f in FUNCTIONS:
+            self.arity(expr, FUNCTIONS[f])
+        if f == "prev":
+            arg = expr.args[0]
+            if not (isinstance(arg, Name) and arg.name in self.spec.accumulators):
+                raise SpecError(expr.mark, f"prev() takes an accumulator name ({', '.join(self.spec.accumulators)})")
+            return self.accumulator(arg.name, arg.mark)[1]
+        args = tuple(self.lower(a, scope) for a in expr.args)
+        if f in REDUCE:
+            return self.reduce(f, args[0], expr.mark)
+        if f == "clip":
+            return self.op("min", (self.op("max", args[:2], expr.mark), args[2]), expr.mark)
+        return self.op(f, args, expr.mark)
+
+    def arity(self, expr: Call, n: int) -> None:
+        if len(expr.args) != n:
+            raise SpecError(expr.mark, f"{expr.func}() takes {n} argument{'s' if n != 1 else ''}, "
+                            f"got {len(expr.args)}")
+
+    # --- the whole step ------------------------------------------------------------
+    def build(self) -> VariantGraph:
+        spec = self.spec
+        accs = {}
+        for name, acc in spec.accumulators.items():
+            if acc.ema.get(self.variant) is not None:
+                accs[name] = self.name(Name(acc.mark, name), {})
+        step = self.single(self.lower(spec.step), spec.step.mark, "update.step")
+        p, lr, wd = (self.name(Name(spec.step.mark, n), {}) for n in ("p", "lr", "weight_decay"))
+        m = spec.step.mark
+        if spec.weight_decay == "after_step":
+            p1 = self.op("sub", (p, self.op("mul", (lr, step), m)), m)
+            new_p = self.op("sub", (p1, self.op("mul", (self.op("mul", (lr, wd), m), p1), m)), m)
+        elif spec.weight_decay == "decoupled":
+            new_p = self.op("sub", (p, self.op("mul", (lr, self.op("add", (step, self.op("mul", (wd, p), m)), m)), m)), m)
+        else:
+            new_p = self.op("sub", (p, self.op("mul", (lr, step), m)), m)
+        network_input = None
+        if spec.network is not None:
+            network_input = self.network_input()
+        horizon = None
+        if spec.loss_buffer is not None:
+            horizon = self.single(self.lower(spec.loss_buffer.horizon), spec.loss_buffer.mark, "loss_buffer.horizon")
+            if horizon.level != Level.STEP:
+                raise SpecError(spec.loss_buffer.mark, "loss_buffer.horizon must depend only on hyperparameters")
+        return VariantGraph(accs, new_p, network_input, horizon)
+
+    def network_input(self) -> Node:
+        net = self.spec.network
+        kind = NETWORK_KINDS[net.kind]
+        parts = []
+        for e in net.inputs:
+            node = self.lower(e)
+            if node.level > Level.TENSOR:
+                raise SpecError(e.mark, f"a network input must be one value per tensor, but this one is "
+                                f"{node.level.label}-level; reduce it with mean()")
+            parts.append(node)
+        total = sum(x.channels for x in parts)
+        if total != kind.input_channels:
+            raise SpecError(net.mark, f"network '{net.kind}' takes {kind.input_channels} input channels, "
+                            f"the inputs have {total}")
+        return self.g.make("concat", tuple(parts), (), Level.TENSOR, total)
+
+
+def lower_spec(spec: Spec) -> Program:
+    """Lower a validated spec to its Program, checking everything a spec can get wrong."""
+    check_weight_layout(spec)
+    variants, state_levels = {}, {}
+    graph = Graph()  # shared, so work common to both variants is one node
+    for v in VARIANTS:
+        if v == "factored" and spec.factored_axes is None:
+            continue  # without a factored-axes rule every tensor is unfactored
+        variant = _Lowerer(spec, v, graph).build()
+        variants[v] = variant
+        for name, node in variant.accumulators.items():
+            state_levels.setdefault(name, {})[v] = (node.level, node.channels)
+    return Program(
+        name=spec.name, class_name=spec.class_name, description=spec.description,
+        spec_sha256=hashlib.sha256(spec.source.encode()).hexdigest(),
+        hyperparameters=dict(spec.hyperparameters), factored_axes=spec.factored_axes,
+        variants=variants, state_levels=state_levels,
+        mlp=MlpInfo(spec.mlp.sizes, spec.mlp.activation, spec.mlp.outputs, spec.mlp.weight_group, spec.mlp.layers),
+        network_kind=spec.network.kind if spec.network else None,
+        network_weights=dict(spec.network.weights) if spec.network else {},
+        loss_buffer_kind=spec.loss_buffer.kind if spec.loss_buffer else None,
+        weight_groups=spec.weights.groups, weight_ignore=spec.weights.ignore,
+        builtin_weights=spec.weights.builtin,
+    )

@@ -1,0 +1,186 @@
+"""Pass planning: cut each variant's graph at global reductions and fuse the element
+work between two cuts into one pass over the tensor.
+
+A node's *phase* is the number of full passes over the tensor that must finish before
+it can be computed: a reduction of an element-level value needs one more pass than its
+input. Element work is recomputed in every pass that needs it (features are never
+written to memory); only accumulators are stored, each in the last pass that still
+reads its previous value (so in-place updates are safe).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .nodes import LEAVES, REDUCE, Level, Node, topo_order
+from .program import Program, VariantGraph
+
+_REDUCTION_NAMES = {"mean": "tensor mean", "mean_d0": "row mean (over d0)", "mean_d1": "col mean (over d1)"}
+
+
+@dataclass
+class Pass:
+    index: int
+    reads: dict[str, int] = field(default_factory=dict)    # stored value -> channels per element
+    writes: dict[str, int] = field(default_factory=dict)
+    small_inputs: list[str] = field(default_factory=list)  # row/col/tensor/step values read
+    reductions: list[str] = field(default_factory=list)
+    ops: int = 0          # elementwise operations per element (one per channel)
+    macs: int = 0         # MLP multiply-adds per element
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def bytes_per_element(self) -> int:
+        return 4 * (sum(self.reads.values()) + sum(self.writes.values()))
+
+
+@dataclass
+class Plan:
+    variant: str
+    passes: list[Pass]
+    between: list[dict[str, int]]   # small work after each pass: level -> node count
+    network_after: int | None       # the network runs after this pass (index)
+
+
+def _phases(graph: VariantGraph) -> dict[int, int]:
+    phase: dict[int, int] = {}
+    for node in topo_order(graph.roots()):
+        if node.op == "net_out":
+            phase[id(node)] = _phases_of(graph.network_input, phase)
+        elif not node.args:
+            phase[id(node)] = 0
+        elif node.op in REDUCE:
+            arg = node.args[0]
+            phase[id(node)] = phase[id(arg)] + (1 if arg.level == Level.ELEMENT else 0)
+        else:
+            phase[id(node)] = max(phase[id(a)] for a in node.args)
+    return phase
+
+
+def _phases_of(node: Node, phase: dict[int, int]) -> int:
+    """Phase of a node whose subgraph may not have been visited yet (the network input)."""
+    for n in topo_order([node]):
+        if id(n) not in phase:
+            if not n.args:
+                phase[id(n)] = 0
+            elif n.op in REDUCE:
+                phase[id(n)] = phase[id(n.args[0])] + (1 if n.args[0].level == Level.ELEMENT else 0)
+            else:
+                phase[id(n)] = max(phase[id(a)] for a in n.args)
+    return phase[id(node)]
+
+
+def _needed(roots: list[Node], stored: dict[int, str]) -> list[Node]:
+    """Element nodes a pass computes for its roots; stops at stored accumulators and at
+    coarser values (computed between passes)."""
+    seen: set[int] = set()
+    out: list[Node] = []
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        out.append(n)
+        if id(n) in stored or n.level != Level.ELEMENT:
+            continue
+        stack.extend(n.args)
+    return out
+
+
+def plan_variant(variant: str, graph: VariantGraph) -> Plan:
+    phase = _phases(graph)
+    accs = graph.accumulators
+    element_accs = {name: n for name, n in accs.items() if n.level == Level.ELEMENT}
+    write_pass = {name: phase[id(n)] for name, n in element_accs.items()}
+    reductions = [n for n in topo_order(graph.roots()) if n.op in REDUCE and n.args[0].level == Level.ELEMENT]
+    last = max([phase[id(graph.new_param)], *write_pass.values()])
+
+    def pass_roots(k: int) -> list[Node]:
+        roots = [r.args[0] for r in reductions if phase[id(r.args[0])] == k]
+        roots += [n for name, n in element_accs.items() if write_pass[name] == k]
+        return roots + ([graph.new_param] if k == last else [])
+
+    # Delay each accumulator's write to the last pass that reads its previous value.
+    while True:
+        changed = False
+        for k in range(last + 1):
+            stored = {id(n): name for name, n in element_accs.items() if write_pass[name] < k}
+            for n in _needed(pass_roots(k), stored):
+                if n.op == "state" and n.attrs[0] in write_pass and write_pass[n.attrs[0]] < k:
+                    write_pass[n.attrs[0]] = k
+                    changed = True
+        if not changed:
+            break
+
+    passes: list[Pass] = []
+    between: list[dict[str, int]] = []
+    network_after = None
+    for k in range(last + 1):
+        roots = pass_roots(k)
+        if not roots:
+            continue
+        stored = {id(n): name for name, n in element_accs.items() if write_pass[name] < k}
+        p = Pass(len(passes))
+        for n in _needed(roots, stored):
+            if id(n) in stored:
+                p.reads[stored[id(n)]] = n.channels
+            elif n.level != Level.ELEMENT:
+                if n.op not in ("const", "hyper", "step"):
+                    p.small_inputs.append(f"{n.op}:{n.level.label}")
+            elif n.op in LEAVES:
+                label = n.attrs[0] if n.op == "state" else n.op
+                p.reads[label] = n.channels
+            else:
+                p.nodes.append(n)
+                if n.op == "mlp":
+                    sizes = n.attrs[0]
+                    p.macs += sum(a * b for a, b in zip(sizes, sizes[1:]))
+                    p.ops += sum(sizes[1:-1])  # activations
+                elif n.op not in ("concat", "channel"):
+                    p.ops += n.channels
+        for r in reductions:
+            if phase[id(r.args[0])] == k:
+                p.reductions.append(f"{_REDUCTION_NAMES[r.op]} ({r.channels} ch)")
+        p.writes.update({name: n.channels for name, n in element_accs.items() if write_pass[name] == k})
+        if k == last:
+            p.writes["param"] = 1
+        p.small_inputs = sorted(set(p.small_inputs))
+        passes.append(p)
+        small: dict[str, int] = {}
+        for n in topo_order(graph.roots()):
+            if n.args and n.level < Level.ELEMENT and phase[id(n)] == k + 1 and n.op not in REDUCE:
+                small[n.level.label] = small.get(n.level.label, 0) + 1
+        between.append(small)
+        if graph.network_input is not None and phase[id(graph.network_input)] == k + 1:
+            network_after = p.index
+    return Plan(variant, passes, between, network_after)
+
+
+def plan_program(program: Program) -> dict[str, Plan]:
+    return {v: plan_variant(v, g) for v, g in program.variants.items()}
+
+
+def plan_to_dict(plans: dict[str, Plan]) -> dict:
+    return {v: {"passes": [{"reads": p.reads, "writes": p.writes, "reductions": p.reductions,
+                            "bytes_per_element": p.bytes_per_element, "ops_per_element": p.ops,
+                            "macs_per_element": p.macs} for p in plan.passes],
+                "network_after_pass": plan.network_after}
+            for v, plan in plans.items()}
+
+
+def explain(program: Program) -> str:
+    lines = [f"{program.name} ({program.class_name}): plan of one step"]
+    for v, plan in plan_program(program).items():
+        rank = "rank >= 2" if v == "factored" else "rank < 2" if program.factored_axes else "any rank"
+        lines.append(f"\n{v} tensors ({rank}): {len(plan.passes)} element pass(es)")
+        for p, small in zip(plan.passes, plan.between):
+            fmt = lambda d: ", ".join(f"{k}({c})" for k, c in d.items()) or "-"  # noqa: E731
+            lines.append(f"  pass {p.index + 1}: reads {fmt(p.reads)}; writes {fmt(p.writes)}")
+            lines.append(f"          {p.bytes_per_element} B/element (fp32), {p.ops} ops + {p.macs} MACs/element")
+            if p.reductions:
+                lines.append(f"          reduces: {'; '.join(p.reductions)}")
+            if small:
+                lines.append("          then small work: " + ", ".join(f"{c} {lv}-level op(s)" for lv, c in small.items()))
+            if plan.network_after == p.index:
+                lines.append(f"          then network {program.network_kind} over all tensors")
+    return "\n".join(lines) + "\n"

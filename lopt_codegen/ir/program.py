@@ -1,0 +1,55 @@
+"""A lowered optimizer: the per-variant dataflow graphs plus what the runtime needs to
+bind them (hyperparameters, state layout, MLP and network weights)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .nodes import Level, Node
+
+VARIANTS = ("factored", "unfactored")
+
+
+@dataclass(frozen=True)
+class VariantGraph:
+    """The step of one kind of tensor: factored (rank >= 2) or unfactored (rank < 2)."""
+
+    accumulators: dict[str, Node]   # name -> value after this step (stored in the state)
+    new_param: Node                 # p after this step
+    network_input: Node | None      # tensor-level inputs of the network, if any
+    loss_horizon: Node | None       # step-level horizon of the loss buffer, if any
+
+    def roots(self) -> list[Node]:
+        extra = [n for n in (self.network_input, self.loss_horizon) if n is not None]
+        return [*self.accumulators.values(), self.new_param, *extra]
+
+
+@dataclass(frozen=True)
+class MlpInfo:
+    sizes: tuple[int, ...]
+    activation: str
+    outputs: tuple[str, ...]
+    weight_group: str | None   # None: per-tensor weights from the network
+    layers: tuple[str, ...]    # `<layer>.weight` (out, in) and `<layer>.bias` keys
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    class_name: str
+    description: str
+    spec_sha256: str
+    hyperparameters: dict[str, float | None]
+    factored_axes: str | None
+    variants: dict[str, VariantGraph]
+    state_levels: dict[str, dict[str, tuple[Level, int]]]  # acc -> variant -> (level, channels)
+    mlp: MlpInfo
+    network_kind: str | None
+    network_weights: dict[str, str]          # role -> weight group
+    loss_buffer_kind: str | None
+    weight_groups: dict[str, dict[str, tuple[int, ...]]]
+    weight_ignore: dict[str, tuple[str, ...]]
+    builtin_weights: dict[str, dict[str, list]] | None
+
+    @property
+    def needs_loss(self) -> bool:
+        return self.loss_buffer_kind is not None

@@ -1,0 +1,63 @@
+"""Compile-time checks that the declared weight groups fit the MLP and the network."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..networks import NETWORK_KINDS
+from ..spec.errors import SpecError
+from ..spec.model import Spec
+
+
+def _declared(spec: Spec, group: str, key: str, shape: tuple[int, ...], where) -> None:
+    groups = spec.weights.groups
+    if group not in groups:
+        raise SpecError(where, f"weight group '{group}' is not declared under weights.groups "
+                        f"(declared: {', '.join(groups) or 'none'})")
+    if key not in groups[group]:
+        raise SpecError(spec.marks.get("weights", where),
+                        f"weights.groups.{group} lacks '{key}' with shape {list(shape)}")
+    if tuple(groups[group][key]) != tuple(shape):
+        raise SpecError(spec.marks.get("weights", where),
+                        f"weights.groups.{group}.{key} has shape {list(groups[group][key])}, "
+                        f"expected {list(shape)}")
+
+
+def check_weight_layout(spec: Spec) -> None:
+    mlp = spec.mlp
+    if len(mlp.outputs) != mlp.sizes[-1]:
+        raise SpecError(mlp.mark, f"mlp.outputs names {len(mlp.outputs)} values but the last size is {mlp.sizes[-1]}")
+    if mlp.weight_group is not None:
+        if spec.network is not None:
+            raise SpecError(mlp.mark, "with a network, the MLP's weights come from it: write `weights: network`")
+        if len(mlp.layers) != len(mlp.sizes) - 1:
+            raise SpecError(mlp.mark, f"mlp.weights.layers names {len(mlp.layers)} layers, "
+                            f"mlp.sizes needs {len(mlp.sizes) - 1}")
+        for layer, n_in, n_out in zip(mlp.layers, mlp.sizes, mlp.sizes[1:]):
+            _declared(spec, mlp.weight_group, f"{layer}.weight", (n_out, n_in), mlp.mark)
+            _declared(spec, mlp.weight_group, f"{layer}.bias", (n_out,), mlp.mark)
+    else:
+        if spec.network is None:
+            raise SpecError(mlp.mark, "`weights: network` needs a `network` section")
+        kind = NETWORK_KINDS[spec.network.kind]
+        if tuple(mlp.sizes) != kind.mlp_sizes:
+            raise SpecError(mlp.mark, f"network '{kind.name}' produces an MLP of sizes {list(kind.mlp_sizes)}, "
+                            f"mlp.sizes is {list(mlp.sizes)}")
+    if spec.network is not None:
+        kind = NETWORK_KINDS[spec.network.kind]
+        roles = spec.network.weights
+        if set(roles) != set(kind.roles):
+            raise SpecError(spec.network.mark, f"network '{kind.name}' needs weights for the roles "
+                            f"{sorted(kind.roles)}, got {sorted(roles)}")
+        for role, keys in kind.roles.items():
+            for key, shape in keys.items():
+                _declared(spec, roles[role], key, shape, spec.network.mark)
+    for group, values in (spec.weights.builtin or {}).items():
+        declared = spec.weights.groups.get(group)
+        where = spec.marks.get("weights")
+        if declared is None or set(values) != set(declared):
+            raise SpecError(where, f"weights.builtin.{group} must give exactly the keys of weights.groups.{group}")
+        for key, value in values.items():
+            shape = np.asarray(value, dtype=np.float32).shape
+            if shape != tuple(declared[key]):
+                raise SpecError(where, f"weights.builtin.{group}.{key} has shape {list(shape)}, "
+                                f"declared {list(declared[key])}")

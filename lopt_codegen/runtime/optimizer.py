@@ -1,0 +1,153 @@
+"""The torch.optim.Optimizer every generated optimizer subclasses.
+
+A generated class only sets `program` (the compiled IR) and spells out the constructor
+signature; everything else — state layout, weights, backend dispatch, the loss buffer,
+state_dict round trips — lives here once.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..backends import select_backend
+from ..backends.base import StepBatch, TensorTask
+from ..ir.nodes import Level
+from ..ir.program import Program
+from ..networks import LOSS_BUFFER_KINDS, NETWORK_KINDS
+from .axes import factored_axes
+from .weights import resolve_weights
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _state_shape(shape: torch.Size, level: Level, axes: tuple[int, int] | None) -> list[int]:
+    """A state tensor keeps the parameter's rank; axes its level lacks have size 1."""
+    if level == Level.ELEMENT:
+        return list(shape)
+    if level in (Level.STEP, Level.TENSOR):
+        return [1] * len(shape)
+    dropped = {Level.ROW: {axes[0]}, Level.COL: {axes[1]}, Level.BATCH: set(axes)}[level]
+    return [1 if i in dropped else n for i, n in enumerate(shape)]
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    program: ClassVar[Program]
+
+    def __init__(self, params, *, weights: Any = None, seed: int = 0, backend: str = "auto", **hyper: float):
+        program = self.program
+        for name, value in hyper.items():
+            if value is None:
+                raise TypeError(f"{program.class_name}() needs {name}=...: it has no default")
+            if not isinstance(value, (int, float, torch.Tensor)) or isinstance(value, bool):
+                raise TypeError(f"{program.class_name}(): {name} must be a number, got {value!r}")
+            if name in ("lr", "weight_decay") and value < 0:
+                raise ValueError(f"{program.class_name}(): invalid {name} {value}: must be >= 0")
+        super().__init__(params, dict(hyper))
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._check_param(p)
+        self._weights = resolve_weights(program, weights, seed)
+        self.backend = select_backend(program, backend)
+        self._network = NETWORK_KINDS[program.network_kind](
+            {role: self._weights[group] for role, group in program.network_weights.items()}
+        ) if program.network_kind else None
+        self._mlp_cache: dict[torch.device, list[torch.Tensor]] = {}
+
+    # --- checks ------------------------------------------------------------------------
+    def _check_param(self, p: torch.Tensor) -> None:
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{self.program.class_name} supports float32, bfloat16 and float16 parameters "
+                            f"(state and math are float32); got a {p.dtype} parameter of shape {tuple(p.shape)}")
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor:
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(f"{self.program.class_name} does not support sparse gradients "
+                               f"(parameter of shape {tuple(p.shape)}); use a dense embedding or another optimizer")
+        if grad.shape != p.shape:
+            raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter shape {tuple(p.shape)}")
+        return grad
+
+    # --- state -------------------------------------------------------------------------
+    def _init_state(self, p: torch.Tensor, variant: str, axes) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+        for name, per_variant in self.program.state_levels.items():
+            if variant in per_variant:
+                level, channels = per_variant[variant]
+                state[name] = torch.zeros([channels, *_state_shape(p.shape, level, axes)],
+                                          dtype=torch.float32, device=p.device)
+        if self._network is not None:
+            state.update(self._network.initial_state(p.device))
+        return state
+
+    def _mlp_weights(self, device: torch.device) -> list[torch.Tensor] | None:
+        mlp = self.program.mlp
+        if mlp.weight_group is None:
+            return None
+        if device not in self._mlp_cache:
+            group = self._weights[mlp.weight_group]
+            self._mlp_cache[device] = [group[f"{layer}.{part}"].to(device) for layer in mlp.layers
+                                       for part in ("weight", "bias")]
+        return self._mlp_cache[device]
+
+    def _loss_features(self, loss: torch.Tensor, group: dict) -> torch.Tensor:
+        kind = LOSS_BUFFER_KINDS[self.program.loss_buffer_kind]
+        # The buffer's decays depend on the horizon; it is one per optimizer, so the first
+        # group's hyperparameters define it.
+        buffer = kind(float(group["num_steps"]) if "num_steps" in group else 1.0)
+        state = self.state.setdefault("loss_buffer", buffer.initial_state(loss.device))
+        state.update(buffer.update(state, loss))
+        return buffer.features(state)
+
+    # --- the step ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, loss: Any = None):
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        program = self.program
+        tasks: list[TensorTask] = []
+        device = None
+        for group in self.param_groups:
+            hyper = {k: float(group[k]) for k in program.hyperparameters}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._check_param(p)
+                grad = self._grad(p)
+                axes = factored_axes(tuple(p.shape), program.factored_axes)
+                variant = "factored" if axes is not None else "unfactored"
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p, variant, axes))
+                tasks.append(TensorTask(p, grad, state, hyper, variant, axes))
+                device = device or p.device
+        if not tasks:
+            return loss
+        batch = StepBatch(tasks, mlp_weights=self._mlp_weights(device), network=self._network)
+        if program.needs_loss:
+            if loss is None:
+                raise ValueError(f"{program.class_name}.step() needs the training loss: call "
+                                 "step(loss=loss) or step(closure)")
+            loss_t = torch.as_tensor(loss, dtype=torch.float32, device=device).detach().reshape(())
+            batch.loss_features = self._loss_features(loss_t, self.param_groups[0])
+        if self._network is not None and len({t.param.device for t in tasks}) > 1:
+            raise RuntimeError(f"{program.class_name} runs one network over all tensors: put all parameters "
+                               "on one device")
+        self.backend.step(batch)
+        for task in tasks:
+            task.state["step"] += 1
+        return loss
+
+    # --- state_dict --------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts floating state to each parameter's dtype; ours is float32 by design
+        # (bf16 accumulators would lose the round trip), so restore it as saved.
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for index, p in zip(saved_ids, params):
+            if index in state_dict["state"]:
+                self.state[p] = {k: v.detach().to(device=p.device, dtype=torch.float32).clone()
+                                 if torch.is_tensor(v) else v for k, v in state_dict["state"][index].items()}

@@ -1,0 +1,26 @@
+"""Turn the user's `weights=` argument into checked float32 tensors for a program."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..ir.program import Program
+from ..weights import check_weights, load_weights, random_weights
+
+
+def resolve_weights(program: Program, weights: Any, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    groups = program.weight_groups
+    if weights is None:
+        if program.builtin_weights is None:
+            raise ValueError(
+                f"{program.class_name} needs meta-weights: weights=<path> (a PyLO hub folder with "
+                f"config.json + model.safetensors, a .safetensors or torch state-dict file"
+                + (", or a folder holding one such folder per group: " + ", ".join(groups) if len(groups) > 1 else "")
+                + "), or weights='random' (seeded by seed=, for tests and benchmarks)")
+        builtin = {g: {k: torch.tensor(v, dtype=torch.float32) for k, v in keys.items()}
+                   for g, keys in program.builtin_weights.items()}
+        return check_weights(builtin, groups, f"the built-in weights of {program.name}")
+    if isinstance(weights, str) and weights == "random":
+        return random_weights(groups, seed)
+    return load_weights(weights, groups, {g: list(p) for g, p in program.weight_ignore.items()})

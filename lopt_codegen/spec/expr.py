@@ -1,0 +1,122 @@
+"""The expression language: Python syntax, parsed with `ast`, restricted to a whitelist.
+
+An expression string becomes a small tree of `Expr` nodes that keep their file position,
+so that later checks (unknown names, arity, channels, cycles) can point at the culprit.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+
+from .errors import Mark, SpecError
+
+BINARY_OPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.Pow: "pow"}
+COMPARE_OPS = {ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge", ast.Eq: "eq", ast.NotEq: "ne"}
+
+# name -> number of arguments. `prev(acc)` names an accumulator's value before this step.
+FUNCTIONS = {
+    "rsqrt": 1, "sqrt": 1, "exp": 1, "log": 1, "tanh": 1, "abs": 1, "sign": 1,
+    "relu": 1, "sigmoid": 1,
+    "clip": 3, "min": 2, "max": 2, "where": 3,
+    "mean": 1, "mean_d0": 1, "mean_d1": 1,
+    "prev": 1,
+}
+
+
+@dataclass(frozen=True)
+class Expr:
+    mark: Mark
+
+
+@dataclass(frozen=True)
+class Num(Expr):
+    values: tuple[float, ...]  # one value per channel; a list literal gives several
+
+
+@dataclass(frozen=True)
+class Name(Expr):
+    name: str
+
+
+@dataclass(frozen=True)
+class Call(Expr):
+    func: str  # a builtin from FUNCTIONS, an operator name, or a spec-defined function
+    args: tuple[Expr, ...]
+
+
+def _describe(node: ast.AST) -> str:
+    return type(node).__name__.lower()
+
+
+class _Converter:
+    def __init__(self, base: Mark, text: str):
+        self.base = base
+        self.text = text
+
+    def mark(self, node: ast.AST) -> Mark:
+        line = getattr(node, "lineno", 1) - 1
+        col = getattr(node, "col_offset", 0)
+        return self.base.shifted(line, col) if line == 0 else Mark(self.base.file, self.base.line + line, col + 1)
+
+    def fail(self, node: ast.AST, message: str) -> SpecError:
+        return SpecError(self.mark(node), f"{message} in expression '{self.text}'")
+
+    def number(self, node: ast.AST) -> float:
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            value = self.number(node.operand)
+            return -value if isinstance(node.op, ast.USub) else value
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return float(node.value)
+        raise self.fail(node, "a list may hold only numbers (it makes one channel per number)")
+
+    def convert(self, node: ast.AST) -> Expr:
+        mark = self.mark(node)
+        if isinstance(node, ast.Constant):
+            if type(node.value) not in (int, float):
+                raise self.fail(node, f"expected a number, got {node.value!r}")
+            return Num(mark, (float(node.value),))
+        if isinstance(node, (ast.List, ast.Tuple)):
+            if not node.elts:
+                raise self.fail(node, "an empty list has no channels")
+            return Num(mark, tuple(self.number(e) for e in node.elts))
+        if isinstance(node, ast.Name):
+            return Name(mark, node.id)
+        if isinstance(node, ast.BinOp):
+            op = BINARY_OPS.get(type(node.op))
+            if op is None:
+                raise self.fail(node, f"operator {_describe(node.op)} is not allowed; use + - * / **")
+            return Call(mark, op, (self.convert(node.left), self.convert(node.right)))
+        if isinstance(node, ast.UnaryOp):
+            if isinstance(node.op, ast.USub):
+                return Call(mark, "neg", (self.convert(node.operand),))
+            if isinstance(node.op, ast.UAdd):
+                return self.convert(node.operand)
+            raise self.fail(node, f"operator {_describe(node.op)} is not allowed")
+        if isinstance(node, ast.Compare):
+            if len(node.ops) != 1:
+                raise self.fail(node, "chained comparisons are not allowed; compare two values")
+            op = COMPARE_OPS.get(type(node.ops[0]))
+            if op is None:
+                raise self.fail(node, f"comparison {_describe(node.ops[0])} is not allowed")
+            return Call(mark, op, (self.convert(node.left), self.convert(node.comparators[0])))
+        if isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name):
+                raise self.fail(node, "only plain function names can be called")
+            if node.keywords:
+                raise self.fail(node, "keyword arguments are not allowed")
+            return Call(mark, node.func.id, tuple(self.convert(a) for a in node.args))
+        raise self.fail(node, f"{_describe(node)} is not part of the expression language "
+                        "(numbers, lists of numbers, names, + - * / **, comparisons, function calls)")
+
+
+def parse_expr(text: str, mark: Mark) -> Expr:
+    """Parse one expression; `mark` is where its first character sits in the file."""
+    stripped = text.strip()
+    if not stripped:
+        raise SpecError(mark, "empty expression")
+    try:
+        tree = ast.parse(stripped, mode="eval")
+    except SyntaxError as exc:
+        col = (exc.offset or 1) - 1
+        raise SpecError(mark.shifted(0, col), f"syntax error in expression '{stripped}': {exc.msg}") from None
+    return _Converter(mark, stripped).convert(tree.body)

@@ -1,0 +1,135 @@
+"""Read a spec file: YAML -> schema check -> parsed expressions -> `Spec`."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import Mark, SpecError
+from .expr import Expr, Num, parse_expr
+from .model import Accumulator, Function, LossBuffer, Mlp, Network, Spec, Variants, Weights
+from .schema import SPEC_SCHEMA, validate
+from .yaml_nodes import LDict, LScalar, LStr, load_located_yaml, mark_of, plain
+
+# Names the language defines itself; a spec may not reuse them for its own values.
+RESERVED = {"g", "p", "grad", "t", "rank", "loss_features"}
+
+
+def _expr(value: Any, fallback: Mark) -> Expr:
+    mark = mark_of(value, fallback)
+    if isinstance(value, LScalar):
+        return Num(mark, (float(value.value),))
+    # A quoted scalar's text starts one column after its opening quote.
+    start = mark.shifted(0, 1) if getattr(value, "quoted", False) else mark
+    return parse_expr(str(value), start)
+
+
+def _number(value: Any, where: str, fallback: Mark) -> float:
+    raw = value.value if isinstance(value, LScalar) else value
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        raise SpecError(mark_of(value, fallback), f"{where}: expected a number, got {raw!r}") from None
+
+
+def _variants(value: Any, fallback: Mark) -> Variants:
+    mark = mark_of(value, fallback)
+    if isinstance(value, LDict):
+        return Variants(*(_expr(value[v], mark) if v in value else None for v in ("factored", "unfactored")), mark)
+    expr = _expr(value, mark)
+    return Variants(expr, expr, mark)
+
+
+def _check_name(name: str, mark: Mark, taken: dict[str, Mark]) -> None:
+    if name in RESERVED:
+        raise SpecError(mark, f"'{name}' is a built-in name ({', '.join(sorted(RESERVED))}); choose another")
+    if name in taken:
+        raise SpecError(mark, f"'{name}' is already defined at {taken[name]}")
+    taken[name] = mark
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise SpecError(None, f"cannot read spec {path}: {exc.strerror}") from None
+    return parse_spec(text, path)
+
+
+def parse_spec(text: str, path: str) -> Spec:
+    doc = load_located_yaml(text, path)
+    top = Mark(path, 1, 1)
+    validate(doc, SPEC_SCHEMA, "", top)
+    keys = doc.key_marks
+    taken: dict[str, Mark] = {}
+
+    hypers: dict[str, float | None] = {"lr": 1.0, "weight_decay": 0.0}
+    for name, value in doc.get("hyperparameters", {}).items():
+        mark = doc["hyperparameters"].key_marks[name]
+        _check_name(name, mark, taken)
+        is_null = isinstance(value, LScalar) and value.value is None
+        hypers[name] = None if is_null else _number(value, f"hyperparameters.{name}", mark)
+
+    functions = {}
+    for name, fn in doc.get("functions", {}).items():
+        mark = doc["functions"].key_marks[name]
+        _check_name(name, mark, taken)
+        functions[name] = Function(name, tuple(fn["args"]), _expr(fn["expr"], mark), mark)
+
+    accumulators = {}
+    for name, acc in doc["accumulators"].items():
+        mark = doc["accumulators"].key_marks[name]
+        _check_name(name, mark, taken)
+        decays = tuple(_expr(d, mark) for d in acc["decays"])
+        accumulators[name] = Accumulator(name, _variants(acc["ema"], mark), decays, mark)
+
+    derived = {}
+    for name, value in doc.get("derived", {}).items():
+        mark = doc["derived"].key_marks[name]
+        _check_name(name, mark, taken)
+        derived[name] = _variants(value, mark)
+
+    grad = doc.get("grad", LDict())
+    loss_buffer = None
+    if "loss_buffer" in doc:
+        lb = doc["loss_buffer"]
+        loss_buffer = LossBuffer(str(lb["kind"]), _expr(lb["horizon"], lb.mark), lb.mark)
+    network = None
+    if "network" in doc:
+        net = doc["network"]
+        network = Network(str(net["kind"]), tuple(_expr(e, net.mark) for e in net["inputs"]),
+                          {k: str(v) for k, v in net["weights"].items()}, net.mark)
+
+    feats = doc["features"]
+    mlp_doc = doc["mlp"]
+    w = mlp_doc["weights"]
+    from_network = isinstance(w, LStr)
+    mlp = Mlp(tuple(int(s.value) for s in mlp_doc["sizes"]), str(mlp_doc.get("activation", "relu")),
+              tuple(str(o) for o in mlp_doc["outputs"]), None if from_network else str(w["group"]),
+              () if from_network else tuple(str(x) for x in w["layers"]), mlp_doc.mark)
+    for out in mlp.outputs:
+        _check_name(out, mlp_doc.mark, taken)
+
+    weights_doc = doc.get("weights", LDict())
+    weights = Weights(
+        groups={g: {k: tuple(plain(s)) for k, s in keys_.items()} for g, keys_ in weights_doc.get("groups", {}).items()},
+        ignore={g: tuple(plain(p)) for g, p in weights_doc.get("ignore", {}).items()},
+        builtin=plain(weights_doc["builtin"]) if "builtin" in weights_doc else None,
+    )
+    update = doc["update"]
+    return Spec(
+        path=path, source=text, name=str(doc["name"]), class_name=str(doc["class_name"]),
+        description=str(doc.get("description", "")).strip(), hyperparameters=hypers,
+        factored_axes=str(doc["factored_axes"]) if "factored_axes" in doc else None,
+        functions=functions,
+        grad=_expr(grad["expr"], grad.mark) if "expr" in grad else parse_expr("grad", top),
+        nonfinite=str(grad.get("nonfinite", "keep")),
+        accumulators=accumulators, derived=derived, loss_buffer=loss_buffer, network=network,
+        normalized=tuple(_expr(e, feats.mark) for e in feats["normalized"]),
+        norm_eps=_number(feats["eps"], "features.eps", feats.mark) if "eps" in feats else 1e-5,
+        raw_features=tuple(_expr(e, feats.mark) for e in feats.get("raw", [])),
+        mlp=mlp, weights=weights, step=_expr(update["step"], update.mark),
+        weight_decay=str(update.get("weight_decay", "after_step")),
+        marks={k: m for k, m in keys.items()},
+    )

@@ -1,0 +1,97 @@
+"""Typed, validated spec objects. Expressions are parsed (`Expr`) but not yet resolved:
+name resolution, channel and level checks happen while lowering to the IR."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import Mark
+from .expr import Expr
+
+VARIANTS = ("factored", "unfactored")
+
+
+@dataclass(frozen=True)
+class Variants:
+    """An expression that may differ between factored (rank >= 2) and unfactored tensors.
+    A missing variant means the name does not exist for that kind of tensor."""
+
+    factored: Expr | None
+    unfactored: Expr | None
+    mark: Mark
+
+    def get(self, variant: str) -> Expr | None:
+        return self.factored if variant == "factored" else self.unfactored
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    name: str
+    ema: Variants
+    decays: tuple[Expr, ...]
+    mark: Mark
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    args: tuple[str, ...]
+    body: Expr
+    mark: Mark
+
+
+@dataclass(frozen=True)
+class Mlp:
+    sizes: tuple[int, ...]
+    activation: str
+    outputs: tuple[str, ...]
+    weight_group: str | None  # None: the weights come from the network, per tensor
+    layers: tuple[str, ...]
+    mark: Mark
+
+
+@dataclass(frozen=True)
+class Network:
+    kind: str
+    inputs: tuple[Expr, ...]
+    weights: dict[str, str]  # role -> group
+    mark: Mark
+
+
+@dataclass(frozen=True)
+class LossBuffer:
+    kind: str
+    horizon: Expr
+    mark: Mark
+
+
+@dataclass(frozen=True)
+class Weights:
+    groups: dict[str, dict[str, tuple[int, ...]]]
+    ignore: dict[str, tuple[str, ...]]
+    builtin: dict[str, dict[str, list]] | None
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: str
+    source: str  # the YAML text, hashed into the manifest
+    name: str
+    class_name: str
+    description: str
+    hyperparameters: dict[str, float | None]
+    factored_axes: str | None
+    functions: dict[str, Function]
+    grad: Expr
+    nonfinite: str
+    accumulators: dict[str, Accumulator]
+    derived: dict[str, Variants]
+    loss_buffer: LossBuffer | None
+    network: Network | None
+    normalized: tuple[Expr, ...]
+    norm_eps: float
+    raw_features: tuple[Expr, ...]
+    mlp: Mlp
+    weights: Weights
+    step: Expr
+    weight_decay: str
+    marks: dict[str, Mark] = field(default_factory=dict)  # section name -> position

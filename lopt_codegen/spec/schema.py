@@ -1,0 +1,212 @@
+"""The spec language's structure: one JSON Schema, used both to validate specs (with
+file:line:col in every message) and, printed by `lopt-compile --schema`, by editors."""
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import Mark, SpecError
+from .yaml_nodes import LDict, LList, LScalar, LStr, mark_of
+
+IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
+EXPR = {"type": "string", "description": "an expression: numbers, [lists of numbers] (one channel each), "
+        "names, + - * / **, comparisons, and calls such as rsqrt, exp, clip, where, mean, mean_d0, prev"}
+NUMBER = {"anyOf": [{"type": "number"}, {"type": "string", "pattern": r"^[-+]?[0-9.]+(e[-+]?[0-9]+)?$"}]}
+NUMBER_OR_EXPR = {"anyOf": [{"type": "number"}, EXPR]}
+VARIANTS = {
+    "type": "object", "minProperties": 1, "additionalProperties": False,
+    "description": "different expressions for factored (rank >= 2) and unfactored (rank < 2) tensors",
+    "properties": {"factored": NUMBER_OR_EXPR, "unfactored": NUMBER_OR_EXPR},
+}
+EXPR_OR_VARIANTS = {"anyOf": [NUMBER_OR_EXPR, VARIANTS]}
+SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 1}}
+WEIGHT_GROUPS = {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": SHAPE}}
+
+
+def _names(values: Any, description: str) -> dict:
+    return {"type": "object", "propertyNames": {"pattern": IDENT}, "additionalProperties": values,
+            "description": description}
+
+
+SPEC_SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "lopt_codegen optimizer spec",
+    "type": "object",
+    "required": ["name", "class_name", "accumulators", "features", "mlp", "update"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$",
+                 "description": "package name under generated/"},
+        "class_name": {"type": "string", "pattern": IDENT, "description": "the optimizer class"},
+        "description": {"type": "string"},
+        "hyperparameters": _names(
+            {"anyOf": [NUMBER, {"type": "null"}]},
+            "constructor arguments with defaults (null: the user must give it); lr and "
+            "weight_decay always exist"),
+        "factored_axes": {"enum": ["adafactor", "velo"],
+                          "description": "how the two factored axes of a rank >= 2 tensor are picked"},
+        "functions": _names({
+            "type": "object", "required": ["args", "expr"], "additionalProperties": False,
+            "properties": {"args": {"type": "array", "items": {"type": "string", "pattern": IDENT}},
+                           "expr": EXPR}}, "helper functions, inlined where they are called"),
+        "grad": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "expr": {**EXPR, "description": "g from the raw gradient `grad` (clipping, L2 decay...)"},
+                "nonfinite": {"enum": ["keep", "zero"],
+                              "description": "keep NaN/inf, or replace them by 0 before `expr`"}}},
+        "accumulators": _names({
+            "type": "object", "required": ["ema", "decays"], "additionalProperties": False,
+            "properties": {
+                "ema": EXPR_OR_VARIANTS,
+                "decays": {"type": "array", "minItems": 1, "items": NUMBER_OR_EXPR,
+                           "description": "one channel per decay: acc <- b acc + (1 - b) ema"}}},
+            "exponential moving averages kept in the optimizer state"),
+        "derived": _names(EXPR_OR_VARIANTS, "named expressions"),
+        "loss_buffer": {
+            "type": "object", "required": ["kind", "horizon"], "additionalProperties": False,
+            "properties": {"kind": {"enum": ["velo"]}, "horizon": NUMBER_OR_EXPR},
+            "description": "step-level loss statistics; makes `loss_features` available"},
+        "network": {
+            "type": "object", "required": ["kind", "inputs", "weights"], "additionalProperties": False,
+            "properties": {
+                "kind": {"enum": ["velo_lstm"]},
+                "inputs": {"type": "array", "minItems": 1, "items": EXPR,
+                           "description": "per-tensor (tensor- or step-level) inputs, concatenated"},
+                "weights": {"type": "object", "additionalProperties": {"type": "string"},
+                            "description": "the network's weight roles -> weight groups"}},
+            "description": "a per-tensor hypernetwork run once per step over all tensors"},
+        "features": {
+            "type": "object", "additionalProperties": False, "required": ["normalized"],
+            "properties": {
+                "normalized": {"type": "array", "items": EXPR,
+                               "description": "channels scaled by rsqrt(mean(x^2) + eps) over the tensor"},
+                "eps": NUMBER,
+                "raw": {"type": "array", "items": EXPR,
+                        "description": "channels appended without normalization"}}},
+        "mlp": {
+            "type": "object", "required": ["sizes", "outputs", "weights"], "additionalProperties": False,
+            "properties": {
+                "sizes": {"type": "array", "minItems": 2, "items": {"type": "integer", "minimum": 1}},
+                "activation": {"enum": ["relu", "tanh", "sigmoid"]},
+                "outputs": {"type": "array", "items": {"type": "string", "pattern": IDENT}},
+                "weights": {"anyOf": [
+                    {"const": "network"},
+                    {"type": "object", "required": ["group", "layers"], "additionalProperties": False,
+                     "properties": {"group": {"type": "string"},
+                                    "layers": {"type": "array", "items": {"type": "string"}}}}]}}},
+        "weights": {
+            "type": "object", "required": ["groups"], "additionalProperties": False,
+            "properties": {
+                "groups": WEIGHT_GROUPS,
+                "ignore": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}},
+                "builtin": {"type": "object", "additionalProperties": {"type": "object"},
+                            "description": "analytic weights used when the user gives none"}}},
+        "update": {
+            "type": "object", "required": ["step"], "additionalProperties": False,
+            "properties": {
+                "step": {**EXPR, "description": "p <- p - lr * step"},
+                "weight_decay": {"enum": ["after_step", "decoupled", "none"],
+                                 "description": "after_step: p <- p - lr wd p on the updated p; "
+                                 "decoupled: on p before the step"}}},
+    },
+}
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, LDict):
+        return "a mapping"
+    if isinstance(value, LList):
+        return "a list"
+    if isinstance(value, LStr):
+        return f"the text '{value}'"
+    if isinstance(value, LScalar):
+        return "null" if value.value is None else f"{value.value!r}"
+    return repr(value)
+
+
+def _matches_type(value: Any, kind: str) -> bool:
+    raw = value.value if isinstance(value, LScalar) else value
+    return {
+        "object": isinstance(value, LDict),
+        "array": isinstance(value, LList),
+        "string": isinstance(value, LStr),
+        "number": isinstance(raw, (int, float)) and not isinstance(raw, bool) and not isinstance(value, LStr),
+        "integer": isinstance(raw, int) and not isinstance(raw, bool) and not isinstance(value, LStr),
+        "null": isinstance(value, LScalar) and raw is None,
+    }[kind]
+
+
+def _describe(schema: dict) -> str:
+    if "anyOf" in schema:
+        return " or ".join(_describe(s) for s in schema["anyOf"])
+    if "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
+    if "const" in schema:
+        return f"'{schema['const']}'"
+    return {"object": "a mapping", "array": "a list", "string": "a text", "number": "a number",
+            "integer": "an integer", "null": "null"}[schema["type"]]
+
+
+def validate(value: Any, schema: dict, path: str, mark: Mark) -> None:
+    """Check a located YAML value against SPEC_SCHEMA's subset of JSON Schema."""
+    import re
+
+    here = mark_of(value, mark)
+    if "anyOf" in schema:
+        errors = []
+        for option in schema["anyOf"]:
+            try:
+                validate(value, option, path, mark)
+                return
+            except SpecError as exc:
+                errors.append(exc)
+        # Prefer the error of the option whose type matched: it is the more specific one.
+        specific = [e for e in errors if e.mark != here]
+        raise specific[0] if len(specific) == 1 else SpecError(
+            here, f"{path}: expected {_describe(schema)}, got {_type_name(value)}")
+    if "const" in schema:
+        if value != schema["const"]:
+            raise SpecError(here, f"{path}: expected {_describe(schema)}, got {_type_name(value)}")
+        return
+    if "enum" in schema:
+        if not (isinstance(value, LStr) and value in schema["enum"]):
+            raise SpecError(here, f"{path}: expected {_describe(schema)}, got {_type_name(value)}")
+        return
+    if not _matches_type(value, schema["type"]):
+        raise SpecError(here, f"{path}: expected {_describe(schema)}, got {_type_name(value)}")
+    if "pattern" in schema and not re.match(schema["pattern"], value):
+        raise SpecError(here, f"{path}: '{value}' is not a valid name (letters, digits, _)")
+    if "minimum" in schema and value.value < schema["minimum"]:
+        raise SpecError(here, f"{path}: expected at least {schema['minimum']}, got {value.value}")
+    if schema["type"] == "array":
+        if len(value) < schema.get("minItems", 0):
+            raise SpecError(here, f"{path}: expected at least {schema['minItems']} item(s)")
+        for i, item in enumerate(value):
+            validate(item, schema["items"], f"{path}[{i}]", here)
+    if schema["type"] == "object":
+        _validate_object(value, schema, path, here)
+
+
+def _validate_object(value: LDict, schema: dict, path: str, here: Mark) -> None:
+    import re
+
+    props = schema.get("properties", {})
+    for key in schema.get("required", []):
+        if key not in value:
+            raise SpecError(here, f"{path or 'spec'}: missing required key '{key}'")
+    if len(value) < schema.get("minProperties", 0):
+        raise SpecError(here, f"{path}: expected at least one of: {', '.join(props)}")
+    extra = schema.get("additionalProperties", True)
+    name_rule = schema.get("propertyNames", {}).get("pattern")
+    for key, item in value.items():
+        key_mark = value.key_marks[key]
+        sub = f"{path}.{key}" if path else key
+        if key in props:
+            validate(item, props[key], sub, key_mark)
+        elif extra is False:
+            raise SpecError(key_mark, f"{path or 'spec'}: unknown key '{key}'; expected one of: {', '.join(props)}")
+        else:
+            if name_rule and not re.match(name_rule, key):
+                raise SpecError(key_mark, f"{path}: '{key}' is not a valid name (letters, digits, _)")
+            if isinstance(extra, dict):
+                validate(item, extra, sub, key_mark)

@@ -1,0 +1,101 @@
+"""YAML -> plain Python values that remember their position in the file.
+
+PyYAML's composer keeps marks on nodes; we convert nodes to `Located*` values so that
+every later check can point at file:line:col.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from .errors import Mark, SpecError
+
+
+class LDict(dict):
+    mark: Mark
+    key_marks: dict[str, Mark]
+
+
+class LList(list):
+    mark: Mark
+
+
+class LStr(str):
+    mark: Mark
+    quoted: bool
+
+
+class LScalar:
+    """A non-string scalar (number, bool, null) with its position."""
+
+    def __init__(self, value: Any, mark: Mark):
+        self.value = value
+        self.mark = mark
+
+    def __repr__(self) -> str:
+        return f"LScalar({self.value!r})"
+
+
+def mark_of(value: Any, default: Mark | None = None) -> Mark | None:
+    return getattr(value, "mark", default)
+
+
+def plain(value: Any) -> Any:
+    """Strip positions: LDict -> dict, LScalar -> its value, LStr -> str."""
+    if isinstance(value, LDict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, LList):
+        return [plain(v) for v in value]
+    if isinstance(value, LScalar):
+        return value.value
+    if isinstance(value, LStr):
+        return str(value)
+    return value
+
+
+def _mark(node: yaml.Node, file: str) -> Mark:
+    return Mark(file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader) -> Any:
+    mark = _mark(node, file)
+    if isinstance(node, yaml.MappingNode):
+        out = LDict()
+        out.mark, out.key_marks = mark, {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node)
+            if not isinstance(key, str):
+                raise SpecError(_mark(key_node, file), f"keys must be names, got {key!r}")
+            if key in out:
+                raise SpecError(_mark(key_node, file), f"duplicate key '{key}'")
+            out.key_marks[key] = _mark(key_node, file)
+            out[key] = _convert(value_node, file, loader)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        out_list = LList(_convert(item, file, loader) for item in node.value)
+        out_list.mark = mark
+        return out_list
+    value = loader.construct_object(node)
+    if isinstance(value, str):
+        s = LStr(value)
+        s.mark = mark
+        s.quoted = node.style in ("'", '"')
+        return s
+    return LScalar(value, mark)
+
+
+def load_located_yaml(text: str, file: str) -> Any:
+    """Parse YAML text; syntax errors become SpecError with the position PyYAML reports."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        m = exc.problem_mark or exc.context_mark
+        where = Mark(file, m.line + 1, m.column + 1) if m else Mark(file, 1, 1)
+        raise SpecError(where, f"YAML syntax error: {exc.problem or exc.context}") from None
+    finally:
+        loader.dispose()
+    if node is None:
+        raise SpecError(Mark(file, 1, 1), "the spec is empty; expected a mapping with name, accumulators, features, mlp, update")
+    return _convert(node, file, yaml.SafeLoader(""))
