@@ -1,0 +1,187 @@
+"""The runtime contract of generated optimizers (torch.optim semantics, state, errors)."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from generated.adam import Adam
+from generated.small_fc_lopt import SmallFcLopt
+from generated.velo import VeLO
+
+SHAPES = [(), (5,), (4, 6), (6, 4), (3, 3), (2, 3, 4), (3, 2, 2, 2)]
+
+
+def make_params(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+
+
+def set_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def build(name, params, **kw):
+    if name == "small_fc_lopt":
+        return SmallFcLopt(params, lr=0.1, weights="random", seed=1, **kw)
+    if name == "velo":
+        return VeLO(params, lr=0.1, num_steps=50, weights="random", seed=1, **kw)
+    return Adam(params, lr=0.01, **kw)
+
+
+def run(opt, params, steps, first_seed=0):
+    for i in range(steps):
+        set_grads(params, first_seed + i)
+        opt.step(loss=torch.tensor(1.0 / (first_seed + i + 1)))
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo", "adam"])
+def test_state_dict_round_trip_resumes_exactly(name):
+    params = make_params()
+    opt = build(name, params)
+    run(opt, params, 3)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
+    run(opt, params, 3, first_seed=3)  # the uninterrupted run
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_params = [torch.nn.Parameter(p) for p in saved["params"]]
+    resumed = build(name, resumed_params)
+    resumed.load_state_dict(saved["opt"])
+    run(resumed, resumed_params, 3, first_seed=3)
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q), "resuming from a state_dict changed the trajectory"
+
+
+def test_velo_state_includes_lstm_and_loss_buffer():
+    params = make_params()
+    opt = build("velo", params)
+    run(opt, params, 2)
+    sd = opt.state_dict()
+    assert {"lstm_h", "lstm_c", "m", "v", "fr", "step"} <= set(sd["state"][0])
+    assert float(sd["state"]["loss_buffer"]["loss_iteration"]) == 2.0
+    assert float(sd["state"][0]["step"]) == 2.0
+
+
+def test_bf16_params_keep_float32_state_through_load():
+    params = make_params(torch.bfloat16)
+    opt = build("small_fc_lopt", params)
+    run(opt, params, 2)
+    fresh = build("small_fc_lopt", params)
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p in params:
+        for key, value in fresh.state[p].items():
+            assert value.dtype == torch.float32, key
+            assert torch.equal(value, opt.state[p][key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_match_float32_within_rounding(dtype):
+    low = make_params(dtype)
+    high = [torch.nn.Parameter(p.detach().float()) for p in low]
+    opt_low, opt_high = build("small_fc_lopt", low), build("small_fc_lopt", high)
+    set_grads(low, 0)
+    for p, q in zip(low, high):
+        q.grad = p.grad.float()
+    opt_low.step()
+    opt_high.step()
+    eps = torch.finfo(dtype).eps
+    for p, q in zip(low, high):
+        assert p.dtype == dtype
+        assert torch.allclose(p.float(), q.detach(), rtol=eps, atol=eps * q.abs().max().item())
+
+
+def test_lr_scheduler_and_param_groups():
+    a, b = make_params(seed=1), make_params(seed=2)
+    opt = SmallFcLopt([{"params": a}, {"params": b, "lr": 0.0}], lr=0.1, weights="random")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch < 1 else 0.0)
+    before_b = [p.detach().clone() for p in b]
+    set_grads(a + b, 0)
+    before_a = [p.detach().clone() for p in a]
+    opt.step()
+    sched.step()
+    assert all(not torch.equal(p, q) for p, q in zip(a, before_a) if p.numel() > 0)
+    assert all(torch.equal(p, q) for p, q in zip(b, before_b)), "a group with lr=0 moved"
+    assert opt.param_groups[0]["lr"] == 0.0
+    frozen = [p.detach().clone() for p in a]
+    set_grads(a + b, 1)
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, frozen)), "the scheduler's lr=0 was ignored"
+
+
+def test_params_without_grads_are_skipped():
+    params = make_params()
+    opt = build("small_fc_lopt", params)
+    set_grads(params, 0)
+    params[2].grad = None
+    before = params[2].detach().clone()
+    opt.step()
+    assert torch.equal(params[2], before) and len(opt.state[params[2]]) == 0
+    assert float(opt.state[params[0]]["step"]) == 1.0
+
+
+def test_sparse_gradients_are_rejected():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = build("small_fc_lopt", list(emb.parameters()))
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16.*torch.float64"):
+        build("adam", [torch.nn.Parameter(torch.randn(3, dtype=torch.float64))])
+
+
+def test_velo_needs_loss_and_horizon():
+    params = make_params()
+    with pytest.raises(TypeError, match="needs num_steps"):
+        VeLO(params, weights="random")
+    opt = build("velo", params)
+    set_grads(params, 0)
+    with pytest.raises(ValueError, match=r"needs the training loss: call step\(loss=loss\) or step\(closure\)"):
+        opt.step()
+
+
+def test_velo_closure_supplies_the_loss():
+    model = torch.nn.Linear(4, 2)
+    opt = VeLO(model.parameters(), lr=0.01, num_steps=10, weights="random")
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.isfinite(loss) and float(opt.state["loss_buffer"]["loss_iteration"]) == 1.0
+
+
+def test_learned_optimizer_without_weights_says_how_to_get_them():
+    with pytest.raises(ValueError, match=r"needs meta-weights: weights=<path>.*weights='random'"):
+        SmallFcLopt(make_params())
+
+
+def test_unknown_backend_and_bad_hyperparameters():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; available: auto, reference"):
+        build("adam", make_params(), backend="cuda")
+    with pytest.raises(ValueError, match="invalid lr -1"):
+        Adam(make_params(), lr=-1)
+
+
+def test_factored_state_shapes():
+    p = torch.nn.Parameter(torch.randn(3, 5, 2))
+    opt = build("small_fc_lopt", [p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state[p]
+    # d0 = axis 1 (largest), d1 = axis 0: row statistics drop d0, column statistics drop d1.
+    assert state["m"].shape == (3, 3, 5, 2)
+    assert state["fr"].shape == (3, 3, 1, 2) and state["fc"].shape == (3, 1, 5, 2)
+    assert all(v.dtype == torch.float32 for v in state.values())
