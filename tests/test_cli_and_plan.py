@@ -1,0 +1,116 @@
+"""lopt-compile: emitting, --explain, --schema, --check (drift of generated/), and the plan."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lopt_codegen.cli import run
+from lopt_codegen.ir.plan import plan_program
+
+from conftest import ROOT, SPECS
+
+BUILTIN = [os.path.join(SPECS, f"{n}.yaml") for n in ("small_fc_lopt", "velo", "adam")]
+
+
+def test_committed_generated_code_is_up_to_date(capsys):
+    """generated/ must be what the compiler emits from specs/ and templates/ now."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        status = run(["--check", *[os.path.relpath(p, ROOT) for p in BUILTIN]])
+    finally:
+        os.chdir(cwd)
+    assert status == 0, capsys.readouterr().err
+
+
+def test_compile_into_a_new_folder_and_import(tmp_path, monkeypatch):
+    out = tmp_path / "gen"
+    assert run([BUILTIN[2], "--out", str(out)]) == 0
+    files = sorted(os.listdir(out / "adam"))
+    assert files == ["__init__.py", "manifest.json", "program.json"]
+    manifest = json.loads((out / "adam" / "manifest.json").read_text())
+    assert manifest["backend"] == "reference" and len(manifest["spec_sha256"]) == 64
+    assert manifest["plan"]["unfactored"]["passes"][0]["writes"] == {"m": 1, "v": 1, "param": 1}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("gen.adam")
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = module.Adam([p], lr=0.5)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((3,), 0.5))  # Adam's first step is lr * sign(g)
+
+
+def test_check_reports_stale_output(tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert run([BUILTIN[2], "--out", str(out)]) == 0
+    assert run(["--check", BUILTIN[2], "--out", str(out)]) == 0
+    (out / "adam" / "program.json").write_text("{}")
+    assert run(["--check", BUILTIN[2], "--out", str(out)]) == 1
+    assert "stale" in capsys.readouterr().err
+
+
+def test_a_bad_spec_among_several_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\n")
+    out = tmp_path / "gen"
+    assert run([BUILTIN[2], str(bad), "--out", str(out)]) == 2
+    assert not (out / "adam").exists()
+
+
+def test_recompiling_replaces_the_package_whole(tmp_path):
+    out = tmp_path / "gen"
+    assert run([BUILTIN[2], "--out", str(out)]) == 0
+    (out / "adam" / "leftover.txt").write_text("old")
+    assert run([BUILTIN[2], "--out", str(out)]) == 0
+    assert not (out / "adam" / "leftover.txt").exists()
+    assert [n for n in os.listdir(out) if n.startswith(".")] == []  # no temp folders left
+
+
+def test_schema_is_json_schema_of_the_language(capsys):
+    assert run(["--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["type"] == "object"
+    assert {"accumulators", "features", "mlp", "update", "network"} <= set(schema["properties"])
+
+
+def test_explain_prints_the_plan(capsys):
+    assert run(["--explain", BUILTIN[0]]) == 0
+    out = capsys.readouterr().out
+    assert "factored tensors (rank >= 2): 3 element pass(es)" in out
+    assert "B/element" in out and "MACs/element" in out
+
+
+def test_console_script_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "lopt_codegen.cli", "--explain", BUILTIN[2]],
+                          capture_output=True, text=True, check=True)
+    assert "1 element pass(es)" in proc.stdout
+
+
+@pytest.mark.parametrize("name, variant, n_passes", [
+    ("small_fc_lopt", "factored", 3),    # accumulators + row/col sums; feature moments; apply
+    ("small_fc_lopt", "unfactored", 2),  # no row/col statistics: moments fuse into pass 1
+    ("velo", "factored", 3),
+    ("velo", "unfactored", 3),
+    ("adam", "unfactored", 1),
+])
+def test_pass_counts(programs, name, variant, n_passes):
+    plan = plan_program(programs[name])[variant]
+    assert len(plan.passes) == n_passes
+    last = plan.passes[-1]
+    assert last.writes.get("param") == 1
+    # features are recomputed, never stored: only accumulators and the param are written
+    written = {w for p in plan.passes for w in p.writes}
+    assert written <= set(programs[name].state_levels) | {"param"}
+
+
+def test_velo_accumulators_are_written_after_their_last_old_read(programs):
+    plan = plan_program(programs["velo"])["factored"]
+    write_pass = next(p.index for p in plan.passes if "m" in plan.passes[p.index].writes)
+    # the LSTM's variance features read m before the update in pass 2
+    assert write_pass == 1 and plan.network_after == 1
