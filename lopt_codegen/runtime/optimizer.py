@@ -14,7 +14,7 @@ from ..backends import select_backend
 from ..backends.base import StepBatch, TensorTask
 from ..ir.nodes import Level
 from ..ir.program import Program
-from ..networks import LOSS_BUFFER_KINDS, NETWORK_KINDS
+from ..networks import LOSS_BUFFER_KINDS, NETWORK_KINDS, NetworkKind
 from .axes import factored_axes
 from .weights import resolve_weights
 
@@ -49,9 +49,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._check_param(p)
         self._weights = resolve_weights(program, weights, seed)
         self.backend = select_backend(program, backend)
-        self._network = NETWORK_KINDS[program.network_kind](
-            {role: self._weights[group] for role, group in program.network_weights.items()}
-        ) if program.network_kind else None
+        self._networks: dict[torch.device, NetworkKind] = {}
         self._mlp_cache: dict[torch.device, list[torch.Tensor]] = {}
 
     # --- checks ------------------------------------------------------------------------
@@ -77,9 +75,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 level, channels = per_variant[variant]
                 state[name] = torch.zeros([channels, *_state_shape(p.shape, level, axes)],
                                           dtype=torch.float32, device=p.device)
-        if self._network is not None:
-            state.update(self._network.initial_state(p.device))
+        network = self._network(p.device)
+        if network is not None:
+            state.update(network.initial_state(p.device))
         return state
+
+    def _network(self, device: torch.device) -> NetworkKind | None:
+        """The spec's network with its weights on `device` (moved once, then cached)."""
+        program = self.program
+        if program.network_kind is None:
+            return None
+        if device not in self._networks:
+            weights = {role: {k: v.to(device) for k, v in self._weights[group].items()}
+                       for role, group in program.network_weights.items()}
+            self._networks[device] = NETWORK_KINDS[program.network_kind](weights)
+        return self._networks[device]
 
     def _mlp_weights(self, device: torch.device) -> list[torch.Tensor] | None:
         mlp = self.program.mlp
@@ -125,14 +135,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 device = device or p.device
         if not tasks:
             return loss
-        batch = StepBatch(tasks, mlp_weights=self._mlp_weights(device), network=self._network)
+        batch = StepBatch(tasks, mlp_weights=self._mlp_weights(device), network=self._network(device))
         if program.needs_loss:
             if loss is None:
                 raise ValueError(f"{program.class_name}.step() needs the training loss: call "
                                  "step(loss=loss) or step(closure)")
             loss_t = torch.as_tensor(loss, dtype=torch.float32, device=device).detach().reshape(())
             batch.loss_features = self._loss_features(loss_t, self.param_groups[0])
-        if self._network is not None and len({t.param.device for t in tasks}) > 1:
+        if program.network_kind is not None and len({t.param.device for t in tasks}) > 1:
             raise RuntimeError(f"{program.class_name} runs one network over all tensors: put all parameters "
                                "on one device")
         self.backend.step(batch)
