@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .nodes import LEAVES, REDUCE, Level, Node, topo_order
 from .program import Program, VariantGraph
 
-_REDUCTION_NAMES = {"mean": "tensor mean", "mean_d0": "row mean (over d0)", "mean_d1": "col mean (over d1)"}
+_REDUCTION_NAMES = {"mean": "tensor means", "mean_d0": "row means (over d0)", "mean_d1": "col means (over d1)"}
 
 
 @dataclass
@@ -138,9 +138,10 @@ def plan_variant(variant: str, graph: VariantGraph) -> Plan:
                     p.ops += sum(sizes[1:-1])  # activations
                 elif n.op not in ("concat", "channel"):
                     p.ops += n.channels
-        for r in reductions:
-            if phase[id(r.args[0])] == k:
-                p.reductions.append(f"{_REDUCTION_NAMES[r.op]} ({r.channels} ch)")
+        for op, label in _REDUCTION_NAMES.items():
+            channels = [r.channels for r in reductions if r.op == op and phase[id(r.args[0])] == k]
+            if channels:
+                p.reductions.append(f"{label}: {sum(channels)} channels")
         p.writes.update({name: n.channels for name, n in element_accs.items() if write_pass[name] == k})
         if k == last:
             p.writes["param"] = 1
