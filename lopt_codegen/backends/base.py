@@ -1,7 +1,7 @@
 """What the runtime hands a backend each step, and the interface backends implement."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +29,6 @@ class StepBatch:
     mlp_weights: list[torch.Tensor] | None = None  # [w0, b0, w1, b1, ...] shared by all tensors
     network: NetworkKind | None = None
     loss_features: torch.Tensor | None = None      # (channels,) from the loss buffer
-    extra: dict = field(default_factory=dict)
 
 
 class Backend:

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from .errors import Mark
 from .expr import Expr
 
-VARIANTS = ("factored", "unfactored")
-
 
 @dataclass(frozen=True)
 class Variants:

@@ -2,6 +2,7 @@
 file:line:col in every message) and, printed by `lopt-compile --schema`, by editors."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .errors import Mark, SpecError
@@ -149,8 +150,6 @@ def _describe(schema: dict) -> str:
 
 def validate(value: Any, schema: dict, path: str, mark: Mark) -> None:
     """Check a located YAML value against SPEC_SCHEMA's subset of JSON Schema."""
-    import re
-
     here = mark_of(value, mark)
     if "anyOf" in schema:
         errors = []
@@ -188,8 +187,6 @@ def validate(value: Any, schema: dict, path: str, mark: Mark) -> None:
 
 
 def _validate_object(value: LDict, schema: dict, path: str, here: Mark) -> None:
-    import re
-
     props = schema.get("properties", {})
     for key in schema.get("required", []):
         if key not in value:
