@@ -28,6 +28,7 @@ demo: setup
 	$(PY) benchmarks/demo.py
 
 bench: setup
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --quiet matplotlib
 	$(PY) benchmarks/step_time.py
 
 generate: setup

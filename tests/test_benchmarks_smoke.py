@@ -1,0 +1,51 @@
+"""Smoke tests of benchmarks/: step_time.py runs and writes consistent results; the demo's
+training loop runs. No timing assertions: only that the numbers are sane and consistent."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_time_quick_run_writes_consistent_results(tmp_path):
+    step_time = _load("step_time")
+    step_time.main(["--quick", "--no-compile", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text().startswith("# Optimizer step time")
+    rows = results["rows"]
+    backends = results["config"]["backends"]
+    assert "reference" in backends
+    assert {(r["spec"], r["method"]) for r in rows} == {(s, b) for s in ("small_fc_lopt", "velo", "adam")
+                                                        for b in backends}
+    assert len({r["case"] for r in rows}) == 2
+    for r in rows:
+        assert r["note"] is None, r
+        assert r["finite"] is True, r
+        for key in ("ms", "adamw_ms", "ratio_adamw"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["ratio_adamw"] == pytest.approx(r["ms"] / r["adamw_ms"], rel=1e-9)
+        ref = next(x for x in rows if (x["case"], x["spec"], x["method"]) == (r["case"], r["spec"], "reference"))
+        assert r["ratio_reference"] == pytest.approx(r["ratio_adamw"] / ref["ratio_adamw"], rel=1e-9)
+        assert r["ratio_compiled"] is None
+
+
+def test_demo_training_runs_with_finite_loss():
+    demo = _load("demo")
+    make = demo.optimizers()["VeLO (random weights)"]
+    result = demo.train(make, steps=5)
+    assert len(result["losses"]) == 5 and len(result["step_times"]) == 5
+    assert all(math.isfinite(v) for v in result["losses"])
+    assert math.isfinite(result["final_loss"])
+    assert result["final_loss"] != result["initial_loss"], "the parameters never moved"
