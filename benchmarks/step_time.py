@@ -28,6 +28,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -209,14 +210,20 @@ def run_compiled_child(spec: str, token: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--compiled-child", spec, token,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed),
            "--device", args.device]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=args.compile_timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {"error": f"compile+run took over {args.compile_timeout:.0f} s (--compile-timeout)"}
+    # A fresh inductor cache per case: compile times are cold-start times, comparable across runs.
+    with tempfile.TemporaryDirectory(prefix="lopt_bench_inductor_") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT, env=env, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=args.compile_timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            return {"error": f"compile+run took over {args.compile_timeout:.0f} s (--compile-timeout)"}
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         lines = [line for line in err.splitlines() if line.strip() and not line[0].isspace()]
