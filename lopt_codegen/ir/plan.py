@@ -43,9 +43,11 @@ class Plan:
 
 def _phases(graph: VariantGraph) -> dict[int, int]:
     phase: dict[int, int] = {}
-    for node in topo_order(graph.roots()):
+    # The network input goes first so its phase is known when its outputs (net_out) appear.
+    first = [graph.network_input] if graph.network_input is not None else []
+    for node in topo_order(first + graph.roots()):
         if node.op == "net_out":
-            phase[id(node)] = _phases_of(graph.network_input, phase)
+            phase[id(node)] = phase[id(graph.network_input)]
         elif not node.args:
             phase[id(node)] = 0
         elif node.op in REDUCE:
@@ -54,19 +56,6 @@ def _phases(graph: VariantGraph) -> dict[int, int]:
         else:
             phase[id(node)] = max(phase[id(a)] for a in node.args)
     return phase
-
-
-def _phases_of(node: Node, phase: dict[int, int]) -> int:
-    """Phase of a node whose subgraph may not have been visited yet (the network input)."""
-    for n in topo_order([node]):
-        if id(n) not in phase:
-            if not n.args:
-                phase[id(n)] = 0
-            elif n.op in REDUCE:
-                phase[id(n)] = phase[id(n.args[0])] + (1 if n.args[0].level == Level.ELEMENT else 0)
-            else:
-                phase[id(n)] = max(phase[id(a)] for a in n.args)
-    return phase[id(node)]
 
 
 def _needed(roots: list[Node], stored: dict[int, str]) -> list[Node]:
