@@ -26,7 +26,10 @@ class Pass:
     reductions: list[str] = field(default_factory=list)
     ops: int = 0          # elementwise operations per element (one per channel)
     macs: int = 0         # MLP multiply-adds per element
-    nodes: list[Node] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)          # element nodes computed
+    roots: list[Node] = field(default_factory=list)          # what the pass must produce
+    reduce_nodes: list[Node] = field(default_factory=list)   # reductions finished after it
+    stored: dict[int, str] = field(default_factory=dict)     # id(node) -> accumulator read back
 
     @property
     def bytes_per_element(self) -> int:
@@ -109,7 +112,8 @@ def plan_variant(variant: str, graph: VariantGraph) -> Plan:
         if not roots:
             continue
         stored = {id(n): name for name, n in element_accs.items() if write_pass[name] < k}
-        p = Pass(len(passes))
+        p = Pass(len(passes), roots=roots, stored=stored,
+                 reduce_nodes=[r for r in reductions if phase[id(r.args[0])] == k])
         for n in _needed(roots, stored):
             if id(n) in stored:
                 p.reads[stored[id(n)]] = n.channels
@@ -128,7 +132,7 @@ def plan_variant(variant: str, graph: VariantGraph) -> Plan:
                 elif n.op not in ("concat", "channel"):
                     p.ops += n.channels
         for op, label in _REDUCTION_NAMES.items():
-            channels = [r.channels for r in reductions if r.op == op and phase[id(r.args[0])] == k]
+            channels = [r.channels for r in p.reduce_nodes if r.op == op]
             if channels:
                 p.reductions.append(f"{label}: {sum(channels)} channels")
         p.writes.update({name: n.channels for name, n in element_accs.items() if write_pass[name] == k})
