@@ -96,14 +96,17 @@ class TensorEvaluator:
         out = torch.empty(sizes[-1], h.shape[1], dtype=torch.float32, device=h.device)
         # Column chunks keep each layer's activations in cache: ~3x faster on CPU than
         # one (hidden, N) matrix per layer for N in the millions.
-        for start in range(0, h.shape[1], _MLP_CHUNK):
-            a = h[:, start:start + _MLP_CHUNK]
+        # Under torch.compile one chunk: inductor turns each slice assignment into an
+        # index-range check on every element, so chunking there costs work per chunk.
+        chunk = h.shape[1] if torch.compiler.is_compiling() else _MLP_CHUNK
+        for start in range(0, h.shape[1], chunk):
+            a = h[:, start:start + chunk]
             for i in range(len(sizes) - 1):
                 w, b = self.mlp_weights[2 * i], self.mlp_weights[2 * i + 1]
                 a = torch.addmm(b.unsqueeze(1), w, a)
                 if i < len(sizes) - 2:
                     a = _ACTIVATIONS[activation](a)
-            out[:, start:start + _MLP_CHUNK] = a
+            out[:, start:start + chunk] = a
         return out.reshape(sizes[-1], *self.p.shape)
 
     def evaluate(self, roots: list[Node]) -> list[torch.Tensor]:
