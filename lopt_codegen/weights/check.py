@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import WeightGroups, WeightsError, fmt_keys, fmt_shape, plural
+from .errors import WeightGroups, WeightsError, fmt_keys, fmt_shape, group_set_problem, plural
 
 SHOWN_SHAPES = 10
 
@@ -49,11 +49,9 @@ def check_weights(weights: Mapping[str, Mapping[str, Any]], groups: Mapping[str,
     groups = normalize_groups(groups)
     if not isinstance(weights, Mapping):
         raise WeightsError(f"{origin}: expected a dict {{group: {{key: tensor}}}}, got {type(weights).__name__}")
-    missing, extra = set(groups) - set(weights), set(weights) - set(groups)
-    if missing or extra:
-        parts = [f"lacks weight group(s) {fmt_keys(missing)}"] if missing else []
-        parts += [f"has unknown weight group(s) {fmt_keys(extra)}"] if extra else []
-        raise WeightsError(f"{origin} {' and '.join(parts)}; the optimizer expects exactly the groups "
+    problem = group_set_problem(weights, groups)
+    if problem:
+        raise WeightsError(f"{origin} {problem}; the optimizer expects exactly the groups "
                            f"{fmt_keys(groups)}, each a dict {{key: tensor}}")
     return {g: check_group(weights[g], g, groups[g], group_origin(origin, g, len(groups))) for g in groups}
 

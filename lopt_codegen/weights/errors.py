@@ -30,6 +30,14 @@ def fmt_keys(keys: Iterable[str]) -> str:
     return text
 
 
+def group_set_problem(given: Iterable[str], expected: Iterable[str]) -> str | None:
+    """'lacks ... and has unknown ...' when the group names differ, else None."""
+    missing, extra = set(expected) - set(given), set(given) - set(expected)
+    parts = [f"lacks weight group(s) {fmt_keys(missing)}"] if missing else []
+    parts += [f"has unknown weight group(s) {fmt_keys(extra)}"] if extra else []
+    return " and ".join(parts) or None
+
+
 def fmt_shape(shape: Iterable[int]) -> str:
     return "(" + ", ".join(str(int(n)) for n in shape) + ")"
 

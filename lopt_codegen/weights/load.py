@@ -10,7 +10,7 @@ import torch
 
 from .assign import assign
 from .check import check_group, group_origin, normalize_groups
-from .errors import WeightGroups, WeightsError, fmt_keys, layout_hint
+from .errors import WeightGroups, WeightsError, fmt_keys, group_set_problem, layout_hint
 from .files import Source, read_path
 
 PathLike = (str, os.PathLike)
@@ -56,11 +56,9 @@ def load_weights(source: Any, groups: Mapping[str, Mapping[str, Any]],
 def _per_group(source: Mapping[str, Any], groups: WeightGroups,
                ignore: Mapping[str, Sequence[str]]) -> dict[str, Source]:
     """{group: path or {key: tensor}}: the names are the user's explicit choice, so trust them."""
-    missing, extra = set(groups) - set(source), set(source) - set(groups)
-    if missing or extra:
-        parts = [f"lacks weight group(s) {fmt_keys(missing)}"] if missing else []
-        parts += [f"has unknown weight group(s) {fmt_keys(extra)}"] if extra else []
-        raise WeightsError(f"the weights dict {' and '.join(parts)}; pass exactly the groups "
+    problem = group_set_problem(source, groups)
+    if problem:
+        raise WeightsError(f"the weights dict {problem}; pass exactly the groups "
                            f"{fmt_keys(groups)}, each a path or a dict {{key: tensor}}")
     result = {}
     for g in groups:
