@@ -9,6 +9,10 @@ from lopt_codegen.ir import lower_spec
 from lopt_codegen.spec import load_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Compiled kernels of a test run go next to pytest's own cache (kept between local runs;
+# keys include the compiler's source hash, so an edit never loads a stale kernel), not
+# into the user's cache folder.
+os.environ.setdefault("LOPT_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "lopt_kernels"))
 SPECS = os.path.join(ROOT, "specs")
 
 # Shapes every backend is checked on: 0-D, 1-D, odd 2-D both orientations, square (VeLO's

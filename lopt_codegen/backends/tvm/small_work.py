@@ -30,6 +30,11 @@ def aligned(tensors: list[torch.Tensor], written: bool) -> tuple[list[torch.Tens
     return out, back
 
 
+def _storage(t: torch.Tensor) -> torch.Tensor:
+    """bfloat16 as its bits, the way the kernels take it (stages.storage_dtype)."""
+    return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
+
+
 class SmallValues:
     def __init__(self, task: TensorTask, batch: StepBatch, view: View):
         self.task, self.view = task, view
@@ -54,7 +59,7 @@ class SmallValues:
     # --- kernel arguments ------------------------------------------------------------
     def arguments(self, sig: PassSignature, mlp_weights: list[torch.Tensor] | None) -> list[torch.Tensor]:
         task, dims = self.task, self.view.dims
-        args = [(task.param.detach() if leaf == "param" else task.grad).view(dims) for leaf in sig.leaves]
+        args = [_storage((task.param.detach() if leaf == "param" else task.grad).view(dims)) for leaf in sig.leaves]
         args += [task.state[name][c].view(dims) for name, c in sig.accumulators]
         args += [self._dense(n).reshape(n.channels, *self.view.small_dims(n.level)).contiguous() for n in sig.small]
         if sig.scalar_nodes:
@@ -81,7 +86,7 @@ class SmallValues:
         A, X, B, Y, C = self.view.dims
         p = [torch.empty(sig.chunks, A, B, Y, C) for _ in sig.x_sums]
         q = [torch.empty(A, X, B, C, sig.lanes) for _ in sig.y_sums]
-        e = [(self.task.param.detach() if name == "param" else self.task.state[name][c]).view(self.view.dims)
+        e = [_storage((self.task.param.detach() if name == "param" else self.task.state[name][c]).view(self.view.dims))
              for name, c in sig.outputs]
         return p, q, e
 

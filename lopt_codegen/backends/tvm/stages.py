@@ -29,6 +29,27 @@ class PassFunction:
     has_e: bool
 
 
+# bfloat16 travels as its bits (uint16) and is converted here: TVM 0.27's own bfloat16
+# legalization reads the bits as integers inside these fused kernels (tests check it).
+def storage_dtype(dtype: str) -> str:
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def to_float32(value: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    if dtype == "bfloat16":
+        return tirx.reinterpret(F32, value.astype("uint32") << tirx.const(16, "uint32"))
+    return value if dtype == F32 else value.astype(F32)
+
+
+def from_float32(value: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    if dtype == "bfloat16":   # round to nearest even, NaN stays NaN (as torch rounds)
+        bits = tirx.reinterpret("uint32", value)
+        odd = (bits >> tirx.const(16, "uint32")) & tirx.const(1, "uint32")
+        rounded = ((bits + tirx.const(0x7FFF, "uint32") + odd) >> tirx.const(16, "uint32")).astype("uint16")
+        return tirx.Select(tirx.isnan(value), tirx.const(0x7FC0, "uint16"), rounded)
+    return value if dtype == F32 else value.astype(dtype)
+
+
 def _sum_reducer() -> te.CommReducer:
     return te.comm_reducer(lambda x, y: [a + b for a, b in zip(x, y)],
                            lambda *dtypes: [tirx.const(0, d) for d in dtypes], name="sums")
@@ -50,7 +71,8 @@ class _Inputs:
         self.sig = sig
         dims = sig.view.dims
         dtype = {"param": sig.param_dtype, "grad": sig.grad_dtype}
-        self.leaf = {name: te.placeholder(dims, dtype[name], name) for name in sig.leaves}
+        self.dtype = {name: dtype[name] for name in sig.leaves}
+        self.leaf = {name: te.placeholder(dims, storage_dtype(dtype[name]), name) for name in sig.leaves}
         self.acc = {key: te.placeholder(dims, F32, f"{key[0]}{key[1]}") for key in sig.accumulators}
         self.small = {id(n): te.placeholder((n.channels, *sig.view.small_dims(n.level)), F32,
                                             f"{n.op}_{n.level.label}{k}") for k, n in enumerate(sig.small)}
@@ -76,8 +98,7 @@ class _Inputs:
                 buf = self.small[id(node)]
                 small = tuple(i if n > 1 else 0 for i, n in zip(index, buf.shape[1:]))
                 return buf[(c, *small)]
-            value = self.leaf[node.op][index]
-            return value if value.dtype == F32 else value.astype(F32)
+            return to_float32(self.leaf[node.op][index], self.dtype[node.op])
 
         return ElementPrinter(load, set(sig.stored), self.mlp)
 
@@ -105,8 +126,7 @@ def build_pass_function(sig: PassSignature) -> PassFunction:
                                                     for name, c in sig.outputs], name="E")
         E = _as_list(E)
         casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
-        O = te.compute((A, X, B, Y, C), lambda *i: [e[i] if dt == F32 else e[i].astype(dt)
-                                                    for e, dt in zip(E, casts)], name="O")
+        O = te.compute((A, X, B, Y, C), lambda *i: [from_float32(e[i], dt) for e, dt in zip(E, casts)], name="O")
         outputs += _as_list(O)
     func = te.create_prim_func(inputs.arguments() + outputs)
     return PassFunction(func, bool(sig.x_sums), bool(sig.y_sums), bool(sig.outputs))
