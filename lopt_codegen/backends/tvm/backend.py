@@ -42,8 +42,11 @@ class _Kernel:
 class TvmBackend(Backend):
     name = "tvm"
 
-    def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE):
+    def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE, specialize_from: int = SYMBOLIC_BELOW):
         super().__init__(program)
+        # Tensors with fewer elements share shape-generic kernels (one build for all
+        # sizes, not vectorized); larger ones get kernels built for their shape.
+        self.specialize_from = specialize_from
         self.target = llvm_target()
         self.cache = cache
         self.plans = plan_program(program)
@@ -54,7 +57,7 @@ class TvmBackend(Backend):
     def kernels(self, task: TensorTask) -> list[_Kernel]:
         p = task.param
         view = view_of(tuple(p.shape), task.axes)
-        if view.numel < SYMBOLIC_BELOW:
+        if view.numel < self.specialize_from:
             view = view.generic()
         key = (task.variant, view.x_axis, view.symbolic or view.dims, p.dtype, task.grad.dtype)
         if key not in self._kernels:
