@@ -39,7 +39,12 @@ def templates_sha256() -> str:
     return digest.hexdigest()
 
 
-def render_package(program: Program, spec_path: str, backend: str = "reference") -> dict[str, str]:
+_TARGETS = {"auto": "TVM LLVM kernels on CPU, the reference (eager torch) elsewhere",
+            "tvm": "TVM LLVM kernels on CPU, the reference (eager torch) elsewhere",
+            "reference": "torch (eager, any device)"}
+
+
+def render_package(program: Program, spec_path: str, backend: str = "auto") -> dict[str, str]:
     """File name -> content of the generated package."""
     description = program.description or f"the {program.name} learned optimizer"
     hyperparameters = [(n, repr(d) if d is not None else None) for n, d in program.hyperparameters.items()]
@@ -50,7 +55,7 @@ def render_package(program: Program, spec_path: str, backend: str = "reference")
     manifest = {
         "name": program.name, "class_name": program.class_name, "spec": spec_path,
         "spec_sha256": program.spec_sha256, "templates_sha256": templates_sha256(),
-        "compiler_version": __version__, "backend": backend, "target": "torch (eager, any device)",
+        "compiler_version": __version__, "backend": backend, "target": _TARGETS[backend],
         "plan": plan_to_dict(plan_program(program)),
     }
     return {"__init__.py": init, "program.json": program_to_json(program),

@@ -35,7 +35,7 @@ def test_compile_into_a_new_folder_and_import(tmp_path, monkeypatch):
     files = sorted(os.listdir(out / "adam"))
     assert files == ["__init__.py", "manifest.json", "program.json"]
     manifest = json.loads((out / "adam" / "manifest.json").read_text())
-    assert manifest["backend"] == "reference" and len(manifest["spec_sha256"]) == 64
+    assert manifest["backend"] == "auto" and len(manifest["spec_sha256"]) == 64
     assert manifest["plan"]["unfactored"]["passes"][0]["writes"] == {"m": 1, "v": 1, "param": 1}
     monkeypatch.syspath_prepend(str(tmp_path))
     module = importlib.import_module("gen.adam")

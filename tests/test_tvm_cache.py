@@ -59,3 +59,15 @@ def test_corrupted_kernel_file_is_rebuilt(tmp_path):
     again = _result(_start(tmp_path))
     assert (again["builds"], again["hits"]) == (1, 0)
     assert again["sum"] == first["sum"]
+
+
+def test_cli_prebuilds_the_shape_generic_kernels(tmp_path):
+    env = dict(os.environ, LOPT_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "lopt_codegen.cli", "--backend", "tvm", "--out", str(tmp_path / "gen"),
+           os.path.join(ROOT, "specs", "adam.yaml")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "3 shape-generic TVM kernels for Adam" in done.stdout   # (f32, bf16, f16) x 1 pass
+    assert len(list((tmp_path / "cache" / "tvm-llvm").glob("*/kernel.so"))) == 3
+    cuda = subprocess.run(cmd + ["--target", "cuda"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert cuda.returncode == 2 and "not built yet" in cuda.stderr

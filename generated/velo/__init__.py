@@ -26,7 +26,7 @@ class VeLO(LearnedOptimizer):
         weights: meta-weights: a path,
             a dict of paths per weight group (mlp, rnn), or "random".
         seed: seed of weights="random".
-        backend: "auto" or "reference".
+        backend: "auto" (compiled TVM kernels on CPU, the reference elsewhere), "tvm" or "reference".
 
     `step()` needs the loss: `step(loss=loss)` or `step(closure)`.
     """
