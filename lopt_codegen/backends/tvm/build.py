@@ -14,6 +14,7 @@ import tvm
 
 from ...ir.program import Program
 from ..build_cache import DEFAULT_CACHE, BuildCache
+from .schedule_cuda import schedule_cuda
 from .schedule_llvm import schedule_llvm
 from .signature import PassSignature
 from .stages import build_pass_function
@@ -67,3 +68,20 @@ def load_pass_kernel(program: Program, variant: str, sig: PassSignature, target:
         _LOADED[name] = cache.get("tvm-llvm", key, "kernel.so", build,
                                   lambda path: tvm.runtime.load_module(str(path))["main"])
     return _LOADED[name]
+
+
+def cuda_source(sigs: list[PassSignature], arch: str) -> str:
+    """One CUDA C++ translation unit with a kernel and a TVM-FFI host wrapper per pass
+    (functions pass0, pass1, ...), for `arch` (e.g. "sm_90"). No GPU is needed: TVM
+    emits source, and nvcc (or tvm_ffi.cpp) builds it."""
+    import tvm.support.nvcc  # noqa: F401 - registers TVM's CUDA compile hooks
+    from tvm.backend.cuda.host import export_cuda_host
+
+    funcs = {}
+    for sig in sigs:
+        func = schedule_cuda(build_pass_function(sig), sig).mod["main"]
+        funcs[f"pass{sig.index}"] = func.with_attr("global_symbol", f"pass{sig.index}")
+    target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "cuda_host"})
+    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        built = tvm.compile(tvm.IRModule(funcs), target=target)
+    return export_cuda_host(built.mod)

@@ -13,12 +13,12 @@ from .view import LANES
 _TILE_SCOPE = "global"
 
 
-def _blocks(sch: s_tir.Schedule, name: str, outputs: int) -> list:
+def blocks_of(sch: s_tir.Schedule, name: str, outputs: int) -> list:
     """A stage's blocks: a multi-output compute has one per output (<name>_v0, ...)."""
     return [sch.get_sblock(name)] if outputs == 1 else [sch.get_sblock(f"{name}_v{k}") for k in range(outputs)]
 
 
-def _reduction_block(sch: s_tir.Schedule, name: str):
+def reduction_block(sch: s_tir.Schedule, name: str):
     """A reduction stage's one block (named <name>_v0 when it has several outputs)."""
     try:
         return sch.get_sblock(name)
@@ -64,7 +64,7 @@ def _schedule_mlp(sch: s_tir.Schedule, names: list[str], anchor, vectorized: boo
 def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
     sch = s_tir.Schedule(pf.func)
     if pf.has_p:
-        blk = _reduction_block(sch, "P")
+        blk = reduction_block(sch, "P")
         t, a, b, y, c, r = sch.get_loops(blk)
         sch.reorder(t, a, r, b, y, c)
         sch.parallel(sch.fuse(t, a))
@@ -73,7 +73,7 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
             sch.vectorize(sch.split(inner, [None, LANES])[1])
         sch.decompose_reduction(blk, r)   # after vectorize (TVM_NOTES.md)
     if pf.has_q:
-        blk = _reduction_block(sch, "Q")
+        blk = reduction_block(sch, "Q")
         a, x, b, c, l, q = sch.get_loops(blk)
         sch.reorder(a, x, b, c, q, l)
         sch.parallel(sch.fuse(a, x))
@@ -83,8 +83,8 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
     if pf.has_e:
         # E (all values, into tile buffers) then O (the stores), per vector tile: every
         # input of a tile is read before any output (which may alias it) is written.
-        e_blocks = _blocks(sch, "E", len(sig.outputs))
-        o_blocks = _blocks(sch, "O", len(sig.outputs))
+        e_blocks = blocks_of(sch, "E", len(sig.outputs))
+        o_blocks = blocks_of(sch, "O", len(sig.outputs))
         a, x, b, y, c = sch.get_loops(e_blocks[0])
         sch.parallel(sch.fuse(a, x))
         A, X, B, Y, C = sig.view.dims
