@@ -2,7 +2,6 @@
 small work between passes and the network run in torch (small_work.py)."""
 from __future__ import annotations
 
-import itertools
 import time
 import warnings
 from typing import Callable
@@ -123,18 +122,30 @@ class TvmBackend(Backend):
                           RuntimeWarning, stacklevel=4)
 
 
+def generic_signatures(program: Program, dtype: str) -> dict[str, list[PassSignature]]:
+    """The passes of the shape-generic kernels, per tensor kind: 'factored-d0' (d0 is the
+    lower-numbered factored axis), 'factored-d1' and 'unfactored'."""
+    out = {}
+    for variant, plan in plan_program(program).items():
+        graph = program.variants[variant]
+        views = {"factored-d0": view_of((32, 16), (0, 1)), "factored-d1": view_of((16, 32), (1, 0))} \
+            if variant == "factored" else {"unfactored": view_of((7,), None)}
+        for label, view in views.items():
+            out[label] = [pass_signature(p, graph.new_param, graph.accumulators, view.generic(), dtype, dtype)
+                          for p in plan.passes]
+    return out
+
+
 def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE) -> tuple[int, float]:
-    """Builds (or finds in the cache) the shape-generic kernels of every variant, factored
-    orientation and parameter dtype. Returns (kernels, seconds)."""
+    """Builds (or finds in the cache) the shape-generic CPU kernels of every tensor kind
+    and parameter dtype. Returns (kernels, seconds)."""
     start = time.perf_counter()
     count = 0
     target = llvm_target()
-    for variant, plan in plan_program(program).items():
-        graph = program.variants[variant]
-        views = [view_of((32, 16), (0, 1)), view_of((16, 32), (1, 0))] if variant == "factored" else [view_of((7,), None)]
-        for view, dtype in itertools.product(views, _DTYPES.values()):
-            for p in plan.passes:
-                sig = pass_signature(p, graph.new_param, graph.accumulators, view.generic(), dtype, dtype)
+    for dtype in _DTYPES.values():
+        for label, sigs in generic_signatures(program, dtype).items():
+            variant = label.split("-")[0]
+            for sig in sigs:
                 load_pass_kernel(program, variant, sig, target, cache)
                 count += 1
     return count, time.perf_counter() - start
