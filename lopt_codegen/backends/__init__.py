@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ..ir.program import Program
 from .base import Backend, StepBatch, TensorTask
+from .cuda import CudaBackend
 from .reference import ReferenceBackend
 
-BACKENDS: dict[str, type[Backend]] = {"reference": ReferenceBackend}
+BACKENDS: dict[str, type[Backend]] = {"reference": ReferenceBackend, "cuda": CudaBackend}
 
 
 def select_backend(program: Program, name: str) -> Backend:

@@ -114,7 +114,9 @@ class Graph:
         self._nodes: dict[tuple, Node] = {}
 
     def make(self, op: str, args: tuple[Node, ...], attrs: tuple, level: Level, channels: int) -> Node:
-        key = (op, tuple(id(a) for a in args), attrs)
+        # Level and channels are part of the identity: a leaf such as `state fr` is
+        # row-level in the factored variant and element-level in the unfactored one.
+        key = (op, tuple(id(a) for a in args), attrs, level, channels)
         node = self._nodes.get(key)
         if node is None:
             node = Node(op, args, attrs, level, channels, key)

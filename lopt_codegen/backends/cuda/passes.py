@@ -52,6 +52,7 @@ class PassLayout:
     acc_writes: list[tuple[str, Node]] = field(default_factory=list)
     tensor_reductions: list[Node] = field(default_factory=list)   # element args of mean
     line_reductions: list[Node] = field(default_factory=list)     # element args of mean_d0/d1
+    reduce_nodes: list[Node] = field(default_factory=list)        # finished after the pass
     writes_param: bool = False
     new_param: Node | None = None
     mlp: Node | None = None
@@ -109,7 +110,7 @@ def _fold_part(part: Node) -> tuple[str, Node, Node | None]:
 
 def layout_pass(variant: str, graph: VariantGraph, plan: Plan, p: Pass) -> PassLayout:
     element_accs = [n for n, node in graph.accumulators.items() if node.level == Level.ELEMENT]
-    layout = PassLayout(variant, p.index, accs=[], stored=dict(p.stored))
+    layout = PassLayout(variant, p.index, accs=[], stored=dict(p.stored), reduce_nodes=list(p.reduce_nodes))
     layout.acc_writes = [(n, graph.accumulators[n]) for n in element_accs if n in p.writes]
     for r in p.reduce_nodes:
         target = layout.tensor_reductions if r.op == "mean" else layout.line_reductions
