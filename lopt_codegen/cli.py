@@ -17,8 +17,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "into importable PyTorch optimizers under generated/.")
     p.add_argument("specs", nargs="*", metavar="SPEC", help="YAML spec files, e.g. specs/velo.yaml")
     p.add_argument("--out", default="generated", help="output folder (default: generated)")
-    p.add_argument("--backend", default="reference", choices=["reference"],
-                   help="code generator (the TVM and CUDA backends are not built yet)")
+    p.add_argument("--backend", default="reference", choices=["reference", "cuda"],
+                   help="code generator; cuda also writes <name>.cu and cuda_binding.py")
     p.add_argument("--explain", action="store_true", help="print the pass plan instead of writing files")
     p.add_argument("--check", action="store_true",
                    help="exit 1 if the files under --out are stale against the specs and templates")

@@ -19,6 +19,8 @@ from .ir.program import Program
 from .ir.serialize import program_to_json
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
+TARGETS = {"reference": "torch (eager, any device)",
+           "cuda": "CUDA C++ (nvcc) for CUDA tensors, its host C++ build for CPU tensors (tvm_ffi.cpp)"}
 HYPER_DOC = {"lr": "learning rate; p <- p - lr * step", "weight_decay": "weight decay (the spec's rule)",
              "num_steps": "the training horizon in steps"}
 
@@ -50,11 +52,15 @@ def render_package(program: Program, spec_path: str, backend: str = "reference")
     manifest = {
         "name": program.name, "class_name": program.class_name, "spec": spec_path,
         "spec_sha256": program.spec_sha256, "templates_sha256": templates_sha256(),
-        "compiler_version": __version__, "backend": backend, "target": "torch (eager, any device)",
+        "compiler_version": __version__, "backend": backend, "target": TARGETS[backend],
         "plan": plan_to_dict(plan_program(program)),
     }
-    return {"__init__.py": init, "program.json": program_to_json(program),
-            "manifest.json": json.dumps(manifest, indent=1) + "\n"}
+    files = {"__init__.py": init, "program.json": program_to_json(program)}
+    if backend == "cuda":
+        from .backends.cuda.render import render_cuda_files  # late: it imports torch
+
+        files.update(render_cuda_files(program, spec_path))
+    return {**files, "manifest.json": json.dumps(manifest, indent=1) + "\n"}
 
 
 def write_package(files: dict[str, str], out_dir: str, name: str) -> str:

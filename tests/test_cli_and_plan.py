@@ -23,10 +23,23 @@ def test_committed_generated_code_is_up_to_date(capsys):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        status = run(["--check", *[os.path.relpath(p, ROOT) for p in BUILTIN]])
+        status = run(["--check", "--backend", "cuda", *[os.path.relpath(p, ROOT) for p in BUILTIN]])
     finally:
         os.chdir(cwd)
     assert status == 0, capsys.readouterr().err
+    for name in ("small_fc_lopt", "velo", "adam"):   # generated/ is what `make generate` writes
+        assert os.path.exists(os.path.join(ROOT, "generated", name, f"{name}.cu"))
+
+
+def test_check_reports_a_stale_cuda_source(tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert run([BUILTIN[2], "--backend", "cuda", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out / "adam")) == ["__init__.py", "adam.cu", "cuda_binding.py", "manifest.json",
+                                                "program.json"]
+    cu = out / "adam" / "adam.cu"
+    cu.write_text(cu.read_text().replace("expf(", "__expf("))
+    assert run(["--check", "--backend", "cuda", BUILTIN[2], "--out", str(out)]) == 1
+    assert "adam.cu" in capsys.readouterr().err
 
 
 def test_compile_into_a_new_folder_and_import(tmp_path, monkeypatch):

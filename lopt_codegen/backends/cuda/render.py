@@ -108,3 +108,15 @@ def render_cuda(program: Program, spec_path: str) -> Rendered:
     source = _env().get_template("cuda/kernels.cu.j2").render(
         program=program, version=__version__, spec_path=spec_path, passes=passes)
     return Rendered(source, layouts)
+
+
+def render_cuda_files(program: Program, spec_path: str) -> dict[str, str]:
+    """What `lopt-compile --backend cuda` adds to generated/<name>/: the kernel source
+    (element functions, kernels, host loops, TVM-FFI wrappers) and its Python binding."""
+    from ...emit import _env
+
+    rendered = render_cuda(program, spec_path)
+    passes = {v: [L.name for L in ls] for v, ls in rendered.layouts.items()}
+    binding = _env().get_template("cuda/binding.py.j2").render(
+        program=program, version=__version__, spec_path=spec_path, passes=passes)
+    return {f"{program.name}.cu": rendered.source, "cuda_binding.py": binding}
