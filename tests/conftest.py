@@ -20,3 +20,14 @@ SHAPES = [(), (1,), (7,), (5, 3), (3, 5), (4, 4), (1, 6), (6, 1), (2, 3, 4), (3,
 def programs():
     return {name: lower_spec(load_spec(os.path.join(SPECS, f"{name}.yaml")))
             for name in ("small_fc_lopt", "velo", "adam")}
+
+
+@pytest.fixture(scope="session")
+def kernel_cache(tmp_path_factory):
+    """The build cache of this session: each kernel module builds once per session and
+    never lands in the user's cache."""
+    from lopt_codegen.backends.build_cache import DEFAULT_CACHE
+
+    DEFAULT_CACHE.root = tmp_path_factory.mktemp("kernel-cache")
+    yield DEFAULT_CACHE
+    DEFAULT_CACHE.root = None

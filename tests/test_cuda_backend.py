@@ -14,7 +14,6 @@ from conftest import SHAPES
 from generated.adam import Adam
 from generated.small_fc_lopt import SmallFcLopt
 from generated.velo import VeLO
-from lopt_codegen.backends.build_cache import DEFAULT_CACHE
 from lopt_codegen.backends.cuda import CudaBackend
 from oracle import SMALL_FC_SHAPES, VELO_MLP_SHAPES, VELO_RNN_SHAPES
 from test_reference_vs_oracle import as_torch, seeded_weights
@@ -23,12 +22,7 @@ STEPS = 12
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="session", autouse=True)
-def session_cache(tmp_path_factory):
-    """One build cache per test session: each spec's host build compiles once."""
-    DEFAULT_CACHE.root = tmp_path_factory.mktemp("lopt-cache")
-    yield
-    DEFAULT_CACHE.root = None
+pytestmark = pytest.mark.usefixtures("kernel_cache")   # each spec's host build compiles once
 
 
 # Learning rates make each update a sizable fraction of |p|, so an error of RTOL of the

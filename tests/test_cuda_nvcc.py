@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import ROOT
-from lopt_codegen.backends.cuda.build import DEFAULT_ARCHS, KernelReport, ptxas_report
+from lopt_codegen.backends.cuda.build import DEFAULT_ARCHS, KernelReport, build_cuda, ptxas_report
 from lopt_codegen.backends.cuda.render import render_cuda
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
@@ -45,3 +45,12 @@ def test_no_register_spills(name, reports):
             f"{name} {r.kernel} on {r.arch}: {r.spill_stores} B spill stores, {r.spill_loads} B spill loads "
             f"({r.registers} registers)")
         assert r.registers <= 255
+
+
+def test_nvcc_build_links_and_loads(kernel_cache):
+    """The GPU build path (tvm_ffi.cpp with nvcc, linked against cudart) works without
+    a GPU; the module exports both drivers of every pass."""
+    with open(os.path.join(ROOT, "generated", "adam", "adam.cu")) as f:
+        module = build_cuda(f.read(), "lopt_adam", ("sm_90",), cache=kernel_cache)
+    assert module.unfactored_pass1_cuda is not None and module.unfactored_pass1_host is not None
+    assert kernel_cache.builds >= 1
