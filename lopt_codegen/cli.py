@@ -55,7 +55,8 @@ def run(argv: list[str]) -> int:
         if args.check:
             stale = stale_files(files, args.out, program.name)
             if stale:
-                print(f"stale: {', '.join(stale)} (run: lopt-compile {path})", file=sys.stderr)
+                flag = "" if args.backend == "reference" else f" --backend {args.backend}"
+                print(f"stale: {', '.join(stale)} (run: lopt-compile{flag} {path})", file=sys.stderr)
                 status = 1
             else:
                 print(f"up to date: {os.path.join(args.out, program.name)}")
