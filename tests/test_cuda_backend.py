@@ -91,3 +91,47 @@ def test_host_build_low_precision_params(name, dtype):
     for step, shape, d_ours, d_ref, before, after in run_both(MAKERS[name], dtype, 12):
         err = float((d_ours - d_ref).abs().max())
         assert err <= ulp * float(after.abs().max()) + 1e-6, f"{name} {dtype} shape {shape}, step {step}: error {err:.3g}"
+
+
+def test_every_ir_op_has_a_cpp_rule():
+    from lopt_codegen.backends.cuda.printer import BINARY, UNARY
+    from lopt_codegen.ir.nodes import BINARY as IR_BINARY, UNARY as IR_UNARY
+
+    assert set(UNARY) == IR_UNARY and set(BINARY) == IR_BINARY
+
+
+def test_literals_round_trip_float32():
+    from lopt_codegen.backends.cuda.printer import literal
+
+    assert literal(1.0) == "1.0f" and literal(1e-30) == "1e-30f" and literal(-0.5) == "(-0.5f)"
+    assert np.float32(literal(0.54202735)[:-1]) == np.float32(0.54202735)
+    with pytest.raises(ValueError, match="non-finite"):
+        literal(float("inf"))
+
+
+@pytest.mark.parametrize("name, variant, inputs", [
+    ("small_fc_lopt", "factored", 28),   # 39 features less the 11 step-level time features
+    ("velo", "factored", 30), ("velo", "unfactored", 30), ("adam", "unfactored", 1)])
+def test_mlp_first_layer_is_folded(programs, name, variant, inputs):
+    from lopt_codegen.backends.cuda.render import render_cuda
+
+    last = render_cuda(programs[name], name).layouts[variant][-1]
+    assert last.mlp is not None and last.mlp_inputs == inputs
+    # every normalized feature is `x * rsqrt(mean(x * x) + eps)`: its scale goes into W0
+    n_normalized = {"small_fc_lopt": 12, "velo": 14, "adam": 0}[name]
+    assert sum(p.kind == "scaled" for p in last.mlp_parts) == n_normalized
+
+
+def test_rejects_non_contiguous_params():
+    base = torch.randn(4, 6)
+    p = torch.nn.Parameter(base.t())   # a view with transposed strides
+    p.grad = torch.randn(6, 4)
+    opt = _adam([p], "cuda")
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step()
+
+
+def test_unsupported_device_type_is_named():
+    backend = CudaBackend(_adam([torch.nn.Parameter(torch.ones(2))], "reference").program)
+    with pytest.raises(ValueError, match="meta tensors"):
+        backend.module(torch.device("meta"))
