@@ -135,3 +135,24 @@ def test_unsupported_device_type_is_named():
     backend = CudaBackend(_adam([torch.nn.Parameter(torch.ones(2))], "reference").program)
     with pytest.raises(ValueError, match="meta tensors"):
         backend.module(torch.device("meta"))
+
+
+def test_state_leaves_have_their_variants_level(programs):
+    """Compiled passes trust node levels: `state fr` is row-level for factored tensors
+    but element-level for unfactored ones, so the two must be different nodes."""
+    from lopt_codegen.ir.nodes import topo_order
+
+    for name, program in programs.items():
+        for variant, graph in program.variants.items():
+            for node in topo_order(graph.roots()):
+                if node.op == "state":
+                    assert program.state_levels[node.attrs[0]][variant][0] == node.level, (name, variant, node)
+
+
+def test_generated_binding_loads_the_committed_source(kernel_cache):
+    from generated.adam import cuda_binding
+
+    module = cuda_binding.load()
+    for names in cuda_binding.PASSES.values():
+        for name in names:
+            assert getattr(module, f"{name}_host") is not None
