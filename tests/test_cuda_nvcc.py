@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import ROOT
-from lopt_codegen.backends.cuda.build import DEFAULT_ARCHS, KernelReport, build_cuda, ptxas_report
+from lopt_codegen.backends.cuda.build import DEFAULT_ARCHS, KernelReport, ptxas_report
 from lopt_codegen.backends.cuda.render import render_cuda
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),

@@ -57,7 +57,6 @@ class PassLayout:
     new_param: Node | None = None
     mlp: Node | None = None
     mlp_parts: list[MlpPart] = field(default_factory=list)
-    stored: dict[int, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -108,9 +107,9 @@ def _fold_part(part: Node) -> tuple[str, Node, Node | None]:
     return "plain", part, None
 
 
-def layout_pass(variant: str, graph: VariantGraph, plan: Plan, p: Pass) -> PassLayout:
+def layout_pass(variant: str, graph: VariantGraph, p: Pass) -> PassLayout:
     element_accs = [n for n, node in graph.accumulators.items() if node.level == Level.ELEMENT]
-    layout = PassLayout(variant, p.index, accs=[], stored=dict(p.stored), reduce_nodes=list(p.reduce_nodes))
+    layout = PassLayout(variant, p.index, accs=[], reduce_nodes=list(p.reduce_nodes))
     layout.acc_writes = [(n, graph.accumulators[n]) for n in element_accs if n in p.writes]
     for r in p.reduce_nodes:
         target = layout.tensor_reductions if r.op == "mean" else layout.line_reductions
@@ -175,4 +174,4 @@ def _node_key(n: Node) -> str:
 
 
 def layout_plan(variant: str, graph: VariantGraph, plan: Plan) -> list[PassLayout]:
-    return [layout_pass(variant, graph, plan, p) for p in plan.passes]
+    return [layout_pass(variant, graph, p) for p in plan.passes]
