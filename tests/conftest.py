@@ -9,6 +9,10 @@ from lopt_codegen.ir import lower_spec
 from lopt_codegen.spec import load_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Compiled kernels of a test run go next to pytest's own cache (kept between local runs;
+# keys include the compiler's source hash, so an edit never loads a stale kernel), not
+# into the user's cache folder.
+os.environ.setdefault("LOPT_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "lopt_kernels"))
 SPECS = os.path.join(ROOT, "specs")
 
 # Shapes every backend is checked on: 0-D, 1-D, odd 2-D both orientations, square (VeLO's
@@ -20,14 +24,3 @@ SHAPES = [(), (1,), (7,), (5, 3), (3, 5), (4, 4), (1, 6), (6, 1), (2, 3, 4), (3,
 def programs():
     return {name: lower_spec(load_spec(os.path.join(SPECS, f"{name}.yaml")))
             for name in ("small_fc_lopt", "velo", "adam")}
-
-
-@pytest.fixture(scope="session")
-def kernel_cache(tmp_path_factory):
-    """The build cache of this session: each kernel module builds once per session and
-    never lands in the user's cache."""
-    from lopt_codegen.backends.build_cache import DEFAULT_CACHE
-
-    DEFAULT_CACHE.root = tmp_path_factory.mktemp("kernel-cache")
-    yield DEFAULT_CACHE
-    DEFAULT_CACHE.root = None

@@ -22,9 +22,6 @@ STEPS = 12
 RTOL = 1e-5
 
 
-pytestmark = pytest.mark.usefixtures("kernel_cache")   # each spec's host build compiles once
-
-
 # Learning rates make each update a sizable fraction of |p|, so an error of RTOL of the
 # update is not hidden below p's float32 rounding; `decay` is lr * weight_decay.
 def _small_fc(ps, backend, decay=0.0):
@@ -151,7 +148,7 @@ def test_state_leaves_have_their_variants_level(programs):
                     assert program.state_levels[node.attrs[0]][variant][0] == node.level, (name, variant, node)
 
 
-def test_generated_binding_loads_the_committed_source(kernel_cache):
+def test_generated_binding_loads_the_committed_source():
     from generated.adam import cuda_binding
 
     module = cuda_binding.load()

@@ -47,7 +47,7 @@ def test_no_register_spills(name, reports):
         assert r.registers <= 255
 
 
-def test_nvcc_build_links_loads_and_its_host_drivers_match_reference(kernel_cache):
+def test_nvcc_build_links_loads_and_its_host_drivers_match_reference():
     """The GPU build path (tvm_ffi.cpp with nvcc, linked against cudart) works without a
     GPU, and the host drivers in that very binary (nvcc's host compile of the shared
     element code) match the reference on CPU tensors."""

@@ -10,7 +10,7 @@ import torch
 from conftest import SHAPES
 from test_cuda_backend import MAKERS, RTOL, STEPS
 
-pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("kernel_cache"),
+pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 

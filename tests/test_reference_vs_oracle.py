@@ -1,6 +1,7 @@
 """The reference backend against the independent numpy oracle (tests/oracle.py, a plain
 transcription of shared/ALGORITHMS.md): small_fc_lopt and VeLO, random weights, random
-gradients, every shape of the matrix, 12 steps, 1e-5 relative error on the updates."""
+gradients, every shape of the matrix, 12 steps, 1e-5 relative error on the updates. The
+TVM backend is checked against the same oracle."""
 from __future__ import annotations
 
 from typing import Callable
@@ -59,24 +60,27 @@ def compare(make_opt: Callable, oracle_step: Callable, seed: int) -> float:
     return worst
 
 
+@pytest.mark.parametrize("backend", ["reference", "tvm"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_small_fc_lopt_matches_oracle(weight_decay):
+def test_small_fc_lopt_matches_oracle(weight_decay, backend):
     weights = seeded_weights(SMALL_FC_SHAPES, seed=1)
     # Updates ~ lr * 0.01: lr 30 makes them as large as the params, so an error of RTOL
     # of the update is not hidden below the params' float32 rounding.
     lr = 30.0
     oracle = SmallFcLoptOracle(weights, lr=lr, weight_decay=weight_decay)
-    worst = compare(lambda ps: SmallFcLopt(ps, lr=lr, weight_decay=weight_decay, weights={"mlp": as_torch(weights)}),
+    worst = compare(lambda ps: SmallFcLopt(ps, lr=lr, weight_decay=weight_decay, weights={"mlp": as_torch(weights)},
+                                           backend=backend),
                     lambda params, grads, loss: oracle.step(params, grads), seed=2)
     assert worst <= RTOL
 
 
+@pytest.mark.parametrize("backend", ["reference", "tvm"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_velo_matches_oracle(weight_decay):
+def test_velo_matches_oracle(weight_decay, backend):
     mlp, rnn = seeded_weights(VELO_MLP_SHAPES, seed=4), seeded_weights(VELO_RNN_SHAPES, seed=5)
     lr = 300.0  # VeLO's step is ~1e-3 * |p|; see above
     oracle = VeLOOracle(mlp, rnn, num_steps=40, lr=lr, weight_decay=weight_decay)
     worst = compare(lambda ps: VeLO(ps, lr=lr, weight_decay=weight_decay, num_steps=40,
-                                    weights={"mlp": as_torch(mlp), "rnn": as_torch(rnn)}),
+                                    weights={"mlp": as_torch(mlp), "rnn": as_torch(rnn)}, backend=backend),
                     oracle.step, seed=6)
     assert worst <= RTOL

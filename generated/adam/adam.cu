@@ -33,8 +33,9 @@ namespace lopt {
 // Columns of the per-tensor table every pass gets (int64; pointers as integers).
 // The tensor is viewed as [A, X, B, Y, C] with X, Y its factored axes (d0, d1 in
 // index order); unfactored tensors have A = N and X = B = Y = C = 1.
-// Pass-specific columns follow kHead: element accumulator pointers ([channels, N],
-// float32), then the offset of each small input within the tensor's small buffer.
+// Pass-specific columns follow kHead: element accumulator pointers (float32 [channels,
+// N], each channel contiguous), their channel strides, then the offset of each small
+// input within the tensor's small buffer.
 enum Field : int {
   kN, kA, kX, kB, kY, kC,
   kD0IsX,                  // 1 when d0 (the row-mean axis) is X
@@ -158,7 +159,7 @@ using namespace lopt;
 // unfactored_pass1: reads m, v; writes m, v; MLP on 1 element inputs; writes p
 // inputs: grad, param, m[0], v[0], hyper beta1[0] (step), hyper beta2[0] (step), hyper eps[0] (step), hyper lr[0] (step), hyper weight_decay[0] (step), sqrt[0] (step), sub[0] (step), sub[0] (step), sub[0] (step)
 // outputs: m[0], v[0], new p
-constexpr int unfactored_pass1_fields = kHead + 2 + 9;
+constexpr int unfactored_pass1_fields = kHead + 2 * 2 + 9;
 constexpr int unfactored_pass1_reductions = 0;
 constexpr int unfactored_pass1_weights = 13;
 
@@ -215,21 +216,21 @@ LOPT_HD void unfactored_pass1_at(const int64_t* t, const float* w, int64_t i, fl
   float in[13];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
-  in[2] = as_ptr<const float>(t[kHead + 0])[0 * n + i];  // m[0]
-  in[3] = as_ptr<const float>(t[kHead + 1])[0 * n + i];  // v[0]
-  in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 2]];  // hyper beta1[0] (step)
-  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 3]];  // hyper beta2[0] (step)
-  in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper eps[0] (step)
-  in[7] = as_ptr<const float>(t[kSmall])[t[kHead + 5]];  // hyper lr[0] (step)
-  in[8] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper weight_decay[0] (step)
-  in[9] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // sqrt[0] (step)
-  in[10] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // sub[0] (step)
-  in[11] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // sub[0] (step)
-  in[12] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // sub[0] (step)
+  in[2] = as_ptr<const float>(t[kHead + 0])[i];  // m[0]
+  in[3] = as_ptr<const float>(t[kHead + 1])[i];  // v[0]
+  in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper beta1[0] (step)
+  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 5]];  // hyper beta2[0] (step)
+  in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper eps[0] (step)
+  in[7] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // hyper lr[0] (step)
+  in[8] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // hyper weight_decay[0] (step)
+  in[9] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // sqrt[0] (step)
+  in[10] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // sub[0] (step)
+  in[11] = as_ptr<const float>(t[kSmall])[t[kHead + 11]];  // sub[0] (step)
+  in[12] = as_ptr<const float>(t[kSmall])[t[kHead + 12]];  // sub[0] (step)
   float out[3];
   unfactored_pass1_element(in, w, out);
-  as_ptr<float>(t[kHead + 0])[0 * n + i] = out[0];
-  as_ptr<float>(t[kHead + 1])[0 * n + i] = out[1];
+  as_ptr<float>(t[kHead + 0])[i] = out[0];
+  as_ptr<float>(t[kHead + 1])[i] = out[1];
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[2]);
   (void)n;
   (void)red;

@@ -33,8 +33,9 @@ namespace lopt {
 // Columns of the per-tensor table every pass gets (int64; pointers as integers).
 // The tensor is viewed as [A, X, B, Y, C] with X, Y its factored axes (d0, d1 in
 // index order); unfactored tensors have A = N and X = B = Y = C = 1.
-// Pass-specific columns follow kHead: element accumulator pointers ([channels, N],
-// float32), then the offset of each small input within the tensor's small buffer.
+// Pass-specific columns follow kHead: element accumulator pointers (float32 [channels,
+// N], each channel contiguous), their channel strides, then the offset of each small
+// input within the tensor's small buffer.
 enum Field : int {
   kN, kA, kX, kB, kY, kC,
   kD0IsX,                  // 1 when d0 (the row-mean axis) is X
@@ -158,7 +159,7 @@ using namespace lopt;
 // factored_pass1: reads m, v; writes m, v; tensor means of 10 channels; row/col mean arguments of 1 channels
 // inputs: grad, param, m[0], m[1], m[2], v[0]
 // outputs: m[0], m[1], m[2], v[0], mean arg 0[0], mean arg 1[0], mean arg 2[0], mean arg 2[1], mean arg 2[2], mean arg 3[0], mean arg 4[0], mean arg 4[1], mean arg 4[2], mean arg 5[0], line mean arg 0[0]
-constexpr int factored_pass1_fields = kHead + 2 + 0;
+constexpr int factored_pass1_fields = kHead + 2 * 2 + 0;
 constexpr int factored_pass1_reductions = 10;
 constexpr int factored_pass1_weights = 0;
 
@@ -213,16 +214,16 @@ LOPT_HD void factored_pass1_at(const int64_t* t, const float* w, int64_t i, floa
   float in[6];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
-  in[2] = as_ptr<const float>(t[kHead + 0])[0 * n + i];  // m[0]
-  in[3] = as_ptr<const float>(t[kHead + 0])[1 * n + i];  // m[1]
-  in[4] = as_ptr<const float>(t[kHead + 0])[2 * n + i];  // m[2]
-  in[5] = as_ptr<const float>(t[kHead + 1])[0 * n + i];  // v[0]
+  in[2] = as_ptr<const float>(t[kHead + 0])[i];  // m[0]
+  in[3] = as_ptr<const float>(t[kHead + 0])[1 * t[kHead + 2] + i];  // m[1]
+  in[4] = as_ptr<const float>(t[kHead + 0])[2 * t[kHead + 2] + i];  // m[2]
+  in[5] = as_ptr<const float>(t[kHead + 1])[i];  // v[0]
   float out[15];
   factored_pass1_element(in, w, out);
-  as_ptr<float>(t[kHead + 0])[0 * n + i] = out[0];
-  as_ptr<float>(t[kHead + 0])[1 * n + i] = out[1];
-  as_ptr<float>(t[kHead + 0])[2 * n + i] = out[2];
-  as_ptr<float>(t[kHead + 1])[0 * n + i] = out[3];
+  as_ptr<float>(t[kHead + 0])[i] = out[0];
+  as_ptr<float>(t[kHead + 0])[1 * t[kHead + 2] + i] = out[1];
+  as_ptr<float>(t[kHead + 0])[2 * t[kHead + 2] + i] = out[2];
+  as_ptr<float>(t[kHead + 1])[i] = out[3];
   red[0] += out[4];
   red[1] += out[5];
   red[2] += out[6];
@@ -280,7 +281,7 @@ void factored_pass1_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
 // factored_pass2: reads m; tensor means of 6 channels
 // inputs: grad, rsqrt[0] (row), rsqrt[1] (row), rsqrt[2] (row), rsqrt[0] (col), rsqrt[1] (col), rsqrt[2] (col), new m[0], new m[1], new m[2]
 // outputs: mean arg 0[0], mean arg 0[1], mean arg 0[2], mean arg 1[0], mean arg 1[1], mean arg 1[2]
-constexpr int factored_pass2_fields = kHead + 1 + 6;
+constexpr int factored_pass2_fields = kHead + 2 * 1 + 6;
 constexpr int factored_pass2_reductions = 6;
 constexpr int factored_pass2_weights = 0;
 
@@ -313,15 +314,15 @@ LOPT_HD void factored_pass2_at(const int64_t* t, const float* w, int64_t i, floa
   const LineIndex ix = line_index(t, i);
   float in[10];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
-  in[1] = as_ptr<const float>(t[kSmall])[t[kHead + 1] + ix.row];  // rsqrt[0] (row)
-  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 2] + ix.row];  // rsqrt[1] (row)
-  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 3] + ix.row];  // rsqrt[2] (row)
-  in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 4] + ix.col];  // rsqrt[0] (col)
-  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 5] + ix.col];  // rsqrt[1] (col)
-  in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 6] + ix.col];  // rsqrt[2] (col)
-  in[7] = as_ptr<const float>(t[kHead + 0])[0 * n + i];  // new m[0]
-  in[8] = as_ptr<const float>(t[kHead + 0])[1 * n + i];  // new m[1]
-  in[9] = as_ptr<const float>(t[kHead + 0])[2 * n + i];  // new m[2]
+  in[1] = as_ptr<const float>(t[kSmall])[t[kHead + 2] + ix.row];  // rsqrt[0] (row)
+  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 3] + ix.row];  // rsqrt[1] (row)
+  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 4] + ix.row];  // rsqrt[2] (row)
+  in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 5] + ix.col];  // rsqrt[0] (col)
+  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 6] + ix.col];  // rsqrt[1] (col)
+  in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 7] + ix.col];  // rsqrt[2] (col)
+  in[7] = as_ptr<const float>(t[kHead + 0])[i];  // new m[0]
+  in[8] = as_ptr<const float>(t[kHead + 0])[1 * t[kHead + 1] + i];  // new m[1]
+  in[9] = as_ptr<const float>(t[kHead + 0])[2 * t[kHead + 1] + i];  // new m[2]
   float out[6];
   factored_pass2_element(in, w, out);
   red[0] += out[0];
@@ -376,7 +377,7 @@ void factored_pass2_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
 // factored_pass3: reads m, v; MLP on 28 element inputs; writes p
 // inputs: grad, param, hyper lr[0] (step), mul[0] (step), add[0] (row), add[1] (row), add[2] (row), rsqrt[0] (row), rsqrt[1] (row), rsqrt[2] (row), rsqrt[0] (row), rsqrt[1] (row), rsqrt[2] (row), add[0] (col), add[1] (col), add[2] (col), rsqrt[0] (col), rsqrt[1] (col), rsqrt[2] (col), rsqrt[0] (col), rsqrt[1] (col), rsqrt[2] (col), new v[0], new m[0], new m[1], new m[2]
 // outputs: new p
-constexpr int factored_pass3_fields = kHead + 2 + 20;
+constexpr int factored_pass3_fields = kHead + 2 * 2 + 20;
 constexpr int factored_pass3_reductions = 0;
 constexpr int factored_pass3_weights = 2050;
 
@@ -438,30 +439,30 @@ LOPT_HD void factored_pass3_at(const int64_t* t, const float* w, int64_t i, floa
   float in[26];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
-  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 2]];  // hyper lr[0] (step)
-  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 3]];  // mul[0] (step)
-  in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 4] + ix.row];  // add[0] (row)
-  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 5] + ix.row];  // add[1] (row)
-  in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 6] + ix.row];  // add[2] (row)
-  in[7] = as_ptr<const float>(t[kSmall])[t[kHead + 7] + ix.row];  // rsqrt[0] (row)
-  in[8] = as_ptr<const float>(t[kSmall])[t[kHead + 8] + ix.row];  // rsqrt[1] (row)
-  in[9] = as_ptr<const float>(t[kSmall])[t[kHead + 9] + ix.row];  // rsqrt[2] (row)
-  in[10] = as_ptr<const float>(t[kSmall])[t[kHead + 10] + ix.row];  // rsqrt[0] (row)
-  in[11] = as_ptr<const float>(t[kSmall])[t[kHead + 11] + ix.row];  // rsqrt[1] (row)
-  in[12] = as_ptr<const float>(t[kSmall])[t[kHead + 12] + ix.row];  // rsqrt[2] (row)
-  in[13] = as_ptr<const float>(t[kSmall])[t[kHead + 13] + ix.col];  // add[0] (col)
-  in[14] = as_ptr<const float>(t[kSmall])[t[kHead + 14] + ix.col];  // add[1] (col)
-  in[15] = as_ptr<const float>(t[kSmall])[t[kHead + 15] + ix.col];  // add[2] (col)
-  in[16] = as_ptr<const float>(t[kSmall])[t[kHead + 16] + ix.col];  // rsqrt[0] (col)
-  in[17] = as_ptr<const float>(t[kSmall])[t[kHead + 17] + ix.col];  // rsqrt[1] (col)
-  in[18] = as_ptr<const float>(t[kSmall])[t[kHead + 18] + ix.col];  // rsqrt[2] (col)
-  in[19] = as_ptr<const float>(t[kSmall])[t[kHead + 19] + ix.col];  // rsqrt[0] (col)
-  in[20] = as_ptr<const float>(t[kSmall])[t[kHead + 20] + ix.col];  // rsqrt[1] (col)
-  in[21] = as_ptr<const float>(t[kSmall])[t[kHead + 21] + ix.col];  // rsqrt[2] (col)
-  in[22] = as_ptr<const float>(t[kHead + 1])[0 * n + i];  // new v[0]
-  in[23] = as_ptr<const float>(t[kHead + 0])[0 * n + i];  // new m[0]
-  in[24] = as_ptr<const float>(t[kHead + 0])[1 * n + i];  // new m[1]
-  in[25] = as_ptr<const float>(t[kHead + 0])[2 * n + i];  // new m[2]
+  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper lr[0] (step)
+  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 5]];  // mul[0] (step)
+  in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 6] + ix.row];  // add[0] (row)
+  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 7] + ix.row];  // add[1] (row)
+  in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 8] + ix.row];  // add[2] (row)
+  in[7] = as_ptr<const float>(t[kSmall])[t[kHead + 9] + ix.row];  // rsqrt[0] (row)
+  in[8] = as_ptr<const float>(t[kSmall])[t[kHead + 10] + ix.row];  // rsqrt[1] (row)
+  in[9] = as_ptr<const float>(t[kSmall])[t[kHead + 11] + ix.row];  // rsqrt[2] (row)
+  in[10] = as_ptr<const float>(t[kSmall])[t[kHead + 12] + ix.row];  // rsqrt[0] (row)
+  in[11] = as_ptr<const float>(t[kSmall])[t[kHead + 13] + ix.row];  // rsqrt[1] (row)
+  in[12] = as_ptr<const float>(t[kSmall])[t[kHead + 14] + ix.row];  // rsqrt[2] (row)
+  in[13] = as_ptr<const float>(t[kSmall])[t[kHead + 15] + ix.col];  // add[0] (col)
+  in[14] = as_ptr<const float>(t[kSmall])[t[kHead + 16] + ix.col];  // add[1] (col)
+  in[15] = as_ptr<const float>(t[kSmall])[t[kHead + 17] + ix.col];  // add[2] (col)
+  in[16] = as_ptr<const float>(t[kSmall])[t[kHead + 18] + ix.col];  // rsqrt[0] (col)
+  in[17] = as_ptr<const float>(t[kSmall])[t[kHead + 19] + ix.col];  // rsqrt[1] (col)
+  in[18] = as_ptr<const float>(t[kSmall])[t[kHead + 20] + ix.col];  // rsqrt[2] (col)
+  in[19] = as_ptr<const float>(t[kSmall])[t[kHead + 21] + ix.col];  // rsqrt[0] (col)
+  in[20] = as_ptr<const float>(t[kSmall])[t[kHead + 22] + ix.col];  // rsqrt[1] (col)
+  in[21] = as_ptr<const float>(t[kSmall])[t[kHead + 23] + ix.col];  // rsqrt[2] (col)
+  in[22] = as_ptr<const float>(t[kHead + 1])[i];  // new v[0]
+  in[23] = as_ptr<const float>(t[kHead + 0])[i];  // new m[0]
+  in[24] = as_ptr<const float>(t[kHead + 0])[1 * t[kHead + 2] + i];  // new m[1]
+  in[25] = as_ptr<const float>(t[kHead + 0])[2 * t[kHead + 2] + i];  // new m[2]
   float out[1];
   factored_pass3_element(in, w, out);
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[0]);
@@ -514,7 +515,7 @@ void factored_pass3_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
 // unfactored_pass1: reads m, v, fr; writes m, v, fr; tensor means of 22 channels
 // inputs: grad, param, fr[0], fr[1], fr[2], m[0], m[1], m[2], v[0]
 // outputs: m[0], m[1], m[2], v[0], fr[0], fr[1], fr[2], mean arg 0[0], mean arg 1[0], mean arg 2[0], mean arg 2[1], mean arg 2[2], mean arg 3[0], mean arg 4[0], mean arg 4[1], mean arg 4[2], mean arg 5[0], mean arg 6[0], mean arg 6[1], mean arg 6[2], mean arg 7[0], mean arg 7[1], mean arg 7[2], mean arg 8[0], mean arg 8[1], mean arg 8[2], mean arg 9[0], mean arg 9[1], mean arg 9[2]
-constexpr int unfactored_pass1_fields = kHead + 3 + 0;
+constexpr int unfactored_pass1_fields = kHead + 2 * 3 + 0;
 constexpr int unfactored_pass1_reductions = 22;
 constexpr int unfactored_pass1_weights = 0;
 
@@ -631,22 +632,22 @@ LOPT_HD void unfactored_pass1_at(const int64_t* t, const float* w, int64_t i, fl
   float in[9];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
-  in[2] = as_ptr<const float>(t[kHead + 2])[0 * n + i];  // fr[0]
-  in[3] = as_ptr<const float>(t[kHead + 2])[1 * n + i];  // fr[1]
-  in[4] = as_ptr<const float>(t[kHead + 2])[2 * n + i];  // fr[2]
-  in[5] = as_ptr<const float>(t[kHead + 0])[0 * n + i];  // m[0]
-  in[6] = as_ptr<const float>(t[kHead + 0])[1 * n + i];  // m[1]
-  in[7] = as_ptr<const float>(t[kHead + 0])[2 * n + i];  // m[2]
-  in[8] = as_ptr<const float>(t[kHead + 1])[0 * n + i];  // v[0]
+  in[2] = as_ptr<const float>(t[kHead + 2])[i];  // fr[0]
+  in[3] = as_ptr<const float>(t[kHead + 2])[1 * t[kHead + 5] + i];  // fr[1]
+  in[4] = as_ptr<const float>(t[kHead + 2])[2 * t[kHead + 5] + i];  // fr[2]
+  in[5] = as_ptr<const float>(t[kHead + 0])[i];  // m[0]
+  in[6] = as_ptr<const float>(t[kHead + 0])[1 * t[kHead + 3] + i];  // m[1]
+  in[7] = as_ptr<const float>(t[kHead + 0])[2 * t[kHead + 3] + i];  // m[2]
+  in[8] = as_ptr<const float>(t[kHead + 1])[i];  // v[0]
   float out[29];
   unfactored_pass1_element(in, w, out);
-  as_ptr<float>(t[kHead + 0])[0 * n + i] = out[0];
-  as_ptr<float>(t[kHead + 0])[1 * n + i] = out[1];
-  as_ptr<float>(t[kHead + 0])[2 * n + i] = out[2];
-  as_ptr<float>(t[kHead + 1])[0 * n + i] = out[3];
-  as_ptr<float>(t[kHead + 2])[0 * n + i] = out[4];
-  as_ptr<float>(t[kHead + 2])[1 * n + i] = out[5];
-  as_ptr<float>(t[kHead + 2])[2 * n + i] = out[6];
+  as_ptr<float>(t[kHead + 0])[i] = out[0];
+  as_ptr<float>(t[kHead + 0])[1 * t[kHead + 3] + i] = out[1];
+  as_ptr<float>(t[kHead + 0])[2 * t[kHead + 3] + i] = out[2];
+  as_ptr<float>(t[kHead + 1])[i] = out[3];
+  as_ptr<float>(t[kHead + 2])[i] = out[4];
+  as_ptr<float>(t[kHead + 2])[1 * t[kHead + 5] + i] = out[5];
+  as_ptr<float>(t[kHead + 2])[2 * t[kHead + 5] + i] = out[6];
   red[0] += out[7];
   red[1] += out[8];
   red[2] += out[9];
@@ -715,7 +716,7 @@ void unfactored_pass1_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
 // unfactored_pass2: reads m, v, fr; MLP on 28 element inputs; writes p
 // inputs: grad, param, hyper lr[0] (step), mul[0] (step), new v[0], new fr[0], new fr[1], new fr[2], new m[0], new m[1], new m[2]
 // outputs: new p
-constexpr int unfactored_pass2_fields = kHead + 3 + 2;
+constexpr int unfactored_pass2_fields = kHead + 2 * 3 + 2;
 constexpr int unfactored_pass2_reductions = 0;
 constexpr int unfactored_pass2_weights = 2050;
 
@@ -794,15 +795,15 @@ LOPT_HD void unfactored_pass2_at(const int64_t* t, const float* w, int64_t i, fl
   float in[11];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
-  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 3]];  // hyper lr[0] (step)
-  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // mul[0] (step)
-  in[4] = as_ptr<const float>(t[kHead + 1])[0 * n + i];  // new v[0]
-  in[5] = as_ptr<const float>(t[kHead + 2])[0 * n + i];  // new fr[0]
-  in[6] = as_ptr<const float>(t[kHead + 2])[1 * n + i];  // new fr[1]
-  in[7] = as_ptr<const float>(t[kHead + 2])[2 * n + i];  // new fr[2]
-  in[8] = as_ptr<const float>(t[kHead + 0])[0 * n + i];  // new m[0]
-  in[9] = as_ptr<const float>(t[kHead + 0])[1 * n + i];  // new m[1]
-  in[10] = as_ptr<const float>(t[kHead + 0])[2 * n + i];  // new m[2]
+  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper lr[0] (step)
+  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // mul[0] (step)
+  in[4] = as_ptr<const float>(t[kHead + 1])[i];  // new v[0]
+  in[5] = as_ptr<const float>(t[kHead + 2])[i];  // new fr[0]
+  in[6] = as_ptr<const float>(t[kHead + 2])[1 * t[kHead + 5] + i];  // new fr[1]
+  in[7] = as_ptr<const float>(t[kHead + 2])[2 * t[kHead + 5] + i];  // new fr[2]
+  in[8] = as_ptr<const float>(t[kHead + 0])[i];  // new m[0]
+  in[9] = as_ptr<const float>(t[kHead + 0])[1 * t[kHead + 3] + i];  // new m[1]
+  in[10] = as_ptr<const float>(t[kHead + 0])[2 * t[kHead + 3] + i];  // new m[2]
   float out[1];
   unfactored_pass2_element(in, w, out);
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[0]);

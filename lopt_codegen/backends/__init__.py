@@ -1,21 +1,42 @@
-"""Backends turn a Program into a step. Only `reference` (eager torch) exists so far;
-compiled backends register here and `auto` prefers them when they are available."""
+"""Backends turn a Program into a step: `reference` (eager torch, any device, the oracle),
+`tvm` (compiled TensorIR kernels) and `cuda` (Jinja-templated CUDA C++, whose host build
+runs CPU tensors). `auto` picks tvm when it imports, and says why when it falls back to
+the reference."""
 from __future__ import annotations
+
+import warnings
+from typing import Callable
 
 from ..ir.program import Program
 from .base import Backend, StepBatch, TensorTask
-from .cuda import CudaBackend
 from .reference import ReferenceBackend
 
-BACKENDS: dict[str, type[Backend]] = {"reference": ReferenceBackend, "cuda": CudaBackend}
+
+def _tvm() -> type[Backend]:
+    from .tvm import TvmBackend   # imports TVM (about a second): only when asked for
+    return TvmBackend
+
+
+def _cuda() -> type[Backend]:
+    from .cuda import CudaBackend
+    return CudaBackend
+
+
+BACKENDS: dict[str, Callable[[], type[Backend]]] = {"reference": lambda: ReferenceBackend, "tvm": _tvm,
+                                                    "cuda": _cuda}
 
 
 def select_backend(program: Program, name: str) -> Backend:
-    if name == "auto":
-        name = "reference"
-    if name not in BACKENDS:
+    if name not in BACKENDS and name != "auto":
         raise ValueError(f"unknown backend '{name}'; available: auto, {', '.join(BACKENDS)}")
-    return BACKENDS[name](program)
+    if name != "auto":
+        return BACKENDS[name]()(program)
+    try:
+        return _tvm()(program)
+    except ImportError as e:
+        warnings.warn(f"{program.class_name}: the TVM backend is unavailable ({e}); using the slow reference "
+                      "backend. Install apache-tvm (pip install -e .) for compiled kernels.", RuntimeWarning, stacklevel=3)
+        return ReferenceBackend(program)
 
 
 __all__ = ["Backend", "BACKENDS", "StepBatch", "TensorTask", "select_backend"]

@@ -147,13 +147,20 @@ class ReferenceBackend(Backend):
             task.param.detach().copy_(new_p[0])
 
     def _run_network(self, batch: StepBatch, evaluators: list[TensorEvaluator]) -> None:
-        net = batch.network
-        x = torch.stack([ev.evaluate([self.program.variants[t.variant].network_input])[0].reshape(-1)
-                         for ev, t in zip(evaluators, batch.tasks)])
-        state = {k: torch.stack([t.state[k] for t in batch.tasks]) for k in net.state_keys}
-        outputs, mlp, new_state = net.forward(x, state)
-        for i, (ev, task) in enumerate(zip(evaluators, batch.tasks)):
-            ev.net_out = {name: out[i] for name, out in outputs.items()}
-            ev.mlp_weights = [w[i] for w in mlp]
-            for k in net.state_keys:
-                task.state[k].copy_(new_state[k][i])
+        inputs = [ev.evaluate([self.program.variants[t.variant].network_input])[0]
+                  for ev, t in zip(evaluators, batch.tasks)]
+        run_network(batch, inputs, evaluators)
+
+
+def run_network(batch: StepBatch, inputs: list[torch.Tensor], evaluators: list[TensorEvaluator]) -> None:
+    """One network call over every tensor's inputs: hands each tensor's outputs and MLP
+    weights to its evaluator and stores the new network state."""
+    net = batch.network
+    x = torch.stack([value.reshape(-1) for value in inputs])
+    state = {k: torch.stack([t.state[k] for t in batch.tasks]) for k in net.state_keys}
+    outputs, mlp, new_state = net.forward(x, state)
+    for i, (ev, task) in enumerate(zip(evaluators, batch.tasks)):
+        ev.net_out = {name: out[i] for name, out in outputs.items()}
+        ev.mlp_weights = [w[i] for w in mlp]
+        for k in net.state_keys:
+            task.state[k].copy_(new_state[k][i])

@@ -89,6 +89,17 @@ def reduced_level(op: str, level: Level) -> Level:
     return table.get(level, level)
 
 
+def level_shape(shape: tuple[int, ...], level: Level, axes: tuple[int, int] | None) -> list[int]:
+    """The shape of a value at `level` for a parameter of `shape`: the parameter's rank,
+    with size 1 on the axes the level lacks (state and the backends use this layout)."""
+    if level == Level.ELEMENT:
+        return list(shape)
+    if level in (Level.STEP, Level.TENSOR):
+        return [1] * len(shape)
+    dropped = {Level.ROW: {axes[0]}, Level.COL: {axes[1]}, Level.BATCH: set(axes)}[level]
+    return [1 if i in dropped else n for i, n in enumerate(shape)]
+
+
 def topo_order(roots: list[Node]) -> list[Node]:
     """Every node reachable from roots, each after its args (iterative DFS)."""
     seen: set[int] = set()
@@ -114,8 +125,8 @@ class Graph:
         self._nodes: dict[tuple, Node] = {}
 
     def make(self, op: str, args: tuple[Node, ...], attrs: tuple, level: Level, channels: int) -> Node:
-        # Level and channels are part of the identity: a leaf such as `state fr` is
-        # row-level in the factored variant and element-level in the unfactored one.
+        # The level is part of the key: a leaf such as state("fr") is row-level in one
+        # variant and element-level in the other.
         key = (op, tuple(id(a) for a in args), attrs, level, channels)
         node = self._nodes.get(key)
         if node is None:

@@ -12,7 +12,7 @@ import torch
 
 from ..backends import select_backend
 from ..backends.base import StepBatch, TensorTask
-from ..ir.nodes import Level
+from ..ir.nodes import level_shape
 from ..ir.program import Program
 from ..networks import LOSS_BUFFER_KINDS, NETWORK_KINDS, NetworkKind
 from .axes import factored_axes
@@ -21,14 +21,19 @@ from .weights import resolve_weights
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _state_shape(shape: torch.Size, level: Level, axes: tuple[int, int] | None) -> list[int]:
-    """A state tensor keeps the parameter's rank; axes its level lacks have size 1."""
-    if level == Level.ELEMENT:
-        return list(shape)
-    if level in (Level.STEP, Level.TENSOR):
-        return [1] * len(shape)
-    dropped = {Level.ROW: {axes[0]}, Level.COL: {axes[1]}, Level.BATCH: set(axes)}[level]
-    return [1 if i in dropped else n for i, n in enumerate(shape)]
+_ALIGN_FLOATS = 16   # 64 bytes: compiled kernels take each channel as an aligned buffer
+
+
+def _channel_aligned(values: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of `values` ([channels, *shape]) whose channels each start on a
+    64-byte boundary (the channel stride is padded), so kernels use them without copies."""
+    channels, shape = values.shape[0], values.shape[1:]
+    numel = values[0].numel()
+    padded = -(-numel // _ALIGN_FLOATS) * _ALIGN_FLOATS
+    storage = torch.zeros(channels, max(padded, 1), dtype=torch.float32, device=values.device)
+    out = storage[:, :numel].view(channels, *shape)
+    out.copy_(values)
+    return out
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -73,8 +78,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for name, per_variant in self.program.state_levels.items():
             if variant in per_variant:
                 level, channels = per_variant[variant]
-                state[name] = torch.zeros([channels, *_state_shape(p.shape, level, axes)],
-                                          dtype=torch.float32, device=p.device)
+                state[name] = _channel_aligned(torch.zeros([channels, *level_shape(p.shape, level, axes)],
+                                                           dtype=torch.float32, device=p.device))
         network = self._network(p.device)
         if network is not None:
             state.update(network.initial_state(p.device))
@@ -159,5 +164,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for index, p in zip(saved_ids, params):
             if index in state_dict["state"]:
-                self.state[p] = {k: v.detach().to(device=p.device, dtype=torch.float32).clone()
-                                 if torch.is_tensor(v) else v for k, v in state_dict["state"][index].items()}
+                self.state[p] = {k: self._restore(k, v, p.device) for k, v in state_dict["state"][index].items()}
+
+    def _restore(self, key: str, value: Any, device: torch.device) -> Any:
+        if not torch.is_tensor(value):
+            return value
+        value = value.detach().to(device=device, dtype=torch.float32)
+        return _channel_aligned(value) if key in self.program.state_levels else value.clone()

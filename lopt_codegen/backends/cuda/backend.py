@@ -11,7 +11,7 @@ import torch
 from ...ir.nodes import Level
 from ...ir.plan import plan_program
 from ..base import Backend, StepBatch, TensorTask
-from ..reference import TensorEvaluator
+from ..reference import TensorEvaluator, run_network
 from .build import ToolchainMissing, build_cuda, build_host
 from .render import Rendered, render_cuda
 from .tables import SmallValues, build_launch, finish_reductions, table_tensor
@@ -71,7 +71,10 @@ class CudaBackend(Backend):
                     self._run_pass(layouts[k], device, [batch.tasks[i] for i in idx],
                                    [smalls[i] for i in idx], [evaluators[i].mlp_weights for i in idx])
             if batch.network is not None and k == self.network_after:
-                self._run_network(batch, evaluators, smalls)
+                # As the reference; its outputs stay on the device (VeLO's step multiplier
+                # is never read back).
+                inputs = [small.get(program.variants[t.variant].network_input) for small, t in zip(smalls, batch.tasks)]
+                run_network(batch, inputs, evaluators)
         # Coarser accumulators (Adafactor rows/cols) come out of the small work.
         for task, small in zip(batch.tasks, smalls):
             for name, node in program.variants[task.variant].accumulators.items():
@@ -88,17 +91,3 @@ class CudaBackend(Backend):
         else:
             getattr(module, f"{layout.name}_host")(table)
         finish_reductions(launch, tasks, smalls)
-
-    def _run_network(self, batch: StepBatch, evaluators: list[TensorEvaluator], smalls: list[SmallValues]) -> None:
-        """As the reference: one network call over all tensors; its outputs stay on the
-        device (VeLO's step multiplier is never read back)."""
-        net = batch.network
-        x = torch.stack([small.get(self.program.variants[t.variant].network_input).reshape(-1)
-                         for small, t in zip(smalls, batch.tasks)])
-        state = {k: torch.stack([t.state[k] for t in batch.tasks]) for k in net.state_keys}
-        outputs, mlp, new_state = net.forward(x, state)
-        for i, (ev, task) in enumerate(zip(evaluators, batch.tasks)):
-            ev.net_out = {name: out[i] for name, out in outputs.items()}
-            ev.mlp_weights = [w[i] for w in mlp]
-            for k in net.state_keys:
-                task.state[k].copy_(new_state[k][i])

@@ -33,6 +33,16 @@ def describe(slot: Slot) -> str:
     return f"{what}{label}[{slot.channel}]" + ("" if slot.kind == "acc" else f" ({node.level.label})")
 
 
+def _acc(L: PassLayout, name: str) -> str:
+    return f"t[kHead + {L.accs.index(name)}]"
+
+
+def _channel(L: PassLayout, name: str, channel: int) -> str:
+    """Offset of an accumulator's channel: channels are padded (runtime: 64-byte aligned),
+    so the stride comes from the table."""
+    return "" if channel == 0 else f"{channel} * t[kHead + {len(L.accs) + L.accs.index(name)}] + "
+
+
 def _loads(L: PassLayout) -> list[tuple[str, str]]:
     """(C++ expression, what it is) per input slot."""
     loads, smalls = [], 0
@@ -41,10 +51,10 @@ def _loads(L: PassLayout) -> list[tuple[str, str]]:
             field = "kGrad" if slot.kind == "grad" else "kParam"
             loads.append((f"load(as_ptr<const void>(t[{field}]), t[{field}Dtype], i)", slot.kind))
         elif slot.kind == "acc":
-            a = L.accs.index(slot.name)
-            loads.append((f"as_ptr<const float>(t[kHead + {a}])[{slot.channel} * n + i]", describe(slot)))
+            loads.append((f"as_ptr<const float>({_acc(L, slot.name)})[{_channel(L, slot.name, slot.channel)}i]",
+                          describe(slot)))
         else:
-            column = f"t[kHead + {len(L.accs) + smalls}]"
+            column = f"t[kHead + {2 * len(L.accs) + smalls}]"
             loads.append((f"as_ptr<const float>(t[kSmall])[{column}{_INDEX[slot.node.level]}]", describe(slot)))
             smalls += 1
     return loads
@@ -54,7 +64,7 @@ def _stores(L: PassLayout) -> list[str]:
     stores, k = [], 0
     for name, node in L.acc_writes:
         for c in range(node.channels):
-            stores.append(f"as_ptr<float>(t[kHead + {L.accs.index(name)}])[{c} * n + i] = out[{k}]")
+            stores.append(f"as_ptr<float>({_acc(L, name)})[{_channel(L, name, c)}i] = out[{k}]")
             k += 1
     j = 0
     for node in L.tensor_reductions:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...ir.nodes import REDUCE, Level, Node
+from ...ir.nodes import REDUCE, Level, Node, level_shape
 from ..base import TensorTask
 from ..reference import TensorEvaluator
 from .passes import PassLayout
@@ -95,16 +95,15 @@ class Launch:
 
 def _check_state(task: TensorTask, name: str) -> torch.Tensor:
     acc = task.state[name]
-    if acc.dtype != torch.float32 or not acc.is_contiguous() or acc.device != task.param.device:
-        raise ValueError(f"cuda backend: accumulator '{name}' must be a contiguous float32 tensor on the "
-                         f"parameter's device; got {acc.dtype} on {acc.device}")
+    if acc.dtype != torch.float32 or not acc[0].is_contiguous() or acc.device != task.param.device:
+        raise ValueError(f"cuda backend: accumulator '{name}' must be float32 [channels, *shape] with each "
+                         f"channel contiguous, on the parameter's device; got {acc.dtype} with strides "
+                         f"{acc.stride()} on {acc.device}")
     return acc
 
 
 def build_launch(L: PassLayout, tasks: list[TensorTask], smalls: list[SmallValues],
                  weights: list[list[torch.Tensor] | None]) -> Launch:
-    from ...runtime.optimizer import _state_shape  # the state layout; imported late (runtime imports backends)
-
     launch = Launch(L)
     device = tasks[0].param.device
     cuda = device.type == "cuda"
@@ -126,7 +125,7 @@ def build_launch(L: PassLayout, tasks: list[TensorTask], smalls: list[SmallValue
         # Small inputs: each node's values for its level, channel-major, one buffer.
         pieces, base, offsets = [], 0, {}
         for node in small_nodes:
-            shape = [node.channels, *_state_shape(p.shape, node.level, task.axes)]
+            shape = [node.channels, *level_shape(p.shape, node.level, task.axes)]
             value = torch.broadcast_to(small.get(node), shape).reshape(-1).to(torch.float32)
             offsets[id(node)] = (base, value.numel() // node.channels)
             pieces.append(value)
@@ -142,7 +141,7 @@ def build_launch(L: PassLayout, tasks: list[TensorTask], smalls: list[SmallValue
                             p.data_ptr(), grad.data_ptr(), small_buf.data_ptr(),
                             weight_buf.data_ptr() if weight_buf is not None else 0,
                             0, line.data_ptr() if line is not None else 0,
-                            *(a.data_ptr() for a in accs), *slot_offsets])
+                            *(a.data_ptr() for a in accs), *(a.stride(0) for a in accs), *slot_offsets])
         launch.total_blocks += blocks
     launch.partial = torch.zeros(max(1, launch.total_blocks * n_red), dtype=torch.float32, device=device)
     for row in launch.rows:

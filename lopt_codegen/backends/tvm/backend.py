@@ -1,0 +1,113 @@
+"""TvmBackend: each pass of the plan runs as one compiled TVM kernel per tensor; the
+small work between passes and the network run in torch (small_work.py)."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+from ...ir.plan import plan_program
+from ...ir.program import Program
+from ..base import Backend, StepBatch, TensorTask
+from ..build_cache import DEFAULT_CACHE, BuildCache
+from ..reference import ReferenceBackend, run_network
+from .build import llvm_target, load_pass_kernel
+from .signature import PassSignature, pass_signature
+from .small_work import SmallValues, aligned
+from .view import view_of
+
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def unsupported_reason(task: TensorTask) -> str | None:
+    """Why the compiled kernels cannot take this tensor (None: they can)."""
+    p = task.param
+    if p.device.type != "cpu":
+        return f"the TVM backend has CPU kernels only (parameter on {p.device})"
+    if p.dtype not in _DTYPES or task.grad.dtype not in _DTYPES:
+        return f"unsupported dtype {p.dtype} / gradient {task.grad.dtype}"
+    if p.numel() == 0:
+        return "empty parameter"
+    if not p.is_contiguous():
+        return "non-contiguous parameter (the kernels update it in place through a flat view)"
+    return None
+
+
+class _Kernel:
+    def __init__(self, sig: PassSignature, func: Callable):
+        self.sig, self.func = sig, func
+
+
+class TvmBackend(Backend):
+    name = "tvm"
+
+    def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE):
+        super().__init__(program)
+        self.target = llvm_target()
+        self.cache = cache
+        self.plans = plan_program(program)
+        self.fallback = ReferenceBackend(program)
+        self._kernels: dict[tuple, list[_Kernel]] = {}
+        self._warned: set[str] = set()
+
+    def kernels(self, task: TensorTask) -> list[_Kernel]:
+        p = task.param
+        key = (task.variant, tuple(p.shape), task.axes, p.dtype, task.grad.dtype)
+        if key not in self._kernels:
+            graph, view = self.program.variants[task.variant], view_of(tuple(p.shape), task.axes)
+            sigs = [pass_signature(ps, graph.new_param, graph.accumulators, view, _DTYPES[p.dtype],
+                                   _DTYPES[task.grad.dtype]) for ps in self.plans[task.variant].passes]
+            self._kernels[key] = [_Kernel(s, load_pass_kernel(self.program, task.variant, s, self.target, self.cache))
+                                  for s in sigs]
+        return self._kernels[key]
+
+    def step(self, batch: StepBatch) -> None:
+        reasons = {id(t): unsupported_reason(t) for t in batch.tasks}
+        rest = [t for t in batch.tasks if reasons[id(t)] is not None]
+        for t in rest:
+            self._warn_once(reasons[id(t)])
+        if rest and batch.network is not None:
+            # The network couples all tensors of a step: one backend must run them all.
+            self.fallback.step(batch)
+            return
+        if rest:
+            self.fallback.step(StepBatch(rest, batch.mlp_weights, batch.network, batch.loss_features))
+        tasks = [t for t in batch.tasks if reasons[id(t)] is None]
+        if tasks:
+            self._step(StepBatch(tasks, batch.mlp_weights, batch.network, batch.loss_features))
+
+    def _step(self, batch: StepBatch) -> None:
+        runs = [(task, SmallValues(task, batch, view_of(tuple(task.param.shape), task.axes)), self.kernels(task))
+                for task in batch.tasks]
+        split = {}   # tensors run their passes up to the network, then the rest
+        for task, _, kernels in runs:
+            after = self.plans[task.variant].network_after
+            split[id(task)] = len(kernels) if batch.network is None or after is None else after + 1
+        for task, small, kernels in runs:
+            for k in kernels[:split[id(task)]]:
+                self._run(k, small, batch)
+        if batch.network is not None:
+            inputs = [small.value(self.program.variants[t.variant].network_input) for t, small, _ in runs]
+            run_network(batch, inputs, [small.ev for _, small, _ in runs])
+        for task, small, kernels in runs:
+            for k in kernels[split[id(task)]:]:
+                self._run(k, small, batch)
+            small.write_small_accumulators(self.program.variants[task.variant].accumulators)
+
+    @staticmethod
+    def _run(kernel: _Kernel, small: SmallValues, batch: StepBatch) -> None:
+        sig = kernel.sig
+        args, _ = aligned(small.arguments(sig, small.ev.mlp_weights), written=False)
+        p, q, e = small.outputs(sig)
+        e, write_back = aligned(e, written=True)
+        kernel.func(*args, *p, *q, *e)
+        for original, copy in write_back:
+            original.copy_(copy)
+        small.finish_sums(sig, p, q)
+
+    def _warn_once(self, reason: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"{self.program.class_name}: {reason}; using the reference backend for it",
+                          RuntimeWarning, stacklevel=4)

@@ -1,0 +1,62 @@
+"""CPU schedule of a pass function: parallel over the outer axes (one chunk per core),
+vectorized over the contiguous inner axis."""
+from __future__ import annotations
+
+from tvm import s_tir
+
+from .signature import PassSignature
+from .stages import PassFunction
+from .view import LANES
+
+
+def _blocks(sch: s_tir.Schedule, name: str, outputs: int) -> list:
+    """A stage's blocks: a multi-output compute has one per output (<name>_v0, ...)."""
+    return [sch.get_sblock(name)] if outputs == 1 else [sch.get_sblock(f"{name}_v{k}") for k in range(outputs)]
+
+
+def _reduction_block(sch: s_tir.Schedule, name: str):
+    """A reduction stage's one block (named <name>_v0 when it has several outputs)."""
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - TVM raises a generic error for a missing block
+        return sch.get_sblock(f"{name}_v0")
+
+
+def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
+    sch = s_tir.Schedule(pf.func)
+    if pf.has_p:
+        blk = _reduction_block(sch, "P")
+        t, a, b, y, c, r = sch.get_loops(blk)
+        sch.reorder(t, a, r, b, y, c)
+        sch.parallel(sch.fuse(t, a))
+        inner = sch.fuse(b, y, c)
+        if int(sch.get(inner).extent) % LANES == 0:
+            sch.vectorize(sch.split(inner, [None, LANES])[1])
+        sch.decompose_reduction(blk, r)   # after vectorize (TVM_NOTES.md)
+    if pf.has_q:
+        blk = _reduction_block(sch, "Q")
+        a, x, b, c, l, q = sch.get_loops(blk)
+        sch.reorder(a, x, b, c, q, l)
+        sch.parallel(sch.fuse(a, x))
+        if sig.lanes > 1:
+            sch.vectorize(l)
+        sch.decompose_reduction(blk, q)
+    if pf.has_e:
+        # E (all values, into local buffers) then O (the stores), per vector tile: every
+        # input of a tile is read before any output (which may alias it) is written.
+        e_blocks = _blocks(sch, "E", len(sig.outputs))
+        o_blocks = _blocks(sch, "O", len(sig.outputs))
+        a, x, b, y, c = sch.get_loops(e_blocks[0])
+        sch.parallel(sch.fuse(a, x))
+        A, X, B, Y, C = sig.view.dims
+        vectorized = B == 1 and C == 1 and Y % LANES == 0
+        if vectorized:
+            y, lanes = sch.split(y, [None, LANES])
+            sch.vectorize(lanes)
+        for o in o_blocks:
+            sch.reverse_compute_at(o, y if vectorized else c)
+            if vectorized:
+                sch.vectorize(sch.get_loops(o)[-1])
+        for e in e_blocks:
+            sch.set_scope(e, 0, "local")
+    return sch

@@ -1,0 +1,90 @@
+"""What one pass kernel reads and writes, derived from the plan without building any
+TVM object (so binding a cached module costs no compile-time work)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...ir.nodes import LEAVES, Level, Node
+from ...ir.plan import Pass
+from .printer import MlpFold
+from .view import LANES, View
+
+
+def _chunks(n: int, limit: int = 16) -> int:
+    """The largest divisor of n that is <= limit: the row chunks of axis-X partial sums
+    (a fixed partition, so the reduction order never depends on the thread count)."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+@dataclass
+class PassSignature:
+    index: int
+    view: View
+    param_dtype: str
+    grad_dtype: str
+    leaves: list[str] = field(default_factory=list)                 # "param", "grad"
+    accumulators: list[tuple[str, int]] = field(default_factory=list)  # (name, channel) read
+    small: list[Node] = field(default_factory=list)                 # row/col/batch values: a buffer each
+    scalars: dict[int, int] = field(default_factory=dict)           # id(node) -> offset in one buffer
+    scalar_nodes: list[Node] = field(default_factory=list)
+    mlp: Node | None = None
+    x_sums: list[tuple[Node, int]] = field(default_factory=list)    # (reduction, channel) from stage P
+    y_sums: list[tuple[Node, int]] = field(default_factory=list)    # ... from stage Q
+    outputs: list[tuple[str, int]] = field(default_factory=list)    # ("param" | accumulator, channel)
+    output_nodes: dict[str, Node] = field(default_factory=dict)
+    stored: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def chunks(self) -> int:
+        return _chunks(self.view.dims[1])
+
+    @property
+    def lanes(self) -> int:
+        """Vector width of the axis-Y partial sums (1 when Y is not a multiple of it)."""
+        return LANES if self.view.dims[3] % LANES == 0 and self.view.dims[4] == 1 else 1
+
+    @property
+    def scalar_count(self) -> int:
+        return sum(n.channels for n in self.scalar_nodes)
+
+
+def pass_signature(p: Pass, graph_new_param: Node, accumulators: dict[str, Node], view: View,
+                   param_dtype: str, grad_dtype: str) -> PassSignature:
+    sig = PassSignature(p.index, view, param_dtype, grad_dtype, stored=dict(p.stored))
+    for name in p.writes:
+        node = graph_new_param if name == "param" else accumulators[name]
+        sig.output_nodes[name] = node
+        sig.outputs += [(name, c) for c in range(node.channels)]
+    for r in p.reduce_nodes:
+        target = sig.x_sums if r.op == "mean" or view.reduced_axis(r.op) == "X" else sig.y_sums
+        target += [(r, c) for c in range(r.channels)]
+    seen: set[int] = set()
+    stack = list(reversed(p.roots))
+    accs: set[tuple[str, int]] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in p.stored or (node.op == "state" and node.level == Level.ELEMENT):
+            name = p.stored.get(id(node)) or node.attrs[0]
+            accs.update((name, c) for c in range(node.channels))
+        elif node.op == "const":
+            continue
+        elif node.level < Level.ELEMENT:
+            if node.level <= Level.TENSOR:
+                sig.scalars[id(node)] = sum(n.channels for n in sig.scalar_nodes)
+                sig.scalar_nodes.append(node)
+            else:
+                sig.small.append(node)
+        elif node.op in LEAVES:
+            if node.op not in sig.leaves:
+                sig.leaves.append(node.op)
+        elif node.op == "mlp":
+            sig.mlp = node
+            stack.extend(feat for feat, _, _, _ in reversed(MlpFold.of(node).element_parts))
+        else:
+            stack.extend(reversed(node.args))
+    sig.leaves.sort()
+    sig.accumulators = sorted(accs)
+    return sig

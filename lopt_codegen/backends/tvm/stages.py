@@ -1,0 +1,132 @@
+"""The TensorIR function of one pass, built from its signature with TE stages:
+
+  P  partial sums over axis X (tensor means and the row/col means over X):
+     P[t, a, b, y, c] = sum of the element values over row chunk t of X
+  Q  partial sums over axis Y: Q[a, x, b, c, l] = sum over q of e(a, x, b, q*L + l, c)
+  E  every element value the pass stores (accumulators, the new parameter), computed
+     together into local buffers, then
+  O  stored into the outputs.
+The partials are finished in torch in a fixed order (deterministic, no atomics). Outputs
+alias inputs (in place); that is safe because P and Q run before E, and each tile of E
+reads all it needs before O writes that tile.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import te, tirx
+
+from ...ir.nodes import Level, Node
+from .printer import F32, ElementPrinter, MlpFold
+from .signature import PassSignature
+
+
+@dataclass
+class PassFunction:
+    func: tirx.PrimFunc
+    has_p: bool
+    has_q: bool
+    has_e: bool
+
+
+# bfloat16 travels as its bits (uint16) and is converted here: TVM 0.27's own bfloat16
+# legalization reads the bits as integers inside these fused kernels (tests check it).
+def storage_dtype(dtype: str) -> str:
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def to_float32(value: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    if dtype == "bfloat16":
+        return tirx.reinterpret(F32, value.astype("uint32") << tirx.const(16, "uint32"))
+    return value if dtype == F32 else value.astype(F32)
+
+
+def from_float32(value: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    if dtype == "bfloat16":   # round to nearest even, NaN stays NaN (as torch rounds)
+        bits = tirx.reinterpret("uint32", value)
+        odd = (bits >> tirx.const(16, "uint32")) & tirx.const(1, "uint32")
+        rounded = ((bits + tirx.const(0x7FFF, "uint32") + odd) >> tirx.const(16, "uint32")).astype("uint16")
+        return tirx.Select(tirx.isnan(value), tirx.const(0x7FC0, "uint16"), rounded)
+    return value if dtype == F32 else value.astype(dtype)
+
+
+def _sum_reducer() -> te.CommReducer:
+    return te.comm_reducer(lambda x, y: [a + b for a, b in zip(x, y)],
+                           lambda *dtypes: [tirx.const(0, d) for d in dtypes], name="sums")
+
+
+def _reduce(exprs: list, axis) -> object:
+    return te.sum(exprs[0], axis=axis) if len(exprs) == 1 else _sum_reducer()(tuple(exprs), axis=axis)
+
+
+def _as_list(stage) -> list[te.Tensor]:
+    """te.compute returns a tensor for one output, a tuple for several."""
+    return list(stage) if isinstance(stage, (list, tuple)) else [stage]
+
+
+class _Inputs:
+    """The placeholders of a pass, in argument order, and how the printer reads them."""
+
+    def __init__(self, sig: PassSignature):
+        self.sig = sig
+        dims = sig.view.dims
+        dtype = {"param": sig.param_dtype, "grad": sig.grad_dtype}
+        self.dtype = {name: dtype[name] for name in sig.leaves}
+        self.leaf = {name: te.placeholder(dims, storage_dtype(dtype[name]), name) for name in sig.leaves}
+        self.acc = {key: te.placeholder(dims, F32, f"{key[0]}{key[1]}") for key in sig.accumulators}
+        self.small = {id(n): te.placeholder((n.channels, *sig.view.small_dims(n.level)), F32,
+                                            f"{n.op}_{n.level.label}{k}") for k, n in enumerate(sig.small)}
+        self.scalars = te.placeholder((sig.scalar_count,), F32, "scalars") if sig.scalar_nodes else None
+        self.mlp = None
+        if sig.mlp is not None:
+            shapes = MlpFold.of(sig.mlp).layer_shapes(sig.mlp.attrs[0])
+            self.mlp = [te.placeholder(s, F32, f"mlp{k}") for k, s in enumerate(shapes)]
+
+    def arguments(self) -> list[te.Tensor]:
+        args = [*self.leaf.values(), *self.acc.values(), *self.small.values()]
+        return args + ([self.scalars] if self.scalars is not None else []) + (self.mlp or [])
+
+    def printer(self, index: tuple) -> ElementPrinter:
+        sig = self.sig
+
+        def load(node: Node, c: int):
+            if id(node) in sig.stored or (node.op == "state" and node.level == Level.ELEMENT):
+                return self.acc[(sig.stored.get(id(node)) or node.attrs[0], c)][index]
+            if node.level <= Level.TENSOR:
+                return self.scalars[sig.scalars[id(node)] + c]
+            if node.level < Level.ELEMENT:
+                buf = self.small[id(node)]
+                small = tuple(i if n > 1 else 0 for i, n in zip(index, buf.shape[1:]))
+                return buf[(c, *small)]
+            return to_float32(self.leaf[node.op][index], self.dtype[node.op])
+
+        return ElementPrinter(load, set(sig.stored), self.mlp)
+
+
+def build_pass_function(sig: PassSignature) -> PassFunction:
+    inputs = _Inputs(sig)
+    A, X, B, Y, C = sig.view.dims
+    outputs: list[te.Tensor] = []
+    if sig.x_sums:
+        rows = X // sig.chunks
+        r = te.reduce_axis((0, rows), "r")
+        P = te.compute((sig.chunks, A, B, Y, C), lambda t, a, b, y, c: _reduce(
+            [inputs.printer((a, t * rows + r, b, y, c)).expr(node.args[0], ch) for node, ch in sig.x_sums], r),
+            name="P")
+        outputs += _as_list(P)
+    if sig.y_sums:
+        L = sig.lanes
+        q = te.reduce_axis((0, Y // L), "q")
+        Q = te.compute((A, X, B, C, L), lambda a, x, b, c, l: _reduce(
+            [inputs.printer((a, x, b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.y_sums], q),
+            name="Q")
+        outputs += _as_list(Q)
+    if sig.outputs:
+        E = te.compute((A, X, B, Y, C), lambda *i: [inputs.printer(i).expr(sig.output_nodes[name], c)
+                                                    for name, c in sig.outputs], name="E")
+        E = _as_list(E)
+        casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
+        O = te.compute((A, X, B, Y, C), lambda *i: [from_float32(e[i], dt) for e, dt in zip(E, casts)], name="O")
+        outputs += _as_list(O)
+    func = te.create_prim_func(inputs.arguments() + outputs)
+    return PassFunction(func, bool(sig.x_sums), bool(sig.y_sums), bool(sig.outputs))

@@ -1,0 +1,49 @@
+"""The canonical index space of a tensor inside the TVM kernels.
+
+A contiguous tensor of any rank is viewed, without copying, as 5-D [A, X, B, Y, C]:
+for a factored tensor X and Y are its two factored axes (X the lower-numbered one) and
+A, B, C the products of the axes before, between and after them; row, col and batch
+values then have size 1 on the axes they lack. An unfactored tensor is flat and viewed
+as [1, N/16, 1, 16, 1] (or [1, N, 1, 1, 1]) so its tensor means vectorize.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ...ir.nodes import Level
+
+LANES = 16   # floats per vector in the element loops (two AVX2 / one AVX-512 register)
+
+
+@dataclass(frozen=True)
+class View:
+    dims: tuple[int, int, int, int, int]   # A, X, B, Y, C
+    x_axis: str | None                     # "d0" or "d1": the factored axis at X; None: unfactored
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.dims)
+
+    def small_dims(self, level: Level) -> tuple[int, int, int, int, int]:
+        """The dims of a value at `level` (1 on the axes that level lacks)."""
+        a, x, b, y, c = self.dims
+        if level <= Level.TENSOR:
+            return (1, 1, 1, 1, 1)
+        dropped = {Level.ROW: {"d0"}, Level.COL: {"d1"}, Level.BATCH: {"d0", "d1"}}.get(level, set())
+        y_axis = {"d0": "d1", "d1": "d0"}.get(self.x_axis or "")
+        return (a, 1 if self.x_axis in dropped else x, b, 1 if y_axis in dropped else y, c)
+
+    def reduced_axis(self, op: str) -> str:
+        """Which view axis ("X" or "Y") a row/col mean sums over."""
+        removed = "d0" if op == "mean_d0" else "d1"
+        return "X" if removed == self.x_axis else "Y"
+
+
+def view_of(shape: tuple[int, ...], axes: tuple[int, int] | None) -> View:
+    n = math.prod(shape)
+    if axes is None:
+        return View((1, n // LANES, 1, LANES, 1) if n % LANES == 0 else (1, n, 1, 1, 1), None)
+    lo, hi = sorted(axes)
+    dims = (math.prod(shape[:lo]), shape[lo], math.prod(shape[lo + 1:hi]), shape[hi], math.prod(shape[hi + 1:]))
+    return View(dims, "d0" if axes[0] == lo else "d1")
