@@ -89,7 +89,8 @@ def test_host_build_low_precision_params(name, dtype):
     ulp = float(torch.finfo(dtype).eps)
     for step, shape, d_ours, d_ref, before, after in run_both(MAKERS[name], dtype, 12):
         err = float((d_ours - d_ref).abs().max())
-        assert err <= ulp * float(after.abs().max()) + 1e-6, f"{name} {dtype} shape {shape}, step {step}: error {err:.3g}"
+        assert err <= ulp * float(after.abs().max()) + 1e-6, (
+            f"{name} {dtype} shape {shape}, step {step}: error {err:.3g}")
 
 
 def test_every_ir_op_has_a_cpp_rule():

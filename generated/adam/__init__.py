@@ -26,7 +26,7 @@ class Adam(LearnedOptimizer):
         weights: meta-weights: a path (default: the spec's built-in analytic weights),
             a dict of paths per weight group (mlp), or "random".
         seed: seed of weights="random".
-        backend: "auto", "reference" or "cuda" (the generated kernels: nvcc on CUDA, host C++ on CPU).
+        backend: "auto", "reference", "tvm" or "cuda" (Jinja-templated kernels: nvcc on CUDA, host C++ on CPU).
     """
 
     program = load_program(__file__)

@@ -24,7 +24,7 @@ class SmallFcLopt(LearnedOptimizer):
         weights: meta-weights: a path,
             a dict of paths per weight group (mlp), or "random".
         seed: seed of weights="random".
-        backend: "auto", "reference" or "cuda" (the generated kernels: nvcc on CUDA, host C++ on CPU).
+        backend: "auto", "reference", "tvm" or "cuda" (Jinja-templated kernels: nvcc on CUDA, host C++ on CPU).
     """
 
     program = load_program(__file__)

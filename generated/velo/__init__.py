@@ -26,7 +26,7 @@ class VeLO(LearnedOptimizer):
         weights: meta-weights: a path,
             a dict of paths per weight group (mlp, rnn), or "random".
         seed: seed of weights="random".
-        backend: "auto", "reference" or "cuda" (the generated kernels: nvcc on CUDA, host C++ on CPU).
+        backend: "auto", "reference", "tvm" or "cuda" (Jinja-templated kernels: nvcc on CUDA, host C++ on CPU).
 
     `step()` needs the loss: `step(loss=loss)` or `step(closure)`.
     """
