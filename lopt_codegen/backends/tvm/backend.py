@@ -15,7 +15,7 @@ from ..reference import ReferenceBackend, run_network
 from .build import llvm_target, load_pass_kernel
 from .signature import PassSignature, pass_signature
 from .small_work import SmallValues, aligned
-from .view import view_of
+from .view import SYMBOLIC_BELOW, view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -53,9 +53,12 @@ class TvmBackend(Backend):
 
     def kernels(self, task: TensorTask) -> list[_Kernel]:
         p = task.param
-        key = (task.variant, tuple(p.shape), task.axes, p.dtype, task.grad.dtype)
+        view = view_of(tuple(p.shape), task.axes)
+        if view.numel < SYMBOLIC_BELOW:
+            view = view.generic()
+        key = (task.variant, view.x_axis, view.symbolic or view.dims, p.dtype, task.grad.dtype)
         if key not in self._kernels:
-            graph, view = self.program.variants[task.variant], view_of(tuple(p.shape), task.axes)
+            graph = self.program.variants[task.variant]
             sigs = [pass_signature(ps, graph.new_param, graph.accumulators, view, _DTYPES[p.dtype],
                                    _DTYPES[task.grad.dtype]) for ps in self.plans[task.variant].passes]
             self._kernels[key] = [_Kernel(s, load_pass_kernel(self.program, task.variant, s, self.target, self.cache))

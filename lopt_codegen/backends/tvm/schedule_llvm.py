@@ -30,7 +30,7 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         sch.reorder(t, a, r, b, y, c)
         sch.parallel(sch.fuse(t, a))
         inner = sch.fuse(b, y, c)
-        if int(sch.get(inner).extent) % LANES == 0:
+        if not sig.view.symbolic and int(sch.get(inner).extent) % LANES == 0:
             sch.vectorize(sch.split(inner, [None, LANES])[1])
         sch.decompose_reduction(blk, r)   # after vectorize (TVM_NOTES.md)
     if pf.has_q:
@@ -49,7 +49,7 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         a, x, b, y, c = sch.get_loops(e_blocks[0])
         sch.parallel(sch.fuse(a, x))
         A, X, B, Y, C = sig.view.dims
-        vectorized = B == 1 and C == 1 and Y % LANES == 0
+        vectorized = not sig.view.symbolic and B == 1 and C == 1 and Y % LANES == 0
         if vectorized:
             y, lanes = sch.split(y, [None, LANES])
             sch.vectorize(lanes)

@@ -36,12 +36,13 @@ class PassSignature:
 
     @property
     def chunks(self) -> int:
-        return _chunks(self.view.dims[1])
+        return 1 if self.view.symbolic else _chunks(self.view.dims[1])
 
     @property
     def lanes(self) -> int:
         """Vector width of the axis-Y partial sums (1 when Y is not a multiple of it)."""
-        return LANES if self.view.dims[3] % LANES == 0 and self.view.dims[4] == 1 else 1
+        vector = not self.view.symbolic and self.view.dims[3] % LANES == 0 and self.view.dims[4] == 1
+        return LANES if vector else 1
 
     @property
     def scalar_count(self) -> int:

@@ -69,12 +69,12 @@ class _Inputs:
 
     def __init__(self, sig: PassSignature):
         self.sig = sig
-        dims = sig.view.dims
+        self.dims = dims = sig.view.kernel_dims()
         dtype = {"param": sig.param_dtype, "grad": sig.grad_dtype}
         self.dtype = {name: dtype[name] for name in sig.leaves}
         self.leaf = {name: te.placeholder(dims, storage_dtype(dtype[name]), name) for name in sig.leaves}
         self.acc = {key: te.placeholder(dims, F32, f"{key[0]}{key[1]}") for key in sig.accumulators}
-        self.small = {id(n): te.placeholder((n.channels, *sig.view.small_dims(n.level)), F32,
+        self.small = {id(n): te.placeholder((n.channels, *sig.view.small_dims(n.level, dims)), F32,
                                             f"{n.op}_{n.level.label}{k}") for k, n in enumerate(sig.small)}
         self.scalars = te.placeholder((sig.scalar_count,), F32, "scalars") if sig.scalar_nodes else None
         self.mlp = None
@@ -96,7 +96,8 @@ class _Inputs:
                 return self.scalars[sig.scalars[id(node)] + c]
             if node.level < Level.ELEMENT:
                 buf = self.small[id(node)]
-                small = tuple(i if n > 1 else 0 for i, n in zip(index, buf.shape[1:]))
+                small = tuple(0 if isinstance(n, tirx.IntImm) and n.value == 1 else i
+                              for i, n in zip(index, buf.shape[1:]))
                 return buf[(c, *small)]
             return to_float32(self.leaf[node.op][index], self.dtype[node.op])
 
@@ -105,7 +106,7 @@ class _Inputs:
 
 def build_pass_function(sig: PassSignature) -> PassFunction:
     inputs = _Inputs(sig)
-    A, X, B, Y, C = sig.view.dims
+    A, X, B, Y, C = inputs.dims
     outputs: list[te.Tensor] = []
     if sig.x_sums:
         rows = X // sig.chunks

@@ -9,25 +9,37 @@ as [1, N/16, 1, 16, 1] (or [1, N, 1, 1, 1]) so its tensor means vectorize.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from tvm import tirx
 
 from ...ir.nodes import Level
 
 LANES = 16   # floats per vector in the element loops (two AVX2 / one AVX-512 register)
+SYMBOLIC_BELOW = 0   # tensors smaller than this share one shape-generic kernel (off: see stages.py)
 
 
 @dataclass(frozen=True)
 class View:
     dims: tuple[int, int, int, int, int]   # A, X, B, Y, C
     x_axis: str | None                     # "d0" or "d1": the factored axis at X; None: unfactored
+    symbolic: bool = False                 # the kernel is built for any dims (one build, slower)
+
+    def generic(self) -> "View":
+        return replace(self, symbolic=True)
+
+    def kernel_dims(self) -> tuple:
+        """The dims a kernel is built for: the sizes, or variables bound at call time."""
+        return tuple(tirx.Var(n, "int32") for n in "AXBYC") if self.symbolic else self.dims
 
     @property
     def numel(self) -> int:
         return math.prod(self.dims)
 
-    def small_dims(self, level: Level) -> tuple[int, int, int, int, int]:
-        """The dims of a value at `level` (1 on the axes that level lacks)."""
-        a, x, b, y, c = self.dims
+    def small_dims(self, level: Level, dims: tuple | None = None) -> tuple:
+        """The dims of a value at `level` (1 on the axes that level lacks), out of `dims`
+        (default: the sizes)."""
+        a, x, b, y, c = dims if dims is not None else self.dims
         if level <= Level.TENSOR:
             return (1, 1, 1, 1, 1)
         dropped = {Level.ROW: {"d0"}, Level.COL: {"d1"}, Level.BATCH: {"d0", "d1"}}.get(level, set())
