@@ -13,6 +13,7 @@ from ...ir.plan import plan_program
 from ..base import Backend, StepBatch, TensorTask
 from ..reference import TensorEvaluator, run_network
 from .build import ToolchainMissing, build_cuda, build_host
+from .passes import PassLayout
 from .render import Rendered, render_cuda
 from .tables import SmallValues, build_launch, finish_reductions, table_tensor
 
@@ -81,8 +82,8 @@ class CudaBackend(Backend):
                 if node.level != Level.ELEMENT:
                     task.state[name].copy_(small.get(node))
 
-    def _run_pass(self, layout, device: torch.device, tasks: list[TensorTask], smalls: list[SmallValues],
-                  weights: list) -> None:
+    def _run_pass(self, layout: PassLayout, device: torch.device, tasks: list[TensorTask],
+                  smalls: list[SmallValues], weights: list[list[torch.Tensor] | None]) -> None:
         module = self.module(device)
         launch = build_launch(layout, tasks, smalls, weights)
         table = table_tensor(launch, device)
