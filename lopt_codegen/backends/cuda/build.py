@@ -119,8 +119,8 @@ _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 _REGS = re.compile(r"Used (\d+) registers")
 
 
-def ptxas_report(source: str, archs: tuple[str, ...] = DEFAULT_ARCHS) -> list[KernelReport]:
-    """Compile the device code with nvcc (no GPU needed) and parse `-Xptxas -v`."""
+def _ptxas_log(source: str, archs: tuple[str, ...], path: Path) -> None:
+    """nvcc -c for each arch (no GPU needed), writing `-Xptxas -v`'s report to path."""
     nvcc = str(Path(cuda_home()) / "bin" / "nvcc")
     gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
     with tempfile.TemporaryDirectory(prefix="lopt-ptxas-") as tmp:
@@ -131,8 +131,18 @@ def ptxas_report(source: str, archs: tuple[str, ...] = DEFAULT_ARCHS) -> list[Ke
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    path.write_text(proc.stderr)
+
+
+def ptxas_report(source: str, archs: tuple[str, ...] = DEFAULT_ARCHS,
+                 cache: BuildCache | None = None) -> list[KernelReport]:
+    """ptxas's registers and spills per kernel and arch (cached like a build: by the
+    source hash and toolchain)."""
+    key = _build_key(source, "ptxas", {"archs": list(archs), "cuda_home": cuda_home(), "flags": CUDA_FLAGS})
+    log = (cache or DEFAULT_CACHE).get("cuda-ptxas", key, "ptxas.txt", lambda p: _ptxas_log(source, archs, p),
+                                       lambda p: p.read_text())
     reports, current = [], None
-    for line in proc.stderr.splitlines():
+    for line in log.splitlines():
         if (m := _ENTRY.search(line)) is not None:
             current = (m.group(1), m.group(2))
         elif current and (m := _FRAME.search(line)) is not None:
