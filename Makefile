@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/lopt-compile --backend cuda $(SPECS)
+	$(VENV)/bin/lopt-compile $(SPECS)
 	$(PY) benchmarks/demo.py
 
 bench: setup
@@ -32,10 +32,10 @@ bench: setup
 	$(PY) benchmarks/step_time.py
 
 generate: setup
-	$(VENV)/bin/lopt-compile --backend cuda $(SPECS)
+	$(VENV)/bin/lopt-compile $(SPECS)
 
 check: setup
-	$(VENV)/bin/lopt-compile --check --backend cuda $(SPECS)
+	$(VENV)/bin/lopt-compile --check $(SPECS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

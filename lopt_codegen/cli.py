@@ -17,8 +17,11 @@ def _parser() -> argparse.ArgumentParser:
                                 "into importable PyTorch optimizers under generated/.")
     p.add_argument("specs", nargs="*", metavar="SPEC", help="YAML spec files, e.g. specs/velo.yaml")
     p.add_argument("--out", default="generated", help="output folder (default: generated)")
-    p.add_argument("--backend", default="reference", choices=["reference", "cuda"],
-                   help="code generator; cuda also writes <name>.cu and cuda_binding.py")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "tvm", "cuda"],
+                   help="backend the package is emitted for (auto: TVM kernels on CPU, else the reference); "
+                        "tvm also pre-builds the shape-generic kernels into the cache")
+    p.add_argument("--target", default="cpu", choices=["cpu", "cuda"],
+                   help="with --backend tvm: which kernels to pre-build (default cpu)")
     p.add_argument("--explain", action="store_true", help="print the pass plan instead of writing files")
     p.add_argument("--check", action="store_true",
                    help="exit 1 if the files under --out are stale against the specs and templates")
@@ -55,15 +58,27 @@ def run(argv: list[str]) -> int:
         if args.check:
             stale = stale_files(files, args.out, program.name)
             if stale:
-                flag = "" if args.backend == "reference" else f" --backend {args.backend}"
-                print(f"stale: {', '.join(stale)} (run: lopt-compile{flag} {path})", file=sys.stderr)
+                print(f"stale: {', '.join(stale)} (run: lopt-compile {path})", file=sys.stderr)
                 status = 1
             else:
                 print(f"up to date: {os.path.join(args.out, program.name)}")
             continue
         target = write_package(files, args.out, program.name)
         print(f"{path} -> {target}/ ({program.class_name})")
+        if args.backend == "tvm":
+            status = max(status, _prebuild(program, args.target))
     return status
+
+
+def _prebuild(program, target: str) -> int:
+    if target == "cuda":
+        print("lopt-compile: error: TVM CUDA kernels are not built yet; use --target cpu "
+              "(CUDA parameters run on the reference backend)", file=sys.stderr)
+        return 2
+    from .backends.tvm import prebuild   # imports TVM: only when asked for
+    count, seconds = prebuild(program)
+    print(f"  {count} shape-generic TVM kernels for {program.class_name} in the cache ({seconds:.1f} s)")
+    return 0
 
 
 def main() -> None:

@@ -19,8 +19,6 @@ from .ir.program import Program
 from .ir.serialize import program_to_json
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
-TARGETS = {"reference": "torch (eager, any device)",
-           "cuda": "CUDA C++ (nvcc) for CUDA tensors, its host C++ build for CPU tensors (tvm_ffi.cpp)"}
 HYPER_DOC = {"lr": "learning rate; p <- p - lr * step", "weight_decay": "weight decay (the spec's rule)",
              "num_steps": "the training horizon in steps"}
 
@@ -41,7 +39,13 @@ def templates_sha256() -> str:
     return digest.hexdigest()
 
 
-def render_package(program: Program, spec_path: str, backend: str = "reference") -> dict[str, str]:
+_TARGETS = {"auto": "TVM LLVM kernels on CPU, the reference (eager torch) elsewhere",
+            "tvm": "TVM LLVM kernels on CPU, the reference (eager torch) elsewhere",
+            "reference": "torch (eager, any device)",
+            "cuda": "CUDA C++ (nvcc) for CUDA tensors, its host C++ build for CPU tensors (tvm_ffi.cpp)"}
+
+
+def render_package(program: Program, spec_path: str, backend: str = "auto") -> dict[str, str]:
     """File name -> content of the generated package."""
     description = program.description or f"the {program.name} learned optimizer"
     hyperparameters = [(n, repr(d) if d is not None else None) for n, d in program.hyperparameters.items()]
@@ -52,15 +56,15 @@ def render_package(program: Program, spec_path: str, backend: str = "reference")
     manifest = {
         "name": program.name, "class_name": program.class_name, "spec": spec_path,
         "spec_sha256": program.spec_sha256, "templates_sha256": templates_sha256(),
-        "compiler_version": __version__, "backend": backend, "target": TARGETS[backend],
+        "compiler_version": __version__, "backend": backend, "target": _TARGETS[backend],
         "plan": plan_to_dict(plan_program(program)),
     }
-    files = {"__init__.py": init, "program.json": program_to_json(program)}
-    if backend == "cuda":
-        from .backends.cuda.render import render_cuda_files  # late: it imports torch
+    # The CUDA kernel source and its binding are part of every package: readable,
+    # reviewed in diffs, and checked for drift like the rest.
+    from .backends.cuda.render import render_cuda_files  # late: it imports torch
 
-        files.update(render_cuda_files(program, spec_path))
-    return {**files, "manifest.json": json.dumps(manifest, indent=1) + "\n"}
+    return {"__init__.py": init, "program.json": program_to_json(program), **render_cuda_files(program, spec_path),
+            "manifest.json": json.dumps(manifest, indent=1) + "\n"}
 
 
 def write_package(files: dict[str, str], out_dir: str, name: str) -> str:

@@ -26,7 +26,8 @@ class VeLO(LearnedOptimizer):
         weights: meta-weights: a path,
             a dict of paths per weight group (mlp, rnn), or "random".
         seed: seed of weights="random".
-        backend: "auto", "reference", "tvm" or "cuda" (Jinja-templated kernels: nvcc on CUDA, host C++ on CPU).
+        backend: "auto" (compiled TVM kernels on CPU, the reference elsewhere), "tvm", "cuda"
+            (the Jinja-templated kernels: nvcc on CUDA tensors, their host C++ build on CPU) or "reference".
 
     `step()` needs the loss: `step(loss=loss)` or `step(closure)`.
     """

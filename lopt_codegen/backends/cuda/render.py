@@ -121,7 +121,7 @@ def render_cuda(program: Program, spec_path: str) -> Rendered:
 
 
 def render_cuda_files(program: Program, spec_path: str) -> dict[str, str]:
-    """What `lopt-compile --backend cuda` adds to generated/<name>/: the kernel source
+    """What `lopt-compile` adds to generated/<name>/ for the cuda backend: the kernel source
     (element functions, kernels, host loops, TVM-FFI wrappers) and its Python binding."""
     from ...emit import _env
 

@@ -2,6 +2,8 @@
 small work between passes and the network run in torch (small_work.py)."""
 from __future__ import annotations
 
+import itertools
+import time
 import warnings
 from typing import Callable
 
@@ -42,8 +44,11 @@ class _Kernel:
 class TvmBackend(Backend):
     name = "tvm"
 
-    def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE):
+    def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE, specialize_from: int = SYMBOLIC_BELOW):
         super().__init__(program)
+        # Tensors with fewer elements share shape-generic kernels (one build for all
+        # sizes, not vectorized); larger ones get kernels built for their shape.
+        self.specialize_from = specialize_from
         self.target = llvm_target()
         self.cache = cache
         self.plans = plan_program(program)
@@ -54,7 +59,7 @@ class TvmBackend(Backend):
     def kernels(self, task: TensorTask) -> list[_Kernel]:
         p = task.param
         view = view_of(tuple(p.shape), task.axes)
-        if view.numel < SYMBOLIC_BELOW:
+        if view.numel < self.specialize_from:
             view = view.generic()
         key = (task.variant, view.x_axis, view.symbolic or view.dims, p.dtype, task.grad.dtype)
         if key not in self._kernels:
@@ -114,3 +119,20 @@ class TvmBackend(Backend):
             self._warned.add(reason)
             warnings.warn(f"{self.program.class_name}: {reason}; using the reference backend for it",
                           RuntimeWarning, stacklevel=4)
+
+
+def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE) -> tuple[int, float]:
+    """Builds (or finds in the cache) the shape-generic kernels of every variant, factored
+    orientation and parameter dtype. Returns (kernels, seconds)."""
+    start = time.perf_counter()
+    count = 0
+    target = llvm_target()
+    for variant, plan in plan_program(program).items():
+        graph = program.variants[variant]
+        views = [view_of((32, 16), (0, 1)), view_of((16, 32), (1, 0))] if variant == "factored" else [view_of((7,), None)]
+        for view, dtype in itertools.product(views, _DTYPES.values()):
+            for p in plan.passes:
+                sig = pass_signature(p, graph.new_param, graph.accumulators, view.generic(), dtype, dtype)
+                load_pass_kernel(program, variant, sig, target, cache)
+                count += 1
+    return count, time.perf_counter() - start

@@ -47,7 +47,10 @@ def pass_key(program: Program, variant: str, sig: PassSignature, target: tvm.tar
 
 def compile_pass(sig: PassSignature, target: tvm.target.Target) -> tvm.runtime.Module:
     sch = schedule_llvm(build_pass_function(sig), sig)
-    return tvm.compile(sch.mod, target=target)
+    # TVM's TIR common-subexpression pass emits a variable before its definition on the
+    # MLP stages (InternalError "used before definition"); LLVM does the CSE anyway.
+    with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        return tvm.compile(sch.mod, target=target)
 
 
 _LOADED: dict[str, Callable] = {}   # this process's loaded kernels, by cache key

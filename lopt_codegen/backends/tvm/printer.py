@@ -3,7 +3,8 @@ backend's op tables; no optimizer math lives here).
 
 A printer serves one output expression of one kernel stage: `load(node, channel)` says
 how a leaf, a stored accumulator or a coarser (row/col/tensor/step) value is read at the
-current element. Shared subexpressions are Let-bound so they are computed once.
+current element. Shared subexpressions are Let-bound so they are computed once. The MLP
+is not printed here: its layers are stages of their own (mlp_stages.py).
 """
 from __future__ import annotations
 
@@ -86,9 +87,9 @@ class MlpFold:
 
 class ElementPrinter:
     def __init__(self, load: Callable[[Node, int], tirx.PrimExpr], stored: set[int],
-                 mlp_weights: list | None = None):
+                 mlp_output: Callable[[int], tirx.PrimExpr] | None = None):
         self.load, self.stored = load, stored   # stored: ids of accumulators read from memory
-        self.mlp_weights = mlp_weights          # placeholders [W1', b1', W2, b2, ...]
+        self.mlp_output = mlp_output            # channel -> the MLP stage's output here
         self.memo: dict[int, list] = {}
         self.lets: list[tuple[tirx.Var, tirx.PrimExpr]] = []
 
@@ -140,22 +141,7 @@ class ElementPrinter:
         if op == "channel":
             return [self.emit(node.args[0])[node.attrs[0]]]
         if op == "mlp":
-            return self._mlp(node)
+            if self.mlp_output is None:
+                raise NotImplementedError("TVM backend: the MLP may only feed stored values, not a reduction")
+            return [self.mlp_output(c) for c in range(node.channels)]
         raise NotImplementedError(f"TVM backend: no rule for element-level op '{op}'")
-
-    def _mlp(self, node: Node) -> list:
-        sizes, activation = node.attrs
-        fold = MlpFold.of(node)
-        x = [self.channel(feat, c) for feat, _, _, ch in fold.element_parts for c in range(ch)]
-        w = self.mlp_weights
-        layers = len(sizes) - 1
-        for layer in range(layers):
-            weight, bias = w[2 * layer], w[2 * layer + 1]
-            h = []
-            for k in range(sizes[layer + 1]):
-                acc = bias[k]
-                for f, xf in enumerate(x):
-                    acc = acc + weight[k, f] * xf
-                h.append(self.bind(acc if layer == layers - 1 else ACTIVATIONS[activation](acc), "h"))
-            x = h
-        return x

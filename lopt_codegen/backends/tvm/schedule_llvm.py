@@ -8,6 +8,10 @@ from .signature import PassSignature
 from .stages import PassFunction
 from .view import LANES
 
+# Per-tile buffers: on LLVM "global" small constant-size buffers go on the stack, while
+# "local" ones call TVM's workspace allocator once per tile (measured 2.4x slower).
+_TILE_SCOPE = "global"
+
 
 def _blocks(sch: s_tir.Schedule, name: str, outputs: int) -> list:
     """A stage's blocks: a multi-output compute has one per output (<name>_v0, ...)."""
@@ -20,6 +24,24 @@ def _reduction_block(sch: s_tir.Schedule, name: str):
         return sch.get_sblock(name)
     except Exception:  # noqa: BLE001 - TVM raises a generic error for a missing block
         return sch.get_sblock(f"{name}_v0")
+
+
+def _schedule_mlp(sch: s_tir.Schedule, names: list[str], anchor, vectorized: bool) -> None:
+    """Every MLP stage computed per tile (or element) at `anchor`, into tile buffers
+    [unit, lane]; reductions over units outside the vectorized lanes."""
+    for name in reversed(names):   # consumers first: each lands before its consumer
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, anchor)
+        sch.set_scope(blk, 0, _TILE_SCOPE)
+        loops = sch.get_loops(blk)
+        if name.startswith("S"):
+            lane, r = loops[-2], loops[-1]
+            if vectorized:
+                sch.reorder(r, lane)
+                sch.vectorize(lane)
+            sch.decompose_reduction(blk, r)
+        elif vectorized:
+            sch.vectorize(loops[-1])
 
 
 def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
@@ -42,7 +64,7 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
             sch.vectorize(l)
         sch.decompose_reduction(blk, q)
     if pf.has_e:
-        # E (all values, into local buffers) then O (the stores), per vector tile: every
+        # E (all values, into tile buffers) then O (the stores), per vector tile: every
         # input of a tile is read before any output (which may alias it) is written.
         e_blocks = _blocks(sch, "E", len(sig.outputs))
         o_blocks = _blocks(sch, "O", len(sig.outputs))
@@ -50,13 +72,14 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         sch.parallel(sch.fuse(a, x))
         A, X, B, Y, C = sig.view.dims
         vectorized = not sig.view.symbolic and B == 1 and C == 1 and Y % LANES == 0
-        if vectorized:
-            y, lanes = sch.split(y, [None, LANES])
+        if vectorized:   # b and c have extent 1: one inner loop, split into vectors
+            y, lanes = sch.split(sch.fuse(b, y, c), [None, LANES])
             sch.vectorize(lanes)
         for o in o_blocks:
             sch.reverse_compute_at(o, y if vectorized else c)
             if vectorized:
                 sch.vectorize(sch.get_loops(o)[-1])
         for e in e_blocks:
-            sch.set_scope(e, 0, "local")
+            sch.set_scope(e, 0, _TILE_SCOPE)
+        _schedule_mlp(sch, pf.mlp_blocks, y if vectorized else c, vectorized)
     return sch

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from tvm import te, tirx
 
 from ...ir.nodes import Level, Node
+from .mlp_stages import build_mlp_stages
 from .printer import F32, ElementPrinter, MlpFold
 from .signature import PassSignature
 
@@ -27,6 +28,7 @@ class PassFunction:
     has_p: bool
     has_q: bool
     has_e: bool
+    mlp_blocks: list[str]   # the MLP's stages, producers first
 
 
 # bfloat16 travels as its bits (uint16) and is converted here: TVM 0.27's own bfloat16
@@ -86,7 +88,7 @@ class _Inputs:
         args = [*self.leaf.values(), *self.acc.values(), *self.small.values()]
         return args + ([self.scalars] if self.scalars is not None else []) + (self.mlp or [])
 
-    def printer(self, index: tuple) -> ElementPrinter:
+    def printer(self, index: tuple, mlp_output: te.Tensor | None = None) -> ElementPrinter:
         sig = self.sig
 
         def load(node: Node, c: int):
@@ -101,7 +103,8 @@ class _Inputs:
                 return buf[(c, *small)]
             return to_float32(self.leaf[node.op][index], self.dtype[node.op])
 
-        return ElementPrinter(load, set(sig.stored), self.mlp)
+        read_mlp = None if mlp_output is None else (lambda c: mlp_output[(c, *index)])
+        return ElementPrinter(load, set(sig.stored), read_mlp)
 
 
 def build_pass_function(sig: PassSignature) -> PassFunction:
@@ -122,12 +125,17 @@ def build_pass_function(sig: PassSignature) -> PassFunction:
             [inputs.printer((a, x, b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.y_sums], q),
             name="Q")
         outputs += _as_list(Q)
+    mlp = None
+    if sig.mlp is not None:
+        mlp = build_mlp_stages(sig.mlp, inputs.dims, inputs.mlp, inputs.printer)
     if sig.outputs:
-        E = te.compute((A, X, B, Y, C), lambda *i: [inputs.printer(i).expr(sig.output_nodes[name], c)
+        mlp_out = mlp.output if mlp is not None else None
+        E = te.compute((A, X, B, Y, C), lambda *i: [inputs.printer(i, mlp_out).expr(sig.output_nodes[name], c)
                                                     for name, c in sig.outputs], name="E")
         E = _as_list(E)
         casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
         O = te.compute((A, X, B, Y, C), lambda *i: [from_float32(e[i], dt) for e, dt in zip(E, casts)], name="O")
         outputs += _as_list(O)
     func = te.create_prim_func(inputs.arguments() + outputs)
-    return PassFunction(func, bool(sig.x_sums), bool(sig.y_sums), bool(sig.outputs))
+    return PassFunction(func, bool(sig.x_sums), bool(sig.y_sums), bool(sig.outputs),
+                        mlp.block_names() if mlp is not None else [])

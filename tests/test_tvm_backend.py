@@ -1,0 +1,151 @@
+"""The TVM (LLVM) backend against the reference backend: every built-in spec, the shape
+matrix, 10 steps, both kinds of kernels (shape-generic and specialized per shape), low
+precision parameters, misaligned and non-contiguous tensors."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import SHAPES
+from generated.adam import Adam
+from generated.small_fc_lopt import SmallFcLopt
+from generated.velo import VeLO
+from lopt_codegen.backends import select_backend
+from lopt_codegen.backends.base import TensorTask
+from lopt_codegen.backends.tvm import TvmBackend, unsupported_reason
+
+STEPS = 10
+RTOL = 1e-5
+# Shapes whose specialized kernels take the vectorized paths (rows/cols multiples of 16).
+VECTOR_SHAPES = [(48,), (32, 48), (48, 32), (2, 16, 32)]
+# lr that makes each spec's update about as large as p, so that an error of RTOL of the
+# update is not hidden below p's float32 rounding (see test_reference_vs_oracle.py).
+CASES = {"adam": (Adam, 1.0, {}), "small_fc_lopt": (SmallFcLopt, 30.0, {"weights": "random"}),
+         "velo": (VeLO, 300.0, {"weights": "random", "num_steps": 40})}
+
+
+def make_pair(name: str, shapes, dtype=torch.float32, specialize_from: int | None = None, seed: int = 0):
+    cls, lr, extra = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    start = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    ref_params = [torch.nn.Parameter(p.clone()) for p in start]
+    tvm_params = [torch.nn.Parameter(p.clone()) for p in start]
+    ref = cls(ref_params, lr=lr, weight_decay=0.1, backend="reference", **extra)
+    opt = cls(tvm_params, lr=lr, weight_decay=0.1, backend="tvm", **extra)
+    if specialize_from is not None:
+        opt.backend = TvmBackend(cls.program, specialize_from=specialize_from)
+    return ref_params, ref, tvm_params, opt, gen
+
+
+def run_and_compare(ref_params, ref, tvm_params, opt, gen, steps=STEPS) -> float:
+    worst = 0.0
+    for step in range(steps):
+        for p, q in zip(ref_params, tvm_params):
+            g = (torch.randn(p.shape, generator=gen) * 10.0 ** (-(step % 3))).to(p.dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        before = [p.detach().float().clone() for p in ref_params]
+        loss = 2.0 / (step + 1)
+        ref.step(loss=loss)
+        opt.step(loss=loss)
+        for p, q, b in zip(ref_params, tvm_params, before):
+            d_ref, d_tvm = p.detach().float() - b, q.detach().float() - b
+            scale = float(d_ref.abs().max())
+            rounding = 2 * torch.finfo(torch.float32).eps * max(float(b.abs().max()), float(p.detach().abs().max()))
+            err = float((d_ref - d_tvm).abs().max())
+            assert scale > 0, f"no update for shape {tuple(p.shape)} at step {step}"
+            assert err <= RTOL * scale + rounding, f"shape {tuple(p.shape)}, step {step}: error {err:.3g} of {scale:.3g}"
+            worst = max(worst, (err - rounding) / scale)
+            # Continue both from the same point, so errors do not compound across steps.
+            q.data.copy_(p.data)
+        for p, q in zip(ref_params, tvm_params):
+            for key, value in ref.state[p].items():
+                opt.state[q][key].copy_(value)
+    return worst
+
+
+@pytest.mark.parametrize("kernels", ["generic", "specialized"])
+@pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "velo"])
+def test_matches_reference_on_every_shape(name, kernels):
+    shapes = SHAPES + VECTOR_SHAPES
+    pair = make_pair(name, shapes, specialize_from=0 if kernels == "specialized" else None)
+    assert run_and_compare(*pair) <= RTOL
+    backend = pair[3].backend
+    assert all(not k.sig.view.symbolic for ks in backend._kernels.values() for k in ks) == (kernels == "specialized")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
+def test_low_precision_params_within_rounding(name, dtype):
+    shapes = [(7,), (5, 3), (32, 48)]
+    ref_params, ref, tvm_params, opt, gen = make_pair(name, shapes, dtype=dtype, specialize_from=100)
+    for step in range(3):
+        for p, q in zip(ref_params, tvm_params):
+            g = torch.randn(p.shape, generator=gen).to(dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        ref.step(loss=1.0)
+        opt.step(loss=1.0)
+        eps = torch.finfo(dtype).eps
+        for p, q in zip(ref_params, tvm_params):
+            assert q.dtype == dtype
+            # Both round the same float32 result; they may differ by the one rounding step.
+            torch.testing.assert_close(q.float(), p.float(), rtol=eps, atol=0)
+            for key, value in ref.state[p].items():
+                torch.testing.assert_close(opt.state[q][key], value, rtol=1e-5, atol=1e-7)
+            q.data.copy_(p.data)
+            for key, value in ref.state[p].items():
+                opt.state[q][key].copy_(value)
+
+
+def test_misaligned_views_and_state_loaded_from_a_checkpoint():
+    """Kernels need 64-byte aligned buffers: a gradient that is a view at an odd offset
+    into a bigger buffer (as DDP buckets make them) and state restored by load_state_dict
+    must still give the reference's result."""
+    shapes = [(5, 3), (33,), (32, 48)]
+    ref_params, ref, tvm_params, opt, gen = make_pair("small_fc_lopt", shapes, specialize_from=100)
+    run_and_compare(ref_params, ref, tvm_params, opt, gen, steps=2)
+    opt.load_state_dict(ref.state_dict())
+    for p, q in zip(ref_params, tvm_params):
+        g = torch.randn(p.shape, generator=gen)
+        bucket = torch.empty(g.numel() + 1)
+        q.grad = bucket[1:].view(p.shape)
+        q.grad.copy_(g)
+        p.grad = g.clone()
+    assert any(q.grad.data_ptr() % 64 for q in tvm_params)
+    before = [p.detach().clone() for p in ref_params]
+    ref.step(loss=1.0)
+    opt.step(loss=1.0)
+    for p, q, b in zip(ref_params, tvm_params, before):
+        torch.testing.assert_close(q.detach() - b, p.detach() - b, rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_param_falls_back_with_one_warning():
+    base = torch.randn(6, 8)
+    p = torch.nn.Parameter(base[:, ::2])   # a non-contiguous leaf
+    q = torch.nn.Parameter(p.detach().clone())
+    assert not p.is_contiguous()
+    opt = Adam([p], lr=0.1, backend="tvm")
+    ref = Adam([q], lr=0.1, backend="reference")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            ref.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "non-contiguous" in messages[0] and "reference" in messages[0]
+    torch.testing.assert_close(p.detach(), q.detach())
+
+
+def test_unsupported_tensors_say_why():
+    meta = torch.empty(3, device="meta")
+    task = TensorTask(meta, meta, {}, {}, "unfactored", None)
+    assert "CPU" in unsupported_reason(task)
+    empty = torch.empty(0)
+    assert "empty" in unsupported_reason(TensorTask(empty, empty, {}, {}, "unfactored", None))
+
+
+def test_auto_picks_tvm():
+    assert select_backend(Adam.program, "auto").name == "tvm"

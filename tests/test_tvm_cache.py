@@ -1,0 +1,73 @@
+"""Compiled TVM kernels in the on-disk cache: a second process loads without compiling,
+two processes compiling the same kernel at once both succeed, a corrupted file is rebuilt."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+# One Adam step on a fixed tensor in a fresh process; prints what the cache did.
+SCRIPT = """
+import json, torch
+from generated.adam import Adam
+from lopt_codegen.backends.build_cache import DEFAULT_CACHE
+torch.manual_seed(0)
+p = torch.nn.Parameter(torch.randn(40, 24))
+p.grad = torch.randn(40, 24)
+opt = Adam([p], lr=0.1, backend="tvm")
+opt.backend.specialize_from = 0
+opt.step()
+print(json.dumps({"hits": DEFAULT_CACHE.hits, "builds": DEFAULT_CACHE.builds, "sum": float(p.detach().double().sum())}))
+"""
+
+
+def _start(cache: Path) -> subprocess.Popen:
+    env = dict(os.environ, LOPT_CACHE_DIR=str(cache), PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_second_process_loads_without_compiling(tmp_path):
+    first = _result(_start(tmp_path))
+    second = _result(_start(tmp_path))
+    assert (first["builds"], first["hits"]) == (1, 0)
+    assert (second["builds"], second["hits"]) == (0, 1)
+    assert second["sum"] == first["sum"]
+
+
+def test_two_processes_compiling_the_same_kernel_both_succeed(tmp_path):
+    a, b = _start(tmp_path), _start(tmp_path)
+    results = [_result(a), _result(b)]
+    assert sorted((r["builds"], r["hits"]) for r in results) == [(0, 1), (1, 0)]
+    assert results[0]["sum"] == results[1]["sum"]
+
+
+def test_corrupted_kernel_file_is_rebuilt(tmp_path):
+    first = _result(_start(tmp_path))
+    (kernel,) = (tmp_path / "tvm-llvm").glob("*/kernel.so")
+    kernel.write_bytes(kernel.read_bytes()[:1000])   # a truncated write
+    again = _result(_start(tmp_path))
+    assert (again["builds"], again["hits"]) == (1, 0)
+    assert again["sum"] == first["sum"]
+
+
+def test_cli_prebuilds_the_shape_generic_kernels(tmp_path):
+    env = dict(os.environ, LOPT_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "lopt_codegen.cli", "--backend", "tvm", "--out", str(tmp_path / "gen"),
+           os.path.join(ROOT, "specs", "adam.yaml")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "3 shape-generic TVM kernels for Adam" in done.stdout   # (f32, bf16, f16) x 1 pass
+    assert len(list((tmp_path / "cache" / "tvm-llvm").glob("*/kernel.so"))) == 3
+    cuda = subprocess.run(cmd + ["--target", "cuda"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert cuda.returncode == 2 and "not built yet" in cuda.stderr
