@@ -16,7 +16,7 @@ from ..build_cache import DEFAULT_CACHE, BuildCache
 from ..reference import ReferenceBackend, run_network
 from .build import llvm_target, load_pass_kernel
 from .signature import PassSignature, pass_signature
-from .small_work import SmallValues, aligned
+from .small_work import SmallValues, aligned, step_key
 from .view import SYMBOLIC_BELOW, view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -86,7 +86,9 @@ class TvmBackend(Backend):
             self._step(StepBatch(tasks, batch.mlp_weights, batch.network, batch.loss_features))
 
     def _step(self, batch: StepBatch) -> None:
-        runs = [(task, SmallValues(task, batch, view_of(tuple(task.param.shape), task.axes)), self.kernels(task))
+        shared: dict[tuple, dict] = {}
+        runs = [(task, SmallValues(task, batch, view_of(tuple(task.param.shape), task.axes),
+                                   shared.setdefault(step_key(task), {})), self.kernels(task))
                 for task in batch.tasks]
         split = {}   # tensors run their passes up to the network, then the rest
         for task, _, kernels in runs:

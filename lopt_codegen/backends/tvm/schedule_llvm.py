@@ -26,6 +26,20 @@ def _reduction_block(sch: s_tir.Schedule, name: str):
         return sch.get_sblock(f"{name}_v0")
 
 
+UNIT_BLOCK = 4   # output units computed together: each input vector loaded feeds this many FMAs
+
+
+def _block_units(sch: s_tir.Schedule, unit, inner=None) -> None:
+    """Split the unit loop by UNIT_BLOCK and unroll the block (after `inner`, if given),
+    so LLVM keeps UNIT_BLOCK accumulators in registers and reuses each input load."""
+    if int(sch.get(unit).extent) % UNIT_BLOCK:
+        return
+    _, block = sch.split(unit, [None, UNIT_BLOCK])
+    if inner is not None:
+        sch.reorder(inner, block)
+    sch.unroll(block)
+
+
 def _schedule_mlp(sch: s_tir.Schedule, names: list[str], anchor, vectorized: bool) -> None:
     """Every MLP stage computed per tile (or element) at `anchor`, into tile buffers
     [unit, lane]; reductions over units outside the vectorized lanes."""
@@ -39,9 +53,12 @@ def _schedule_mlp(sch: s_tir.Schedule, names: list[str], anchor, vectorized: boo
             if vectorized:
                 sch.reorder(r, lane)
                 sch.vectorize(lane)
+                _block_units(sch, loops[-3], inner=r)
             sch.decompose_reduction(blk, r)
         elif vectorized:
             sch.vectorize(loops[-1])
+            if name.startswith("H"):
+                _block_units(sch, loops[-2])
 
 
 def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:

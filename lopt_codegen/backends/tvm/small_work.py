@@ -35,21 +35,28 @@ def _storage(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
 
 
+def step_key(task: TensorTask) -> tuple:
+    """Tensors with equal keys share their step-level values (time features, ...)."""
+    return task.param.dim(), tuple(sorted(task.hyper.items())), float(task.state["step"])
+
+
 class SmallValues:
-    def __init__(self, task: TensorTask, batch: StepBatch, view: View):
+    def __init__(self, task: TensorTask, batch: StepBatch, view: View, step_values: dict[int, torch.Tensor]):
         self.task, self.view = task, view
         self.ev = TensorEvaluator(task, batch)
         self.shape = tuple(task.param.shape)
         self.memo: dict[int, torch.Tensor] = {}
+        self.step_values = step_values   # shared with the tensors of the same step_key
 
     def value(self, node: Node) -> torch.Tensor:
         """A value coarser than element, in the reference layout [channels, *shape with 1s]."""
-        got = self.memo.get(id(node))
+        memo = self.step_values if node.level == Level.STEP else self.memo
+        got = memo.get(id(node))
         if got is None:
             if node.level == Level.ELEMENT:
                 raise RuntimeError(f"TVM backend: element value {node} requested outside a kernel")
             got = self.ev.leaf(node) if not node.args else self.ev.apply(node, [self.value(a) for a in node.args])
-            self.memo[id(node)] = got
+            memo[id(node)] = got
         return got
 
     def _dense(self, node: Node) -> torch.Tensor:

@@ -16,7 +16,7 @@ from tvm import tirx
 from ...ir.nodes import Level
 
 LANES = 16   # floats per vector in the element loops (two AVX2 / one AVX-512 register)
-SYMBOLIC_BELOW = 1 << 16   # tensors smaller than this share one shape-generic kernel
+SYMBOLIC_BELOW = 4096   # smaller tensors share one shape-generic (scalar) kernel
 
 
 @dataclass(frozen=True)
