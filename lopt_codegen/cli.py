@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "into importable PyTorch optimizers under generated/.")
     p.add_argument("specs", nargs="*", metavar="SPEC", help="YAML spec files, e.g. specs/velo.yaml")
     p.add_argument("--out", default="generated", help="output folder (default: generated)")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "tvm"],
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "tvm", "cuda"],
                    help="backend the package is emitted for (auto: TVM kernels on CPU, else the reference); "
                         "tvm also pre-builds the shape-generic kernels into the cache")
     p.add_argument("--target", default="cpu", choices=["cpu", "cuda"],

@@ -41,7 +41,8 @@ def templates_sha256() -> str:
 
 _TARGETS = {"auto": "TVM LLVM kernels on CPU, the reference (eager torch) elsewhere",
             "tvm": "TVM LLVM kernels on CPU, the reference (eager torch) elsewhere",
-            "reference": "torch (eager, any device)"}
+            "reference": "torch (eager, any device)",
+            "cuda": "CUDA C++ (nvcc) for CUDA tensors, its host C++ build for CPU tensors (tvm_ffi.cpp)"}
 
 
 def render_package(program: Program, spec_path: str, backend: str = "auto") -> dict[str, str]:
@@ -58,7 +59,11 @@ def render_package(program: Program, spec_path: str, backend: str = "auto") -> d
         "compiler_version": __version__, "backend": backend, "target": _TARGETS[backend],
         "plan": plan_to_dict(plan_program(program)),
     }
-    return {"__init__.py": init, "program.json": program_to_json(program),
+    # The CUDA kernel source and its binding are part of every package: readable,
+    # reviewed in diffs, and checked for drift like the rest.
+    from .backends.cuda.render import render_cuda_files  # late: it imports torch
+
+    return {"__init__.py": init, "program.json": program_to_json(program), **render_cuda_files(program, spec_path),
             "manifest.json": json.dumps(manifest, indent=1) + "\n"}
 
 

@@ -27,13 +27,25 @@ def test_committed_generated_code_is_up_to_date(capsys):
     finally:
         os.chdir(cwd)
     assert status == 0, capsys.readouterr().err
+    for name in ("small_fc_lopt", "velo", "adam"):   # the CUDA sources are checked too
+        assert os.path.exists(os.path.join(ROOT, "generated", name, f"{name}.cu"))
+
+
+def test_check_reports_a_stale_cuda_source(tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert run([BUILTIN[2], "--backend", "cuda", "--out", str(out)]) == 0
+    assert json.loads((out / "adam" / "manifest.json").read_text())["backend"] == "cuda"
+    cu = out / "adam" / "adam.cu"
+    cu.write_text(cu.read_text().replace("expf(", "__expf("))
+    assert run(["--check", "--backend", "cuda", BUILTIN[2], "--out", str(out)]) == 1
+    assert "adam.cu" in capsys.readouterr().err
 
 
 def test_compile_into_a_new_folder_and_import(tmp_path, monkeypatch):
     out = tmp_path / "gen"
     assert run([BUILTIN[2], "--out", str(out)]) == 0
     files = sorted(os.listdir(out / "adam"))
-    assert files == ["__init__.py", "manifest.json", "program.json"]
+    assert files == ["__init__.py", "adam.cu", "cuda_binding.py", "manifest.json", "program.json"]
     manifest = json.loads((out / "adam" / "manifest.json").read_text())
     assert manifest["backend"] == "auto" and len(manifest["spec_sha256"]) == 64
     assert manifest["plan"]["unfactored"]["passes"][0]["writes"] == {"m": 1, "v": 1, "param": 1}

@@ -1,7 +1,7 @@
 """The reference backend against the independent numpy oracle (tests/oracle.py, a plain
 transcription of shared/ALGORITHMS.md): small_fc_lopt and VeLO, random weights, random
 gradients, every shape of the matrix, 12 steps, 1e-5 relative error on the updates. The
-TVM backend is checked against the same oracle."""
+TVM and CUDA (host build) backends are checked against the same oracle."""
 from __future__ import annotations
 
 from typing import Callable
@@ -60,7 +60,7 @@ def compare(make_opt: Callable, oracle_step: Callable, seed: int) -> float:
     return worst
 
 
-@pytest.mark.parametrize("backend", ["reference", "tvm"])
+@pytest.mark.parametrize("backend", ["reference", "tvm", "cuda"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_small_fc_lopt_matches_oracle(weight_decay, backend):
     weights = seeded_weights(SMALL_FC_SHAPES, seed=1)
@@ -74,7 +74,7 @@ def test_small_fc_lopt_matches_oracle(weight_decay, backend):
     assert worst <= RTOL
 
 
-@pytest.mark.parametrize("backend", ["reference", "tvm"])
+@pytest.mark.parametrize("backend", ["reference", "tvm", "cuda"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_velo_matches_oracle(weight_decay, backend):
     mlp, rnn = seeded_weights(VELO_MLP_SHAPES, seed=4), seeded_weights(VELO_RNN_SHAPES, seed=5)

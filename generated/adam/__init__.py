@@ -26,7 +26,8 @@ class Adam(LearnedOptimizer):
         weights: meta-weights: a path (default: the spec's built-in analytic weights),
             a dict of paths per weight group (mlp), or "random".
         seed: seed of weights="random".
-        backend: "auto" (compiled TVM kernels on CPU, the reference elsewhere), "tvm" or "reference".
+        backend: "auto" (compiled TVM kernels on CPU, the reference elsewhere), "tvm", "cuda"
+            (the Jinja-templated kernels: nvcc on CUDA tensors, their host C++ build on CPU) or "reference".
     """
 
     program = load_program(__file__)

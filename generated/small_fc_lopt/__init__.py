@@ -24,7 +24,8 @@ class SmallFcLopt(LearnedOptimizer):
         weights: meta-weights: a path,
             a dict of paths per weight group (mlp), or "random".
         seed: seed of weights="random".
-        backend: "auto" (compiled TVM kernels on CPU, the reference elsewhere), "tvm" or "reference".
+        backend: "auto" (compiled TVM kernels on CPU, the reference elsewhere), "tvm", "cuda"
+            (the Jinja-templated kernels: nvcc on CUDA tensors, their host C++ build on CPU) or "reference".
     """
 
     program = load_program(__file__)

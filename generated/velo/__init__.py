@@ -26,7 +26,8 @@ class VeLO(LearnedOptimizer):
         weights: meta-weights: a path,
             a dict of paths per weight group (mlp, rnn), or "random".
         seed: seed of weights="random".
-        backend: "auto" (compiled TVM kernels on CPU, the reference elsewhere), "tvm" or "reference".
+        backend: "auto" (compiled TVM kernels on CPU, the reference elsewhere), "tvm", "cuda"
+            (the Jinja-templated kernels: nvcc on CUDA tensors, their host C++ build on CPU) or "reference".
 
     `step()` needs the loss: `step(loss=loss)` or `step(closure)`.
     """

@@ -1,6 +1,7 @@
-"""Backends turn a Program into a step: `reference` (eager torch, any device, the oracle)
-and `tvm` (compiled TensorIR kernels). `auto` picks tvm when it imports, and says why
-when it falls back to the reference."""
+"""Backends turn a Program into a step: `reference` (eager torch, any device, the oracle),
+`tvm` (compiled TensorIR kernels) and `cuda` (Jinja-templated CUDA C++, whose host build
+runs CPU tensors). `auto` picks tvm when it imports, and says why when it falls back to
+the reference."""
 from __future__ import annotations
 
 import warnings
@@ -16,7 +17,13 @@ def _tvm() -> type[Backend]:
     return TvmBackend
 
 
-BACKENDS: dict[str, Callable[[], type[Backend]]] = {"reference": lambda: ReferenceBackend, "tvm": _tvm}
+def _cuda() -> type[Backend]:
+    from .cuda import CudaBackend
+    return CudaBackend
+
+
+BACKENDS: dict[str, Callable[[], type[Backend]]] = {"reference": lambda: ReferenceBackend, "tvm": _tvm,
+                                                    "cuda": _cuda}
 
 
 def select_backend(program: Program, name: str) -> Backend:

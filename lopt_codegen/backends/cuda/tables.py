@@ -1,0 +1,183 @@
+"""Host side of one pass launch: the per-tensor table the generated drivers read, the
+small-value buffers, the per-tensor folded MLP weights, and finishing reductions.
+
+Everything here is torch on the tensors' device with sizes known on the host: no
+device-to-host copy, so a step never waits for the GPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ...ir.nodes import REDUCE, Level, Node, level_shape
+from ..base import TensorTask
+from ..reference import TensorEvaluator
+from .passes import PassLayout
+
+HEAD = ["n", "A", "X", "B", "Y", "C", "d0_is_x", "param_dtype", "grad_dtype", "block0", "blocks",
+        "param", "grad", "small", "weights", "partial", "line"]   # = enum Field in runtime.cuh.j2
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+THREADS = 256            # = kThreads
+CUDA_MAX_BLOCKS = 1024   # per tensor; grid-stride loops cover the rest
+HOST_CHUNK = 1 << 14     # elements per host "block" (one partial sum each)
+
+
+class SmallValues:
+    """Values of one tensor at levels coarser than element, computed by the reference
+    evaluator's own ops (the small work between passes). Reductions of element values
+    come from the kernels and are set with `finish`."""
+
+    def __init__(self, evaluator: TensorEvaluator):
+        self.ev = evaluator
+        self.memo: dict[int, torch.Tensor] = {}
+
+    def get(self, node: Node) -> torch.Tensor:
+        value = self.memo.get(id(node))
+        if value is not None:
+            return value
+        if node.level == Level.ELEMENT or (node.op in REDUCE and node.args[0].level == Level.ELEMENT):
+            raise RuntimeError(f"cuda backend: {node} is computed by a pass that has not run yet")
+        value = self.ev.leaf(node) if not node.args else self.ev.apply(node, [self.get(a) for a in node.args])
+        self.memo[id(node)] = value
+        return value
+
+    def finish(self, node: Node, value: torch.Tensor) -> None:
+        self.memo[id(node)] = value
+
+
+def five_d(shape: tuple[int, ...], axes: tuple[int, int] | None) -> tuple[list[int], int]:
+    """[A, X, B, Y, C] of the tensor and whether d0 is X (see DESIGN: canonical index space)."""
+    n = math.prod(shape)
+    if axes is None:
+        return [n, 1, 1, 1, 1], 1
+    a, b = sorted(axes)
+    dims = [math.prod(shape[:a]), shape[a], math.prod(shape[a + 1:b]), shape[b], math.prod(shape[b + 1:])]
+    return dims, int(axes[0] < axes[1])
+
+
+def blocks_for(n: int, cuda: bool) -> int:
+    if cuda:
+        return max(1, min(-(-n // THREADS), CUDA_MAX_BLOCKS))
+    return max(1, -(-n // HOST_CHUNK))
+
+
+def fold_mlp(L: PassLayout, weights: list[torch.Tensor], small: SmallValues) -> torch.Tensor:
+    """[W0 (out, element inputs), b0, W1, b1, ...] with tensor-level inputs folded into
+    b0 and tensor-level scales of `x * s` inputs folded into W0's columns."""
+    w0, b0 = weights[0], weights[1]
+    columns, bias = [], b0
+    for part in L.mlp_parts:
+        a, b = part.columns
+        if part.kind == "bias":
+            bias = bias + w0[:, a:b] @ small.get(part.node).reshape(-1)
+        elif part.kind == "scaled":
+            columns.append(w0[:, a:b] * small.get(part.scale).reshape(1, -1))
+        else:
+            columns.append(w0[:, a:b])
+    flat = [torch.cat(columns, dim=1).reshape(-1), bias.reshape(-1)] + [w.reshape(-1) for w in weights[2:]]
+    return torch.cat(flat).to(torch.float32).contiguous()
+
+
+@dataclass
+class Launch:
+    """One pass over a group of tensors: the table and the buffers it points to (kept
+    alive until the call has been queued)."""
+
+    layout: PassLayout
+    rows: list[list[int]] = field(default_factory=list)
+    keep: list[torch.Tensor] = field(default_factory=list)
+    partial: torch.Tensor | None = None
+    lines: list[torch.Tensor | None] = field(default_factory=list)
+    total_blocks: int = 0
+
+
+def _check_state(task: TensorTask, name: str) -> torch.Tensor:
+    acc = task.state[name]
+    if acc.dtype != torch.float32 or not acc[0].is_contiguous() or acc.device != task.param.device:
+        raise ValueError(f"cuda backend: accumulator '{name}' must be float32 [channels, *shape] with each "
+                         f"channel contiguous, on the parameter's device; got {acc.dtype} with strides "
+                         f"{acc.stride()} on {acc.device}")
+    return acc
+
+
+def build_launch(L: PassLayout, tasks: list[TensorTask], smalls: list[SmallValues],
+                 weights: list[list[torch.Tensor] | None]) -> Launch:
+    launch = Launch(L)
+    device = tasks[0].param.device
+    cuda = device.type == "cuda"
+    n_red = sum(n.channels for n in L.tensor_reductions)
+    n_line = sum(n.channels for n in L.line_reductions)
+    small_nodes = list({id(s.node): s.node for s in L.small_slots}.values())
+    for task, small, w in zip(tasks, smalls, weights):
+        p = task.param.detach()
+        if not p.is_contiguous():
+            raise ValueError(f"cuda backend: parameters must be contiguous (updated in place); got one of shape "
+                             f"{tuple(p.shape)} with strides {p.stride()}")
+        grad = task.grad.detach()
+        if grad.dtype not in DTYPES:
+            grad = grad.to(torch.float32)
+        grad = grad.contiguous()
+        n = p.numel()
+        dims, d0_is_x = five_d(tuple(p.shape), task.axes)
+        blocks = blocks_for(n, cuda)
+        # Small inputs: each node's values for its level, channel-major, one buffer.
+        pieces, base, offsets = [], 0, {}
+        for node in small_nodes:
+            shape = [node.channels, *level_shape(p.shape, node.level, task.axes)]
+            value = torch.broadcast_to(small.get(node), shape).reshape(-1).to(torch.float32)
+            offsets[id(node)] = (base, value.numel() // node.channels)
+            pieces.append(value)
+            base += value.numel()
+        small_buf = torch.cat(pieces) if pieces else torch.zeros(1, device=device)
+        slot_offsets = [offsets[id(s.node)][0] + s.channel * offsets[id(s.node)][1] for s in L.small_slots]
+        weight_buf = fold_mlp(L, w, small) if L.mlp is not None else None
+        line = torch.empty(n_line, n, dtype=torch.float32, device=device) if n_line else None
+        accs = [_check_state(task, name) for name in L.accs]
+        launch.keep += [grad, small_buf, *([weight_buf] if weight_buf is not None else [])]
+        launch.lines.append(line)
+        launch.rows.append([n, *dims, d0_is_x, DTYPES[p.dtype], DTYPES[grad.dtype], launch.total_blocks, blocks,
+                            p.data_ptr(), grad.data_ptr(), small_buf.data_ptr(),
+                            weight_buf.data_ptr() if weight_buf is not None else 0,
+                            0, line.data_ptr() if line is not None else 0,
+                            *(a.data_ptr() for a in accs), *(a.stride(0) for a in accs), *slot_offsets])
+        launch.total_blocks += blocks
+    launch.partial = torch.zeros(max(1, launch.total_blocks * n_red), dtype=torch.float32, device=device)
+    for row in launch.rows:
+        row[HEAD.index("partial")] = launch.partial.data_ptr()
+    return launch
+
+
+def table_tensor(launch: Launch, device: torch.device) -> torch.Tensor:
+    table = torch.tensor(launch.rows, dtype=torch.int64)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+def finish_reductions(launch: Launch, tasks: list[TensorTask], smalls: list[SmallValues]) -> None:
+    """Fixed-order sums of the block partials (tensor means) and of the line arguments
+    (row/col means) into each tensor's small values."""
+    L = launch.layout
+    n_red = sum(n.channels for n in L.tensor_reductions)
+    partial = launch.partial[:launch.total_blocks * n_red].view(launch.total_blocks, n_red) if n_red else None
+    for row, line, task, small in zip(launch.rows, launch.lines, tasks, smalls):
+        n, block0, blocks = row[0], row[HEAD.index("block0")], row[HEAD.index("blocks")]
+        ndim = task.param.dim()
+        means = partial[block0:block0 + blocks].sum(dim=0) / n if n_red else None
+        start = 0
+        for arg in L.tensor_reductions:
+            value = means[start:start + arg.channels].reshape(arg.channels, *[1] * ndim)
+            for r in L.reduce_nodes:
+                if r.op == "mean" and r.args[0] is arg:
+                    small.finish(r, value)
+            start += arg.channels
+        start = 0
+        for arg in L.line_reductions:
+            values = line[start:start + arg.channels].view(arg.channels, *task.param.shape)
+            for r in L.reduce_nodes:
+                if r.op in ("mean_d0", "mean_d1") and r.args[0] is arg:
+                    axis = task.axes[0 if r.op == "mean_d0" else 1]
+                    small.finish(r, values.mean(dim=1 + axis, keepdim=True))
+            start += arg.channels

@@ -1,0 +1,158 @@
+"""The cuda backend's host build (the generated element functions and pass loops,
+compiled as C++ through tvm_ffi.cpp) against the reference backend: every built-in spec,
+every shape of the matrix, random weights and gradients, 12 steps, 1e-5 relative error
+on each step's update; bf16 and fp16 params within their rounding."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHAPES
+from generated.adam import Adam
+from generated.small_fc_lopt import SmallFcLopt
+from generated.velo import VeLO
+from lopt_codegen.backends.cuda import CudaBackend
+from oracle import SMALL_FC_SHAPES, VELO_MLP_SHAPES, VELO_RNN_SHAPES
+from test_reference_vs_oracle import as_torch, seeded_weights
+
+STEPS = 12
+RTOL = 1e-5
+
+
+# Learning rates make each update a sizable fraction of |p|, so an error of RTOL of the
+# update is not hidden below p's float32 rounding; `decay` is lr * weight_decay.
+def _small_fc(ps, backend, decay=0.0):
+    return SmallFcLopt(ps, lr=500.0, weight_decay=decay / 500.0, backend=backend,
+                       weights={"mlp": as_torch(seeded_weights(SMALL_FC_SHAPES, seed=1))})
+
+
+def _velo(ps, backend, decay=0.0):
+    return VeLO(ps, lr=3e4, weight_decay=decay / 3e4, num_steps=40, backend=backend,
+                weights={"mlp": as_torch(seeded_weights(VELO_MLP_SHAPES, seed=4)),
+                         "rnn": as_torch(seeded_weights(VELO_RNN_SHAPES, seed=5))})
+
+
+def _adam(ps, backend, decay=0.0):
+    return Adam(ps, lr=5.0, weight_decay=decay / 5.0, backend=backend)
+
+
+MAKERS: dict[str, Callable] = {"small_fc_lopt": _small_fc, "velo": _velo, "adam": _adam}
+
+
+def run_both(make: Callable, dtype: torch.dtype, seed: int, decay: float = 0.0):
+    """Step the reference and the cuda backend on the same random gradients; yield per
+    step and tensor (shape, update ours, update reference, p before, p after)."""
+    rng = np.random.default_rng(seed)
+    start = [torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=np.float32)).to(dtype) for s in SHAPES]
+    ours = [torch.nn.Parameter(p.clone()) for p in start]
+    ref = [torch.nn.Parameter(p.clone()) for p in start]
+    opt_ours, opt_ref = make(ours, "cuda", decay), make(ref, "reference", decay)
+    assert isinstance(opt_ours.backend, CudaBackend)
+    for step in range(STEPS):
+        loss = float(2.0 / (step + 1) + rng.uniform(0, 0.1))
+        before_ours = [p.detach().float().clone() for p in ours]
+        before_ref = [p.detach().float().clone() for p in ref]
+        for p, q, s in zip(ours, ref, SHAPES):
+            g = torch.from_numpy(np.asarray(rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 0), dtype=np.float32))
+            p.grad, q.grad = g.to(dtype), g.to(dtype)
+        opt_ours.step(loss=loss)
+        opt_ref.step(loss=loss)
+        for s, p, q, bo, br in zip(SHAPES, ours, ref, before_ours, before_ref):
+            yield step, s, p.detach().float() - bo, q.detach().float() - br, br, q.detach().float()
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_host_build_matches_reference_fp32(name, decay):
+    worst = 0.0
+    for step, shape, d_ours, d_ref, before, after in run_both(MAKERS[name], torch.float32, 11, decay):
+        scale = float(d_ref.abs().max())
+        # Both write p - lr * step in float32: allow that rounding (2 ulp of p) on top.
+        rounding = 2 * float(np.finfo(np.float32).eps) * max(float(before.abs().max()), float(after.abs().max()))
+        err = float((d_ours - d_ref).abs().max())
+        assert scale > 0, f"the reference's update is zero for shape {shape} at step {step}"
+        assert err <= RTOL * scale + rounding, f"{name} shape {shape}, step {step}: error {err:.3g}, update {scale:.3g}"
+        worst = max(worst, (err - rounding) / scale)
+    assert worst <= RTOL
+
+
+# (VeLO's test lr grows p ~60% a step: past float16's range within 12 steps.)
+@pytest.mark.parametrize("name, dtype", [(n, torch.bfloat16) for n in MAKERS] +
+                         [("small_fc_lopt", torch.float16), ("adam", torch.float16)],
+                         ids=lambda x: {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x, x))
+def test_host_build_low_precision_params(name, dtype):
+    """Same math in float32; p is rounded to its dtype once per step, as the reference
+    does: at most one rounding step of the dtype apart."""
+    ulp = float(torch.finfo(dtype).eps)
+    for step, shape, d_ours, d_ref, before, after in run_both(MAKERS[name], dtype, 12):
+        err = float((d_ours - d_ref).abs().max())
+        assert err <= ulp * float(after.abs().max()) + 1e-6, (
+            f"{name} {dtype} shape {shape}, step {step}: error {err:.3g}")
+
+
+def test_every_ir_op_has_a_cpp_rule():
+    from lopt_codegen.backends.cuda.printer import BINARY, UNARY
+    from lopt_codegen.ir.nodes import BINARY as IR_BINARY, UNARY as IR_UNARY
+
+    assert set(UNARY) == IR_UNARY and set(BINARY) == IR_BINARY
+
+
+def test_literals_round_trip_float32():
+    from lopt_codegen.backends.cuda.printer import literal
+
+    assert literal(1.0) == "1.0f" and literal(1e-30) == "1e-30f" and literal(-0.5) == "(-0.5f)"
+    assert np.float32(literal(0.54202735)[:-1]) == np.float32(0.54202735)
+    with pytest.raises(ValueError, match="non-finite"):
+        literal(float("inf"))
+
+
+@pytest.mark.parametrize("name, variant, inputs", [
+    ("small_fc_lopt", "factored", 28),   # 39 features less the 11 step-level time features
+    ("velo", "factored", 30), ("velo", "unfactored", 30), ("adam", "unfactored", 1)])
+def test_mlp_first_layer_is_folded(programs, name, variant, inputs):
+    from lopt_codegen.backends.cuda.render import render_cuda
+
+    last = render_cuda(programs[name], name).layouts[variant][-1]
+    assert last.mlp is not None and last.mlp_inputs == inputs
+    # every normalized feature is `x * rsqrt(mean(x * x) + eps)`: its scale goes into W0
+    n_normalized = {"small_fc_lopt": 12, "velo": 14, "adam": 0}[name]
+    assert sum(p.kind == "scaled" for p in last.mlp_parts) == n_normalized
+
+
+def test_rejects_non_contiguous_params():
+    base = torch.randn(4, 6)
+    p = torch.nn.Parameter(base.t())   # a view with transposed strides
+    p.grad = torch.randn(6, 4)
+    opt = _adam([p], "cuda")
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step()
+
+
+def test_unsupported_device_type_is_named():
+    backend = CudaBackend(_adam([torch.nn.Parameter(torch.ones(2))], "reference").program)
+    with pytest.raises(ValueError, match="meta tensors"):
+        backend.module(torch.device("meta"))
+
+
+def test_state_leaves_have_their_variants_level(programs):
+    """Compiled passes trust node levels: `state fr` is row-level for factored tensors
+    but element-level for unfactored ones, so the two must be different nodes."""
+    from lopt_codegen.ir.nodes import topo_order
+
+    for name, program in programs.items():
+        for variant, graph in program.variants.items():
+            for node in topo_order(graph.roots()):
+                if node.op == "state":
+                    assert program.state_levels[node.attrs[0]][variant][0] == node.level, (name, variant, node)
+
+
+def test_generated_binding_loads_the_committed_source():
+    from generated.adam import cuda_binding
+
+    module = cuda_binding.load()
+    for names in cuda_binding.PASSES.values():
+        for name in names:
+            assert getattr(module, f"{name}_host") is not None
