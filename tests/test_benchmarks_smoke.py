@@ -41,6 +41,16 @@ def test_step_time_quick_run_writes_consistent_results(tmp_path):
         assert r["ratio_compiled"] is None
 
 
+def test_gpu_check_dry_run_prints_its_table(capsys):
+    """The device script runs end to end on the CPU (parity, timing, the table)."""
+    _load("gpu_check").main(["--device", "cpu", "--sizes", "4K", "--steps", "1", "--specs", "adam,velo"])
+    table = capsys.readouterr().out.split("## gpu_check")[-1]
+    rows = [line for line in table.splitlines() if line.startswith("| adam") or line.startswith("| velo")]
+    assert len(rows) == 4
+    assert all("parity PASS" in r for r in rows if "| cuda |" in r)
+    assert all("do not run on CUDA tensors yet" in r for r in rows if "| tvm |" in r)
+
+
 def test_demo_training_runs_with_finite_loss():
     demo = _load("demo")
     make = demo.optimizers()["VeLO (random weights)"]

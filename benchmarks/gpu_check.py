@@ -1,0 +1,153 @@
+"""The one device check for a lent GPU machine: build, parity against the reference on
+the device, CUDA-graph capture of a step, and step time against torch's fused AdamW at
+10M and 100M parameters. Prints a table last (commit it with the closing note).
+
+    python benchmarks/gpu_check.py                               # on a CUDA machine
+    python benchmarks/gpu_check.py --device cpu --sizes 64K --steps 2   # dry run, no GPU
+
+Backends: "cuda" (Jinja-templated kernels). TVM's CUDA kernels build without a GPU but
+are not wired to CUDA tensors yet, so "tvm" is listed with that reason.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks.step_time import import_spec, parse_count  # noqa: E402
+
+SPECS = ("small_fc_lopt", "velo", "adam")
+PARITY_SHAPES = [(), (7,), (5, 3), (3, 5), (4, 2, 3, 3), (257, 129)]
+NOT_WIRED = {"tvm": "TVM CUDA kernels build (tests/test_tvm_cuda_build.py) but do not run on CUDA tensors yet"}
+
+
+def optimizer(spec: str, params, backend: str, lr: float):
+    extra = {"num_steps": 1000} if spec == "velo" else {}
+    weights = {} if spec == "adam" else {"weights": "random"}
+    return import_spec(spec)(params, lr=lr, backend=backend, **weights, **extra)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def parity(spec: str, backend: str, device: str, steps: int) -> str:
+    """Largest error of a step's update against the reference, relative to the update."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in PARITY_SHAPES]
+    lr = {"adam": 1.0, "small_fc_lopt": 30.0, "velo": 300.0}[spec]
+    ref_p = [torch.nn.Parameter(p.clone().to(device)) for p in start]
+    our_p = [torch.nn.Parameter(p.clone().to(device)) for p in start]
+    ref, ours = optimizer(spec, ref_p, "reference", lr), optimizer(spec, our_p, backend, lr)
+    worst = 0.0
+    for _ in range(steps):
+        for p, q in zip(ref_p, our_p):
+            g = torch.randn(p.shape, generator=gen).to(device)
+            p.grad, q.grad = g.clone(), g.clone()
+        before = [p.detach().clone() for p in ref_p]
+        ref.step(loss=1.0)
+        ours.step(loss=1.0)
+        for p, q, b in zip(ref_p, our_p, before):
+            d_ref, d_ours = p.detach() - b, q.detach() - b
+            rounding = 2 * torch.finfo(torch.float32).eps * float(b.abs().max())
+            worst = max(worst, (float((d_ref - d_ours).abs().max()) - rounding) / float(d_ref.abs().max()))
+            q.data.copy_(p.data)
+            for key, value in ref.state[p].items():
+                ours.state[q][key].copy_(value)
+    return f"{'PASS' if worst <= 1e-5 else 'FAIL'} {max(worst, 0.0):.1e}"
+
+
+def graph_capture(spec: str, backend: str, device: str) -> str:
+    if not device.startswith("cuda"):
+        return "n/a (cpu)"
+    p = torch.nn.Parameter(torch.randn(1024, 1024, device=device))
+    p.grad = torch.randn_like(p)
+    opt = optimizer(spec, [p], backend, 1e-3)
+    loss = torch.tensor(1.0, device=device)
+    opt.step(loss=loss)   # state exists before capture
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step(loss=loss)
+        graph.replay()
+        sync(device)
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+
+
+def step_time(spec: str, backend: str, count: int, device: str, steps: int) -> tuple[float, float]:
+    """Median ms per step of (backend, fused AdamW) on a square matrix of ~count params."""
+    n = int(count ** 0.5)
+    def make():
+        p = torch.nn.Parameter(torch.randn(n, n, device=device))
+        p.grad = torch.randn_like(p) * 1e-3
+        return p
+    ours, adamw_p = make(), make()
+    opt = optimizer(spec, [ours], backend, 1e-4)
+    fused = {"fused": True} if device.startswith("cuda") else {"foreach": True}
+    adamw = torch.optim.AdamW([adamw_p], lr=1e-4, **fused)
+    fns = {"ours": lambda: opt.step(loss=1.0), "adamw": adamw.step}
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return statistics.median(times["ours"]) * 1e3, statistics.median(times["adamw"]) * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--sizes", default="10M,100M")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--specs", default=",".join(SPECS))
+    ap.add_argument("--backends", default="cuda,tvm")
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device here; use --device cpu for a dry run")
+    rows = []
+    for spec in args.specs.split(","):
+        for backend in args.backends.split(","):
+            if backend in NOT_WIRED:
+                rows.append((spec, backend, "-", "n/a", "n/a", "n/a", NOT_WIRED[backend]))
+                continue
+            try:
+                check = parity(spec, backend, args.device, steps=3)
+                capture = graph_capture(spec, backend, args.device)
+                for size in args.sizes.split(","):
+                    ms, adamw_ms = step_time(spec, backend, parse_count(size), args.device, args.steps)
+                    rows.append((spec, backend, size, f"{ms:.3f}", f"{adamw_ms:.3f}", f"{ms / adamw_ms:.2f}x",
+                                 f"parity {check}; graph capture {capture}"))
+            except Exception as exc:  # noqa: BLE001 - one broken case must not hide the others
+                traceback.print_exc()
+                rows.append((spec, backend, "-", "n/a", "n/a", "n/a", f"error: {type(exc).__name__}: {exc}"[:160]))
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (dry run)"
+    print(f"\n## gpu_check on {name}, torch {torch.__version__}\n")
+    print("| spec | backend | params | step (ms) | AdamW fused (ms) | x AdamW | checks |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
