@@ -25,7 +25,7 @@ def unsupported_reason(task: TensorTask) -> str | None:
     """Why the compiled kernels cannot take this tensor (None: they can)."""
     p = task.param
     if p.device.type != "cpu":
-        return f"the TVM backend has CPU kernels only (parameter on {p.device})"
+        return f"the TVM backend runs CPU kernels only so far (parameter on {p.device})"
     if p.dtype not in _DTYPES or task.grad.dtype not in _DTYPES:
         return f"unsupported dtype {p.dtype} / gradient {task.grad.dtype}"
     if p.numel() == 0:
@@ -95,17 +95,17 @@ class TvmBackend(Backend):
             split[id(task)] = len(kernels) if batch.network is None or after is None else after + 1
         for task, small, kernels in runs:
             for k in kernels[:split[id(task)]]:
-                self._run(k, small, batch)
+                self._run(k, small)
         if batch.network is not None:
             inputs = [small.value(self.program.variants[t.variant].network_input) for t, small, _ in runs]
             run_network(batch, inputs, [small.ev for _, small, _ in runs])
         for task, small, kernels in runs:
             for k in kernels[split[id(task)]:]:
-                self._run(k, small, batch)
+                self._run(k, small)
             small.write_small_accumulators(self.program.variants[task.variant].accumulators)
 
     @staticmethod
-    def _run(kernel: _Kernel, small: SmallValues, batch: StepBatch) -> None:
+    def _run(kernel: _Kernel, small: SmallValues) -> None:
         sig = kernel.sig
         args, _ = aligned(small.arguments(sig, small.ev.mlp_weights), written=False)
         p, q, e = small.outputs(sig)
