@@ -5,7 +5,7 @@
   S<l>    sum_r W[j, r] H<l-1>[r]   a reduction over the previous layer's units
   H<l>    act(b[j] + S<l>[j])       (no activation after the last layer)
 
-The schedule computes them per vector tile into local buffers laid out [unit, lane], so
+The schedule computes them per vector tile into per-tile buffers laid out [unit, lane], so
 each weight is broadcast once per tile and the loops over units stay loops (compact
 code that compiles in about a second, instead of thousands of written-out FMAs).
 """

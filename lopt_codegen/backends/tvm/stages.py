@@ -4,7 +4,7 @@
      P[t, a, b, y, c] = sum of the element values over row chunk t of X
   Q  partial sums over axis Y: Q[a, x, b, c, l] = sum over q of e(a, x, b, q*L + l, c)
   E  every element value the pass stores (accumulators, the new parameter), computed
-     together into local buffers, then
+     together into per-tile buffers, then
   O  stored into the outputs.
 The partials are finished in torch in a fixed order (deterministic, no atomics). Outputs
 alias inputs (in place); that is safe because P and Q run before E, and each tile of E
