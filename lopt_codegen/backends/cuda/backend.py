@@ -12,10 +12,11 @@ from ...ir.nodes import Level
 from ...ir.plan import plan_program
 from ..base import Backend, StepBatch, TensorTask
 from ..reference import TensorEvaluator, run_network
+from ..small_values import SmallValues
 from .build import ToolchainMissing, build_cuda, build_host
 from .passes import PassLayout
 from .render import Rendered, render_cuda
-from .tables import SmallValues, build_launch, finish_reductions, table_tensor
+from .tables import build_launch, finish_reductions, table_tensor
 
 
 class CudaBackend(Backend):

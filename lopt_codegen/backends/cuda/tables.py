@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...ir.nodes import REDUCE, Level, Node, level_shape
+from ...ir.nodes import level_shape
 from ..base import TensorTask
-from ..reference import TensorEvaluator
+from ..small_values import SmallValues
 from .passes import PassLayout
 
 HEAD = ["n", "A", "X", "B", "Y", "C", "d0_is_x", "param_dtype", "grad_dtype", "block0", "blocks",
@@ -22,29 +22,6 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 THREADS = 256            # = kThreads
 CUDA_MAX_BLOCKS = 1024   # per tensor; grid-stride loops cover the rest
 HOST_CHUNK = 1 << 14     # elements per host "block" (one partial sum each)
-
-
-class SmallValues:
-    """Values of one tensor at levels coarser than element, computed by the reference
-    evaluator's own ops (the small work between passes). Reductions of element values
-    come from the kernels and are set with `finish`."""
-
-    def __init__(self, evaluator: TensorEvaluator):
-        self.ev = evaluator
-        self.memo: dict[int, torch.Tensor] = {}
-
-    def get(self, node: Node) -> torch.Tensor:
-        value = self.memo.get(id(node))
-        if value is not None:
-            return value
-        if node.level == Level.ELEMENT or (node.op in REDUCE and node.args[0].level == Level.ELEMENT):
-            raise RuntimeError(f"cuda backend: {node} is computed by a pass that has not run yet")
-        value = self.ev.leaf(node) if not node.args else self.ev.apply(node, [self.get(a) for a in node.args])
-        self.memo[id(node)] = value
-        return value
-
-    def finish(self, node: Node, value: torch.Tensor) -> None:
-        self.memo[id(node)] = value
 
 
 def five_d(shape: tuple[int, ...], axes: tuple[int, int] | None) -> tuple[list[int], int]:

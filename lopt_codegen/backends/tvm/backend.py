@@ -15,7 +15,7 @@ from ..build_cache import DEFAULT_CACHE, BuildCache
 from ..reference import ReferenceBackend, run_network
 from .build import llvm_target, load_pass_kernel
 from .signature import PassSignature, pass_signature
-from .small_work import SmallValues, aligned, step_key
+from .small_work import TensorStep, aligned, step_key
 from .view import SYMBOLIC_BELOW, view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -86,7 +86,7 @@ class TvmBackend(Backend):
 
     def _step(self, batch: StepBatch) -> None:
         shared: dict[tuple, dict] = {}
-        runs = [(task, SmallValues(task, batch, view_of(tuple(task.param.shape), task.axes),
+        runs = [(task, TensorStep(task, batch, view_of(tuple(task.param.shape), task.axes),
                                    shared.setdefault(step_key(task), {})), self.kernels(task))
                 for task in batch.tasks]
         split = {}   # tensors run their passes up to the network, then the rest
@@ -97,7 +97,7 @@ class TvmBackend(Backend):
             for k in kernels[:split[id(task)]]:
                 self._run(k, small)
         if batch.network is not None:
-            inputs = [small.value(self.program.variants[t.variant].network_input) for t, small, _ in runs]
+            inputs = [small.get(self.program.variants[t.variant].network_input) for t, small, _ in runs]
             run_network(batch, inputs, [small.ev for _, small, _ in runs])
         for task, small, kernels in runs:
             for k in kernels[split[id(task)]:]:
@@ -105,7 +105,7 @@ class TvmBackend(Backend):
             small.write_small_accumulators(self.program.variants[task.variant].accumulators)
 
     @staticmethod
-    def _run(kernel: _Kernel, small: SmallValues) -> None:
+    def _run(kernel: _Kernel, small: TensorStep) -> None:
         sig = kernel.sig
         args, _ = aligned(small.arguments(sig, small.ev.mlp_weights), written=False)
         p, q, e = small.outputs(sig)

@@ -8,6 +8,7 @@ import torch
 from ...ir.nodes import Level, Node, level_shape
 from ..base import StepBatch, TensorTask
 from ..reference import TensorEvaluator
+from ..small_values import SmallValues
 from .printer import MlpFold
 from .signature import PassSignature
 from .view import View
@@ -40,28 +41,18 @@ def step_key(task: TensorTask) -> tuple:
     return task.param.dim(), tuple(sorted(task.hyper.items())), float(task.state["step"])
 
 
-class SmallValues:
-    def __init__(self, task: TensorTask, batch: StepBatch, view: View, step_values: dict[int, torch.Tensor]):
-        self.task, self.view = task, view
-        self.ev = TensorEvaluator(task, batch)
-        self.shape = tuple(task.param.shape)
-        self.memo: dict[int, torch.Tensor] = {}
-        self.step_values = step_values   # shared with the tensors of the same step_key
+class TensorStep(SmallValues):
+    """One tensor's step through the TVM kernels: its small values, kernel arguments
+    and outputs, and the reductions finished from the kernels' partial sums."""
 
-    def value(self, node: Node) -> torch.Tensor:
-        """A value coarser than element, in the reference layout [channels, *shape with 1s]."""
-        memo = self.step_values if node.level == Level.STEP else self.memo
-        got = memo.get(id(node))
-        if got is None:
-            if node.level == Level.ELEMENT:
-                raise RuntimeError(f"TVM backend: element value {node} requested outside a kernel")
-            got = self.ev.leaf(node) if not node.args else self.ev.apply(node, [self.value(a) for a in node.args])
-            memo[id(node)] = got
-        return got
+    def __init__(self, task: TensorTask, batch: StepBatch, view: View, step_values: dict[int, torch.Tensor]):
+        super().__init__(TensorEvaluator(task, batch), step_values)
+        self.task, self.view = task, view
+        self.shape = tuple(task.param.shape)
 
     def _dense(self, node: Node) -> torch.Tensor:
         shape = level_shape(self.shape, node.level, self.task.axes)
-        return self.value(node).expand(node.channels, *shape)
+        return self.get(node).expand(node.channels, *shape)
 
     # --- kernel arguments ------------------------------------------------------------
     def arguments(self, sig: PassSignature, mlp_weights: list[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -110,10 +101,10 @@ class SmallValues:
         for r, _ in sig.x_sums + sig.y_sums:
             if id(r) not in self.memo:
                 shape = level_shape(self.shape, r.level, self.task.axes)
-                self.memo[id(r)] = torch.stack(parts[id(r)]).reshape(r.channels, *shape)
+                self.finish(r, torch.stack(parts[id(r)]).reshape(r.channels, *shape))
 
     def write_small_accumulators(self, accumulators: dict[str, Node]) -> None:
         """Row/col/tensor-level accumulators, after everything that reads their old value."""
-        new = {name: self.value(node) for name, node in accumulators.items() if node.level < Level.ELEMENT}
+        new = {name: self.get(node) for name, node in accumulators.items() if node.level < Level.ELEMENT}
         for name, value in new.items():
             self.task.state[name].copy_(value)
