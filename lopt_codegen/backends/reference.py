@@ -7,6 +7,7 @@ It is the oracle the compiled backends are tested against, and the fallback ever
 from __future__ import annotations
 
 from collections import Counter
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -31,18 +32,28 @@ _MLP_CHUNK = 16384
 
 
 class TensorEvaluator:
-    """Evaluates IR nodes for one parameter tensor."""
+    """Evaluates IR nodes for one parameter tensor: values are [channels, *shape]."""
+
+    channel_dim = 0   # GroupEvaluator's values have a leading tensor axis before it
 
     def __init__(self, task: TensorTask, batch: StepBatch):
         self.task, self.batch = task, batch
-        self.p = task.param.detach().to(torch.float32)
-        self.ndim = self.p.dim()
+        self.ndim, self.axes = task.param.dim(), task.axes
         self.net_out: dict[str, torch.Tensor] = {}
         self.mlp_weights = batch.mlp_weights
 
+    @cached_property
+    def p(self) -> torch.Tensor:
+        return self.task.param.detach().to(torch.float32)
+
+    def take_network(self, outputs: dict[str, torch.Tensor], mlp: list[torch.Tensor], index: int | slice) -> None:
+        """This tensor's row (`index`) of the network's outputs and MLP weights."""
+        self.net_out = {name: out[index] for name, out in outputs.items()}
+        self.mlp_weights = [w[index] for w in mlp]
+
     def scalar(self, values: torch.Tensor) -> torch.Tensor:
         """A (channels,) vector as a broadcastable value."""
-        return values.to(device=self.p.device, dtype=torch.float32).reshape(-1, *[1] * self.ndim)
+        return values.to(device=self.task.param.device, dtype=torch.float32).reshape(-1, *[1] * self.ndim)
 
     def leaf(self, node: Node) -> torch.Tensor:
         op, task = node.op, self.task
@@ -57,7 +68,7 @@ class TensorEvaluator:
         if op == "step":
             return self.scalar(task.state["step"])
         if op == "rank":
-            return self.scalar(torch.tensor([float(sum(d > 1 for d in self.p.shape))]))
+            return self.scalar(torch.tensor([float(sum(d > 1 for d in task.param.shape))]))
         if op == "state":
             return task.state[node.attrs[0]]
         if op == "loss_features":
@@ -74,18 +85,18 @@ class TensorEvaluator:
             return _BINARY[op](args[0], args[1])
         if op == "where":
             return torch.where(args[0] != 0, args[1], args[2])
+        c = self.channel_dim
         if op == "mean":
-            dims = tuple(range(1, self.ndim + 1))
+            dims = tuple(range(c + 1, c + 1 + self.ndim))
             return args[0].mean(dim=dims, keepdim=True) if dims else args[0]
         if op in ("mean_d0", "mean_d1"):
-            axis = self.task.axes[0 if op == "mean_d0" else 1]
-            return args[0].mean(dim=1 + axis, keepdim=True)
+            axis = self.axes[0 if op == "mean_d0" else 1]
+            return args[0].mean(dim=c + 1 + axis, keepdim=True)
         if op == "concat":
-            shape = torch.broadcast_shapes(*(a.shape[1:] for a in args))
-            return torch.cat([a.expand(a.shape[0], *shape) for a in args], dim=0)
+            shape = list(torch.broadcast_shapes(*(a.shape[:c] + (1,) + a.shape[c + 1:] for a in args)))
+            return torch.cat([a.expand(*shape[:c], a.shape[c], *shape[c + 1:]) for a in args], dim=c)
         if op == "channel":
-            i = node.attrs[0]
-            return args[0][i:i + 1]
+            return args[0].narrow(c, node.attrs[0], 1)
         if op == "mlp":
             return self.mlp(node, args[0])
         raise ValueError(f"reference backend: unknown op {op}")
@@ -147,20 +158,22 @@ class ReferenceBackend(Backend):
             task.param.detach().copy_(new_p[0])
 
     def _run_network(self, batch: StepBatch, evaluators: list[TensorEvaluator]) -> None:
-        inputs = [ev.evaluate([self.program.variants[t.variant].network_input])[0]
+        inputs = [ev.evaluate([self.program.variants[t.variant].network_input])[0].reshape(-1)
                   for ev, t in zip(evaluators, batch.tasks)]
-        run_network(batch, inputs, evaluators)
+        outputs, mlp = run_network(batch, batch.tasks, torch.stack(inputs))
+        for i, ev in enumerate(evaluators):
+            ev.take_network(outputs, mlp, i)
 
 
-def run_network(batch: StepBatch, inputs: list[torch.Tensor], evaluators: list[TensorEvaluator]) -> None:
-    """One network call over every tensor's inputs: hands each tensor's outputs and MLP
-    weights to its evaluator and stores the new network state."""
+def run_network(batch: StepBatch, tasks: list[TensorTask], x: torch.Tensor
+                ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """One network call over `tasks` (their inputs are the rows of x): stores each
+    tensor's new network state; returns the outputs {name: (T, channels)} and the MLP
+    weights [(T, ...), ...], row i for tasks[i]."""
     net = batch.network
-    x = torch.stack([value.reshape(-1) for value in inputs])
-    state = {k: torch.stack([t.state[k] for t in batch.tasks]) for k in net.state_keys}
+    state = {k: torch.stack([t.state[k] for t in tasks]) for k in net.state_keys}
     outputs, mlp, new_state = net.forward(x, state)
-    for i, (ev, task) in enumerate(zip(evaluators, batch.tasks)):
-        ev.net_out = {name: out[i] for name, out in outputs.items()}
-        ev.mlp_weights = [w[i] for w in mlp]
+    for i, task in enumerate(tasks):
         for k in net.state_keys:
             task.state[k].copy_(new_state[k][i])
+    return outputs, mlp

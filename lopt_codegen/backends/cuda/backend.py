@@ -75,8 +75,11 @@ class CudaBackend(Backend):
             if batch.network is not None and k == self.network_after:
                 # As the reference; its outputs stay on the device (VeLO's step multiplier
                 # is never read back).
-                inputs = [small.get(program.variants[t.variant].network_input) for small, t in zip(smalls, batch.tasks)]
-                run_network(batch, inputs, evaluators)
+                inputs = [small.get(program.variants[t.variant].network_input).reshape(-1)
+                          for small, t in zip(smalls, batch.tasks)]
+                outputs, mlp = run_network(batch, batch.tasks, torch.stack(inputs))
+                for i, ev in enumerate(evaluators):
+                    ev.take_network(outputs, mlp, i)
         # Coarser accumulators (Adafactor rows/cols) come out of the small work.
         for task, small in zip(batch.tasks, smalls):
             for name, node in program.variants[task.variant].accumulators.items():

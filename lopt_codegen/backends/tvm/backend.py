@@ -1,5 +1,6 @@
 """TvmBackend: each pass of the plan runs as one compiled TVM kernel per tensor; the
-small work between passes and the network run in torch (small_work.py)."""
+small work between passes runs in torch once per group of same-shape tensors
+(small_work.py), and the network once per step."""
 from __future__ import annotations
 
 import time
@@ -12,10 +13,11 @@ from ...ir.plan import plan_program
 from ...ir.program import Program
 from ..base import Backend, StepBatch, TensorTask
 from ..build_cache import DEFAULT_CACHE, BuildCache
+from ..group_values import group_key
 from ..reference import ReferenceBackend, run_network
 from .build import llvm_target, load_pass_kernel
 from .signature import PassSignature, pass_signature
-from .small_work import TensorStep, aligned, step_key
+from .small_work import GroupStep, aligned
 from .view import SYMBOLIC_BELOW, view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -85,35 +87,46 @@ class TvmBackend(Backend):
             self._step(StepBatch(tasks, batch.mlp_weights, batch.network, batch.loss_features))
 
     def _step(self, batch: StepBatch) -> None:
-        shared: dict[tuple, dict] = {}
-        runs = [(task, TensorStep(task, batch, view_of(tuple(task.param.shape), task.axes),
-                                   shared.setdefault(step_key(task), {})), self.kernels(task))
-                for task in batch.tasks]
-        split = {}   # tensors run their passes up to the network, then the rest
-        for task, _, kernels in runs:
-            after = self.plans[task.variant].network_after
-            split[id(task)] = len(kernels) if batch.network is None or after is None else after + 1
-        for task, small, kernels in runs:
-            for k in kernels[:split[id(task)]]:
-                self._run(k, small)
+        groups: dict[tuple, list[TensorTask]] = {}
+        for task in batch.tasks:
+            groups.setdefault((*group_key(task), task.param.dtype, task.grad.dtype), []).append(task)
+        runs = [(GroupStep(tasks, batch, view_of(tuple(tasks[0].param.shape), tasks[0].axes)), self.kernels(tasks[0]))
+                for tasks in groups.values()]
+        split = {}   # groups run their passes up to the network, then the rest
+        for group, kernels in runs:
+            after = self.plans[group.tasks[0].variant].network_after
+            split[id(group)] = len(kernels) if batch.network is None or after is None else after + 1
+        for group, kernels in runs:
+            for k in kernels[:split[id(group)]]:
+                self._run(k, group)
         if batch.network is not None:
-            inputs = [small.get(self.program.variants[t.variant].network_input) for t, small, _ in runs]
-            run_network(batch, inputs, [small.ev for _, small, _ in runs])
-        for task, small, kernels in runs:
-            for k in kernels[split[id(task)]:]:
-                self._run(k, small)
-            small.write_small_accumulators(self.program.variants[task.variant].accumulators)
+            self._run_network(batch, [group for group, _ in runs])
+        for group, kernels in runs:
+            for k in kernels[split[id(group)]:]:
+                self._run(k, group)
+            group.write_small_accumulators(self.program.variants[group.tasks[0].variant].accumulators)
+
+    def _run_network(self, batch: StepBatch, groups: list[GroupStep]) -> None:
+        """One network call over every tensor of the step, group after group."""
+        x = torch.cat([g.dense(self.program.variants[g.tasks[0].variant].network_input).reshape(len(g), -1)
+                       for g in groups])
+        outputs, mlp = run_network(batch, [t for g in groups for t in g.tasks], x)
+        start = 0
+        for g in groups:
+            g.ev.take_network(outputs, mlp, slice(start, start + len(g)))
+            start += len(g)
 
     @staticmethod
-    def _run(kernel: _Kernel, small: TensorStep) -> None:
+    def _run(kernel: _Kernel, group: GroupStep) -> None:
         sig = kernel.sig
-        args, _ = aligned(small.arguments(sig, small.ev.mlp_weights), written=False)
-        p, q, e = small.outputs(sig)
-        e, write_back = aligned(e, written=True)
-        kernel.func(*args, *p, *q, *e)
-        for original, copy in write_back:
-            original.copy_(copy)
-        small.finish_sums(sig, p, q)
+        p, q, e = group.outputs(sig)
+        for t, args in enumerate(group.arguments(sig)):
+            args, _ = aligned(args, written=False)
+            outputs, write_back = aligned(e[t], written=True)
+            kernel.func(*args, *[x[t] for x in p], *[x[t] for x in q], *outputs)
+            for original, copy in write_back:
+                original.copy_(copy)
+        group.finish_sums(sig, p, q)
 
     def _warn_once(self, reason: str) -> None:
         if reason not in self._warned:

@@ -1,14 +1,15 @@
-"""The torch side of a TVM step for one tensor: the row/col/tensor/step-level values
-between passes (the reference backend's per-op rules on small tensors), finishing the
-kernels' partial sums, binding kernel arguments, and folding the MLP's first layer."""
+"""The torch side of a TVM step for a group of same-shape tensors: their small values
+computed together (group_values.py), each tensor's kernel arguments and partial-sum
+buffers as rows of per-group buffers, the partial sums finished together, and the MLP's
+first layer folded per tensor."""
 from __future__ import annotations
+
+import math
 
 import torch
 
-from ...ir.nodes import Level, Node, level_shape
 from ..base import StepBatch, TensorTask
-from ..reference import TensorEvaluator
-from ..small_values import SmallValues
+from ..group_values import GroupValues
 from .printer import MlpFold
 from .signature import PassSignature
 from .view import View
@@ -31,80 +32,88 @@ def aligned(tensors: list[torch.Tensor], written: bool) -> tuple[list[torch.Tens
     return out, back
 
 
+def empty_rows(count: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[count, *shape] whose rows each start on an ALIGNMENT boundary (rows padded)."""
+    n = math.prod(shape)
+    per = ALIGNMENT // torch.empty((), dtype=dtype).element_size()
+    buf = torch.empty(count, -(-n // per) * per, dtype=dtype)
+    return buf[:, :n].view(count, *shape)
+
+
+def aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [count, ...] copied so that each row x[t] is contiguous and aligned for a kernel."""
+    out = empty_rows(x.shape[0], tuple(x.shape[1:]), x.dtype)
+    out.copy_(x)
+    return out
+
+
 def _storage(t: torch.Tensor) -> torch.Tensor:
     """bfloat16 as its bits, the way the kernels take it (stages.storage_dtype)."""
     return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
 
 
-def step_key(task: TensorTask) -> tuple:
-    """Tensors with equal keys share their step-level values (time features, ...)."""
-    return task.param.dim(), tuple(sorted(task.hyper.items())), float(task.state["step"])
+class GroupStep(GroupValues):
+    """A group's step through the TVM kernels: each tensor's kernel arguments and
+    outputs, and the reductions finished from the kernels' partial sums."""
 
-
-class TensorStep(SmallValues):
-    """One tensor's step through the TVM kernels: its small values, kernel arguments
-    and outputs, and the reductions finished from the kernels' partial sums."""
-
-    def __init__(self, task: TensorTask, batch: StepBatch, view: View, step_values: dict[int, torch.Tensor]):
-        super().__init__(TensorEvaluator(task, batch), step_values)
-        self.task, self.view = task, view
-        self.shape = tuple(task.param.shape)
-
-    def _dense(self, node: Node) -> torch.Tensor:
-        shape = level_shape(self.shape, node.level, self.task.axes)
-        return self.get(node).expand(node.channels, *shape)
+    def __init__(self, tasks: list[TensorTask], batch: StepBatch, view: View):
+        super().__init__(tasks, batch)
+        self.view = view
 
     # --- kernel arguments ------------------------------------------------------------
-    def arguments(self, sig: PassSignature, mlp_weights: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        task, dims = self.task, self.view.dims
-        args = [_storage((task.param.detach() if leaf == "param" else task.grad).view(dims)) for leaf in sig.leaves]
-        args += [task.state[name][c].view(dims) for name, c in sig.accumulators]
-        args += [self._dense(n).reshape(n.channels, *self.view.small_dims(n.level)).contiguous() for n in sig.small]
+    def arguments(self, sig: PassSignature) -> list[list[torch.Tensor]]:
+        """Each tensor's kernel inputs, in the kernels' argument order."""
+        count, dims = len(self), self.view.dims
+        rows = [aligned_rows(self.dense(n).reshape(count, n.channels, *self.view.small_dims(n.level)))
+                for n in sig.small]
         if sig.scalar_nodes:
-            args.append(torch.cat([self._dense(n).reshape(-1) for n in sig.scalar_nodes]))
+            rows.append(aligned_rows(torch.cat([self.dense(n).reshape(count, -1) for n in sig.scalar_nodes], 1)))
         if sig.mlp is not None:
-            args += self._fold_mlp(sig.mlp, mlp_weights)
-        return args
+            rows += [aligned_rows(w) for w in self._fold_mlp(sig.mlp)]
+        out = []
+        for t, task in enumerate(self.tasks):
+            args = [_storage((task.param.detach() if leaf == "param" else task.grad).view(dims)) for leaf in sig.leaves]
+            args += [task.state[name][c].view(dims) for name, c in sig.accumulators]
+            out.append(args + [r[t] for r in rows])
+        return out
 
-    def _fold_mlp(self, mlp: Node, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-        """W1' = W1[:, element columns] * scale; b1' = b1 + W1[:, folded columns] @ values."""
+    def _fold_mlp(self, mlp) -> list[torch.Tensor]:
+        """Per tensor: W1' = W1[:, element columns] * scale; b1' = b1 + W1[:, folded columns] @ values."""
         fold = MlpFold.of(mlp)
-        w1, b1 = weights[0], weights[1]
+        count = len(self)
+        w1, b1, *rest = self.ev.mlp_weights   # each with a leading tensor axis
         columns = []
         for _, scale, col, ch in fold.element_parts:
-            w = w1[:, col:col + ch]
-            columns.append(w if scale is None else w * self._dense(scale).reshape(-1))
-        bias = b1.clone()
+            w = w1[:, :, col:col + ch]
+            columns.append(w if scale is None else w * self.dense(scale).reshape(count, 1, -1))
+        bias = b1
         for part, col in fold.bias_parts:
-            bias += w1[:, col:col + part.channels] @ self._dense(part).reshape(-1)
-        return [torch.cat(columns, 1).contiguous(), bias, *[w.contiguous() for w in weights[2:]]]
+            values = self.dense(part).reshape(count, part.channels, 1)
+            bias = bias + (w1[:, :, col:col + part.channels] @ values).squeeze(-1)
+        return [torch.cat(columns, 2), bias, *rest]
 
-    def outputs(self, sig: PassSignature) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """(P partials, Q partials, element outputs: views of the parameter and state)."""
+    def outputs(self, sig: PassSignature) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]]:
+        """(P partials, Q partials: [tensors, ...] each, and per tensor its element
+        outputs: views of the parameter and state)."""
         A, X, B, Y, C = self.view.dims
-        p = [torch.empty(sig.chunks, A, B, Y, C) for _ in sig.x_sums]
-        q = [torch.empty(A, X, B, C, sig.lanes) for _ in sig.y_sums]
-        e = [_storage((self.task.param.detach() if name == "param" else self.task.state[name][c]).view(self.view.dims))
-             for name, c in sig.outputs]
+        p = [empty_rows(len(self), (sig.chunks, A, B, Y, C)) for _ in sig.x_sums]
+        q = [empty_rows(len(self), (A, X, B, C, sig.lanes)) for _ in sig.y_sums]
+        e = [[_storage((task.param.detach() if name == "param" else task.state[name][c]).view(self.view.dims))
+              for name, c in sig.outputs] for task in self.tasks]
         return p, q, e
 
     # --- after a kernel --------------------------------------------------------------
     def finish_sums(self, sig: PassSignature, p: list[torch.Tensor], q: list[torch.Tensor]) -> None:
         """Completes the reductions from the kernels' partial sums (fixed order)."""
-        A, X, B, Y, C = self.view.dims
+        count = len(self)
+        X, Y = self.view.dims[1], self.view.dims[3]
         parts: dict[int, list[torch.Tensor]] = {}
         for (r, _), partial in zip(sig.x_sums, p):
-            total = partial.sum() / self.view.numel if r.op == "mean" else partial.sum(0) / X
+            total = partial.reshape(count, -1).sum(1) / self.view.numel if r.op == "mean" else partial.sum(1) / X
             parts.setdefault(id(r), []).append(total)
         for (r, _), partial in zip(sig.y_sums, q):
             parts.setdefault(id(r), []).append(partial.sum(-1) / Y)
         for r, _ in sig.x_sums + sig.y_sums:
             if id(r) not in self.memo:
-                shape = level_shape(self.shape, r.level, self.task.axes)
-                self.finish(r, torch.stack(parts[id(r)]).reshape(r.channels, *shape))
-
-    def write_small_accumulators(self, accumulators: dict[str, Node]) -> None:
-        """Row/col/tensor-level accumulators, after everything that reads their old value."""
-        new = {name: self.get(node) for name, node in accumulators.items() if node.level < Level.ELEMENT}
-        for name, value in new.items():
-            self.task.state[name].copy_(value)
+                value = torch.stack(parts[id(r)], 1).reshape(count, r.channels, *self.level_shape(r.level))
+                self.finish(r, value)

@@ -1,0 +1,82 @@
+"""The small work of a group of tensors at once. Tensors of one variant and shape have
+small values (coarser than element) of equal shapes, so each IR node is evaluated once
+for the whole group, on values [tensors, channels, *level shape]: the reference's own
+per-op rules with a leading tensor axis. A step then costs a few torch calls per node
+per group instead of per tensor (a model's many biases and norms of one size)."""
+from __future__ import annotations
+
+import torch
+
+from ..ir.nodes import Level, Node, level_shape
+from .base import StepBatch, TensorTask
+from .reference import TensorEvaluator
+from .small_values import SmallValues
+
+# Leaves with one value for the whole group (the loss is the step's; the rank the shape's).
+_GROUP_LEAVES = {"const", "loss_features", "rank"}
+
+
+def group_key(task: TensorTask) -> tuple:
+    """Tensors with equal keys form a group (their small values have equal shapes)."""
+    return task.variant, tuple(task.param.shape), task.axes
+
+
+class GroupEvaluator(TensorEvaluator):
+    channel_dim = 1
+
+    def __init__(self, tasks: list[TensorTask], batch: StepBatch):
+        super().__init__(tasks[0], batch)
+        self.tasks = tasks
+        self.members = [TensorEvaluator(t, batch) for t in tasks]
+        # MLP weights with a leading tensor axis: shared ones expanded (no copy).
+        self.mlp_weights = None if batch.mlp_weights is None else \
+            [w.expand(len(tasks), *w.shape) for w in batch.mlp_weights]
+
+    def leaf(self, node: Node) -> torch.Tensor:
+        op = node.op
+        if node.level == Level.ELEMENT:
+            raise RuntimeError(f"{node} is element-level: the kernels compute it, not the small work")
+        if op in _GROUP_LEAVES:
+            return self.members[0].leaf(node).unsqueeze(0)
+        # One torch call per leaf for the whole group, not one per tensor.
+        if op == "hyper":
+            return self._per_tensor(torch.tensor([t.hyper[node.attrs[0]] for t in self.tasks]))
+        if op == "step":
+            return self._per_tensor(torch.stack([t.state["step"] for t in self.tasks]))
+        return torch.stack([m.leaf(node) for m in self.members])
+
+    def _per_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        """(tensors,) -> [tensors, 1, 1, ...] float32 on the group's device."""
+        return values.to(device=self.task.param.device, dtype=torch.float32).reshape(-1, 1, *[1] * self.ndim)
+
+    def take_network(self, outputs: dict[str, torch.Tensor], mlp: list[torch.Tensor], index: slice) -> None:
+        """The group's rows `index` of the network's outputs and MLP weights."""
+        for row, member in zip(range(index.start, index.stop), self.members):
+            member.take_network(outputs, mlp, row)
+        self.mlp_weights = [w[index] for w in mlp]
+
+
+class GroupValues(SmallValues):
+    """The memoized small values of a group of tensors (see GroupEvaluator)."""
+
+    def __init__(self, tasks: list[TensorTask], batch: StepBatch):
+        super().__init__(GroupEvaluator(tasks, batch))
+        self.tasks = tasks
+        self.shape, self.axes = tuple(tasks[0].param.shape), tasks[0].axes
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def level_shape(self, level: Level) -> list[int]:
+        return level_shape(self.shape, level, self.axes)
+
+    def dense(self, node: Node) -> torch.Tensor:
+        """The node's values as [tensors, channels, *level shape] (broadcasts expanded)."""
+        return self.get(node).expand(len(self.tasks), node.channels, *self.level_shape(node.level))
+
+    def write_small_accumulators(self, accumulators: dict[str, Node]) -> None:
+        """Row/col/tensor-level accumulators, after everything that reads their old value."""
+        new = {name: self.dense(node) for name, node in accumulators.items() if node.level < Level.ELEMENT}
+        for name, value in new.items():
+            for task, row in zip(self.tasks, value):
+                task.state[name].copy_(row)
