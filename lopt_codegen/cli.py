@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from .emit import render_package, stale_files, write_package
@@ -21,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="backend the package is emitted for (auto: TVM kernels on CPU, else the reference); "
                         "tvm also pre-builds the shape-generic kernels into the cache")
     p.add_argument("--target", default="cpu", choices=["cpu", "cuda"],
-                   help="with --backend tvm: which kernels to pre-build (default cpu)")
+                   help="with --backend tvm: which kernels to pre-build (default cpu; cuda needs nvcc, not a GPU)")
+    p.add_argument("--arch", action="append", metavar="SM",
+                   help="with --target cuda: a CUDA arch to build for, e.g. sm_90 (repeatable; default sm_80 and sm_90)")
     p.add_argument("--explain", action="store_true", help="print the pass plan instead of writing files")
     p.add_argument("--check", action="store_true",
                    help="exit 1 if the files under --out are stale against the specs and templates")
@@ -43,6 +46,10 @@ def run(argv: list[str]) -> int:
     if not args.specs:
         _parser().print_usage(sys.stderr)
         print("lopt-compile: error: give at least one SPEC (or --schema)", file=sys.stderr)
+        return 2
+    bad = [a for a in args.arch or [] if not re.fullmatch(r"sm_\d{2,3}", a)]
+    if bad:
+        print(f"lopt-compile: error: --arch {bad[0]}: expected a CUDA arch like sm_80 or sm_90", file=sys.stderr)
         return 2
     try:
         programs = [(path, lower_spec(load_spec(path))) for path in args.specs]
@@ -66,18 +73,20 @@ def run(argv: list[str]) -> int:
         target = write_package(files, args.out, program.name)
         print(f"{path} -> {target}/ ({program.class_name})")
         if args.backend == "tvm":
-            status = max(status, _prebuild(program, args.target))
+            status = max(status, _prebuild(program, args.target, tuple(args.arch or ("sm_80", "sm_90"))))
     return status
 
 
-def _prebuild(program, target: str) -> int:
-    if target == "cuda":
-        print("lopt-compile: error: TVM CUDA kernels are not built yet; use --target cpu "
-              "(CUDA parameters run on the reference backend)", file=sys.stderr)
-        return 2
+def _prebuild(program, target: str, archs: tuple[str, ...]) -> int:
+    from .backends.cuda.build import ToolchainMissing
     from .backends.tvm import prebuild   # imports TVM: only when asked for
-    count, seconds = prebuild(program)
-    print(f"  {count} shape-generic TVM kernels for {program.class_name} in the cache ({seconds:.1f} s)")
+    try:
+        count, seconds = prebuild(program, target=target, archs=archs)
+    except ToolchainMissing as exc:
+        print(f"lopt-compile: error: {exc}", file=sys.stderr)
+        return 2
+    where = "CPU" if target == "cpu" else f"CUDA ({', '.join(archs)})"
+    print(f"  {count} shape-generic TVM {where} kernels for {program.class_name} in the cache ({seconds:.1f} s)")
     return 0
 
 

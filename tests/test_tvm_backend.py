@@ -3,7 +3,9 @@ matrix, 10 steps, both kinds of kernels (shape-generic and specialized per shape
 precision parameters, misaligned and non-contiguous tensors."""
 from __future__ import annotations
 
+import shutil
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -193,3 +195,14 @@ def test_unsupported_tensors_say_why():
 
 def test_auto_picks_tvm():
     assert select_backend(Adam.program, "auto").name == "tvm"
+
+
+def test_cuda_tensors_take_tvm_cuda_kernels_only_when_asked_for():
+    """backend="tvm" runs CUDA tensors on TVM's CUDA kernels (given nvcc); "auto" keeps
+    them on the reference until those kernels have passed on a GPU."""
+    cuda = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32, numel=lambda: 4,
+                           is_contiguous=lambda: True)   # stands in for a CUDA tensor on this CPU build
+    task = TensorTask(cuda, cuda, {}, {}, "unfactored", None)
+    assert "pass backend='tvm'" in select_backend(Adam.program, "auto")._unsupported_reason(task)
+    reason = select_backend(Adam.program, "tvm")._unsupported_reason(task)
+    assert reason is None if shutil.which("nvcc") else "nvcc" in reason

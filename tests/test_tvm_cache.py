@@ -1,14 +1,24 @@
 """Compiled TVM kernels in the on-disk cache: a second process loads without compiling,
-two processes compiling the same kernel at once both succeed, a corrupted file is rebuilt."""
+two processes compiling the same kernel at once both succeed, a corrupted file is rebuilt;
+lopt-compile pre-builds the CPU kernels and (with nvcc) the CUDA ones."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from conftest import ROOT
+from lopt_codegen.backends.build_cache import BuildCache
+from lopt_codegen.backends.tvm.backend import generic_signatures
+from lopt_codegen.backends.tvm.build import load_cuda_kernels
+from lopt_codegen.backends.tvm.printer import MlpFold
+from lopt_codegen.cli import run
 
 # One Adam step on a fixed tensor in a fresh process; prints what the cache did.
 SCRIPT = """
@@ -67,7 +77,33 @@ def test_cli_prebuilds_the_shape_generic_kernels(tmp_path):
            os.path.join(ROOT, "specs", "adam.yaml")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "3 shape-generic TVM kernels for Adam" in done.stdout   # (f32, bf16, f16) x 1 pass
+    assert "3 shape-generic TVM CPU kernels for Adam" in done.stdout   # (f32, bf16, f16) x 1 pass
     assert len(list((tmp_path / "cache" / "tvm-llvm").glob("*/kernel.so"))) == 3
-    cuda = subprocess.run(cmd + ["--target", "cuda"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert cuda.returncode == 2 and "not built yet" in cuda.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cli_prebuilds_cuda_kernels_that_the_backend_loads(tmp_path, programs):
+    """--target cuda builds with nvcc (no GPU); the backend's lookup then hits those
+    modules, which load here and check their arguments (CPU tensors are refused)."""
+    env = dict(os.environ, LOPT_CACHE_DIR=str(tmp_path), PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "lopt_codegen.cli", "--backend", "tvm", "--target", "cuda", "--arch", "sm_90",
+           "--out", str(tmp_path / "gen"), os.path.join(ROOT, "specs", "adam.yaml")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "3 shape-generic TVM CUDA (sm_90) kernels for Adam" in done.stdout
+    assert len(list((tmp_path / "tvm-cuda").glob("*/kernels.so"))) == 3
+    cache = BuildCache(tmp_path)
+    sig = generic_signatures(programs["adam"], "float32")["unfactored"][0]
+    (kernel,) = load_cuda_kernels(programs["adam"], "unfactored", [sig], "sm_90", cache)
+    assert (cache.hits, cache.builds) == (1, 0)
+    element = torch.zeros(1, 2, 1, 16, 1)
+    inputs = [element] * (len(sig.leaves) + len(sig.accumulators)) + [torch.zeros(sig.scalar_count)]
+    mlp = [torch.zeros(s) for s in MlpFold.of(sig.mlp).layer_shapes(sig.mlp.attrs[0])]
+    with pytest.raises(ValueError, match="device_type on argument #0"):
+        kernel(*inputs, *mlp, *[element] * len(sig.outputs))
+
+
+def test_cli_rejects_a_malformed_arch(tmp_path, capsys):
+    assert run(["--backend", "tvm", "--target", "cuda", "--arch", "90", "--out", str(tmp_path),
+                os.path.join(ROOT, "specs", "adam.yaml")]) == 2
+    assert "--arch 90: expected a CUDA arch like sm_80" in capsys.readouterr().err

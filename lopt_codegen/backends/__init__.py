@@ -1,7 +1,7 @@
 """Backends turn a Program into a step: `reference` (eager torch, any device, the oracle),
 `tvm` (compiled TensorIR kernels) and `cuda` (Jinja-templated CUDA C++, whose host build
-runs CPU tensors). `auto` picks tvm when it imports, and says why when it falls back to
-the reference."""
+runs CPU tensors). `auto` picks tvm for CPU tensors when it imports, and says why when
+it falls back to the reference."""
 from __future__ import annotations
 
 import warnings
@@ -32,7 +32,7 @@ def select_backend(program: Program, name: str) -> Backend:
     if name != "auto":
         return BACKENDS[name]()(program)
     try:
-        return _tvm()(program)
+        return _tvm()(program, cuda=False)
     except ImportError as e:
         warnings.warn(f"{program.class_name}: the TVM backend is unavailable ({e}); using the slow reference "
                       "backend. Install apache-tvm (pip install -e .) for compiled kernels.", RuntimeWarning, stacklevel=3)

@@ -77,31 +77,32 @@ def build_host(source: str, name: str, cache: BuildCache | None = None):
     return (cache or DEFAULT_CACHE).get("cuda-host", key, f"{name}.so", build, _load)
 
 
-def build_cuda(source: str, name: str, archs: tuple[str, ...], cache: BuildCache | None = None):
-    """The nvcc build for the given archs (e.g. ("sm_90",))."""
+def nvcc_library(source: str, name: str, archs: tuple[str, ...], path: Path) -> None:
+    """Compiles CUDA C++ with TVM-FFI entry points into the shared library `path` with
+    nvcc for `archs` (e.g. ("sm_90",)); no GPU is needed."""
     import tvm_ffi.cpp
 
-    home = cuda_home()
-    arch_list = " ".join(f"{a[3:-1]}.{a[-1]}" for a in archs)   # sm_90 -> 9.0
+    env = {"CUDA_HOME": cuda_home(), "TVM_FFI_CUDA_ARCH_LIST": " ".join(f"{a[3:-1]}.{a[-1]}" for a in archs)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lopt-cuda-") as tmp:
+            lib = tvm_ffi.cpp.build_inline(name, cuda_sources=source, extra_cuda_cflags=CUDA_FLAGS,
+                                           build_directory=tmp)
+            shutil.copy(lib, path)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-    def build(path: Path) -> None:
-        env = {"CUDA_HOME": home, "TVM_FFI_CUDA_ARCH_LIST": arch_list}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            with tempfile.TemporaryDirectory(prefix="lopt-cuda-") as tmp:
-                lib = tvm_ffi.cpp.build_inline(name, cuda_sources=source, extra_cuda_cflags=CUDA_FLAGS,
-                                               build_directory=tmp)
-                shutil.copy(lib, path)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
-    key = _build_key(source, "cuda", {"archs": list(archs), "cuda_home": home, "flags": CUDA_FLAGS})
-    return (cache or DEFAULT_CACHE).get("cuda-nvcc", key, f"{name}.so", build, _load)
+def build_cuda(source: str, name: str, archs: tuple[str, ...], cache: BuildCache | None = None):
+    """The nvcc build for the given archs (e.g. ("sm_90",))."""
+    key = _build_key(source, "cuda", {"archs": list(archs), "cuda_home": cuda_home(), "flags": CUDA_FLAGS})
+    return (cache or DEFAULT_CACHE).get("cuda-nvcc", key, f"{name}.so",
+                                        lambda path: nvcc_library(source, name, archs, path), _load)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
-"""TvmBackend: each pass of the plan runs as one compiled TVM kernel per tensor; the
-small work between passes runs in torch once per group of same-shape tensors
-(small_work.py), and the network once per step."""
+"""TvmBackend: each pass of the plan runs as one compiled TVM kernel per tensor (LLVM
+for CPU tensors, CUDA for CUDA tensors); the small work between passes runs in torch
+once per group of same-shape tensors (small_work.py), and the network once per step."""
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from typing import Callable
+from functools import lru_cache
+from typing import Callable, ContextManager
 
 import torch
 
@@ -13,9 +15,10 @@ from ...ir.plan import plan_program
 from ...ir.program import Program
 from ..base import Backend, StepBatch, TensorTask
 from ..build_cache import DEFAULT_CACHE, BuildCache
+from ..cuda.build import ToolchainMissing, cuda_home
 from ..group_values import group_key
 from ..reference import ReferenceBackend, run_network
-from .build import llvm_target, load_pass_kernel
+from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_kernel
 from .signature import PassSignature, pass_signature
 from .small_work import GroupStep, aligned
 from .view import SYMBOLIC_BELOW, view_of
@@ -26,8 +29,10 @@ _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: 
 def unsupported_reason(task: TensorTask) -> str | None:
     """Why the compiled kernels cannot take this tensor (None: they can)."""
     p = task.param
-    if p.device.type != "cpu":
-        return f"the TVM backend runs CPU kernels only so far (parameter on {p.device})"
+    if p.device.type not in ("cpu", "cuda"):
+        return f"the TVM backend has kernels for CPU and CUDA tensors, not {p.device.type}"
+    if p.device.type == "cuda" and _nvcc_missing() is not None:
+        return _nvcc_missing()
     if p.dtype not in _DTYPES or task.grad.dtype not in _DTYPES:
         return f"unsupported dtype {p.dtype} / gradient {task.grad.dtype}"
     if p.numel() == 0:
@@ -35,6 +40,25 @@ def unsupported_reason(task: TensorTask) -> str | None:
     if not p.is_contiguous():
         return "non-contiguous parameter (the kernels update it in place through a flat view)"
     return None
+
+
+@lru_cache(maxsize=1)
+def _nvcc_missing() -> str | None:
+    try:
+        cuda_home()
+    except ToolchainMissing as exc:
+        return f"CUDA parameters need TVM's CUDA kernels, which are built with nvcc: {exc}"
+    return None
+
+
+def cuda_arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _on_device(device: torch.device) -> ContextManager:
+    """TVM's CUDA launcher runs on the current CUDA device (and torch's current stream)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class _Kernel:
@@ -45,8 +69,12 @@ class _Kernel:
 class TvmBackend(Backend):
     name = "tvm"
 
-    def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE, specialize_from: int = SYMBOLIC_BELOW):
+    def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE, specialize_from: int = SYMBOLIC_BELOW,
+                 cuda: bool = True):
         super().__init__(program)
+        # cuda=False (backend="auto") leaves CUDA tensors to the reference: TVM's CUDA
+        # kernels have not yet passed the GPU parity test on a real device.
+        self.cuda = cuda
         # Tensors with fewer elements share shape-generic kernels (one build for all
         # sizes, not vectorized); larger ones get kernels built for their shape.
         self.specialize_from = specialize_from
@@ -60,19 +88,23 @@ class TvmBackend(Backend):
     def kernels(self, task: TensorTask) -> list[_Kernel]:
         p = task.param
         view = view_of(tuple(p.shape), task.axes)
-        if view.numel < self.specialize_from:
-            view = view.generic()
-        key = (task.variant, view.x_axis, view.symbolic or view.dims, p.dtype, task.grad.dtype)
+        arch = cuda_arch(p.device) if p.device.type == "cuda" else None
+        if arch is not None or view.numel < self.specialize_from:
+            view = view.generic()   # CUDA kernels are always shape-generic
+        key = (task.variant, view.x_axis, view.symbolic or view.dims, p.dtype, task.grad.dtype, arch)
         if key not in self._kernels:
             graph = self.program.variants[task.variant]
             sigs = [pass_signature(ps, graph.new_param, graph.accumulators, view, _DTYPES[p.dtype],
                                    _DTYPES[task.grad.dtype]) for ps in self.plans[task.variant].passes]
-            self._kernels[key] = [_Kernel(s, load_pass_kernel(self.program, task.variant, s, self.target, self.cache))
-                                  for s in sigs]
+            if arch is None:
+                funcs = [load_pass_kernel(self.program, task.variant, s, self.target, self.cache) for s in sigs]
+            else:
+                funcs = load_cuda_kernels(self.program, task.variant, sigs, arch, self.cache)
+            self._kernels[key] = [_Kernel(s, f) for s, f in zip(sigs, funcs)]
         return self._kernels[key]
 
     def step(self, batch: StepBatch) -> None:
-        reasons = {id(t): unsupported_reason(t) for t in batch.tasks}
+        reasons = {id(t): self._unsupported_reason(t) for t in batch.tasks}
         rest = [t for t in batch.tasks if reasons[id(t)] is not None]
         for t in rest:
             self._warn_once(reasons[id(t)])
@@ -89,7 +121,8 @@ class TvmBackend(Backend):
     def _step(self, batch: StepBatch) -> None:
         groups: dict[tuple, list[TensorTask]] = {}
         for task in batch.tasks:
-            groups.setdefault((*group_key(task), task.param.dtype, task.grad.dtype), []).append(task)
+            key = (*group_key(task), task.param.device, task.param.dtype, task.grad.dtype)
+            groups.setdefault(key, []).append(task)
         runs = [(GroupStep(tasks, batch, view_of(tuple(tasks[0].param.shape), tasks[0].axes)), self.kernels(tasks[0]))
                 for tasks in groups.values()]
         split = {}   # groups run their passes up to the network, then the rest
@@ -120,13 +153,20 @@ class TvmBackend(Backend):
     def _run(kernel: _Kernel, group: GroupStep) -> None:
         sig = kernel.sig
         p, q, e = group.outputs(sig)
-        for t, args in enumerate(group.arguments(sig)):
-            args, _ = aligned(args, written=False)
-            outputs, write_back = aligned(e[t], written=True)
-            kernel.func(*args, *[x[t] for x in p], *[x[t] for x in q], *outputs)
-            for original, copy in write_back:
-                original.copy_(copy)
+        with _on_device(group.tasks[0].param.device):
+            for t, args in enumerate(group.arguments(sig)):
+                args, _ = aligned(args, written=False)
+                outputs, write_back = aligned(e[t], written=True)
+                kernel.func(*args, *[x[t] for x in p], *[x[t] for x in q], *outputs)
+                for original, copy in write_back:
+                    original.copy_(copy)
         group.finish_sums(sig, p, q)
+
+    def _unsupported_reason(self, task: TensorTask) -> str | None:
+        if task.param.device.type == "cuda" and not self.cuda:
+            return ("backend='auto' keeps CUDA tensors on the reference until TVM's CUDA kernels pass the GPU "
+                    "parity test (tests/test_gpu_backends.py); pass backend='tvm' to use them")
+        return unsupported_reason(task)
 
     def _warn_once(self, reason: str) -> None:
         if reason not in self._warned:
@@ -149,16 +189,23 @@ def generic_signatures(program: Program, dtype: str) -> dict[str, list[PassSigna
     return out
 
 
-def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE) -> tuple[int, float]:
-    """Builds (or finds in the cache) the shape-generic CPU kernels of every tensor kind
-    and parameter dtype. Returns (kernels, seconds)."""
+def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE, target: str = "cpu",
+             archs: tuple[str, ...] = ("sm_80", "sm_90")) -> tuple[int, float]:
+    """Builds (or finds in the cache) the shape-generic kernels of every tensor kind and
+    parameter dtype: for the CPU (target "cpu") or, with nvcc and no GPU needed, for each
+    CUDA arch (target "cuda"). Returns (kernels, seconds)."""
     start = time.perf_counter()
     count = 0
-    target = llvm_target()
+    llvm = llvm_target() if target == "cpu" else None
     for dtype in _DTYPES.values():
         for label, sigs in generic_signatures(program, dtype).items():
             variant = label.split("-")[0]
+            if llvm is None:
+                for arch in archs:
+                    cuda_kernels_path(program, variant, sigs, arch, cache)
+                    count += len(sigs)
+                continue
             for sig in sigs:
-                load_pass_kernel(program, variant, sig, target, cache)
+                load_pass_kernel(program, variant, sig, llvm, cache)
                 count += 1
     return count, time.perf_counter() - start

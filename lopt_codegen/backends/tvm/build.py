@@ -1,7 +1,8 @@
 """Compiling pass functions and caching them: in memory per process, on disk across
 processes (lopt_codegen/backends/build_cache.py), keyed by everything the binary
 depends on: the spec, the compiler's own source, the pass, view, dtypes, target and
-TVM version."""
+TVM version. CPU kernels are built by TVM's LLVM backend, one module per pass; CUDA
+kernels are exported by TVM as CUDA C++ and built with nvcc, one module per tensor kind."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +15,7 @@ import tvm
 
 from ...ir.program import Program
 from ..build_cache import DEFAULT_CACHE, BuildCache
+from ..cuda.build import CUDA_FLAGS, cuda_home, nvcc_library
 from .schedule_cuda import schedule_cuda
 from .schedule_llvm import schedule_llvm
 from .signature import PassSignature
@@ -85,3 +87,31 @@ def cuda_source(sigs: list[PassSignature], arch: str) -> str:
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
         built = tvm.compile(tvm.IRModule(funcs), target=target)
     return export_cuda_host(built.mod)
+
+
+def cuda_kernels_key(program: Program, variant: str, sigs: list[PassSignature], arch: str) -> dict:
+    view = sigs[0].view
+    return {"spec": program.spec_sha256, "compiler": compiler_version(), "tvm": tvm.__version__,
+            "variant": variant, "passes": [s.index for s in sigs], "x_axis": view.x_axis,
+            "param_dtype": sigs[0].param_dtype, "grad_dtype": sigs[0].grad_dtype, "target": f"cuda {arch}",
+            "cuda_home": cuda_home(), "nvcc_flags": CUDA_FLAGS}
+
+
+def cuda_kernels_path(program: Program, variant: str, sigs: list[PassSignature], arch: str,
+                      cache: BuildCache = DEFAULT_CACHE) -> Path:
+    """The nvcc-built library of a tensor kind's CUDA passes (functions pass0, pass1, ...)
+    in the cache, built when missing. Needs nvcc, not a GPU."""
+    def build(path: Path) -> None:
+        nvcc_library(cuda_source(sigs, arch), f"lopt_tvm_{program.name}_{variant}", (arch,), path)
+
+    return cache.get("tvm-cuda", cuda_kernels_key(program, variant, sigs, arch), "kernels.so", build,
+                     lambda path: path)
+
+
+def load_cuda_kernels(program: Program, variant: str, sigs: list[PassSignature], arch: str,
+                      cache: BuildCache = DEFAULT_CACHE) -> list[Callable]:
+    """The CUDA passes of one tensor kind, loaded (shape-generic: one build for all sizes)."""
+    import tvm_ffi
+
+    module = tvm_ffi.load_module(str(cuda_kernels_path(program, variant, sigs, arch, cache)))
+    return [getattr(module, f"pass{s.index}") for s in sigs]

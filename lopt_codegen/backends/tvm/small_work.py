@@ -32,17 +32,18 @@ def aligned(tensors: list[torch.Tensor], written: bool) -> tuple[list[torch.Tens
     return out, back
 
 
-def empty_rows(count: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def empty_rows(count: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> torch.Tensor:
     """[count, *shape] whose rows each start on an ALIGNMENT boundary (rows padded)."""
     n = math.prod(shape)
     per = ALIGNMENT // torch.empty((), dtype=dtype).element_size()
-    buf = torch.empty(count, -(-n // per) * per, dtype=dtype)
+    buf = torch.empty(count, -(-n // per) * per, dtype=dtype, device=device)
     return buf[:, :n].view(count, *shape)
 
 
 def aligned_rows(x: torch.Tensor) -> torch.Tensor:
     """x [count, ...] copied so that each row x[t] is contiguous and aligned for a kernel."""
-    out = empty_rows(x.shape[0], tuple(x.shape[1:]), x.dtype)
+    out = empty_rows(x.shape[0], tuple(x.shape[1:]), x.dtype, x.device)
     out.copy_(x)
     return out
 
@@ -96,8 +97,9 @@ class GroupStep(GroupValues):
         """(P partials, Q partials: [tensors, ...] each, and per tensor its element
         outputs: views of the parameter and state)."""
         A, X, B, Y, C = self.view.dims
-        p = [empty_rows(len(self), (sig.chunks, A, B, Y, C)) for _ in sig.x_sums]
-        q = [empty_rows(len(self), (A, X, B, C, sig.lanes)) for _ in sig.y_sums]
+        device = self.tasks[0].param.device
+        p = [empty_rows(len(self), (sig.chunks, A, B, Y, C), device=device) for _ in sig.x_sums]
+        q = [empty_rows(len(self), (A, X, B, C, sig.lanes), device=device) for _ in sig.y_sums]
         e = [[_storage((task.param.detach() if name == "param" else task.state[name][c]).view(self.view.dims))
               for name, c in sig.outputs] for task in self.tasks]
         return p, q, e

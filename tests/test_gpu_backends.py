@@ -1,6 +1,7 @@
-"""The cuda backend's nvcc build on CUDA tensors against the reference backend on the
-CPU: every built-in spec, every shape, 12 steps, 1e-5 relative error of the updates;
-bf16 params; bitwise-deterministic reruns (skipped without a GPU)."""
+"""The compiled backends on CUDA tensors (cuda: the Jinja kernels; tvm: TVM's CUDA
+kernels, both built with nvcc) against the reference backend on the CPU: every built-in
+spec, every shape, 12 steps, 1e-5 relative error of the updates; bf16 params;
+bitwise-deterministic reruns (skipped without a GPU)."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,9 +34,13 @@ def run(name: str, device: str, backend: str, dtype: torch.dtype, seed: int = 21
     return history
 
 
+BACKENDS = ["cuda", "tvm"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(MAKERS))
-def test_gpu_matches_reference(name):
-    ours, ref = run(name, "cuda", "cuda", torch.float32), run(name, "cpu", "reference", torch.float32)
+def test_gpu_matches_reference(name, backend):
+    ours, ref = run(name, "cuda", backend, torch.float32), run(name, "cpu", "reference", torch.float32)
     for step, (a, b) in enumerate(zip(ours, ref)):
         for shape, (d_ours, _, _), (d_ref, before, after) in zip(SHAPES, a, b):
             scale = float(d_ref.abs().max())
@@ -43,22 +48,25 @@ def test_gpu_matches_reference(name):
             rounding = 2 * float(np.finfo(np.float32).eps) * max(float(before.abs().max()), float(after.abs().max()))
             err = float((d_ours - d_ref).abs().max())
             assert err <= RTOL * scale + rounding, (
-                f"{name} shape {shape}, step {step}: error {err:.3g}, update {scale:.3g}")
+                f"{backend} {name} shape {shape}, step {step}: error {err:.3g}, update {scale:.3g}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["small_fc_lopt", "adam"])
-def test_gpu_bf16_params(name):
-    ours, ref = run(name, "cuda", "cuda", torch.bfloat16), run(name, "cpu", "reference", torch.bfloat16)
+def test_gpu_bf16_params(name, backend):
+    ours, ref = run(name, "cuda", backend, torch.bfloat16), run(name, "cpu", "reference", torch.bfloat16)
     ulp = float(torch.finfo(torch.bfloat16).eps)
     for step, (a, b) in enumerate(zip(ours, ref)):
         for shape, (d_ours, _, after), (d_ref, _, _) in zip(SHAPES, a, b):
             err = float((d_ours - d_ref).abs().max())
-            assert err <= ulp * float(after.abs().max()) + 1e-6, f"{name} bf16 shape {shape}, step {step}: {err:.3g}"
+            assert err <= ulp * float(after.abs().max()) + 1e-6, (
+                f"{backend} {name} bf16 shape {shape}, step {step}: {err:.3g}")
 
 
-def test_gpu_reruns_are_bitwise_identical():
-    """Reductions are per-block partials summed in a fixed order: no atomics."""
-    first, second = run("velo", "cuda", "cuda", torch.float32), run("velo", "cuda", "cuda", torch.float32)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_reruns_are_bitwise_identical(backend):
+    """Reductions are partials summed in a fixed order: no atomics."""
+    first, second = run("velo", "cuda", backend, torch.float32), run("velo", "cuda", backend, torch.float32)
     for a, b in zip(first, second):
         for (_, _, p), (_, _, q) in zip(a, b):
             assert torch.equal(p, q)
