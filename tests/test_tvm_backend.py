@@ -22,7 +22,8 @@ from lopt_codegen.backends.tvm import backend as tvm_backend
 STEPS = 10
 RTOL = 1e-5
 # Shapes whose specialized kernels take the vectorized paths (rows/cols multiples of 16).
-VECTOR_SHAPES = [(48,), (32, 48), (48, 32), (2, 16, 32)]
+VECTOR_SHAPES = [(48,), (32, 48), (48, 32), (2, 16, 32),
+                 (12, 20), (40, 13), (4, 16, 3), (5, 9, 2)]   # padded rows, strided vectors, both
 # lr that makes each spec's update about as large as p, so that an error of RTOL of the
 # update is not hidden below p's float32 rounding (see test_reference_vs_oracle.py).
 CASES = {"adam": (Adam, 1.0, {}), "small_fc_lopt": (SmallFcLopt, 30.0, {"weights": "random"}),
@@ -75,7 +76,12 @@ def test_matches_reference_on_every_shape(name, kernels):
     pair = make_pair(name, shapes, specialize_from=0 if kernels == "specialized" else None)
     assert run_and_compare(*pair) <= RTOL
     backend = pair[3].backend
-    assert all(not k.sig.view.symbolic for ks in backend._kernels.values() for k in ks) == (kernels == "specialized")
+    views = {k.sig.view for ks in backend._kernels.values() for k in ks}
+    assert all(not v.symbolic for v in views) == (kernels == "specialized")
+    if kernels == "specialized" and name != "adam":   # Adam's tensors are flat (unfactored)
+        vectorized = [v for v in views if v.element_y is not None]
+        assert any(v.element_y > v.dims[3] for v in vectorized), "no padded vector kernel tested"
+        assert any(v.dims[4] > 1 for v in vectorized), "no strided vector kernel tested"
 
 
 @pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "velo"])

@@ -1,5 +1,6 @@
 """CPU schedule of a pass function: parallel over the outer axes (one chunk per core),
-vectorized over the contiguous inner axis."""
+vectorized along axis Y (View.element_y: padded to whole vectors; loads strided by C
+when axes follow Y, as a conv kernel's 3x3 does)."""
 from __future__ import annotations
 
 from tvm import s_tir
@@ -87,14 +88,15 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         o_blocks = blocks_of(sch, "O", len(sig.outputs))
         a, x, b, y, c = sch.get_loops(e_blocks[0])
         sch.parallel(sch.fuse(a, x))
-        A, X, B, Y, C = sig.view.dims
-        vectorized = not sig.view.symbolic and B == 1 and C == 1 and Y % LANES == 0
-        if vectorized:   # b and c have extent 1: one inner loop, split into vectors
-            y, lanes = sch.split(sch.fuse(b, y, c), [None, LANES])
+        padded_y = sig.view.element_y
+        vectorized = padded_y is not None
+        if vectorized:   # vectors along Y (strided loads when C > 1), b and c outside
+            sch.reorder(b, c, y)
+            y, lanes = sch.split(y, [None, LANES])
             sch.vectorize(lanes)
         for o in o_blocks:
             sch.reverse_compute_at(o, y if vectorized else c)
-            if vectorized:
+            if vectorized and padded_y == sig.view.dims[3]:   # padded: a predicated scalar store loop
                 sch.vectorize(sch.get_loops(o)[-1])
         for e in e_blocks:
             sch.set_scope(e, 0, _TILE_SCOPE)

@@ -88,20 +88,26 @@ class _Inputs:
         args = [*self.leaf.values(), *self.acc.values(), *self.small.values()]
         return args + ([self.scalars] if self.scalars is not None else []) + (self.mlp or [])
 
-    def printer(self, index: tuple, mlp_output: te.Tensor | None = None) -> ElementPrinter:
+    def printer(self, index: tuple, mlp_output: te.Tensor | None = None, padded: bool = False) -> ElementPrinter:
+        """The element printer at `index`; `padded`: index runs over the padded Y extent
+        (View.element_y), so loads clamp y to the last real element."""
         sig = self.sig
+        at = index
+        if padded and sig.view.element_y not in (None, self.dims[3]):
+            a, x, b, y, c = index
+            at = (a, x, b, tirx.min(y, self.dims[3] - 1), c)
 
         def load(node: Node, c: int):
             if id(node) in sig.stored or (node.op == "state" and node.level == Level.ELEMENT):
-                return self.acc[(sig.stored.get(id(node)) or node.attrs[0], c)][index]
+                return self.acc[(sig.stored.get(id(node)) or node.attrs[0], c)][at]
             if node.level <= Level.TENSOR:
                 return self.scalars[sig.scalars[id(node)] + c]
             if node.level < Level.ELEMENT:
                 buf = self.small[id(node)]
                 small = tuple(0 if isinstance(n, tirx.IntImm) and n.value == 1 else i
-                              for i, n in zip(index, buf.shape[1:]))
+                              for i, n in zip(at, buf.shape[1:]))
                 return buf[(c, *small)]
-            return to_float32(self.leaf[node.op][index], self.dtype[node.op])
+            return to_float32(self.leaf[node.op][at], self.dtype[node.op])
 
         read_mlp = None if mlp_output is None else (lambda c: mlp_output[(c, *index)])
         return ElementPrinter(load, set(sig.stored), read_mlp)
@@ -125,13 +131,15 @@ def build_pass_function(sig: PassSignature) -> PassFunction:
             [inputs.printer((a, x, b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.y_sums], q),
             name="Q")
         outputs += _as_list(Q)
+    # The element stages (E and the MLP) run over the padded Y extent; O stores real Y.
+    element_dims = (A, X, B, sig.view.element_y or Y, C)
     mlp = None
     if sig.mlp is not None:
-        mlp = build_mlp_stages(sig.mlp, inputs.dims, inputs.mlp, inputs.printer)
+        mlp = build_mlp_stages(sig.mlp, element_dims, inputs.mlp, lambda i: inputs.printer(i, padded=True))
     if sig.outputs:
         mlp_out = mlp.output if mlp is not None else None
-        E = te.compute((A, X, B, Y, C), lambda *i: [inputs.printer(i, mlp_out).expr(sig.output_nodes[name], c)
-                                                    for name, c in sig.outputs], name="E")
+        E = te.compute(element_dims, lambda *i: [inputs.printer(i, mlp_out, padded=True).expr(sig.output_nodes[name], c)
+                                                 for name, c in sig.outputs], name="E")
         E = _as_list(E)
         casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
         O = te.compute((A, X, B, Y, C), lambda *i: [from_float32(e[i], dt) for e, dt in zip(E, casts)], name="O")

@@ -33,6 +33,17 @@ class View:
         return tuple(tirx.Var(n, "int32") for n in "AXBYC") if self.symbolic else self.dims
 
     @property
+    def element_y(self) -> int | None:
+        """The Y extent of a specialized kernel's element stages (None: not vectorized):
+        Y when it is a multiple of LANES, else Y padded up to one (the extra lanes
+        recompute the last real element and are never stored). Not for Y < LANES / 2,
+        where padding would waste over half of every vector."""
+        y = self.dims[3]
+        if self.symbolic or y < LANES // 2:
+            return None
+        return -(-y // LANES) * LANES
+
+    @property
     def numel(self) -> int:
         return math.prod(self.dims)
 
