@@ -43,17 +43,14 @@ class GroupEvaluator(TensorEvaluator):
             return self._per_tensor(torch.tensor([t.hyper[node.attrs[0]] for t in self.tasks]))
         if op == "step":
             return self._per_tensor(torch.stack([t.state["step"] for t in self.tasks]))
+        if op == "net_out":   # take_network (inherited) keeps the group's rows
+            return self.net_out[node.attrs[0]].to(torch.float32).reshape(len(self.tasks), -1, *[1] * self.ndim)
         return torch.stack([m.leaf(node) for m in self.members])
 
     def _per_tensor(self, values: torch.Tensor) -> torch.Tensor:
         """(tensors,) -> [tensors, 1, 1, ...] float32 on the group's device."""
         return values.to(device=self.task.param.device, dtype=torch.float32).reshape(-1, 1, *[1] * self.ndim)
 
-    def take_network(self, outputs: dict[str, torch.Tensor], mlp: list[torch.Tensor], index: slice) -> None:
-        """The group's rows `index` of the network's outputs and MLP weights."""
-        for row, member in zip(range(index.start, index.stop), self.members):
-            member.take_network(outputs, mlp, row)
-        self.mlp_weights = [w[index] for w in mlp]
 
 
 class GroupValues(SmallValues):

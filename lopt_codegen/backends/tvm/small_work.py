@@ -60,23 +60,35 @@ class GroupStep(GroupValues):
     def __init__(self, tasks: list[TensorTask], batch: StepBatch, view: View):
         super().__init__(tasks, batch)
         self.view = view
+        self._elements: dict[tuple[int, str, int], torch.Tensor] = {}
+
+    def element(self, t: int, name: str, channel: int = 0) -> torch.Tensor:
+        """Tensor t's param, grad or accumulator channel viewed as the kernels' dims; made
+        once per step and shared by the passes (a torch view costs microseconds, and a
+        step of hundreds of tensors needs thousands)."""
+        key = (t, name, channel)
+        if key not in self._elements:
+            task = self.tasks[t]
+            if name in ("param", "grad"):
+                self._elements[key] = _storage((task.param.detach() if name == "param" else task.grad)
+                                               .view(self.view.dims))
+            else:
+                for c, x in enumerate(task.state[name].view(-1, *self.view.dims).unbind(0)):
+                    self._elements[(t, name, c)] = _storage(x)
+        return self._elements[key]
 
     # --- kernel arguments ------------------------------------------------------------
     def arguments(self, sig: PassSignature) -> list[list[torch.Tensor]]:
         """Each tensor's kernel inputs, in the kernels' argument order."""
-        count, dims = len(self), self.view.dims
+        count = len(self)
         rows = [aligned_rows(self.dense(n).reshape(count, n.channels, *self.view.small_dims(n.level)))
                 for n in sig.small]
         if sig.scalar_nodes:
             rows.append(aligned_rows(torch.cat([self.dense(n).reshape(count, -1) for n in sig.scalar_nodes], 1)))
         if sig.mlp is not None:
             rows += [aligned_rows(w) for w in self._fold_mlp(sig.mlp)]
-        out = []
-        for t, task in enumerate(self.tasks):
-            args = [_storage((task.param.detach() if leaf == "param" else task.grad).view(dims)) for leaf in sig.leaves]
-            args += [task.state[name][c].view(dims) for name, c in sig.accumulators]
-            out.append(args + [r[t] for r in rows])
-        return out
+        return [[self.element(t, leaf) for leaf in sig.leaves] + [self.element(t, *acc) for acc in sig.accumulators]
+                + [r[t] for r in rows] for t in range(count)]
 
     def _fold_mlp(self, mlp) -> list[torch.Tensor]:
         """Per tensor: W1' = W1[:, element columns] * scale; b1' = b1 + W1[:, folded columns] @ values."""
@@ -100,8 +112,7 @@ class GroupStep(GroupValues):
         device = self.tasks[0].param.device
         p = [empty_rows(len(self), (sig.chunks, A, B, Y, C), device=device) for _ in sig.x_sums]
         q = [empty_rows(len(self), (A, X, B, C, sig.lanes), device=device) for _ in sig.y_sums]
-        e = [[_storage((task.param.detach() if name == "param" else task.state[name][c]).view(self.view.dims))
-              for name, c in sig.outputs] for task in self.tasks]
+        e = [[self.element(t, name, c) for name, c in sig.outputs] for t in range(len(self))]
         return p, q, e
 
     # --- after a kernel --------------------------------------------------------------
