@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 
 import pytest
@@ -185,3 +186,37 @@ def test_factored_state_shapes():
     assert state["m"].shape == (3, 3, 5, 2)
     assert state["fr"].shape == (3, 3, 1, 2) and state["fc"].shape == (3, 1, 5, 2)
     assert all(v.dtype == torch.float32 for v in state.values())
+
+
+@pytest.mark.parametrize("backend", ["reference", "tvm", "cuda"])
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo", "adam"])
+def test_step_pauses_the_collector_and_leaves_no_cycles(name, backend):
+    """step() runs with the cyclic GC off (runtime/optimizer.py: _gc_paused), which is
+    only sound if a step frees all it allocates by refcounting: no reference cycles. The
+    collector is on again afterwards, also when the step fails."""
+    params = make_params()
+    opt = build(name, params, backend=backend)
+    seen = []
+    original = opt.backend.step
+    opt.backend.step = lambda batch: seen.append(gc.isenabled()) or original(batch)
+    set_grads(params, 1)
+    opt.step(loss=1.0)
+    gc.collect()
+    gc.disable()
+    try:
+        for step in range(3):
+            set_grads(params, step + 2)
+            opt.step(loss=1.0)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    assert seen == [False] * 4 and gc.isenabled()
+
+
+    def fail(batch):
+        raise RuntimeError("kernel failed")
+
+    opt.backend.step = fail
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        opt.step(loss=1.0)
+    assert gc.isenabled()

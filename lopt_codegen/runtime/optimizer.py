@@ -6,7 +6,9 @@ state_dict round trips — lives here once.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+import gc
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -34,6 +36,24 @@ def _channel_aligned(values: torch.Tensor) -> torch.Tensor:
     out = storage[:, :numel].view(channels, *shape)
     out.copy_(values)
     return out
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a step runs. A step of hundreds of tensors
+    allocates tens of thousands of short-lived objects; with collection on, the ones that
+    happen to be alive at a collection are promoted and soon trigger a full collection
+    of the whole process (torch and TVM alone hold ~230k objects): measured 150 ms every
+    ~10 steps, 15 ms per step, on a 200-tensor VeLO step. The step makes no reference
+    cycles, so refcounting frees its garbage either way."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -121,6 +141,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with _gc_paused():
+            return self._step(loss)
+
+    def _step(self, loss: Any):
         program = self.program
         tasks: list[TensorTask] = []
         device = None
@@ -151,8 +175,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{program.class_name} runs one network over all tensors: put all parameters "
                                "on one device")
         self.backend.step(batch)
-        for task in tasks:
-            task.state["step"] += 1
+        torch._foreach_add_([task.state["step"] for task in tasks], 1.0)
         return loss
 
     # --- state_dict --------------------------------------------------------------------
