@@ -17,7 +17,6 @@ from generated.velo import VeLO
 from lopt_codegen.backends import select_backend
 from lopt_codegen.backends.base import TensorTask
 from lopt_codegen.backends.tvm import TvmBackend, unsupported_reason
-from lopt_codegen.backends.tvm import backend as tvm_backend
 
 STEPS = 10
 RTOL = 1e-5
@@ -82,49 +81,6 @@ def test_matches_reference_on_every_shape(name, kernels):
         vectorized = [v for v in views if v.element_y is not None]
         assert any(v.element_y > v.dims[3] for v in vectorized), "no padded vector kernel tested"
         assert any(v.dims[4] > 1 for v in vectorized), "no strided vector kernel tested"
-
-
-@pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "velo"])
-def test_same_shape_tensors_share_small_work_but_keep_their_own_values(name, monkeypatch):
-    """Tensors of one shape run their small work as one group (group_values.py); each
-    must still get its own hyperparameters (two param groups), step count (a tensor
-    without a gradient is skipped and falls behind), state and network outputs."""
-    cls, lr, extra = CASES[name]
-    shapes = [(5, 3), (7,), (5, 3), (32, 48), (7,), (5, 3), (32, 48)]
-    gen = torch.Generator().manual_seed(1)
-    start = [torch.randn(s, generator=gen) for s in shapes]
-    ref_params = [torch.nn.Parameter(p.clone()) for p in start]
-    tvm_params = [torch.nn.Parameter(p.clone()) for p in start]
-
-    def groups(params):
-        return [{"params": params[0::2], "lr": lr, "weight_decay": 0.1},
-                {"params": params[1::2], "lr": lr / 3, "weight_decay": 0.0}]
-
-    ref = cls(groups(ref_params), backend="reference", **extra)
-    opt = cls(groups(tvm_params), backend="tvm", **extra)
-    sizes = []
-    monkeypatch.setattr(tvm_backend.GroupStep, "__len__", lambda self: sizes.append(len(self.tasks)) or len(self.tasks))
-    for step in range(6):
-        for i, (p, q) in enumerate(zip(ref_params, tvm_params)):
-            g = torch.randn(p.shape, generator=gen) if i != step % len(shapes) else None
-            p.grad, q.grad = g, None if g is None else g.clone()
-        before = [p.detach().clone() for p in ref_params]
-        ref.step(loss=1.0 / (step + 1))
-        opt.step(loss=1.0 / (step + 1))
-        for i, (p, q, b) in enumerate(zip(ref_params, tvm_params, before)):
-            d_ref, d_tvm = p.detach() - b, q.detach() - b
-            if i == step % len(shapes):
-                assert not d_tvm.any(), "a tensor without a gradient was updated"
-                continue
-            rounding = 2 * torch.finfo(torch.float32).eps * max(float(b.abs().max()), float(p.detach().abs().max()))
-            err = float((d_ref - d_tvm).abs().max())
-            assert err <= RTOL * float(d_ref.abs().max()) + rounding, f"tensor {i} {tuple(p.shape)}, step {step}: {err:.3g}"
-            q.data.copy_(p.data)
-        for p, q in zip(ref_params, tvm_params):
-            for key, value in ref.state[p].items():
-                torch.testing.assert_close(opt.state[q][key], value, rtol=1e-5, atol=1e-6)
-                opt.state[q][key].copy_(value)
-    assert max(sizes) == 3, "same-shape tensors were not grouped"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -9,7 +9,7 @@ import torch
 
 from ..ir.nodes import Level, Node, level_shape
 from .base import StepBatch, TensorTask
-from .reference import TensorEvaluator
+from .reference import TensorEvaluator, run_network
 from .small_values import SmallValues
 
 # Leaves with one value for the whole group (the loss is the step's; the rank the shape's).
@@ -77,3 +77,44 @@ class GroupValues(SmallValues):
         for name, value in new.items():
             for task, row in zip(self.tasks, value):
                 task.state[name].copy_(row)
+
+
+class GroupMember:
+    """One tensor's share of its group's small values, read and finished the way a
+    per-tensor SmallValues is ([channels, *shape with 1s]); a reduction is finished for
+    the whole group once every member has given its value."""
+
+    def __init__(self, group: GroupValues, index: int, pending: dict[int, dict[int, torch.Tensor]]):
+        self.group, self.index, self._pending = group, index, pending
+
+    def get(self, node: Node) -> torch.Tensor:
+        value = self.group.get(node)
+        return value[self.index if value.shape[0] > 1 else 0]
+
+    def finish(self, node: Node, value: torch.Tensor) -> None:
+        values = self._pending.setdefault(id(node), {})
+        values[self.index] = value
+        if len(values) == len(self.group):
+            self.group.finish(node, torch.stack([values[t] for t in range(len(self.group))]))
+            del self._pending[id(node)]
+
+    @property
+    def mlp_weights(self) -> list[torch.Tensor] | None:
+        weights = self.group.ev.mlp_weights
+        return None if weights is None else [w[self.index] for w in weights]
+
+
+def members(group: GroupValues) -> list[GroupMember]:
+    pending: dict[int, dict[int, torch.Tensor]] = {}
+    return [GroupMember(group, t, pending) for t in range(len(group))]
+
+
+def run_network_over_groups(batch: StepBatch, groups: list[GroupValues], inputs: list[Node]) -> None:
+    """One network call over every tensor of the step (inputs[i]: the network input node
+    of groups[i]); each group takes its rows of the outputs and MLP weights."""
+    x = torch.cat([g.dense(node).reshape(len(g), -1) for g, node in zip(groups, inputs)])
+    outputs, mlp = run_network(batch, [t for g in groups for t in g.tasks], x)
+    start = 0
+    for g in groups:
+        g.ev.take_network(outputs, mlp, slice(start, start + len(g)))
+        start += len(g)

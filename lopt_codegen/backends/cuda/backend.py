@@ -1,6 +1,7 @@
 """The `cuda` backend: runs each planned element pass as one call of the generated code
 over all tensors of a variant (a CUDA kernel for CUDA tensors, the host build's loop
-for CPU tensors); the small work between passes and the network stay in torch.
+for CPU tensors); the small work between passes (once per group of same-shape tensors)
+and the network stay in torch.
 """
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ from functools import cached_property
 
 import torch
 
-from ...ir.nodes import Level
 from ...ir.plan import plan_program
 from ..base import Backend, StepBatch, TensorTask
-from ..reference import TensorEvaluator, run_network
-from ..small_values import SmallValues
+from ..group_values import GroupMember, GroupValues, group_key, members, run_network_over_groups
 from .build import ToolchainMissing, build_cuda, build_host
 from .passes import PassLayout
 from .render import Rendered, render_cuda
@@ -60,34 +59,36 @@ class CudaBackend(Backend):
 
     def step(self, batch: StepBatch) -> None:
         program = self.program
-        evaluators = [TensorEvaluator(task, batch) for task in batch.tasks]
-        smalls = [SmallValues(ev) for ev in evaluators]
-        groups: dict[tuple[str, torch.device], list[int]] = {}
+        # Small work once per group of same-shape tensors (group_values.py); the launches
+        # still cover every tensor of a variant and device at once.
+        by_shape: dict[tuple, list[int]] = {}
         for i, task in enumerate(batch.tasks):
-            groups.setdefault((task.variant, task.param.device), []).append(i)
-        n_passes = max(len(self.rendered.layouts[v]) for v, _ in groups)
+            by_shape.setdefault((*group_key(task), task.param.device), []).append(i)
+        groups = [GroupValues([batch.tasks[i] for i in idx], batch) for idx in by_shape.values()]
+        smalls: dict[int, GroupMember] = {}   # by task index
+        for idx, group in zip(by_shape.values(), groups):
+            smalls.update(zip(idx, members(group)))
+        launches: dict[tuple[str, torch.device], list[int]] = {}
+        for i, task in enumerate(batch.tasks):
+            launches.setdefault((task.variant, task.param.device), []).append(i)
+        n_passes = max(len(self.rendered.layouts[v]) for v, _ in launches)
         for k in range(n_passes):
-            for (variant, device), idx in groups.items():
+            for (variant, device), idx in launches.items():
                 layouts = self.rendered.layouts[variant]
                 if k < len(layouts):
                     self._run_pass(layouts[k], device, [batch.tasks[i] for i in idx],
-                                   [smalls[i] for i in idx], [evaluators[i].mlp_weights for i in idx])
+                                   [smalls[i] for i in idx], [smalls[i].mlp_weights for i in idx])
             if batch.network is not None and k == self.network_after:
                 # As the reference; its outputs stay on the device (VeLO's step multiplier
                 # is never read back).
-                inputs = [small.get(program.variants[t.variant].network_input).reshape(-1)
-                          for small, t in zip(smalls, batch.tasks)]
-                outputs, mlp = run_network(batch, batch.tasks, torch.stack(inputs))
-                for i, ev in enumerate(evaluators):
-                    ev.take_network(outputs, mlp, i)
+                run_network_over_groups(batch, groups, [program.variants[g.tasks[0].variant].network_input
+                                                        for g in groups])
         # Coarser accumulators (Adafactor rows/cols) come out of the small work.
-        for task, small in zip(batch.tasks, smalls):
-            for name, node in program.variants[task.variant].accumulators.items():
-                if node.level != Level.ELEMENT:
-                    task.state[name].copy_(small.get(node))
+        for group in groups:
+            group.write_small_accumulators(program.variants[group.tasks[0].variant].accumulators)
 
     def _run_pass(self, layout: PassLayout, device: torch.device, tasks: list[TensorTask],
-                  smalls: list[SmallValues], weights: list[list[torch.Tensor] | None]) -> None:
+                  smalls: list[GroupMember], weights: list[list[torch.Tensor] | None]) -> None:
         module = self.module(device)
         launch = build_launch(layout, tasks, smalls, weights)
         table = table_tensor(launch, device)

@@ -13,7 +13,7 @@ import torch
 
 from ...ir.nodes import level_shape
 from ..base import TensorTask
-from ..small_values import SmallValues
+from ..group_values import GroupMember
 from .passes import PassLayout
 
 HEAD = ["n", "A", "X", "B", "Y", "C", "d0_is_x", "param_dtype", "grad_dtype", "block0", "blocks",
@@ -40,7 +40,7 @@ def blocks_for(n: int, cuda: bool) -> int:
     return max(1, -(-n // HOST_CHUNK))
 
 
-def fold_mlp(L: PassLayout, weights: list[torch.Tensor], small: SmallValues) -> torch.Tensor:
+def fold_mlp(L: PassLayout, weights: list[torch.Tensor], small: GroupMember) -> torch.Tensor:
     """[W0 (out, element inputs), b0, W1, b1, ...] with tensor-level inputs folded into
     b0 and tensor-level scales of `x * s` inputs folded into W0's columns."""
     w0, b0 = weights[0], weights[1]
@@ -79,7 +79,7 @@ def _check_state(task: TensorTask, name: str) -> torch.Tensor:
     return acc
 
 
-def build_launch(L: PassLayout, tasks: list[TensorTask], smalls: list[SmallValues],
+def build_launch(L: PassLayout, tasks: list[TensorTask], smalls: list[GroupMember],
                  weights: list[list[torch.Tensor] | None]) -> Launch:
     launch = Launch(L)
     device = tasks[0].param.device
@@ -133,7 +133,7 @@ def table_tensor(launch: Launch, device: torch.device) -> torch.Tensor:
     return table
 
 
-def finish_reductions(launch: Launch, tasks: list[TensorTask], smalls: list[SmallValues]) -> None:
+def finish_reductions(launch: Launch, tasks: list[TensorTask], smalls: list[GroupMember]) -> None:
     """Fixed-order sums of the block partials (tensor means) and of the line arguments
     (row/col means) into each tensor's small values."""
     L = launch.layout

@@ -16,8 +16,8 @@ from ...ir.program import Program
 from ..base import Backend, StepBatch, TensorTask
 from ..build_cache import DEFAULT_CACHE, BuildCache
 from ..cuda.build import ToolchainMissing, cuda_home
-from ..group_values import group_key
-from ..reference import ReferenceBackend, run_network
+from ..group_values import group_key, run_network_over_groups
+from ..reference import ReferenceBackend
 from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_kernel
 from .signature import PassSignature, pass_signature
 from .small_work import GroupStep, aligned
@@ -133,21 +133,13 @@ class TvmBackend(Backend):
             for k in kernels[:split[id(group)]]:
                 self._run(k, group)
         if batch.network is not None:
-            self._run_network(batch, [group for group, _ in runs])
+            groups = [group for group, _ in runs]
+            run_network_over_groups(batch, groups, [self.program.variants[g.tasks[0].variant].network_input
+                                                    for g in groups])
         for group, kernels in runs:
             for k in kernels[split[id(group)]:]:
                 self._run(k, group)
             group.write_small_accumulators(self.program.variants[group.tasks[0].variant].accumulators)
-
-    def _run_network(self, batch: StepBatch, groups: list[GroupStep]) -> None:
-        """One network call over every tensor of the step, group after group."""
-        x = torch.cat([g.dense(self.program.variants[g.tasks[0].variant].network_input).reshape(len(g), -1)
-                       for g in groups])
-        outputs, mlp = run_network(batch, [t for g in groups for t in g.tasks], x)
-        start = 0
-        for g in groups:
-            g.ev.take_network(outputs, mlp, slice(start, start + len(g)))
-            start += len(g)
 
     @staticmethod
     def _run(kernel: _Kernel, group: GroupStep) -> None:
