@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lopt_codegen.backends.group_values import GroupValues
+from lopt_codegen.runtime.axes import factored_axes
 from test_tvm_backend import CASES, RTOL
 
 
@@ -51,3 +52,26 @@ def test_same_shape_tensors_share_small_work_but_keep_their_own_values(name, bac
                 torch.testing.assert_close(opt.state[q][key], value, rtol=1e-5, atol=1e-6)
                 opt.state[q][key].copy_(value)
     assert max(sizes) == 3, "same-shape tensors were not grouped"
+
+
+@pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "velo"])
+def test_tvm_cpu_kernels_take_a_group_in_one_call(name):
+    """One kernel call per group of same-shape tensors and pass (tvm/batched.py), not
+    one per tensor."""
+    cls, lr, extra = CASES[name]
+    shapes = [(5, 3), (7,), (5, 3), (32, 48), (7,), (5, 3), (32, 48)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt = cls(params, lr=lr, backend="tvm", **extra)
+    opt.step(loss=1.0)
+    calls = []
+    for kernels in opt.backend._kernels.values():
+        for k in kernels:
+            k.func = (lambda f: lambda *a: calls.append(a[0].shape[0]) or f(*a))(k.func)
+    opt.step(loss=1.0)
+    expected = []
+    for shape, size in (((5, 3), 3), ((7,), 2), ((32, 48), 2)):
+        variant = "unfactored" if factored_axes(shape, cls.program.factored_axes) is None else "factored"
+        expected += [size] * len(opt.backend.plans[variant].passes)
+    assert sorted(calls) == sorted(expected)

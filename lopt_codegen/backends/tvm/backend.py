@@ -1,6 +1,6 @@
-"""TvmBackend: each pass of the plan runs as one compiled TVM kernel per tensor (LLVM
-for CPU tensors, CUDA for CUDA tensors); the small work between passes runs in torch
-once per group of same-shape tensors (small_work.py), and the network once per step."""
+"""TvmBackend: each pass of the plan runs as a compiled TVM kernel, one call per group of
+same-shape tensors (LLVM, for CPU tensors) or per tensor (CUDA); the small work between
+passes runs in torch once per group (small_work.py), and the network once per step."""
 from __future__ import annotations
 
 import contextlib
@@ -145,13 +145,22 @@ class TvmBackend(Backend):
     def _run(kernel: _Kernel, group: GroupStep) -> None:
         sig = kernel.sig
         p, q, e = group.outputs(sig)
-        with _on_device(group.tasks[0].param.device):
-            for t, args in enumerate(group.arguments(sig)):
-                args, _ = aligned(args, written=False)
-                outputs, write_back = aligned(e[t], written=True)
-                kernel.func(*args, *[x[t] for x in p], *[x[t] for x in q], *outputs)
-                for original, copy in write_back:
-                    original.copy_(copy)
+        rows, write_back = [], []
+        for t, args in enumerate(group.arguments(sig)):
+            args, _ = aligned(args, written=False)
+            outputs, back = aligned(e[t], written=True)
+            rows.append([*args, *[x[t] for x in p], *[x[t] for x in q], *outputs])
+            write_back += back
+        device = group.tasks[0].param.device
+        if device.type == "cpu":   # one call for the group, over a table of pointers (batched.py)
+            table = torch.tensor([[x.data_ptr() for x in row] for row in rows], dtype=torch.int64)
+            kernel.func(table, *(group.view.dims if kernel.sig.view.symbolic else ()))
+        else:
+            with _on_device(device):
+                for row in rows:
+                    kernel.func(*row)
+        for original, copy in write_back:
+            original.copy_(copy)
         group.finish_sums(sig, p, q)
 
     def _unsupported_reason(self, task: TensorTask) -> str | None:

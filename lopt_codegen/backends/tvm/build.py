@@ -1,8 +1,9 @@
 """Compiling pass functions and caching them: in memory per process, on disk across
 processes (lopt_codegen/backends/build_cache.py), keyed by everything the binary
 depends on: the spec, the compiler's own source, the pass, view, dtypes, target and
-TVM version. CPU kernels are built by TVM's LLVM backend, one module per pass; CUDA
-kernels are exported by TVM as CUDA C++ and built with nvcc, one module per tensor kind."""
+TVM version. CPU kernels are built by TVM's LLVM backend, one module per pass (each call
+covers a group of tensors); CUDA kernels are exported by TVM as CUDA C++ and built with
+nvcc, one module per tensor kind (a call per tensor)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +17,7 @@ import tvm
 from ...ir.program import Program
 from ..build_cache import DEFAULT_CACHE, BuildCache
 from ..cuda.build import CUDA_FLAGS, cuda_home, nvcc_library
+from .batched import batch_over_tensors
 from .schedule_cuda import schedule_cuda
 from .schedule_llvm import schedule_llvm
 from .signature import PassSignature
@@ -49,11 +51,12 @@ def pass_key(program: Program, variant: str, sig: PassSignature, target: tvm.tar
 
 
 def compile_pass(sig: PassSignature, target: tvm.target.Target) -> tvm.runtime.Module:
-    sch = schedule_llvm(build_pass_function(sig), sig)
+    """The CPU kernel of a pass, over a group of tensors (batched.py)."""
+    func = batch_over_tensors(schedule_llvm(build_pass_function(sig), sig).mod["main"])
     # TVM's TIR common-subexpression pass emits a variable before its definition on the
     # MLP stages (InternalError "used before definition"); LLVM does the CSE anyway.
     with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-        return tvm.compile(sch.mod, target=target)
+        return tvm.compile(tvm.IRModule({"main": func}), target=target)
 
 
 _LOADED: dict[str, Callable] = {}   # this process's loaded kernels, by cache key

@@ -1,0 +1,44 @@
+"""One CPU kernel call for a whole group of same-shape tensors: a pass function (built
+for one tensor) wrapped in a loop over a table of data pointers.
+
+    main(table: int64[tensors, buffers], *shape vars)
+        for t in range(tensors):
+            <each buffer of the pass function declared on the pointer table[t, k]>
+            <the pass function's body>
+
+The tensors of a group live in separate allocations (the user's parameters and
+gradients), so they cannot be one concatenated buffer without copies; a table of
+pointers needs none. A step then costs one call per group and pass instead of one per
+tensor and pass (the Python loop, the FFI conversion of ~20 tensors and a thread-pool
+wake-up each).
+"""
+from __future__ import annotations
+
+from tvm import tirx
+
+
+def _shape_vars(buffers: list) -> list[tirx.Var]:
+    """The symbolic sizes of a shape-generic function, in first-use order."""
+    found: list[tirx.Var] = []
+    for buf in buffers:
+        for dim in buf.shape:
+            if isinstance(dim, tirx.Var) and not any(dim.same_as(v) for v in found):
+                found.append(dim)
+    return found
+
+
+def batch_over_tensors(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """`func` (whose parameters are all buffers) over a table of pointers: parameters
+    (table, *shape vars); row t of the table holds, in func's parameter order, the data
+    pointers of tensor t's buffers (64-byte aligned, as func assumes)."""
+    buffers = list(func.params)
+    tensors = tirx.Var("tensors", "int32")
+    table = tirx.decl_buffer((tensors, len(buffers)), "int64", "table")
+    t = tirx.Var("t", "int32")
+    declare = []
+    for k, buf in enumerate(buffers):
+        ptr = tirx.Var(f"{buf.name}_ptr", "handle")
+        declare.append(tirx.LetStmt(ptr, tirx.reinterpret("handle", tirx.BufferLoad(table, [t, tirx.const(k, "int32")]))))
+        declare.append(tirx.DeclBuffer(buf, data=ptr))
+    body = tirx.For(t, 0, tensors, tirx.ForKind.SERIAL, tirx.SeqStmt([*declare, func.body]))
+    return tirx.PrimFunc([table, *_shape_vars(buffers)], body, attrs=func.attrs)
