@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import tvm
+from tvm import s_tir, te
 
 from conftest import SHAPES
 from generated.adam import Adam
@@ -17,6 +19,8 @@ from generated.velo import VeLO
 from lopt_codegen.backends import select_backend
 from lopt_codegen.backends.base import TensorTask
 from lopt_codegen.backends.tvm import TvmBackend, unsupported_reason
+from lopt_codegen.backends.tvm.build import llvm_target
+from lopt_codegen.backends.tvm.printer import _UNARY
 
 STEPS = 10
 RTOL = 1e-5
@@ -168,3 +172,23 @@ def test_cuda_tensors_take_tvm_cuda_kernels_only_when_asked_for():
     assert "pass backend='tvm'" in select_backend(Adam.program, "auto")._unsupported_reason(task)
     reason = select_backend(Adam.program, "tvm")._unsupported_reason(task)
     assert reason is None if shutil.which("nvcc") else "nvcc" in reason
+
+
+def test_vectorized_exp_is_within_a_few_ulp():
+    """The kernels' exp (printer.py: range reduction and a polynomial, so that LLVM keeps
+    it in vectors) against torch.exp over the whole float range and at its edges."""
+    edges = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 88.72, 88.73, -87.33, 1e-30, -1e-30]
+    x = torch.cat([torch.linspace(-100, 100, 1 << 16), torch.randn(4096) * 30, torch.tensor(edges)])
+    X = te.placeholder((x.numel(),), "float32", "x")
+    sch = s_tir.Schedule(te.create_prim_func([X, te.compute(X.shape, lambda i: _UNARY["exp"](X[i]), name="y")]))
+    (loop,) = sch.get_loops(sch.get_sblock("y"))
+    sch.vectorize(sch.split(loop, [None, 16])[1])
+    y = torch.empty_like(x)
+    tvm.compile(sch.mod, target=llvm_target())["main"](x, y)
+    ref = torch.exp(x)
+    normal = ref.abs() >= torch.finfo(torch.float32).tiny
+    normal &= torch.isfinite(ref)
+    ulp = torch.finfo(torch.float32).eps
+    assert float(((y - ref).abs() / ref)[normal].max()) <= 4 * ulp
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert float((y - ref)[~normal & torch.isfinite(ref)].abs().max()) < torch.finfo(torch.float32).tiny
