@@ -220,3 +220,20 @@ def test_step_pauses_the_collector_and_leaves_no_cycles(name, backend):
     with pytest.raises(RuntimeError, match="kernel failed"):
         opt.step(loss=1.0)
     assert gc.isenabled()
+
+
+def test_reference_step_compiles_with_torch_compile():
+    """benchmarks/step_time.py compares against torch.compile of the reference backend's
+    step: it must keep compiling (a functools.cached_property once broke dynamo) and match
+    the eager step."""
+    eager_params, compiled_params = make_params(), make_params()
+    eager = build("adam", eager_params, backend="reference")
+    compiled = build("adam", compiled_params, backend="reference")
+    step = torch.compile(compiled.step)
+    for seed in range(3):
+        set_grads(eager_params, seed)
+        set_grads(compiled_params, seed)
+        eager.step()
+        step()
+    for p, q in zip(eager_params, compiled_params):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)

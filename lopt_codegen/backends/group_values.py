@@ -52,7 +52,6 @@ class GroupEvaluator(TensorEvaluator):
         return values.to(device=self.task.param.device, dtype=torch.float32).reshape(-1, 1, *[1] * self.ndim)
 
 
-
 class GroupValues(SmallValues):
     """The memoized small values of a group of tensors (see GroupEvaluator)."""
 

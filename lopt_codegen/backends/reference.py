@@ -7,7 +7,6 @@ It is the oracle the compiled backends are tested against, and the fallback ever
 from __future__ import annotations
 
 from collections import Counter
-from functools import cached_property
 from typing import Callable
 
 import torch
@@ -39,12 +38,17 @@ class TensorEvaluator:
     def __init__(self, task: TensorTask, batch: StepBatch):
         self.task, self.batch = task, batch
         self.ndim, self.axes = task.param.dim(), task.axes
+        self._p: torch.Tensor | None = None
         self.net_out: dict[str, torch.Tensor] = {}
         self.mlp_weights = batch.mlp_weights
 
-    @cached_property
+    @property
     def p(self) -> torch.Tensor:
-        return self.task.param.detach().to(torch.float32)
+        """The parameter in float32, made on first use (the compiled backends' small work
+        rarely needs it). Not a functools.cached_property: its lock breaks torch.compile."""
+        if self._p is None:
+            self._p = self.task.param.detach().to(torch.float32)
+        return self._p
 
     def take_network(self, outputs: dict[str, torch.Tensor], mlp: list[torch.Tensor], index: int | slice) -> None:
         """This tensor's row (`index`) of the network's outputs and MLP weights."""

@@ -31,8 +31,8 @@ def unsupported_reason(task: TensorTask) -> str | None:
     p = task.param
     if p.device.type not in ("cpu", "cuda"):
         return f"the TVM backend has kernels for CPU and CUDA tensors, not {p.device.type}"
-    if p.device.type == "cuda" and _nvcc_missing() is not None:
-        return _nvcc_missing()
+    if p.device.type == "cuda" and (missing := _nvcc_missing()) is not None:
+        return missing
     if p.dtype not in _DTYPES or task.grad.dtype not in _DTYPES:
         return f"unsupported dtype {p.dtype} / gradient {task.grad.dtype}"
     if p.numel() == 0:
@@ -133,9 +133,9 @@ class TvmBackend(Backend):
             for k in kernels[:split[id(group)]]:
                 self._run(k, group)
         if batch.network is not None:
-            groups = [group for group, _ in runs]
-            run_network_over_groups(batch, groups, [self.program.variants[g.tasks[0].variant].network_input
-                                                    for g in groups])
+            steps = [group for group, _ in runs]
+            run_network_over_groups(batch, steps, [self.program.variants[g.tasks[0].variant].network_input
+                                                   for g in steps])
         for group, kernels in runs:
             for k in kernels[split[id(group)]:]:
                 self._run(k, group)

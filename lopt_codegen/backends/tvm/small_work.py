@@ -64,8 +64,7 @@ class GroupStep(GroupValues):
 
     def element(self, t: int, name: str, channel: int = 0) -> torch.Tensor:
         """Tensor t's param, grad or accumulator channel viewed as the kernels' dims; made
-        once per step and shared by the passes (a torch view costs microseconds, and a
-        step of hundreds of tensors needs thousands)."""
+        once per step and shared by the passes."""
         key = (t, name, channel)
         if key not in self._elements:
             task = self.tasks[t]
