@@ -51,6 +51,9 @@ def run(argv: list[str]) -> int:
     if bad:
         print(f"lopt-compile: error: --arch {bad[0]}: expected a CUDA arch like sm_80 or sm_90", file=sys.stderr)
         return 2
+    if args.arch and (args.backend, args.target) != ("tvm", "cuda"):
+        print("lopt-compile: error: --arch goes with --backend tvm --target cuda", file=sys.stderr)
+        return 2
     try:
         programs = [(path, lower_spec(load_spec(path))) for path in args.specs]
     except SpecError as exc:

@@ -31,6 +31,9 @@ def run(name: str, device: str, backend: str, dtype: torch.dtype, seed: int = 21
         opt.step(loss=loss)
         after = [p.detach().float().cpu().clone() for p in params]
         history.append([(a - b, b, a) for a, b in zip(after, before)])
+    if backend == "tvm":   # its CUDA kernels ran (no fallback to the reference for any tensor)
+        assert opt.backend._kernels and all(key[-1] is not None for key in opt.backend._kernels)
+        assert not opt.backend._warned, opt.backend._warned
     return history
 
 

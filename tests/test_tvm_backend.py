@@ -132,6 +132,33 @@ def test_misaligned_views_and_state_loaded_from_a_checkpoint():
         torch.testing.assert_close(q.detach() - b, p.detach() - b, rtol=1e-5, atol=1e-6)
 
 
+def test_strided_gradients_and_misaligned_params_of_one_group():
+    """The kernels get bare pointers (batched.py): a transposed gradient must be read as
+    its values, not its memory, and same-shape params that are views at odd offsets into
+    one flat buffer must each be written back."""
+    shapes = [(32, 48), (32, 48), (32, 48)]
+    ref_params, ref, tvm_params, opt, gen = make_pair("small_fc_lopt", shapes, specialize_from=100)
+    flat = torch.empty(3 * 32 * 48 + 3)
+    for i, q in enumerate(tvm_params):   # params at offsets 1, 2, 3 floats: none 64-byte aligned
+        view = flat[1 + i * (32 * 48 + 1):][:32 * 48].view(32, 48)
+        view.copy_(q.detach())
+        q.data = view
+    assert all(q.data_ptr() % 64 for q in tvm_params)
+    for step in range(3):
+        before = [p.detach().clone() for p in ref_params]
+        for p, q in zip(ref_params, tvm_params):
+            g = torch.randn(48, 32, generator=gen).t()   # strides (1, 32)
+            p.grad, q.grad = g.contiguous(), g
+        ref.step(loss=1.0)
+        opt.step(loss=1.0)
+        for p, q, b in zip(ref_params, tvm_params, before):
+            torch.testing.assert_close(q.detach() - b, p.detach() - b, rtol=1e-5, atol=1e-6)
+            q.data.copy_(p.data)
+    opt.state[tvm_params[0]]["m"] = opt.state[tvm_params[0]]["m"].double()
+    with pytest.raises(ValueError, match="accumulator 'm' must be float32"):
+        opt.step(loss=1.0)
+
+
 def test_non_contiguous_param_falls_back_with_one_warning():
     base = torch.randn(6, 8)
     p = torch.nn.Parameter(base[:, ::2])   # a non-contiguous leaf

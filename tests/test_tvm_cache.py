@@ -103,7 +103,10 @@ def test_cli_prebuilds_cuda_kernels_that_the_backend_loads(tmp_path, programs):
         kernel(*inputs, *mlp, *[element] * len(sig.outputs))
 
 
-def test_cli_rejects_a_malformed_arch(tmp_path, capsys):
+def test_cli_rejects_a_malformed_or_misplaced_arch(tmp_path, capsys):
     assert run(["--backend", "tvm", "--target", "cuda", "--arch", "90", "--out", str(tmp_path),
                 os.path.join(ROOT, "specs", "adam.yaml")]) == 2
     assert "--arch 90: expected a CUDA arch like sm_80" in capsys.readouterr().err
+    assert run(["--backend", "tvm", "--arch", "sm_90", "--out", str(tmp_path), os.path.join(ROOT, "specs", "adam.yaml")]) == 2
+    assert "--arch goes with --backend tvm --target cuda" in capsys.readouterr().err
+    assert not (tmp_path / "adam").exists()   # nothing written

@@ -9,8 +9,8 @@ for one tensor) wrapped in a loop over a table of data pointers.
 The tensors of a group live in separate allocations (the user's parameters and
 gradients), so they cannot be one concatenated buffer without copies; a table of
 pointers needs none. A step then costs one call per group and pass instead of one per
-tensor and pass (the Python loop, the FFI conversion of ~20 tensors and a thread-pool
-wake-up each).
+tensor and pass (a Python loop and the FFI conversion of ~20 tensors each); each
+tensor still runs its own parallel loops inside the call.
 """
 from __future__ import annotations
 
@@ -18,13 +18,16 @@ from tvm import tirx
 
 
 def _shape_vars(buffers: list) -> list[tirx.Var]:
-    """The symbolic sizes of a shape-generic function, in first-use order."""
-    found: list[tirx.Var] = []
+    """The symbolic sizes of a shape-generic function (View.kernel_dims: A, X, B, Y, C),
+    in that order; none for a function built for one shape."""
+    found: dict[str, tirx.Var] = {}
     for buf in buffers:
         for dim in buf.shape:
-            if isinstance(dim, tirx.Var) and not any(dim.same_as(v) for v in found):
-                found.append(dim)
-    return found
+            if isinstance(dim, tirx.Var):
+                found.setdefault(dim.name, dim)
+    if found and sorted(found) != sorted("AXBYC"):
+        raise ValueError(f"expected the shape variables A, X, B, Y, C; got {sorted(found)}")
+    return [found[n] for n in "AXBYC" if n in found]
 
 
 def batch_over_tensors(func: tirx.PrimFunc) -> tirx.PrimFunc:

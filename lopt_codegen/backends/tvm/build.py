@@ -111,10 +111,15 @@ def cuda_kernels_path(program: Program, variant: str, sigs: list[PassSignature],
                      lambda path: path)
 
 
+_LOADED_CUDA: dict[str, object] = {}   # this process's loaded CUDA modules, by path
+
+
 def load_cuda_kernels(program: Program, variant: str, sigs: list[PassSignature], arch: str,
                       cache: BuildCache = DEFAULT_CACHE) -> list[Callable]:
     """The CUDA passes of one tensor kind, loaded (shape-generic: one build for all sizes)."""
     import tvm_ffi
 
-    module = tvm_ffi.load_module(str(cuda_kernels_path(program, variant, sigs, arch, cache)))
-    return [getattr(module, f"pass{s.index}") for s in sigs]
+    path = str(cuda_kernels_path(program, variant, sigs, arch, cache))
+    if path not in _LOADED_CUDA:
+        _LOADED_CUDA[path] = tvm_ffi.load_module(path)
+    return [getattr(_LOADED_CUDA[path], f"pass{s.index}") for s in sigs]

@@ -53,6 +53,17 @@ def _storage(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
 
 
+def _check_state(task: TensorTask, name: str) -> tuple[torch.Tensor, ...]:
+    """The channels of accumulator `name`, each checked to be what the kernels read."""
+    acc = task.state[name]
+    channels = acc.unbind(0)
+    if acc.dtype != torch.float32 or acc.device != task.param.device or not all(c.is_contiguous() for c in channels):
+        raise ValueError(f"TVM backend: accumulator '{name}' must be float32 [channels, *shape] with each channel "
+                         f"contiguous, on the parameter's device; got {acc.dtype} with strides {acc.stride()} on "
+                         f"{acc.device}")
+    return channels
+
+
 class GroupStep(GroupValues):
     """A group's step through the TVM kernels: each tensor's kernel arguments and
     outputs, and the reductions finished from the kernels' partial sums."""
@@ -64,16 +75,18 @@ class GroupStep(GroupValues):
 
     def element(self, t: int, name: str, channel: int = 0) -> torch.Tensor:
         """Tensor t's param, grad or accumulator channel viewed as the kernels' dims; made
-        once per step and shared by the passes."""
+        once per step and shared by the passes. The kernels get bare data pointers
+        (batched.py), so each must be a dense float32 (state) block on the right device."""
         key = (t, name, channel)
         if key not in self._elements:
             task = self.tasks[t]
-            if name in ("param", "grad"):
-                self._elements[key] = _storage((task.param.detach() if name == "param" else task.grad)
-                                               .view(self.view.dims))
+            if name == "param":   # contiguous: unsupported_reason sends others to the reference
+                self._elements[key] = _storage(task.param.detach().view(self.view.dims))
+            elif name == "grad":   # only read: a strided gradient is read from a dense copy
+                self._elements[key] = _storage(task.grad.contiguous().view(self.view.dims))
             else:
-                for c, x in enumerate(task.state[name].view(-1, *self.view.dims).unbind(0)):
-                    self._elements[(t, name, c)] = _storage(x)
+                for c, x in enumerate(_check_state(task, name)):
+                    self._elements[(t, name, c)] = x.view(self.view.dims)
         return self._elements[key]
 
     # --- kernel arguments ------------------------------------------------------------
