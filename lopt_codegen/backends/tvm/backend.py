@@ -20,7 +20,7 @@ from ..group_values import group_key, run_network_over_groups
 from ..reference import ReferenceBackend
 from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_kernel
 from .signature import PassSignature, pass_signature
-from .small_work import GroupStep, aligned
+from .small_work import GroupStep
 from .view import SYMBOLIC_BELOW, view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -144,23 +144,15 @@ class TvmBackend(Backend):
     @staticmethod
     def _run(kernel: _Kernel, group: GroupStep) -> None:
         sig = kernel.sig
-        p, q, e = group.outputs(sig)
-        rows, write_back = [], []
-        for t, args in enumerate(group.arguments(sig)):
-            args, _ = aligned(args, written=False)
-            outputs, back = aligned(e[t], written=True)
-            rows.append([*args, *[x[t] for x in p], *[x[t] for x in q], *outputs])
-            write_back += back
+        args, p, q = group.kernel_args(sig)
         device = group.tasks[0].param.device
         if device.type == "cpu":   # one call for the group, over a table of pointers (batched.py)
-            table = torch.tensor([[x.data_ptr() for x in row] for row in rows], dtype=torch.int64)
-            kernel.func(table, *(group.view.dims if kernel.sig.view.symbolic else ()))
+            kernel.func(args.pointer_table(), *(group.view.dims if sig.view.symbolic else ()))
         else:
             with _on_device(device):
-                for row in rows:
-                    kernel.func(*row)
-        for original, copy in write_back:
-            original.copy_(copy)
+                for t in range(len(group)):
+                    kernel.func(*args.of_tensor(t))
+        args.finish()
         group.finish_sums(sig, p, q)
 
     def _unsupported_reason(self, task: TensorTask) -> str | None:

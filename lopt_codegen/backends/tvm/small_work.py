@@ -5,6 +5,7 @@ first layer folded per tensor."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -64,6 +65,40 @@ def _check_state(task: TensorTask, name: str) -> tuple[torch.Tensor, ...]:
     return channels
 
 
+@dataclass
+class KernelArgs:
+    """A pass's arguments for a group: each tensor's own tensors (inputs first, outputs
+    last) around [tensors, ...] buffers whose row t is tensor t's (small values, scalars,
+    MLP weights, partial sums; rows 64-byte aligned). `write_back`: (original, aligned
+    copy) of outputs that were misaligned."""
+
+    inputs: list[list[torch.Tensor]]
+    rows: list[torch.Tensor]
+    outputs: list[list[torch.Tensor]]
+    write_back: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def of_tensor(self, t: int) -> list[torch.Tensor]:
+        """Tensor t's arguments, in the kernels' order."""
+        return [*self.inputs[t], *[r[t] for r in self.rows], *self.outputs[t]]
+
+    def pointer_table(self) -> torch.Tensor:
+        """int64 [tensors, arguments] of data pointers (tvm/batched.py): row pointers by
+        arithmetic, so a group costs a few torch calls per buffer, not one per tensor."""
+        count = len(self.inputs)
+        index = torch.arange(count, dtype=torch.int64).unsqueeze(1)
+
+        def own(tensors: list[list[torch.Tensor]]) -> torch.Tensor:
+            width = len(tensors[0])
+            return torch.tensor([[x.data_ptr() for x in row] for row in tensors], dtype=torch.int64).reshape(count, width)
+
+        rows = [r.data_ptr() + index * (r.stride(0) * r.element_size()) for r in self.rows]
+        return torch.cat([own(self.inputs), *rows, own(self.outputs)], 1)
+
+    def finish(self) -> None:
+        for original, copy in self.write_back:
+            original.copy_(copy)
+
+
 class GroupStep(GroupValues):
     """A group's step through the TVM kernels: each tensor's kernel arguments and
     outputs, and the reductions finished from the kernels' partial sums."""
@@ -90,8 +125,9 @@ class GroupStep(GroupValues):
         return self._elements[key]
 
     # --- kernel arguments ------------------------------------------------------------
-    def arguments(self, sig: PassSignature) -> list[list[torch.Tensor]]:
-        """Each tensor's kernel inputs, in the kernels' argument order."""
+    def kernel_args(self, sig: PassSignature) -> tuple[KernelArgs, list[torch.Tensor], list[torch.Tensor]]:
+        """The pass's arguments for every tensor of the group, and its P and Q partial-sum
+        buffers ([tensors, ...] each, finished by finish_sums)."""
         count = len(self)
         rows = [aligned_rows(self.dense(n).reshape(count, n.channels, *self.view.small_dims(n.level)))
                 for n in sig.small]
@@ -99,8 +135,18 @@ class GroupStep(GroupValues):
             rows.append(aligned_rows(torch.cat([self.dense(n).reshape(count, -1) for n in sig.scalar_nodes], 1)))
         if sig.mlp is not None:
             rows += [aligned_rows(w) for w in self._fold_mlp(sig.mlp)]
-        return [[self.element(t, leaf) for leaf in sig.leaves] + [self.element(t, *acc) for acc in sig.accumulators]
-                + [r[t] for r in rows] for t in range(count)]
+        A, X, B, Y, C = self.view.dims
+        device = self.tasks[0].param.device
+        p = [empty_rows(count, (sig.chunks, A, B, Y, C), device=device) for _ in sig.x_sums]
+        q = [empty_rows(count, (A, X, B, C, sig.lanes), device=device) for _ in sig.y_sums]
+        args = KernelArgs([], rows + p + q, [], [])
+        for t in range(count):
+            inputs = [self.element(t, leaf) for leaf in sig.leaves] + [self.element(t, *a) for a in sig.accumulators]
+            args.inputs.append(aligned(inputs, written=False)[0])
+            outputs, back = aligned([self.element(t, name, c) for name, c in sig.outputs], written=True)
+            args.outputs.append(outputs)
+            args.write_back += back
+        return args, p, q
 
     def _fold_mlp(self, mlp) -> list[torch.Tensor]:
         """Per tensor: W1' = W1[:, element columns] * scale; b1' = b1 + W1[:, folded columns] @ values."""
@@ -116,16 +162,6 @@ class GroupStep(GroupValues):
             values = self.dense(part).reshape(count, part.channels, 1)
             bias = bias + (w1[:, :, col:col + part.channels] @ values).squeeze(-1)
         return [torch.cat(columns, 2), bias, *rest]
-
-    def outputs(self, sig: PassSignature) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]]:
-        """(P partials, Q partials: [tensors, ...] each, and per tensor its element
-        outputs: views of the parameter and state)."""
-        A, X, B, Y, C = self.view.dims
-        device = self.tasks[0].param.device
-        p = [empty_rows(len(self), (sig.chunks, A, B, Y, C), device=device) for _ in sig.x_sums]
-        q = [empty_rows(len(self), (A, X, B, C, sig.lanes), device=device) for _ in sig.y_sums]
-        e = [[self.element(t, name, c) for name, c in sig.outputs] for t in range(len(self))]
-        return p, q, e
 
     # --- after a kernel --------------------------------------------------------------
     def finish_sums(self, sig: PassSignature, p: list[torch.Tensor], q: list[torch.Tensor]) -> None:
