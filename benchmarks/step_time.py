@@ -341,11 +341,12 @@ def plot(results: dict, path: str) -> bool:
     series = list(dict.fromkeys((r["spec"], r["method"]) for r in results["rows"]))
     fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(cases) * len(series) + 2), 5.5))
     width = 0.8 / max(1, len(series))
+    colors = plt.get_cmap("tab20").colors   # 12+ series: the default 10 colors would repeat
     for i, (spec, method) in enumerate(series):
         values = [next((r["ratio_adamw"] for r in rows if r["case"] == c and r["spec"] == spec
                         and r["method"] == method), float("nan")) for c in cases]
         xs = [k + (i - (len(series) - 1) / 2) * width for k in range(len(cases))]
-        ax.bar(xs, values, width, label=f"{spec} / {method}")
+        ax.bar(xs, values, width, label=f"{spec} / {method}", color=colors[i % len(colors)])
         for x, v in zip(xs, values):
             if math.isnan(v):
                 ax.text(x, 1.05, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
