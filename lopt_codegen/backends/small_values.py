@@ -10,22 +10,19 @@ from .reference import TensorEvaluator
 
 
 class SmallValues:
-    def __init__(self, evaluator: TensorEvaluator, step_values: dict[int, torch.Tensor] | None = None):
+    def __init__(self, evaluator: TensorEvaluator):
         self.ev = evaluator
         self.memo: dict[int, torch.Tensor] = {}
-        # Step-level values (time features, ...) may be shared by the tensors of a step.
-        self.step_values = self.memo if step_values is None else step_values
 
     def get(self, node: Node) -> torch.Tensor:
         """The value in the reference layout [channels, *shape with 1s]."""
-        memo = self.step_values if node.level == Level.STEP else self.memo
-        value = memo.get(id(node))
+        value = self.memo.get(id(node))
         if value is not None:
             return value
         if node.level == Level.ELEMENT or (node.op in REDUCE and node.args[0].level == Level.ELEMENT):
             raise RuntimeError(f"{node} is computed by a pass that has not run yet")
         value = self.ev.leaf(node) if not node.args else self.ev.apply(node, [self.get(a) for a in node.args])
-        memo[id(node)] = value
+        self.memo[id(node)] = value
         return value
 
     def finish(self, node: Node, value: torch.Tensor) -> None:
