@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...ir.nodes import level_shape
-from ..base import TensorTask
+from ..base import TensorTask, checked_accumulator
 from ..group_values import GroupMember
 from .passes import PassLayout
 
@@ -70,15 +70,6 @@ class Launch:
     total_blocks: int = 0
 
 
-def _check_state(task: TensorTask, name: str) -> torch.Tensor:
-    acc = task.state[name]
-    if acc.dtype != torch.float32 or not acc[0].is_contiguous() or acc.device != task.param.device:
-        raise ValueError(f"cuda backend: accumulator '{name}' must be float32 [channels, *shape] with each "
-                         f"channel contiguous, on the parameter's device; got {acc.dtype} with strides "
-                         f"{acc.stride()} on {acc.device}")
-    return acc
-
-
 def build_launch(L: PassLayout, tasks: list[TensorTask], smalls: list[GroupMember],
                  weights: list[list[torch.Tensor] | None]) -> Launch:
     launch = Launch(L)
@@ -111,7 +102,7 @@ def build_launch(L: PassLayout, tasks: list[TensorTask], smalls: list[GroupMembe
         slot_offsets = [offsets[id(s.node)][0] + s.channel * offsets[id(s.node)][1] for s in L.small_slots]
         weight_buf = fold_mlp(L, w, small) if L.mlp is not None else None
         line = torch.empty(n_line, n, dtype=torch.float32, device=device) if n_line else None
-        accs = [_check_state(task, name) for name in L.accs]
+        accs = [checked_accumulator(task, name, "cuda") for name in L.accs]
         launch.keep += [grad, small_buf, *([weight_buf] if weight_buf is not None else [])]
         launch.lines.append(line)
         launch.rows.append([n, *dims, d0_is_x, DTYPES[p.dtype], DTYPES[grad.dtype], launch.total_blocks, blocks,

@@ -44,7 +44,7 @@ def llvm_target(cores: int | None = None) -> tvm.target.Target:
                               "num-cores": cores or os.cpu_count() or 1})
 
 
-def pass_key(program: Program, variant: str, sig: PassSignature, target: tvm.target.Target) -> dict:
+def pass_key(program: Program, variant: str, sig: PassSignature, target: tvm.target.Target | str) -> dict:
     return {"spec": program.spec_sha256, "compiler": compiler_version(), "tvm": tvm.__version__,
             "variant": variant, "pass": sig.index, "view": "symbolic" if sig.view.symbolic else list(sig.view.dims), "x_axis": sig.view.x_axis,
             "param_dtype": sig.param_dtype, "grad_dtype": sig.grad_dtype, "target": str(target)}
@@ -93,11 +93,10 @@ def cuda_source(sigs: list[PassSignature], arch: str) -> str:
 
 
 def cuda_kernels_key(program: Program, variant: str, sigs: list[PassSignature], arch: str) -> dict:
-    view = sigs[0].view
-    return {"spec": program.spec_sha256, "compiler": compiler_version(), "tvm": tvm.__version__,
-            "variant": variant, "passes": [s.index for s in sigs], "x_axis": view.x_axis,
-            "param_dtype": sigs[0].param_dtype, "grad_dtype": sigs[0].grad_dtype, "target": f"cuda {arch}",
-            "cuda_home": cuda_home(), "nvcc_flags": CUDA_FLAGS}
+    """pass_key of a module holding all passes of a tensor kind, for nvcc and `arch`."""
+    key = pass_key(program, variant, sigs[0], f"cuda {arch}")
+    del key["pass"]
+    return {**key, "passes": [s.index for s in sigs], "cuda_home": cuda_home(), "nvcc_flags": CUDA_FLAGS}
 
 
 def cuda_kernels_path(program: Program, variant: str, sigs: list[PassSignature], arch: str,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import StepBatch, TensorTask
+from ..base import StepBatch, TensorTask, checked_accumulator
 from ..group_values import GroupValues
 from .printer import MlpFold
 from .signature import PassSignature
@@ -52,17 +52,6 @@ def aligned_rows(x: torch.Tensor) -> torch.Tensor:
 def _storage(t: torch.Tensor) -> torch.Tensor:
     """bfloat16 as its bits, the way the kernels take it (stages.storage_dtype)."""
     return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
-
-
-def _check_state(task: TensorTask, name: str) -> tuple[torch.Tensor, ...]:
-    """The channels of accumulator `name`, each checked to be what the kernels read."""
-    acc = task.state[name]
-    channels = acc.unbind(0)
-    if acc.dtype != torch.float32 or acc.device != task.param.device or not all(c.is_contiguous() for c in channels):
-        raise ValueError(f"TVM backend: accumulator '{name}' must be float32 [channels, *shape] with each channel "
-                         f"contiguous, on the parameter's device; got {acc.dtype} with strides {acc.stride()} on "
-                         f"{acc.device}")
-    return channels
 
 
 @dataclass
@@ -117,10 +106,13 @@ class GroupStep(GroupValues):
             task = self.tasks[t]
             if name == "param":   # contiguous: unsupported_reason sends others to the reference
                 self._elements[key] = _storage(task.param.detach().view(self.view.dims))
-            elif name == "grad":   # only read: a strided gradient is read from a dense copy
-                self._elements[key] = _storage(task.grad.contiguous().view(self.view.dims))
+            elif name == "grad":   # only read: a strided or misaligned gradient is copied once per step
+                grad = task.grad
+                if not grad.is_contiguous() or grad.data_ptr() % ALIGNMENT:
+                    grad = grad.clone(memory_format=torch.contiguous_format)
+                self._elements[key] = _storage(grad.view(self.view.dims))
             else:
-                for c, x in enumerate(_check_state(task, name)):
+                for c, x in enumerate(checked_accumulator(task, name, "TVM").unbind(0)):
                     self._elements[(t, name, c)] = x.view(self.view.dims)
         return self._elements[key]
 
