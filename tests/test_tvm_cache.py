@@ -93,7 +93,7 @@ def test_cli_prebuilds_cuda_kernels_that_the_backend_loads(tmp_path, programs):
     assert "3 shape-generic TVM CUDA (sm_90) kernels for Adam" in done.stdout
     assert len(list((tmp_path / "tvm-cuda").glob("*/kernels.so"))) == 3
     cache = BuildCache(tmp_path)
-    sig = generic_signatures(programs["adam"], "float32")["unfactored"][0]
+    sig = generic_signatures(programs["adam"], "float32", gpu=True)["unfactored"][0]
     (kernel,) = load_cuda_kernels(programs["adam"], "unfactored", [sig], "sm_90", cache)
     assert (cache.hits, cache.builds) == (1, 0)
     element = torch.zeros(1, 2, 1, 16, 1)

@@ -12,7 +12,7 @@ from lopt_codegen.backends.tvm.build import cuda_source
 
 @pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "velo"])
 def test_cuda_modules_export_and_build_with_nvcc(programs, name):
-    kinds = generic_signatures(programs[name], "float32")
+    kinds = generic_signatures(programs[name], "float32", gpu=True)
     # factored-d1 has the same stages as d0 with P and Q swapped, and VeLO's factored
     # passes the same stage kinds as small_fc_lopt's: skipped to keep nvcc time down.
     skip = {"factored-d1"} | ({"factored-d0"} if name == "velo" else set())
@@ -27,7 +27,7 @@ def test_cuda_modules_export_and_build_with_nvcc(programs, name):
 
 
 def test_sm80_export_builds(programs):
-    sigs = generic_signatures(programs["adam"], "bfloat16")["unfactored"]
+    sigs = generic_signatures(programs["adam"], "bfloat16", gpu=True)["unfactored"]
     source = cuda_source(sigs, "sm_80")
     reports = ptxas_report(source, ("sm_80",))
     assert reports and {r.arch for r in reports} == {"sm_80"}

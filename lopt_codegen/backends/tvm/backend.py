@@ -21,7 +21,7 @@ from ..reference import ReferenceBackend
 from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_kernel
 from .signature import PassSignature, pass_signature
 from .small_work import GroupStep
-from .view import SYMBOLIC_BELOW, view_of
+from .view import SYMBOLIC_BELOW, View, view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -85,23 +85,28 @@ class TvmBackend(Backend):
         self._kernels: dict[tuple, list[_Kernel]] = {}
         self._warned: set[str] = set()
 
+    def view(self, task: TensorTask) -> View:
+        """The kernels' view of a tensor (CUDA tensors: the GPU kernels' one)."""
+        return view_of(tuple(task.param.shape), task.axes, gpu=task.param.device.type == "cuda")
+
     def kernels(self, task: TensorTask) -> list[_Kernel]:
         p = task.param
-        view = view_of(tuple(p.shape), task.axes)
+        view = self.view(task)   # the GPU's is always shape-generic
+        if view.numel < self.specialize_from:
+            view = view.generic()
         arch = cuda_arch(p.device) if p.device.type == "cuda" else None
-        if arch is not None or view.numel < self.specialize_from:
-            view = view.generic()   # CUDA kernels are always shape-generic
-        key = (task.variant, view.x_axis, view.symbolic or view.dims, p.dtype, task.grad.dtype, arch)
+        key = (task.variant, view.x_axis, view.symbolic or view.dims, view.gpu, p.dtype, task.grad.dtype, arch)
         if key not in self._kernels:
             graph = self.program.variants[task.variant]
             sigs = [pass_signature(ps, graph.new_param, graph.accumulators, view, _DTYPES[p.dtype],
                                    _DTYPES[task.grad.dtype]) for ps in self.plans[task.variant].passes]
-            if arch is None:
-                funcs = [load_pass_kernel(self.program, task.variant, s, self.target, self.cache) for s in sigs]
-            else:
-                funcs = load_cuda_kernels(self.program, task.variant, sigs, arch, self.cache)
-            self._kernels[key] = [_Kernel(s, f) for s, f in zip(sigs, funcs)]
+            self._kernels[key] = [_Kernel(s, f) for s, f in zip(sigs, self._load(task.variant, sigs, arch))]
         return self._kernels[key]
+
+    def _load(self, variant: str, sigs: list[PassSignature], arch: str | None) -> list[Callable]:
+        if arch is not None:
+            return load_cuda_kernels(self.program, variant, sigs, arch, self.cache)
+        return [load_pass_kernel(self.program, variant, s, self.target, self.cache) for s in sigs]
 
     def step(self, batch: StepBatch) -> None:
         reasons = {id(t): self._unsupported_reason(t) for t in batch.tasks}
@@ -123,8 +128,7 @@ class TvmBackend(Backend):
         for task in batch.tasks:
             key = (*group_key(task), task.param.device, task.param.dtype, task.grad.dtype)
             groups.setdefault(key, []).append(task)
-        runs = [(GroupStep(tasks, batch, view_of(tuple(tasks[0].param.shape), tasks[0].axes)), self.kernels(tasks[0]))
-                for tasks in groups.values()]
+        runs = [(GroupStep(tasks, batch, self.view(tasks[0])), self.kernels(tasks[0])) for tasks in groups.values()]
         split = {}   # groups run their passes up to the network, then the rest
         for group, kernels in runs:
             after = self.plans[group.tasks[0].variant].network_after
@@ -146,7 +150,7 @@ class TvmBackend(Backend):
         sig = kernel.sig
         args, p, q = group.kernel_args(sig)
         device = group.tasks[0].param.device
-        if device.type == "cpu":   # one call for the group, over a table of pointers (batched.py)
+        if not sig.view.gpu:   # one call for the group, over a table of pointers (batched.py)
             kernel.func(args.pointer_table(), *(group.view.dims if sig.view.symbolic else ()))
         else:
             with _on_device(device):
@@ -168,14 +172,14 @@ class TvmBackend(Backend):
                           RuntimeWarning, stacklevel=4)
 
 
-def generic_signatures(program: Program, dtype: str) -> dict[str, list[PassSignature]]:
-    """The passes of the shape-generic kernels, per tensor kind: 'factored-d0' (d0 is the
-    lower-numbered factored axis), 'factored-d1' and 'unfactored'."""
+def generic_signatures(program: Program, dtype: str, gpu: bool = False) -> dict[str, list[PassSignature]]:
+    """The passes of the shape-generic kernels (gpu: the CUDA ones), per tensor kind:
+    'factored-d0' (d0 is the lower-numbered factored axis), 'factored-d1' and 'unfactored'."""
     out = {}
     for variant, plan in plan_program(program).items():
         graph = program.variants[variant]
-        views = {"factored-d0": view_of((32, 16), (0, 1)), "factored-d1": view_of((16, 32), (1, 0))} \
-            if variant == "factored" else {"unfactored": view_of((7,), None)}
+        views = {"factored-d0": view_of((32, 16), (0, 1), gpu), "factored-d1": view_of((16, 32), (1, 0), gpu)} \
+            if variant == "factored" else {"unfactored": view_of((7,), None, gpu)}
         for label, view in views.items():
             out[label] = [pass_signature(p, graph.new_param, graph.accumulators, view.generic(), dtype, dtype)
                           for p in plan.passes]
@@ -191,7 +195,7 @@ def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE, target: str = 
     count = 0
     llvm = llvm_target() if target == "cpu" else None
     for dtype in _DTYPES.values():
-        for label, sigs in generic_signatures(program, dtype).items():
+        for label, sigs in generic_signatures(program, dtype, gpu=llvm is None).items():
             variant = label.split("-")[0]
             if llvm is None:
                 for arch in archs:

@@ -1,9 +1,17 @@
-"""GPU schedule of a pass function: one element (or one partial sum) per thread.
+"""GPU schedule of a pass function (shape-generic; stages.py builds its CUDA form).
 
-A first schedule (not tuned; no GPU on the build machines): every stage's spatial loops
-are fused and spread over blocks of THREADS threads; partial sums run serially per thread
-over a fixed row range (deterministic, no atomics); the MLP stages and the per-element
-values live in the local memory of the thread that stores them. Kernels are shape-generic.
+  P  (sums over X) a block per (row chunk, column tile of WARP): threadIdx.x along the
+     columns (coalesced loads), ROW_LANES threads per column each summing its rows in a
+     register, then a fixed-order shared-memory tree across them (TVM's cross-thread
+     reduction); one partial per chunk, finished in torch.
+  Q  (sums over Y) a warp per row: each thread sums every WARP-th element in a register,
+     then a warp-shuffle tree; ROWS_PER_BLOCK rows per block.
+  E  one element per thread; the per-element values and the MLP's layers stay in the
+     thread's registers, the MLP weights are staged in shared memory once per block.
+No float atomics: every sum has one order, fixed by the shape.
+
+`bind=False` leaves every loop serial (no thread binding, default scopes): the same
+loop structure then builds for the CPU, so tests run it against the reference here.
 """
 from __future__ import annotations
 
@@ -12,34 +20,107 @@ from tvm import s_tir
 from .schedule_llvm import blocks_of, reduction_block
 from .signature import PassSignature
 from .stages import PassFunction
+from .view import ROWS_PER_BLOCK, WARP
 
 THREADS = 256
 
 
-def _bind(sch: s_tir.Schedule, loops: list):
-    blocks, threads = sch.split(sch.fuse(*loops), [None, THREADS])
-    sch.bind(blocks, "blockIdx.x")
-    sch.bind(threads, "threadIdx.x")
-    return threads
+class _Binder:
+    """Thread binding and memory scopes, or nothing of either (bind=False)."""
+
+    def __init__(self, sch: s_tir.Schedule, bind: bool):
+        self.sch, self.on = sch, bind
+
+    def __call__(self, loop, thread: str) -> None:
+        if self.on:
+            self.sch.bind(loop, thread)
+
+    def scope(self, block, buffers: int, scope: str) -> None:
+        if self.on:
+            for k in range(buffers):
+                self.sch.set_scope(block, k, scope)
 
 
-def schedule_cuda(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
-    # Reductions keep their init inside (TVM lowers it to `if r == 0`): decompose_reduction
+def _across_threads(sch: s_tir.Schedule, bind: _Binder, name: str, outputs: int, block_threads: list[str],
+                    lane_thread: str) -> None:
+    """Stage `name` adds, in lane order, the partials of its threads of `lane_thread`
+    (stages.py _across_threads): each thread sums its share in registers
+    (<name>_threads) and leaves it in shared memory (<name>_lanes)."""
+    blk = reduction_block(sch, name)
+    *outer, _ = sch.get_loops(blk)
+    for loop, thread in zip(outer, block_threads):   # before compute_at: bind checks the loop's subtree
+        bind(loop, thread)
+    lanes = blocks_of(sch, f"{name}_lanes", outputs)
+    for block in lanes:
+        sch.compute_at(block, outer[-1])
+        bind.scope(block, 1, "shared")
+    lane_loops = [sch.get_loops(block)[len(outer)] for block in lanes]
+    lane = sch.merge(*lane_loops) if len(lane_loops) > 1 else lane_loops[0]   # one loop: the partials go under it
+    bind(lane, lane_thread)
+    partials = reduction_block(sch, f"{name}_threads")
+    sch.compute_at(partials, lane)
+    bind.scope(partials, outputs, "local")
+    # The sum in registers, stored once: every thread of `lane_thread` runs this part
+    # and stores the same value (a sum in global memory would race between them).
+    column = sch.get_sref(outer[-1])
+    for k in range(outputs):
+        store = sch.cache_write(blk, k, "local" if bind.on else "global")
+        # the first store lands after the loop nest, later ones next to the first
+        if not any(sch.get_sref(loop).same_as(column) for loop in sch.get_loops(store)):
+            sch.reverse_compute_at(store, outer[-1])
+
+
+def _schedule_x_sums(sch: s_tir.Schedule, bind: _Binder, outputs: int) -> None:
+    _, w, _ = sch.get_loops(reduction_block(sch, "P"))
+    sch.split(w, [None, WARP])
+    _across_threads(sch, bind, "P", outputs, ["blockIdx.y", "blockIdx.x", "threadIdx.x"], "threadIdx.y")
+
+
+def _schedule_y_sums(sch: s_tir.Schedule, bind: _Binder, outputs: int) -> None:
+    r, _, _ = sch.get_loops(reduction_block(sch, "Q"))
+    sch.split(r, [None, ROWS_PER_BLOCK])
+    _across_threads(sch, bind, "Q", outputs, ["blockIdx.x", "threadIdx.y"], "threadIdx.x")
+
+
+def _buffer_name(region) -> str:
+    return region.source.name   # a read region's source is its buffer
+
+
+def _stage_weights(sch: s_tir.Schedule, bind: _Binder, mlp_blocks: list[str], block_loop) -> None:
+    """Each MLP weight buffer copied into shared memory once per thread block, by all of
+    its threads (TVM adds the barrier before the first read)."""
+    for name in mlp_blocks:
+        blk = sch.get_sblock(name)
+        for k, region in enumerate(sch.get(blk).reads):
+            if _buffer_name(region).startswith("mlp"):
+                copy = sch.cache_read(blk, k, "shared" if bind.on else "global")
+                sch.compute_at(copy, block_loop)
+                inner = sch.get_loops(copy)[1:] or [sch.add_unit_loop(copy)]   # a 1-element buffer has none
+                _, thread = sch.split(sch.fuse(*inner), [None, THREADS])
+                bind(thread, "threadIdx.x")
+
+
+def schedule_cuda(pf: PassFunction, sig: PassSignature, bind: bool = True) -> s_tir.Schedule:
+    # Reductions keep their init inside (TVM lowers it to `if i == 0`): decompose_reduction
     # needs affine bindings, which fused loops over symbolic sizes are not.
     sch = s_tir.Schedule(pf.func)
-    for name, has in (("P", pf.has_p), ("Q", pf.has_q)):
-        if has:
-            *spatial, _ = sch.get_loops(reduction_block(sch, name))
-            _bind(sch, spatial)
+    binder = _Binder(sch, bind)
+    if pf.has_p:
+        _schedule_x_sums(sch, binder, len(sig.x_sums))
+    if pf.has_q:
+        _schedule_y_sums(sch, binder, len(sig.y_sums))
     if pf.has_e:
         e_blocks, o_blocks = blocks_of(sch, "E", len(sig.outputs)), blocks_of(sch, "O", len(sig.outputs))
-        thread = _bind(sch, sch.get_loops(e_blocks[0]))
+        blocks, thread = sch.split(sch.fuse(*sch.get_loops(e_blocks[0])), [None, THREADS])
+        binder(blocks, "blockIdx.x")
+        binder(thread, "threadIdx.x")
         for o in o_blocks:
             sch.reverse_compute_at(o, thread)
         for e in e_blocks:
-            sch.set_scope(e, 0, "local")
+            binder.scope(e, 1, "local")
         for name in reversed(pf.mlp_blocks):   # consumers first
             blk = sch.get_sblock(name)
             sch.compute_at(blk, thread)
-            sch.set_scope(blk, 0, "local")
+            binder.scope(blk, 1, "local")
+        _stage_weights(sch, binder, pf.mlp_blocks, blocks)
     return sch

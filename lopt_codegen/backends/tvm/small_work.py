@@ -13,7 +13,7 @@ from ..base import StepBatch, TensorTask, checked_accumulator
 from ..group_values import GroupValues
 from .printer import MlpFold
 from .signature import PassSignature
-from .view import View
+from .view import ROWS_PER_BLOCK, WARP, View, padded
 
 ALIGNMENT = 64   # bytes; TVM's kernels load and store buffers as 64-byte aligned
 
@@ -127,10 +127,10 @@ class GroupStep(GroupValues):
             rows.append(aligned_rows(torch.cat([self.dense(n).reshape(count, -1) for n in sig.scalar_nodes], 1)))
         if sig.mlp is not None:
             rows += [aligned_rows(w) for w in self._fold_mlp(sig.mlp)]
-        A, X, B, Y, C = self.view.dims
+        p_shape, q_shape = self._sum_shapes(sig)
         device = self.tasks[0].param.device
-        p = [empty_rows(count, (sig.chunks, A, B, Y, C), device=device) for _ in sig.x_sums]
-        q = [empty_rows(count, (A, X, B, C, sig.lanes), device=device) for _ in sig.y_sums]
+        p = [empty_rows(count, p_shape, device=device) for _ in sig.x_sums]
+        q = [empty_rows(count, q_shape, device=device) for _ in sig.y_sums]
         args = KernelArgs([], rows + p + q, [], [])
         for t in range(count):
             inputs = [self.element(t, leaf) for leaf in sig.leaves] + [self.element(t, *a) for a in sig.accumulators]
@@ -138,7 +138,18 @@ class GroupStep(GroupValues):
             outputs, back = aligned([self.element(t, name, c) for name, c in sig.outputs], written=True)
             args.outputs.append(outputs)
             args.write_back += back
+        if self.view.gpu:   # the sums as laid out on the CPU, without the padding
+            A, X, B, Y, C = self.view.dims
+            p = [x[:, :, :A * B * Y * C].reshape(count, -1, A, B, Y, C) for x in p]
+            q = [x[:, :A * X * B * C].reshape(count, A, X, B, C, 1) for x in q]
         return args, p, q
+
+    def _sum_shapes(self, sig: PassSignature) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The kernel's P and Q buffers of one tensor (stages.py: _x_sums, _y_sums)."""
+        A, X, B, Y, C = self.view.dims
+        if not self.view.gpu:
+            return (sig.chunks(self.view), A, B, Y, C), (A, X, B, C, sig.lanes)
+        return (self.view.gpu_chunks(), padded(A * B * Y * C, WARP)), (padded(A * X * B * C, ROWS_PER_BLOCK), 1)
 
     def _fold_mlp(self, mlp) -> list[torch.Tensor]:
         """Per tensor: W1' = W1[:, element columns] * scale; b1' = b1 + W1[:, folded columns] @ values."""

@@ -20,6 +20,7 @@ from ...ir.nodes import Level, Node
 from .mlp_stages import build_mlp_stages
 from .printer import F32, ElementPrinter, MlpFold
 from .signature import PassSignature
+from .view import ROW_LANES, ROWS_PER_BLOCK, WARP, padded
 
 
 @dataclass
@@ -113,24 +114,91 @@ class _Inputs:
         return ElementPrinter(load, set(sig.stored), read_mlp)
 
 
+def _masked(inside: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
+    return tirx.Select(inside, value, tirx.const(0, F32))
+
+
+def _x_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
+    """P: CPU, [chunks, A, B, Y, C], a fixed split of X into sig.chunks row ranges.
+    CUDA: [T, A*B*Y*C padded], T row chunks (T bound from P's shape, View.gpu_chunks), each
+    summed by ROW_LANES threads per column that take rows in turn (row = (t*per + i) *
+    ROW_LANES + j; rows past X count 0), then across those threads. Flat columns keep
+    the loops affine, which the GPU schedule needs."""
+    A, X, B, Y, C = inputs.dims
+    if not sig.view.gpu:
+        rows = X // sig.chunks(sig.view)
+        r = te.reduce_axis((0, rows), "r")
+        return _as_list(te.compute((sig.chunks(sig.view), A, B, Y, C), lambda t, a, b, y, c: _reduce(
+            [inputs.printer((a, t * rows + r, b, y, c)).expr(node.args[0], ch) for node, ch in sig.x_sums], r),
+            name="P"))
+    T = tirx.Var("T", "int32")
+    per = tirx.indexdiv(X + ROW_LANES * T - 1, ROW_LANES * T)
+    i = te.reduce_axis((0, per), "i")
+    columns = A * B * Y * C
+
+    def thread_sums(j, t, w):   # w: a column, flat over (a, b, y, c)
+        row = (t * per + i) * ROW_LANES + j
+        a, b, y, c = _unravel(tirx.min(w, columns - 1), (B, Y, C))
+        at = (a, tirx.min(row, X - 1), b, y, c)
+        inside = tirx.all(row < X, w < columns)
+        return _reduce([_masked(inside, inputs.printer(at).expr(node.args[0], ch)) for node, ch in sig.x_sums], i)
+    shape = (ROW_LANES, T, padded(columns, WARP))
+    return _across_threads(te.compute(shape, thread_sums, name="P_threads"), "P")
+
+
+def _unravel(flat: tirx.PrimExpr, inner: tuple) -> tuple:
+    """The index of `flat` over axes whose inner sizes are `inner` (all non-negative, so
+    truncating division: plain / and % in CUDA). One more index than `inner`."""
+    out = []
+    for n in reversed(inner):
+        out.append(tirx.truncmod(flat, n))
+        flat = tirx.truncdiv(flat, n)
+    return (flat, *reversed(out))
+
+
+def _across_threads(partials: te.Tensor | tuple, name: str) -> list[te.Tensor]:
+    """name[...] = the sum over the leading (thread) axis of the per-thread partial sums,
+    in thread order. Staged as <name>_threads (each thread's sum, in registers), then
+    <name>_lanes (all of them in shared memory) for the schedule. TVM's own cross-thread
+    reduction does not take sums of this many outputs."""
+    partials = _as_list(partials)
+    lanes = _as_list(te.compute(partials[0].shape, lambda *i: [p[i] for p in partials], name=f"{name}_lanes"))
+    k = te.reduce_axis((0, lanes[0].shape[0]), "k")
+    return _as_list(te.compute(lanes[0].shape[1:], lambda *i: _reduce([p[(k, *i)] for p in lanes], k), name=name))
+
+
+def _y_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
+    """Q: CPU, [A, X, B, C, lanes], sig.lanes interleaved partial sums per row.
+    CUDA: [A*X*B*C padded, 1], one sum per row: the WARP threads of a warp take its elements
+    in turn, then their partials are added in lane order."""
+    A, X, B, Y, C = inputs.dims
+    if not sig.view.gpu:
+        L = sig.lanes
+        q = te.reduce_axis((0, Y // L), "q")
+        return _as_list(te.compute((A, X, B, C, L), lambda a, x, b, c, l: _reduce(
+            [inputs.printer((a, x, b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.y_sums], q),
+            name="Q"))
+    i = te.reduce_axis((0, tirx.indexdiv(Y + WARP - 1, WARP)), "i")
+
+    rows = A * X * B * C
+
+    def thread_sums(k, r, _):   # r: a row, flat over (a, x, b, c)
+        y = i * WARP + k
+        a, x, b, c = _unravel(tirx.min(r, rows - 1), (X, B, C))
+        at = (a, x, b, tirx.min(y, Y - 1), c)
+        inside = tirx.all(y < Y, r < rows)
+        return _reduce([_masked(inside, inputs.printer(at).expr(node.args[0], ch)) for node, ch in sig.y_sums], i)
+    return _across_threads(te.compute((WARP, padded(rows, ROWS_PER_BLOCK), 1), thread_sums, name="Q_threads"), "Q")
+
+
 def build_pass_function(sig: PassSignature) -> PassFunction:
     inputs = _Inputs(sig)
     A, X, B, Y, C = inputs.dims
     outputs: list[te.Tensor] = []
     if sig.x_sums:
-        rows = X // sig.chunks
-        r = te.reduce_axis((0, rows), "r")
-        P = te.compute((sig.chunks, A, B, Y, C), lambda t, a, b, y, c: _reduce(
-            [inputs.printer((a, t * rows + r, b, y, c)).expr(node.args[0], ch) for node, ch in sig.x_sums], r),
-            name="P")
-        outputs += _as_list(P)
+        outputs += _x_sums(inputs, sig)
     if sig.y_sums:
-        L = sig.lanes
-        q = te.reduce_axis((0, Y // L), "q")
-        Q = te.compute((A, X, B, C, L), lambda a, x, b, c, l: _reduce(
-            [inputs.printer((a, x, b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.y_sums], q),
-            name="Q")
-        outputs += _as_list(Q)
+        outputs += _y_sums(inputs, sig)
     # The element stages (E and the MLP) run over the padded Y extent; O stores real Y.
     element_dims = (A, X, B, sig.view.element_y or Y, C)
     mlp = None

@@ -4,7 +4,8 @@ A contiguous tensor of any rank is viewed, without copying, as 5-D [A, X, B, Y, 
 for a factored tensor X and Y are its two factored axes (X the lower-numbered one) and
 A, B, C the products of the axes before, between and after them; row, col and batch
 values then have size 1 on the axes they lack. An unfactored tensor is flat and viewed
-as [1, N/16, 1, 16, 1] (or [1, N, 1, 1, 1]) so its tensor means vectorize.
+as [1, N/16, 1, 16, 1] (or [1, N, 1, 1, 1]) so its tensor means vectorize (on the GPU
+[1, N/32, 1, 32, 1], a warp's width).
 """
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ from ...ir.nodes import Level
 
 LANES = 16   # floats per vector in the element loops (two AVX2 / one AVX-512 register)
 SYMBOLIC_BELOW = 4096   # smaller tensors share one shape-generic (scalar) kernel
+WARP = 32         # CUDA: threads of a warp (the contiguous lanes of a reduction)
+ROW_LANES = 8     # CUDA: threads summing rows of one column tile of the axis-X partial sums
+ROWS_PER_BLOCK = 8   # CUDA: rows of the axis-Y sums per thread block (a warp each)
+GPU_BLOCKS = 1024   # CUDA: blocks that fill a big GPU (132 SMs x 8 blocks of 256 threads)
+
+
+def padded(n, tile: int):
+    """n (an int or a size expression) rounded up to a multiple of tile: the GPU sums'
+    outputs have whole tiles, so each thread block's shared buffer has a constant size
+    (the host slices the padding off)."""
+    return (n + tile - 1) // tile * tile
 
 
 @dataclass(frozen=True)
@@ -24,9 +36,18 @@ class View:
     dims: tuple[int, int, int, int, int]   # A, X, B, Y, C
     x_axis: str | None                     # "d0" or "d1": the factored axis at X; None: unfactored
     symbolic: bool = False                 # the kernel is built for any dims (one build, slower)
+    gpu: bool = False                      # a CUDA kernel (always symbolic)
 
     def generic(self) -> "View":
         return replace(self, symbolic=True)
+
+    def gpu_chunks(self) -> int:
+        """CUDA: the row chunks of the axis-X partial sums (blockIdx.y): enough blocks to
+        fill a GPU, with each thread summing 16+ rows. From the dims only, so the order of
+        every sum is fixed by the shape, never by the device."""
+        a, x, b, y, c = self.dims
+        column_blocks = a * -(-(b * y * c) // WARP)
+        return max(1, min(-(-x // (ROW_LANES * 16)), -(-GPU_BLOCKS // column_blocks)))
 
     def kernel_dims(self) -> tuple:
         """The dims a kernel is built for: the sizes, or variables bound at call time."""
@@ -63,10 +84,13 @@ class View:
         return "X" if removed == self.x_axis else "Y"
 
 
-def view_of(shape: tuple[int, ...], axes: tuple[int, int] | None) -> View:
+def view_of(shape: tuple[int, ...], axes: tuple[int, int] | None, gpu: bool = False) -> View:
+    """The view of a tensor of `shape` (axes: its factored axes d0, d1, or None); gpu: for
+    the CUDA kernels (shape-generic)."""
     n = math.prod(shape)
     if axes is None:
-        return View((1, n // LANES, 1, LANES, 1) if n % LANES == 0 else (1, n, 1, 1, 1), None)
+        lanes = next(w for w in ((WARP, LANES, 1) if gpu else (LANES, 1)) if n % w == 0)
+        return View((1, n // lanes, 1, lanes, 1), None, symbolic=gpu, gpu=gpu)
     lo, hi = sorted(axes)
     dims = (math.prod(shape[:lo]), shape[lo], math.prod(shape[lo + 1:hi]), shape[hi], math.prod(shape[hi + 1:]))
-    return View(dims, "d0" if axes[0] == lo else "d1")
+    return View(dims, "d0" if axes[0] == lo else "d1", symbolic=gpu, gpu=gpu)
