@@ -123,4 +123,7 @@ def schedule_cuda(pf: PassFunction, sig: PassSignature, bind: bool = True) -> s_
             sch.compute_at(blk, thread)
             binder.scope(blk, 1, "local")
         _stage_weights(sch, binder, pf.mlp_blocks, blocks)
+        for name in pf.mlp_blocks:   # unrolled: the layers' units index registers, not a stack array
+            for loop in sch.get_loops(sch.get_sblock(name))[2:]:
+                sch.unroll(loop)
     return sch
