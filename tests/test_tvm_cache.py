@@ -17,7 +17,6 @@ from conftest import ROOT
 from lopt_codegen.backends.build_cache import BuildCache
 from lopt_codegen.backends.tvm.backend import generic_signatures
 from lopt_codegen.backends.tvm.build import load_cuda_kernels
-from lopt_codegen.backends.tvm.printer import MlpFold
 from lopt_codegen.cli import run
 
 # One Adam step on a fixed tensor in a fresh process; prints what the cache did.
@@ -84,7 +83,7 @@ def test_cli_prebuilds_the_shape_generic_kernels(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_cli_prebuilds_cuda_kernels_that_the_backend_loads(tmp_path, programs):
     """--target cuda builds with nvcc (no GPU); the backend's lookup then hits those
-    modules, which load here and check their arguments (CPU tensors are refused)."""
+    modules, which load here and check their arguments (a CPU pointer table is refused)."""
     env = dict(os.environ, LOPT_CACHE_DIR=str(tmp_path), PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "lopt_codegen.cli", "--backend", "tvm", "--target", "cuda", "--arch", "sm_90",
            "--out", str(tmp_path / "gen"), os.path.join(ROOT, "specs", "adam.yaml")]
@@ -96,11 +95,9 @@ def test_cli_prebuilds_cuda_kernels_that_the_backend_loads(tmp_path, programs):
     sig = generic_signatures(programs["adam"], "float32", gpu=True)["unfactored"][0]
     (kernel,) = load_cuda_kernels(programs["adam"], "unfactored", [sig], "sm_90", cache)
     assert (cache.hits, cache.builds) == (1, 0)
-    element = torch.zeros(1, 2, 1, 16, 1)
-    inputs = [element] * (len(sig.leaves) + len(sig.accumulators)) + [torch.zeros(sig.scalar_count)]
-    mlp = [torch.zeros(s) for s in MlpFold.of(sig.mlp).layer_shapes(sig.mlp.attrs[0])]
-    with pytest.raises(ValueError, match="device_type on argument #0"):
-        kernel(*inputs, *mlp, *[element] * len(sig.outputs))
+    table = torch.zeros(1, len(sig.leaves) + len(sig.accumulators) + 1 + 6 + len(sig.outputs), dtype=torch.int64)
+    with pytest.raises(ValueError, match="device_type on argument #0"):   # the pointer table must be on the GPU
+        kernel(table, 1, 2, 1, 16, 1)
 
 
 def test_cli_rejects_a_malformed_or_misplaced_arch(tmp_path, capsys):

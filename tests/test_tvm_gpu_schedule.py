@@ -1,7 +1,8 @@
-"""TVM's CUDA kernels checked without a GPU: the same stages and schedule (per-thread
+"""TVM's CUDA kernels checked without a GPU: the same stages, schedule (per-thread
 partial sums over row chunks, lanes added in order, one sum per row over a warp's lanes,
-MLP weights staged per block, padded sum buffers), with nothing bound to threads, built
-for the CPU and run per tensor against the reference: every built-in spec, the shape
+padded sum buffers; not the MLP's per-thread registers and shared weights) and launches
+(one per kernel over a group's pointer table, with its shape variables), with nothing
+bound to threads, built for the CPU and run against the reference: every built-in spec, the shape
 matrix plus shapes that span several row chunks, padded column tiles and padded rows,
 10 steps. What only a GPU can check (thread binding, shared memory, barriers) is in
 tests/test_gpu_backends.py."""
@@ -15,10 +16,8 @@ import tvm
 from conftest import SHAPES
 from lopt_codegen.backends.base import TensorTask
 from lopt_codegen.backends.tvm import TvmBackend
-from lopt_codegen.backends.tvm.build import llvm_target
-from lopt_codegen.backends.tvm.schedule_cuda import schedule_cuda
+from lopt_codegen.backends.tvm.build import gpu_kernel_functions, in_order, llvm_target
 from lopt_codegen.backends.tvm.signature import PassSignature
-from lopt_codegen.backends.tvm.stages import build_pass_function
 from lopt_codegen.backends.tvm.view import View, view_of
 from test_tvm_backend import RTOL, make_pair, run_and_compare
 
@@ -29,9 +28,12 @@ GPU_SHAPES = [(300, 5), (5, 40), (3, 70), (70, 3, 33), (64,), (8192,)]
 
 
 def cpu_build(sig: PassSignature) -> Callable:
-    func = schedule_cuda(build_pass_function(sig), sig, bind=False).mod["main"]
-    with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-        return tvm.compile(tvm.IRModule({"main": func}), target=llvm_target())["main"]
+    """The pass's GPU kernels, each over the group's pointer table, built for the CPU."""
+    kernels = []
+    for func in gpu_kernel_functions(sig, bind=False).values():
+        with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+            kernels.append(tvm.compile(tvm.IRModule({"main": func}), target=llvm_target())["main"])
+    return in_order(kernels)
 
 
 class GpuScheduleOnCpu(TvmBackend):

@@ -147,15 +147,17 @@ class TvmBackend(Backend):
 
     @staticmethod
     def _run(kernel: _Kernel, group: GroupStep) -> None:
+        """One call for the group, over a table of pointers (batched.py): on the CPU a loop
+        over its tensors, on the GPU one launch per kernel (table in device memory)."""
         sig = kernel.sig
         args, p, q = group.kernel_args(sig)
-        device = group.tasks[0].param.device
-        if not sig.view.gpu:   # one call for the group, over a table of pointers (batched.py)
-            kernel.func(args.pointer_table(), *(group.view.dims if sig.view.symbolic else ()))
+        table = args.pointer_table()
+        if not sig.view.gpu:
+            kernel.func(table, *(group.view.dims if sig.view.symbolic else ()))
         else:
+            device = group.tasks[0].param.device
             with _on_device(device):
-                for t in range(len(group)):
-                    kernel.func(*args.of_tensor(t))
+                kernel.func(table.to(device), *group.view.dims, *([group.view.gpu_chunks()] if sig.x_sums else []))
         args.finish()
         group.finish_sums(sig, p, q)
 

@@ -14,26 +14,32 @@ tensor still runs its own parallel loops inside the call.
 """
 from __future__ import annotations
 
+import tvm
 from tvm import tirx
 
 
+SHAPE_VARS = "AXBYCT"   # View.kernel_dims, then the row chunks of a GPU kernel's sums
+
+
 def _shape_vars(buffers: list) -> list[tirx.Var]:
-    """The symbolic sizes of a shape-generic function (View.kernel_dims: A, X, B, Y, C),
-    in that order; none for a function built for one shape."""
+    """The symbolic sizes of a shape-generic function (A, X, B, Y, C and, in GPU kernels
+    that sum over X, T), in that order; none for a function built for one shape."""
     found: dict[str, tirx.Var] = {}
     for buf in buffers:
         for dim in buf.shape:
-            if isinstance(dim, tirx.Var):
-                found.setdefault(dim.name, dim)
-    if found and sorted(found) != sorted("AXBYC"):
-        raise ValueError(f"expected the shape variables A, X, B, Y, C; got {sorted(found)}")
-    return [found[n] for n in "AXBYC" if n in found]
+            for var in tirx.analysis.undefined_vars(dim) if not isinstance(dim, tirx.IntImm) else []:
+                found.setdefault(var.name, var)
+    if found and not (set("AXBYC") <= set(found) <= set(SHAPE_VARS)):
+        raise ValueError(f"expected the shape variables A, X, B, Y, C (and T); got {sorted(found)}")
+    return [found[n] for n in SHAPE_VARS if n in found]
 
 
-def batch_over_tensors(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False) -> tirx.PrimFunc:
     """`func` (whose parameters are all buffers) over a table of pointers: parameters
     (table, *shape vars); row t of the table holds, in func's parameter order, the data
-    pointers of tensor t's buffers (64-byte aligned, as func assumes)."""
+    pointers of tensor t's buffers (64-byte aligned, as func assumes). gpu: func is one
+    GPU kernel and the loop over tensors is its blockIdx.z (the table in device memory):
+    one launch for the group."""
     buffers = list(func.params)
     tensors = tirx.Var("tensors", "int32")
     table = tirx.decl_buffer((tensors, len(buffers)), "int64", "table")
@@ -43,5 +49,10 @@ def batch_over_tensors(func: tirx.PrimFunc) -> tirx.PrimFunc:
         ptr = tirx.Var(f"{buf.name}_ptr", "handle")
         declare.append(tirx.LetStmt(ptr, tirx.reinterpret("handle", tirx.BufferLoad(table, [t, tirx.const(k, "int32")]))))
         declare.append(tirx.DeclBuffer(buf, data=ptr))
-    body = tirx.For(t, 0, tensors, tirx.ForKind.SERIAL, tirx.SeqStmt([*declare, func.body]))
+    if gpu:
+        over = tirx.IterVar(tvm.ir.Range(0, tensors), t, tirx.IterVar.ThreadIndex, "blockIdx.z")
+        body = tirx.For(t, 0, tensors, tirx.ForKind.THREAD_BINDING, tirx.SeqStmt([*declare, func.body]),
+                        thread_binding=over)
+    else:
+        body = tirx.For(t, 0, tensors, tirx.ForKind.SERIAL, tirx.SeqStmt([*declare, func.body]))
     return tirx.PrimFunc([table, *_shape_vars(buffers)], body, attrs=func.attrs)

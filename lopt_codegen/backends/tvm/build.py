@@ -22,7 +22,7 @@ from .batched import batch_over_tensors
 from .schedule_cuda import schedule_cuda
 from .schedule_llvm import schedule_llvm
 from .signature import PassSignature
-from .stages import build_pass_function
+from .stages import KERNELS, build_pass_function
 
 _PACKAGE = Path(__file__).resolve().parents[2]   # lopt_codegen/
 
@@ -76,17 +76,31 @@ def load_pass_kernel(program: Program, variant: str, sig: PassSignature, target:
     return _LOADED[name]
 
 
+def cuda_kernel_names(sig: PassSignature) -> list[str]:
+    """The functions of a pass in its CUDA module, in launch order: one per kernel."""
+    has = {"P": bool(sig.x_sums), "Q": bool(sig.y_sums), "E": bool(sig.outputs)}
+    return [f"pass{sig.index}_{k}" for k in KERNELS if has[k]]
+
+
+def gpu_kernel_functions(sig: PassSignature, bind: bool = True) -> dict[str, tvm.tirx.PrimFunc]:
+    """The pass's GPU kernels (cuda_kernel_names), each over a group of tensors: over
+    blockIdx.z, or (bind=False, schedule_cuda) with no thread bound, for a CPU build."""
+    funcs = {}
+    for name in cuda_kernel_names(sig):
+        kernel = schedule_cuda(build_pass_function(sig, name[-1]), sig, bind).mod["main"]
+        funcs[name] = batch_over_tensors(kernel, gpu=bind).with_attr("global_symbol", name)
+    return funcs
+
+
 def cuda_source(sigs: list[PassSignature], arch: str) -> str:
-    """One CUDA C++ translation unit with a kernel and a TVM-FFI host wrapper per pass
-    (functions pass0, pass1, ...), for `arch` (e.g. "sm_90"). No GPU is needed: TVM
-    emits source, and nvcc (or tvm_ffi.cpp) builds it."""
+    """One CUDA C++ translation unit with a kernel and a TVM-FFI host wrapper per kernel of
+    each pass (cuda_kernel_names), each launched once for a group of same-shape tensors
+    (batched.py), for `arch` (e.g. "sm_90"). No GPU is needed: TVM emits source, and
+    nvcc builds it."""
     import tvm.support.nvcc  # noqa: F401 - registers TVM's CUDA compile hooks
     from tvm.backend.cuda.host import export_cuda_host
 
-    funcs = {}
-    for sig in sigs:
-        func = schedule_cuda(build_pass_function(sig), sig).mod["main"]
-        funcs[f"pass{sig.index}"] = func.with_attr("global_symbol", f"pass{sig.index}")
+    funcs = {name: func for sig in sigs for name, func in gpu_kernel_functions(sig).items()}
     target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "cuda_host"})
     with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
         built = tvm.compile(tvm.IRModule(funcs), target=target)
@@ -119,10 +133,20 @@ _LOADED_CUDA: dict[str, object] = {}   # this process's loaded CUDA modules, by 
 
 def load_cuda_kernels(program: Program, variant: str, sigs: list[PassSignature], arch: str,
                       cache: BuildCache = DEFAULT_CACHE) -> list[Callable]:
-    """The CUDA passes of one tensor kind, loaded (shape-generic: one build for all sizes)."""
+    """The CUDA passes of one tensor kind, loaded (shape-generic: one build for all sizes);
+    each runs its kernels in order: pass(table, *shape vars)."""
     import tvm_ffi
 
     path = str(cuda_kernels_path(program, variant, sigs, arch, cache))
     if path not in _LOADED_CUDA:
         _LOADED_CUDA[path] = tvm_ffi.load_module(path)
-    return [getattr(_LOADED_CUDA[path], f"pass{s.index}") for s in sigs]
+    module = _LOADED_CUDA[path]
+    return [in_order([getattr(module, name) for name in cuda_kernel_names(s)]) for s in sigs]
+
+
+def in_order(kernels: list[Callable]) -> Callable:
+    """One callable that runs `kernels` (a pass's) one after the other on its arguments."""
+    def run(*args) -> None:
+        for kernel in kernels:
+            kernel(*args)
+    return run

@@ -1,17 +1,20 @@
-"""GPU schedule of a pass function (shape-generic; stages.py builds its CUDA form).
+"""GPU schedule of one kernel of a pass (shape-generic; stages.py builds its CUDA form,
+batched.py launches it once for a group of tensors, over blockIdx.z).
 
   P  (sums over X) a block per (row chunk, column tile of WARP): threadIdx.x along the
-     columns (coalesced loads), ROW_LANES threads per column each summing its rows in a
-     register, then a fixed-order shared-memory tree across them (TVM's cross-thread
-     reduction); one partial per chunk, finished in torch.
-  Q  (sums over Y) a warp per row: each thread sums every WARP-th element in a register,
-     then a warp-shuffle tree; ROWS_PER_BLOCK rows per block.
-  E  one element per thread; the per-element values and the MLP's layers stay in the
-     thread's registers, the MLP weights are staged in shared memory once per block.
+     columns (coalesced loads), ROW_LANES threads (threadIdx.y) per column each summing
+     its rows in a register; the partials go to shared memory and each column's are
+     added in lane order; one partial per chunk, finished in torch.
+  Q  (sums over Y) a warp per row (ROWS_PER_BLOCK rows per block): each thread sums
+     every WARP-th element in a register, then the 32 partials are added in lane order.
+  E  one element per thread; the per-element values and the MLP's layers (unrolled)
+     stay in the thread's registers, the MLP weights are staged in shared memory once
+     per block.
 No float atomics: every sum has one order, fixed by the shape.
 
-`bind=False` leaves every loop serial (no thread binding, default scopes): the same
-loop structure then builds for the CPU, so tests run it against the reference here.
+`bind=False` binds no thread, keeps default memory scopes and leaves the MLP's stages
+unscheduled: the sums' loop structure then builds for the CPU, so tests run it against
+the reference here.
 """
 from __future__ import annotations
 
@@ -118,12 +121,14 @@ def schedule_cuda(pf: PassFunction, sig: PassSignature, bind: bool = True) -> s_
             sch.reverse_compute_at(o, thread)
         for e in e_blocks:
             binder.scope(e, 1, "local")
-        for name in reversed(pf.mlp_blocks):   # consumers first
-            blk = sch.get_sblock(name)
-            sch.compute_at(blk, thread)
-            binder.scope(blk, 1, "local")
-        _stage_weights(sch, binder, pf.mlp_blocks, blocks)
-        for name in pf.mlp_blocks:   # unrolled: the layers' units index registers, not a stack array
-            for loop in sch.get_loops(sch.get_sblock(name))[2:]:
-                sch.unroll(loop)
+        if bind:   # the MLP per thread, in registers, weights in shared memory. (Left unscheduled
+            # in the CPU build: LLVM takes ~90 s over this loop nest without the GPU's scopes.)
+            for name in reversed(pf.mlp_blocks):   # consumers first
+                blk = sch.get_sblock(name)
+                sch.compute_at(blk, thread)
+                binder.scope(blk, 1, "local")
+            _stage_weights(sch, binder, pf.mlp_blocks, blocks)
+            for name in pf.mlp_blocks:   # unrolled: the layers' units index registers, not a stack array
+                for loop in sch.get_loops(sch.get_sblock(name))[2:]:
+                    sch.unroll(loop)
     return sch

@@ -66,10 +66,6 @@ class KernelArgs:
     outputs: list[list[torch.Tensor]]
     write_back: list[tuple[torch.Tensor, torch.Tensor]]
 
-    def of_tensor(self, t: int) -> list[torch.Tensor]:
-        """Tensor t's arguments, in the kernels' order."""
-        return [*self.inputs[t], *[r[t] for r in self.rows], *self.outputs[t]]
-
     def pointer_table(self) -> torch.Tensor:
         """int64 [tensors, arguments] of data pointers (tvm/batched.py): row pointers by
         arithmetic, so a group costs a few torch calls per buffer, not one per tensor."""

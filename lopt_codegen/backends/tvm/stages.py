@@ -191,18 +191,24 @@ def _y_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
     return _across_threads(te.compute((WARP, padded(rows, ROWS_PER_BLOCK), 1), thread_sums, name="Q_threads"), "Q")
 
 
-def build_pass_function(sig: PassSignature) -> PassFunction:
+KERNELS = ("P", "Q", "E")   # a pass's kernels on the GPU, in launch order
+
+
+def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFunction:
+    """The pass as one function; `kernel` ("P", "Q" or "E"): only that stage, with the
+    same arguments (the other stages' outputs stay as unused placeholders), so that it
+    is one GPU kernel, and every kernel of a pass takes the same pointer table."""
     inputs = _Inputs(sig)
     A, X, B, Y, C = inputs.dims
-    outputs: list[te.Tensor] = []
+    stages: dict[str, list[te.Tensor]] = {}
     if sig.x_sums:
-        outputs += _x_sums(inputs, sig)
+        stages["P"] = _x_sums(inputs, sig)
     if sig.y_sums:
-        outputs += _y_sums(inputs, sig)
+        stages["Q"] = _y_sums(inputs, sig)
     # The element stages (E and the MLP) run over the padded Y extent; O stores real Y.
     element_dims = (A, X, B, sig.view.element_y or Y, C)
     mlp = None
-    if sig.mlp is not None:
+    if sig.mlp is not None and kernel in (None, "E"):
         mlp = build_mlp_stages(sig.mlp, element_dims, inputs.mlp, lambda i: inputs.printer(i, padded=True))
     if sig.outputs:
         mlp_out = mlp.output if mlp is not None else None
@@ -211,7 +217,12 @@ def build_pass_function(sig: PassSignature) -> PassFunction:
         E = _as_list(E)
         casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
         O = te.compute((A, X, B, Y, C), lambda *i: [from_float32(e[i], dt) for e, dt in zip(E, casts)], name="O")
-        outputs += _as_list(O)
+        stages["E"] = _as_list(O)
+    outputs = []
+    for name, tensors in stages.items():
+        outputs += tensors if kernel in (None, name) else \
+            [te.placeholder(t.shape, t.dtype, f"{name}_unused{k}") for k, t in enumerate(tensors)]
     func = te.create_prim_func(inputs.arguments() + outputs)
-    return PassFunction(func, bool(sig.x_sums), bool(sig.y_sums), bool(sig.outputs),
+    built = {name for name in stages if kernel in (None, name)}
+    return PassFunction(func, "P" in built, "Q" in built, "E" in built,
                         mlp.block_names() if mlp is not None else [])
