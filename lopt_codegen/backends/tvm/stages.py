@@ -179,7 +179,6 @@ def _y_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
             [inputs.printer((a, x, b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.y_sums], q),
             name="Q"))
     i = te.reduce_axis((0, tirx.indexdiv(Y + WARP - 1, WARP)), "i")
-
     rows = A * X * B * C
 
     def thread_sums(k, r, _):   # r: a row, flat over (a, x, b, c)
@@ -205,19 +204,21 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
         stages["P"] = _x_sums(inputs, sig)
     if sig.y_sums:
         stages["Q"] = _y_sums(inputs, sig)
-    # The element stages (E and the MLP) run over the padded Y extent; O stores real Y.
-    element_dims = (A, X, B, sig.view.element_y or Y, C)
+    casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
     mlp = None
-    if sig.mlp is not None and kernel in (None, "E"):
-        mlp = build_mlp_stages(sig.mlp, element_dims, inputs.mlp, lambda i: inputs.printer(i, padded=True))
-    if sig.outputs:
+    if sig.outputs and kernel in (None, "E"):
+        # The element stages (E and the MLP) run over the padded Y extent; O stores real Y.
+        element_dims = (A, X, B, sig.view.element_y or Y, C)
+        if sig.mlp is not None:
+            mlp = build_mlp_stages(sig.mlp, element_dims, inputs.mlp, lambda i: inputs.printer(i, padded=True))
         mlp_out = mlp.output if mlp is not None else None
         E = te.compute(element_dims, lambda *i: [inputs.printer(i, mlp_out, padded=True).expr(sig.output_nodes[name], c)
                                                  for name, c in sig.outputs], name="E")
         E = _as_list(E)
-        casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
         O = te.compute((A, X, B, Y, C), lambda *i: [from_float32(e[i], dt) for e, dt in zip(E, casts)], name="O")
         stages["E"] = _as_list(O)
+    elif sig.outputs:   # another kernel of the pass: the outputs only as arguments
+        stages["E"] = [te.placeholder((A, X, B, Y, C), storage_dtype(dt), f"O_unused{k}") for k, dt in enumerate(casts)]
     outputs = []
     for name, tensors in stages.items():
         outputs += tensors if kernel in (None, name) else \
