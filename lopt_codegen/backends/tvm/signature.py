@@ -34,12 +34,9 @@ class PassSignature:
     output_nodes: dict[str, Node] = field(default_factory=dict)
     stored: dict[int, str] = field(default_factory=dict)
 
-    def chunks(self, view: View) -> int:
-        """Row chunks of the axis-X partial sums for a tensor of `view` (this signature's
-        view, or the group's own one for a shape-generic kernel)."""
-        if view.gpu:
-            return view.gpu_chunks()
-        return 1 if self.view.symbolic else _chunks(view.dims[1])
+    @property
+    def chunks(self) -> int:
+        return 1 if self.view.symbolic else _chunks(self.view.dims[1])
 
     @property
     def lanes(self) -> int:

@@ -144,7 +144,7 @@ class GroupStep(GroupValues):
         """The kernel's P and Q buffers of one tensor (stages.py: _x_sums, _y_sums)."""
         A, X, B, Y, C = self.view.dims
         if not self.view.gpu:
-            return (sig.chunks(self.view), A, B, Y, C), (A, X, B, C, sig.lanes)
+            return (sig.chunks, A, B, Y, C), (A, X, B, C, sig.lanes)
         return (self.view.gpu_chunks(), padded(A * B * Y * C, WARP)), (padded(A * X * B * C, ROWS_PER_BLOCK), 1)
 
     def _fold_mlp(self, mlp) -> list[torch.Tensor]:

@@ -126,9 +126,9 @@ def _x_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
     the loops affine, which the GPU schedule needs."""
     A, X, B, Y, C = inputs.dims
     if not sig.view.gpu:
-        rows = X // sig.chunks(sig.view)
+        rows = X // sig.chunks
         r = te.reduce_axis((0, rows), "r")
-        return _as_list(te.compute((sig.chunks(sig.view), A, B, Y, C), lambda t, a, b, y, c: _reduce(
+        return _as_list(te.compute((sig.chunks, A, B, Y, C), lambda t, a, b, y, c: _reduce(
             [inputs.printer((a, t * rows + r, b, y, c)).expr(node.args[0], ch) for node, ch in sig.x_sums], r),
             name="P"))
     T = tirx.Var("T", "int32")
