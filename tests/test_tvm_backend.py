@@ -33,7 +33,8 @@ CASES = {"adam": (Adam, 1.0, {}), "small_fc_lopt": (SmallFcLopt, 30.0, {"weights
          "velo": (VeLO, 300.0, {"weights": "random", "num_steps": 40})}
 
 
-def make_pair(name: str, shapes, dtype=torch.float32, specialize_from: int | None = None, seed: int = 0):
+def make_pair(name: str, shapes, dtype=torch.float32, seed: int = 0, **backend_options):
+    """Reference and TVM optimizers on the same random start; backend_options: TvmBackend's."""
     cls, lr, extra = CASES[name]
     gen = torch.Generator().manual_seed(seed)
     start = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
@@ -41,8 +42,8 @@ def make_pair(name: str, shapes, dtype=torch.float32, specialize_from: int | Non
     tvm_params = [torch.nn.Parameter(p.clone()) for p in start]
     ref = cls(ref_params, lr=lr, weight_decay=0.1, backend="reference", **extra)
     opt = cls(tvm_params, lr=lr, weight_decay=0.1, backend="tvm", **extra)
-    if specialize_from is not None:
-        opt.backend = TvmBackend(cls.program, specialize_from=specialize_from)
+    if backend_options:
+        opt.backend = TvmBackend(cls.program, **backend_options)
     return ref_params, ref, tvm_params, opt, gen
 
 
@@ -76,11 +77,15 @@ def run_and_compare(ref_params, ref, tvm_params, opt, gen, steps=STEPS) -> float
 @pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "velo"])
 def test_matches_reference_on_every_shape(name, kernels):
     shapes = SHAPES + VECTOR_SHAPES
-    pair = make_pair(name, shapes, specialize_from=0 if kernels == "specialized" else None)
+    # Specialized: the larger shapes split their own loops across the cores, the smaller
+    # ones run whole per core (both kinds of CPU parallel loop).
+    pair = make_pair(name, shapes, **({"specialize_from": 0, "parallel_within_from": 64}
+                                      if kernels == "specialized" else {}))
     assert run_and_compare(*pair) <= RTOL
     backend = pair[3].backend
     views = {k.sig.view for ks in backend._kernels.values() for k in ks}
     assert all(not v.symbolic for v in views) == (kernels == "specialized")
+    assert {v.parallel_within for v in views} == ({False, True} if kernels == "specialized" else {False})
     if kernels == "specialized" and name != "adam":   # Adam's tensors are flat (unfactored)
         vectorized = [v for v in views if v.element_y is not None]
         assert any(v.element_y > v.dims[3] for v in vectorized), "no padded vector kernel tested"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from dataclasses import replace
 from functools import lru_cache
 from typing import Callable, ContextManager
 
@@ -21,7 +22,7 @@ from ..reference import ReferenceBackend
 from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_kernel
 from .signature import PassSignature, pass_signature
 from .small_work import GroupStep
-from .view import SYMBOLIC_BELOW, View, view_of
+from .view import PARALLEL_WITHIN_FROM, SYMBOLIC_BELOW, View, view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -70,7 +71,7 @@ class TvmBackend(Backend):
     name = "tvm"
 
     def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE, specialize_from: int = SYMBOLIC_BELOW,
-                 cuda: bool = True):
+                 cuda: bool = True, parallel_within_from: int = PARALLEL_WITHIN_FROM):
         super().__init__(program)
         # cuda=False (backend="auto") leaves CUDA tensors to the reference: TVM's CUDA
         # kernels have not yet passed the GPU parity test on a real device.
@@ -78,6 +79,9 @@ class TvmBackend(Backend):
         # Tensors with fewer elements share shape-generic kernels (one build for all
         # sizes, not vectorized); larger ones get kernels built for their shape.
         self.specialize_from = specialize_from
+        # Tensors this large split their own loops across the cores; a group of smaller
+        # ones runs whole tensors per core (View.parallel_within).
+        self.parallel_within_from = parallel_within_from
         self.target = llvm_target()
         self.cache = cache
         self.plans = plan_program(program)
@@ -94,8 +98,11 @@ class TvmBackend(Backend):
         view = self.view(task)   # the GPU's is always shape-generic
         if view.numel < self.specialize_from:
             view = view.generic()
+        elif not view.gpu and view.numel >= self.parallel_within_from:
+            view = replace(view, parallel_within=True)
         arch = cuda_arch(p.device) if p.device.type == "cuda" else None
-        key = (task.variant, view.x_axis, view.symbolic or view.dims, view.gpu, p.dtype, task.grad.dtype, arch)
+        key = (task.variant, view.x_axis, view.symbolic or view.dims, view.gpu, view.parallel_within, p.dtype,
+               task.grad.dtype, arch)
         if key not in self._kernels:
             graph = self.program.variants[task.variant]
             sigs = [pass_signature(ps, graph.new_param, graph.accumulators, view, _DTYPES[p.dtype],

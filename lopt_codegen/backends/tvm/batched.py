@@ -10,7 +10,8 @@ The tensors of a group live in separate allocations (the user's parameters and
 gradients), so they cannot be one concatenated buffer without copies; a table of
 pointers needs none. A step then costs one call per group and pass instead of one per
 tensor and pass (a Python loop and the FFI conversion of ~20 tensors each); each
-tensor still runs its own parallel loops inside the call.
+tensor runs its own parallel loops inside the call (a large one), or the loop over the
+tensors is parallel (small ones: `parallel`).
 """
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ def _shape_vars(buffers: list) -> list[tirx.Var]:
     return [found[n] for n in SHAPE_VARS if n in found]
 
 
-def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False) -> tirx.PrimFunc:
+def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False, parallel: bool = False) -> tirx.PrimFunc:
     """`func` (whose parameters are all buffers) over a table of pointers: parameters
     (table, *shape vars); row t of the table holds, in func's parameter order, the data
     pointers of tensor t's buffers (64-byte aligned, as func assumes). gpu: func is one
     GPU kernel and the loop over tensors is its blockIdx.z (the table in device memory):
-    one launch for the group."""
+    one launch for the group. parallel: the CPU loop over the tensors is split across the
+    cores (func has no parallel loop of its own then)."""
     buffers = list(func.params)
     tensors = tirx.Var("tensors", "int32")
     table = tirx.decl_buffer((tensors, len(buffers)), "int64", "table")
@@ -54,5 +56,6 @@ def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False) -> tirx.PrimFunc:
         body = tirx.For(t, 0, tensors, tirx.ForKind.THREAD_BINDING, tirx.SeqStmt([*declare, func.body]),
                         thread_binding=over)
     else:
-        body = tirx.For(t, 0, tensors, tirx.ForKind.SERIAL, tirx.SeqStmt([*declare, func.body]))
+        kind = tirx.ForKind.PARALLEL if parallel else tirx.ForKind.SERIAL
+        body = tirx.For(t, 0, tensors, kind, tirx.SeqStmt([*declare, func.body]))
     return tirx.PrimFunc([table, *_shape_vars(buffers)], body, attrs=func.attrs)

@@ -23,6 +23,7 @@ from .schedule_cuda import schedule_cuda
 from .schedule_llvm import schedule_llvm
 from .signature import PassSignature
 from .stages import KERNELS, build_pass_function
+from .threads import use_torch_threads
 
 _PACKAGE = Path(__file__).resolve().parents[2]   # lopt_codegen/
 
@@ -48,12 +49,14 @@ def llvm_target(cores: int | None = None) -> tvm.target.Target:
 def pass_key(program: Program, variant: str, sig: PassSignature, target: tvm.target.Target | str) -> dict:
     return {"spec": program.spec_sha256, "compiler": compiler_version(), "tvm": tvm.__version__,
             "variant": variant, "pass": sig.index, "view": "symbolic" if sig.view.symbolic else list(sig.view.dims), "x_axis": sig.view.x_axis,
+            "parallel_within": sig.view.parallel_within,
             "param_dtype": sig.param_dtype, "grad_dtype": sig.grad_dtype, "target": str(target)}
 
 
 def compile_pass(sig: PassSignature, target: tvm.target.Target) -> tvm.runtime.Module:
     """The CPU kernel of a pass, over a group of tensors (batched.py)."""
-    func = batch_over_tensors(schedule_llvm(build_pass_function(sig), sig).mod["main"])
+    func = batch_over_tensors(schedule_llvm(build_pass_function(sig), sig).mod["main"],
+                              parallel=not sig.view.parallel_within)
     # TVM's TIR common-subexpression pass emits a variable before its definition on the
     # MLP stages (InternalError "used before definition"); LLVM does the CSE anyway.
     with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
@@ -71,8 +74,12 @@ def load_pass_kernel(program: Program, variant: str, sig: PassSignature, target:
         def build(path: Path) -> None:
             compile_pass(sig, target).export_library(str(path))
 
-        _LOADED[name] = cache.get("tvm-llvm", key, "kernel.so", build,
-                                  lambda path: tvm.runtime.load_module(str(path))["main"])
+        def load(path: Path) -> Callable:
+            module = tvm.runtime.load_module(str(path))
+            use_torch_threads(path)
+            return module["main"]
+
+        _LOADED[name] = cache.get("tvm-llvm", key, "kernel.so", build, load)
     return _LOADED[name]
 
 

@@ -1,6 +1,7 @@
-"""CPU schedule of a pass function: parallel over the outer axes (one chunk per core),
-vectorized along axis Y (View.element_y: padded to whole vectors; loads strided by C
-when axes follow Y, as a conv kernel's 3x3 does)."""
+"""CPU schedule of a pass function: parallel over the outer axes (a large tensor,
+View.parallel_within; a group of small ones runs in parallel over its tensors instead,
+batched.py), vectorized along axis Y (View.element_y: padded to whole vectors; loads
+strided by C when axes follow Y, as a conv kernel's 3x3 does)."""
 from __future__ import annotations
 
 from tvm import s_tir
@@ -64,11 +65,17 @@ def _schedule_mlp(sch: s_tir.Schedule, names: list[str], anchor, vectorized: boo
 
 def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
     sch = s_tir.Schedule(pf.func)
+
+    def parallel(*loops) -> None:
+        fused = sch.fuse(*loops)
+        if sig.view.parallel_within:
+            sch.parallel(fused)
+
     if pf.has_p:
         blk = reduction_block(sch, "P")
         t, a, b, y, c, r = sch.get_loops(blk)
         sch.reorder(t, a, r, b, y, c)
-        sch.parallel(sch.fuse(t, a))
+        parallel(t, a)
         inner = sch.fuse(b, y, c)
         if not sig.view.symbolic and int(sch.get(inner).extent) % LANES == 0:
             sch.vectorize(sch.split(inner, [None, LANES])[1])
@@ -77,7 +84,7 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         blk = reduction_block(sch, "Q")
         a, x, b, c, l, q = sch.get_loops(blk)
         sch.reorder(a, x, b, c, q, l)
-        sch.parallel(sch.fuse(a, x))
+        parallel(a, x)
         if sig.lanes > 1:
             sch.vectorize(l)
         sch.decompose_reduction(blk, q)
@@ -87,7 +94,7 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         e_blocks = blocks_of(sch, "E", len(sig.outputs))
         o_blocks = blocks_of(sch, "O", len(sig.outputs))
         a, x, b, y, c = sch.get_loops(e_blocks[0])
-        sch.parallel(sch.fuse(a, x))
+        parallel(a, x)
         padded_y = sig.view.element_y
         vectorized = padded_y is not None
         if vectorized:   # vectors along Y (strided loads when C > 1), b and c outside

@@ -18,6 +18,9 @@ from ...ir.nodes import Level
 
 LANES = 16   # floats per vector in the element loops (two AVX2 / one AVX-512 register)
 SYMBOLIC_BELOW = 4096   # smaller tensors share one shape-generic (scalar) kernel
+# CPU: a tensor with fewer elements is too little work to split across cores; its group's
+# kernel runs whole tensors on each core instead (View.parallel_within).
+PARALLEL_WITHIN_FROM = 1 << 16
 WARP = 32         # CUDA: threads of a warp (the contiguous lanes of a reduction)
 ROW_LANES = 8     # CUDA: threads summing rows of one column tile of the axis-X partial sums
 ROWS_PER_BLOCK = 8   # CUDA: rows of the axis-Y sums per thread block (a warp each)
@@ -37,9 +40,11 @@ class View:
     x_axis: str | None                     # "d0" or "d1": the factored axis at X; None: unfactored
     symbolic: bool = False                 # the kernel is built for any dims (one build, slower)
     gpu: bool = False                      # a CUDA kernel (always symbolic)
+    # CPU: each tensor's loops run in parallel; else the loop over a group's tensors does
+    parallel_within: bool = False
 
     def generic(self) -> "View":
-        return replace(self, symbolic=True)
+        return replace(self, symbolic=True, parallel_within=False)
 
     def gpu_chunks(self) -> int:
         """CUDA: the row chunks of the axis-X partial sums (blockIdx.y): enough blocks to

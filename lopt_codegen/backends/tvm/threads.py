@@ -1,0 +1,89 @@
+"""TVM's CPU kernels run their parallel loops on torch's OpenMP threads.
+
+A TVM kernel's parallel loop calls the function pointer __TVMBackendParallelLaunch, which
+the TVM runtime fills with its own thread pool when it loads the module. Two pools on the
+same cores fight: after each torch op, torch's OpenMP workers spin for a while (GOMP's
+default), and TVM's workers then share the cores with them (measured on 2 cores: a VeLO
+step 39 ms, 28.7 ms once GOMP stopped spinning). TVM also sizes its pool as half the
+logical CPUs on x86, taking the rest for hyperthreads: one thread on 2 cores. So every
+loaded kernel's pointer is set to a launcher that runs the tasks in an OpenMP parallel
+region of the OpenMP runtime torch loaded (its soname, libgomp.so.1, resolves to that
+copy), with torch.get_num_threads() threads.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch  # noqa: F401 - loads torch's OpenMP runtime before the launcher binds to it
+
+from ..build_cache import DEFAULT_CACHE
+
+_FLAGS = ["-O2", "-fopenmp"]
+
+_SOURCE = r"""
+#include <dlfcn.h>
+#include <omp.h>
+#include <cstdint>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/string.h>
+
+// TVM's C ABI of a parallel loop (tvm/runtime/c_backend_api.h).
+struct TVMParallelGroupEnv { void* sync_handle; int32_t num_task; };
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+
+// Runs task i of n on OpenMP thread i. num_task 0: as many tasks as threads.
+static int omp_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
+  int threads = num_task > 0 ? num_task : omp_get_max_threads();
+  if (threads <= 1 || omp_in_parallel()) {
+    TVMParallelGroupEnv env = {nullptr, 1};
+    return flambda(0, &env, cdata);
+  }
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    TVMParallelGroupEnv env = {nullptr, omp_get_num_threads()};
+    failed |= flambda(omp_get_thread_num(), &env, cdata) != 0;
+  }
+  return failed ? -1 : 0;
+}
+
+// Points the loaded library at `path` to omp_parallel_launch.
+void use_omp_threads(tvm::ffi::String path) {
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  if (lib == nullptr) TVM_FFI_THROW(RuntimeError) << path << " is not loaded";
+  void** launch = static_cast<void**>(dlsym(lib, "__TVMBackendParallelLaunch"));
+  bool barrier = dlsym(lib, "__TVMBackendParallelBarrier") != nullptr;
+  dlclose(lib);
+  // A barrier would need TVM's own pool (its sync_handle); the pass kernels have none.
+  if (barrier) TVM_FFI_THROW(RuntimeError) << path << " synchronizes inside a parallel loop";
+  if (launch != nullptr) *launch = reinterpret_cast<void*>(&omp_parallel_launch);
+}
+"""
+
+
+@lru_cache(maxsize=1)
+def omp_launcher():
+    """The launcher's module (built once into the default cache, loaded once per process)."""
+    import hashlib
+
+    import tvm_ffi
+    import tvm_ffi.cpp
+
+    def build(path: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="lopt-omp-") as tmp:
+            lib = tvm_ffi.cpp.build_inline("lopt_omp_launch", cpp_sources=_SOURCE, functions="use_omp_threads",
+                                           extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=tmp)
+            shutil.copy(lib, path)
+
+    key = {"source_sha256": hashlib.sha256(_SOURCE.encode()).hexdigest(), "flags": _FLAGS,
+           "tvm_ffi": tvm_ffi.__version__}
+    return DEFAULT_CACHE.get("tvm-omp-launch", key, "launch.so", build, lambda path: tvm_ffi.load_module(str(path)))
+
+
+def use_torch_threads(library: Path) -> None:
+    """After TVM loaded the kernel library at `library`: its parallel loops run on
+    torch's OpenMP threads (call again after every load: TVM resets the pointer)."""
+    omp_launcher().use_omp_threads(str(library))
