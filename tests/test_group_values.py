@@ -75,3 +75,35 @@ def test_tvm_cpu_kernels_take_a_group_in_one_call(name):
         variant = "unfactored" if factored_axes(shape, cls.program.factored_axes) is None else "factored"
         expected += [size] * len(opt.backend.plans[variant].passes)
     assert sorted(calls) == sorted(expected)
+
+
+def test_tvm_group_keeps_its_pointer_table_until_a_tensor_moves():
+    """An unchanged group reuses its pass's pointer table (on a GPU: already in device
+    memory); a gradient in new memory gets a new table, and the step stays right."""
+    cls, lr, extra = CASES["velo"]
+    gen = torch.Generator().manual_seed(2)
+    start = [torch.randn(s, generator=gen) for s in [(5, 3), (5, 3), (9,)]]
+    ref_params = [torch.nn.Parameter(p.clone()) for p in start]
+    our_params = [torch.nn.Parameter(p.clone()) for p in start]
+    ref = cls(ref_params, lr=lr, backend="reference", **extra)
+    opt = cls(our_params, lr=lr, backend="tvm", **extra)
+    for p, q in zip(ref_params, our_params):
+        p.grad = torch.randn(p.shape, generator=gen)
+        q.grad = p.grad.clone()
+
+    def step_and_tables() -> dict:
+        ref.step(loss=1.0)
+        opt.step(loss=1.0)
+        for p, q in zip(ref_params, our_params):
+            torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
+        return {key: kept.table for key, kept in opt.backend._kept.items()}
+
+    first = step_and_tables()
+    assert len(first) == 2 * 3   # two groups, three passes each
+    second = step_and_tables()
+    assert all(second[key] is first[key] for key in first)
+    our_params[1].grad = our_params[1].grad.clone()   # same values, new memory
+    third = step_and_tables()
+    moved = {key for key in first if third[key] is not second[key]}
+    factored = {key for key in first if key[0][1] == (5, 3)}
+    assert moved == factored

@@ -27,8 +27,9 @@ def checked_accumulator(task: TensorTask, name: str, backend: str) -> torch.Tens
     """Accumulator `name` of the task, checked to be what compiled kernels read through
     bare pointers: float32 [channels, *shape], each channel contiguous, on the param's device."""
     acc = task.state[name]
-    if acc.dtype != torch.float32 or acc.device != task.param.device or \
-            not all(c.is_contiguous() for c in acc.unbind(0)):
+    # Every channel has channel 0's sizes and strides: one contiguous means all are.
+    if acc.dtype != torch.float32 or acc.device != task.param.device or acc.dim() == 0 or \
+            not acc[0].is_contiguous():
         raise ValueError(f"{backend} backend: accumulator '{name}' must be float32 [channels, *shape] with each "
                          f"channel contiguous, on the parameter's device; got {acc.dtype} with strides "
                          f"{acc.stride()} on {acc.device}")

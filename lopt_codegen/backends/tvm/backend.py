@@ -21,7 +21,7 @@ from ..group_values import group_key, run_network_over_groups
 from ..reference import ReferenceBackend
 from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_kernel
 from .signature import PassSignature, pass_signature
-from .small_work import GroupStep
+from .small_work import GroupStep, KeptArgs
 from .view import PARALLEL_WITHIN_FROM, SYMBOLIC_BELOW, View, view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -87,6 +87,7 @@ class TvmBackend(Backend):
         self.plans = plan_program(program)
         self.fallback = ReferenceBackend(program)
         self._kernels: dict[tuple, list[_Kernel]] = {}
+        self._kept: dict[tuple, KeptArgs] = {}   # (group key, pass index) -> its kept arguments
         self._warned: set[str] = set()
 
     def view(self, task: TensorTask) -> View:
@@ -135,37 +136,37 @@ class TvmBackend(Backend):
         for task in batch.tasks:
             key = (*group_key(task), task.param.device, task.param.dtype, task.grad.dtype)
             groups.setdefault(key, []).append(task)
-        runs = [(GroupStep(tasks, batch, self.view(tasks[0])), self.kernels(tasks[0])) for tasks in groups.values()]
+        runs = [(key, GroupStep(tasks, batch, self.view(tasks[0])), self.kernels(tasks[0]))
+                for key, tasks in groups.items()]
         split = {}   # groups run their passes up to the network, then the rest
-        for group, kernels in runs:
+        for _, group, kernels in runs:
             after = self.plans[group.tasks[0].variant].network_after
             split[id(group)] = len(kernels) if batch.network is None or after is None else after + 1
-        for group, kernels in runs:
+        for key, group, kernels in runs:
             for k in kernels[:split[id(group)]]:
-                self._run(k, group)
+                self._run(k, group, key)
         if batch.network is not None:
-            steps = [group for group, _ in runs]
+            steps = [group for _, group, _ in runs]
             run_network_over_groups(batch, steps, [self.program.variants[g.tasks[0].variant].network_input
                                                    for g in steps])
-        for group, kernels in runs:
+        for key, group, kernels in runs:
             for k in kernels[split[id(group)]:]:
-                self._run(k, group)
+                self._run(k, group, key)
             group.write_small_accumulators(self.program.variants[group.tasks[0].variant].accumulators)
 
-    @staticmethod
-    def _run(kernel: _Kernel, group: GroupStep) -> None:
+    def _run(self, kernel: _Kernel, group: GroupStep, key: tuple) -> None:
         """One call for the group, over a table of pointers (batched.py): on the CPU a loop
-        over its tensors, on the GPU one launch per kernel (table in device memory)."""
+        over its tensors, on the GPU one launch per kernel (table in device memory). The
+        arguments are kept per group and pass (KeptArgs): an unchanged group reuses its table."""
         sig = kernel.sig
-        args, p, q = group.kernel_args(sig)
-        table = args.pointer_table()
+        table, write_back, p, q = group.kernel_args(sig, self._kept.setdefault((key, sig.index), KeptArgs()))
         if not sig.view.gpu:
             kernel.func(table, *(group.view.dims if sig.view.symbolic else ()))
         else:
-            device = group.tasks[0].param.device
-            with _on_device(device):
-                kernel.func(table.to(device), *group.view.dims, *([group.view.gpu_chunks()] if sig.x_sums else []))
-        args.finish()
+            with _on_device(table.device):
+                kernel.func(table, *group.view.dims, *([group.view.gpu_chunks()] if sig.x_sums else []))
+        for original, copy in write_back:
+            original.copy_(copy)
         group.finish_sums(sig, p, q)
 
     def _unsupported_reason(self, task: TensorTask) -> str | None:

@@ -5,7 +5,7 @@ first layer folded per tensor."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,34 +54,28 @@ def _storage(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
 
 
+def pointer_table(own: list[list[int]], rows: list[torch.Tensor], outputs: list[list[int]]) -> torch.Tensor:
+    """int64 [tensors, arguments] of data pointers (tvm/batched.py): each tensor's own
+    inputs, the rows of the [tensors, ...] buffers (by arithmetic: a few torch calls per
+    buffer, not one per tensor), then its own outputs."""
+    count = len(own)
+    index = torch.arange(count, dtype=torch.int64).unsqueeze(1)
+    row_pointers = [r.data_ptr() + index * (r.stride(0) * r.element_size()) for r in rows]
+    return torch.cat([torch.tensor(own, dtype=torch.int64).reshape(count, -1), *row_pointers,
+                      torch.tensor(outputs, dtype=torch.int64).reshape(count, -1)], 1)
+
+
 @dataclass
-class KernelArgs:
-    """A pass's arguments for a group: each tensor's own tensors (inputs first, outputs
-    last) around [tensors, ...] buffers whose row t is tensor t's (small values, scalars,
-    MLP weights, partial sums; rows 64-byte aligned). `write_back`: (original, aligned
-    copy) of outputs that were misaligned."""
+class KeptArgs:
+    """A pass's kernel arguments for one group, kept from step to step: the [tensors, ...]
+    row buffers (small values, scalars, MLP weights, partial sums; refilled in place each
+    step) and the pointer table over them and the tensors' own data, in the kernels'
+    memory. The table is rebuilt only when a tensor's data moved (on the GPU it then
+    stays in device memory; no copy per step)."""
 
-    inputs: list[list[torch.Tensor]]
-    rows: list[torch.Tensor]
-    outputs: list[list[torch.Tensor]]
-    write_back: list[tuple[torch.Tensor, torch.Tensor]]
-
-    def pointer_table(self) -> torch.Tensor:
-        """int64 [tensors, arguments] of data pointers (tvm/batched.py): row pointers by
-        arithmetic, so a group costs a few torch calls per buffer, not one per tensor."""
-        count = len(self.inputs)
-        index = torch.arange(count, dtype=torch.int64).unsqueeze(1)
-
-        def own(tensors: list[list[torch.Tensor]]) -> torch.Tensor:
-            width = len(tensors[0])
-            return torch.tensor([[x.data_ptr() for x in row] for row in tensors], dtype=torch.int64).reshape(count, width)
-
-        rows = [r.data_ptr() + index * (r.stride(0) * r.element_size()) for r in self.rows]
-        return torch.cat([own(self.inputs), *rows, own(self.outputs)], 1)
-
-    def finish(self) -> None:
-        for original, copy in self.write_back:
-            original.copy_(copy)
+    rows: list[torch.Tensor] = field(default_factory=list)
+    own: tuple[list[list[int]], list[list[int]]] | None = None   # the tensors' pointers in `table`
+    table: torch.Tensor | None = None
 
 
 class GroupStep(GroupValues):
@@ -92,6 +86,8 @@ class GroupStep(GroupValues):
         super().__init__(tasks, batch)
         self.view = view
         self._elements: dict[tuple[int, str, int], torch.Tensor] = {}
+        self._bases: dict[int, dict[str, tuple[int, int]]] = {}   # _bases_of's, per tensor
+        self._copies: list[torch.Tensor] = []   # _table_with_copies'
 
     def element(self, t: int, name: str, channel: int = 0) -> torch.Tensor:
         """Tensor t's param, grad or accumulator channel viewed as the kernels' dims; made
@@ -113,32 +109,85 @@ class GroupStep(GroupValues):
         return self._elements[key]
 
     # --- kernel arguments ------------------------------------------------------------
-    def kernel_args(self, sig: PassSignature) -> tuple[KernelArgs, list[torch.Tensor], list[torch.Tensor]]:
-        """The pass's arguments for every tensor of the group, and its P and Q partial-sum
-        buffers ([tensors, ...] each, finished by finish_sums)."""
+    def kernel_args(self, sig: PassSignature, kept: KeptArgs) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]],
+                                                                      list[torch.Tensor], list[torch.Tensor]]:
+        """The pass's pointer table for the group (on the kernels' device), the (original,
+        aligned copy) pairs of outputs to write back after the kernel, and its P and Q
+        partial-sum buffers ([tensors, ...] each, finished by finish_sums)."""
         count = len(self)
-        rows = [aligned_rows(self.dense(n).reshape(count, n.channels, *self.view.small_dims(n.level)))
-                for n in sig.small]
+        values = [self.dense(n).reshape(count, n.channels, *self.view.small_dims(n.level)) for n in sig.small]
         if sig.scalar_nodes:
-            rows.append(aligned_rows(torch.cat([self.dense(n).reshape(count, -1) for n in sig.scalar_nodes], 1)))
+            values.append(torch.cat([self.dense(n).reshape(count, -1) for n in sig.scalar_nodes], 1))
         if sig.mlp is not None:
-            rows += [aligned_rows(w) for w in self._fold_mlp(sig.mlp)]
+            values += self._fold_mlp(sig.mlp)
         p_shape, q_shape = self._sum_shapes(sig)
+        shapes = [tuple(v.shape) for v in values] + [(count, *p_shape)] * len(sig.x_sums) \
+            + [(count, *q_shape)] * len(sig.y_sums)
         device = self.tasks[0].param.device
-        p = [empty_rows(count, p_shape, device=device) for _ in sig.x_sums]
-        q = [empty_rows(count, q_shape, device=device) for _ in sig.y_sums]
-        args = KernelArgs([], rows + p + q, [], [])
-        for t in range(count):
-            inputs = [self.element(t, leaf) for leaf in sig.leaves] + [self.element(t, *a) for a in sig.accumulators]
-            args.inputs.append(aligned(inputs, written=False)[0])
-            outputs, back = aligned([self.element(t, name, c) for name, c in sig.outputs], written=True)
-            args.outputs.append(outputs)
-            args.write_back += back
+        if [tuple(r.shape) for r in kept.rows] != shapes:
+            kept.rows = [empty_rows(s[0], s[1:], device=device) for s in shapes]
+            kept.own = None
+        for row, value in zip(kept.rows, values):
+            row.copy_(value)
+        sums = kept.rows[len(values):]
+        p, q = sums[:len(sig.x_sums)], sums[len(sig.x_sums):]
+        own = self._own_pointers(sig)
+        if own is None:   # a misaligned or strided tensor: aligned copies, a table for this step only
+            table, back = self._table_with_copies(sig, kept.rows)
+        else:
+            if own != kept.own:
+                kept.table, kept.own = pointer_table(*own[:1], kept.rows, *own[1:]).to(device), own
+            table, back = kept.table, []
         if self.view.gpu:   # the sums as laid out on the CPU, without the padding
             A, X, B, Y, C = self.view.dims
             p = [x[:, :, :A * B * Y * C].reshape(count, -1, A, B, Y, C) for x in p]
             q = [x[:, :A * X * B * C].reshape(count, A, X, B, C, 1) for x in q]
-        return args, p, q
+        return table, back, p, q
+
+    def _own_pointers(self, sig: PassSignature) -> tuple[list[list[int]], list[list[int]]] | None:
+        """Each tensor's input and output pointers as the pass takes them, from its tensors'
+        data pointers; None when one is misaligned or strided (it needs a copy)."""
+        names = [(leaf, 0) for leaf in sig.leaves] + sig.accumulators + sig.outputs
+        needed = {name for name, _ in names}
+        pointers = []
+        for t in range(len(self)):
+            bases = self._bases_of(t, needed)
+            if bases is None:
+                return None
+            pointers.append([bases[name][0] + c * bases[name][1] for name, c in names])
+        split = len(sig.leaves) + len(sig.accumulators)
+        return [row[:split] for row in pointers], [row[split:] for row in pointers]
+
+    def _bases_of(self, t: int, names: set[str]) -> dict[str, tuple[int, int]] | None:
+        """Tensor t's (data pointer, bytes per channel) of `names` (param, grad,
+        accumulators), read once per step; None unless all are dense and aligned."""
+        bases = self._bases.setdefault(t, {})
+        task = self.tasks[t]
+        for name in names - bases.keys():
+            if name in ("param", "grad"):   # a param is contiguous (unsupported_reason)
+                x = task.param if name == "param" else task.grad
+                bases[name] = (x.data_ptr(), 0) if x.is_contiguous() else (1, 0)   # 1: never aligned
+            else:
+                acc = checked_accumulator(task, name, "TVM")
+                bases[name] = (acc.data_ptr(), acc.stride(0) * acc.element_size() if acc.shape[0] > 1 else 0)
+        if any(bases[name][0] % ALIGNMENT or bases[name][1] % ALIGNMENT for name in names):
+            return None
+        return bases
+
+    def _table_with_copies(self, sig: PassSignature, rows: list[torch.Tensor]) \
+            -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The pointer table over aligned copies of the misaligned tensors (and the
+        (original, copy) pairs of outputs to write back)."""
+        own, outputs, back = [], [], []
+        for t in range(len(self)):
+            inputs = aligned([self.element(t, leaf) for leaf in sig.leaves]
+                             + [self.element(t, *a) for a in sig.accumulators], written=False)[0]
+            written, copies = aligned([self.element(t, name, c) for name, c in sig.outputs], written=True)
+            self._copies += inputs + written   # alive until the step ends: the table points into them
+            own.append([x.data_ptr() for x in inputs])
+            outputs.append([x.data_ptr() for x in written])
+            back += copies
+        return pointer_table(own, rows, outputs).to(self.tasks[0].param.device), back
 
     def _sum_shapes(self, sig: PassSignature) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The kernel's P and Q buffers of one tensor (stages.py: _x_sums, _y_sums)."""
