@@ -29,10 +29,10 @@ GPU_SHAPES = [(300, 5), (5, 40), (3, 70), (70, 3, 33), (64,), (8192,)]
 
 def cpu_build(sig: PassSignature) -> Callable:
     """The pass's GPU kernels, each over the group's pointer table, built for the CPU."""
-    kernels = []
-    for func in gpu_kernel_functions(sig, bind=False).values():
+    kernels = {}
+    for name, func in gpu_kernel_functions(sig, bind=False).items():
         with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-            kernels.append(tvm.compile(tvm.IRModule({"main": func}), target=llvm_target())["main"])
+            kernels[name] = tvm.compile(tvm.IRModule({"main": func}), target=llvm_target())["main"]
     return in_order(kernels)
 
 
@@ -56,3 +56,18 @@ def test_gpu_schedule_matches_reference(name):
     if name != "adam":   # the sums ran in their GPU form, with several row chunks somewhere
         assert any(k.sig.x_sums for k in kernels) and any(k.sig.y_sums for k in kernels)
         assert max(view_of(s, (0, 1) if len(s) > 1 else None, gpu=True).gpu_chunks() for s in GPU_SHAPES) > 1
+
+
+@pytest.mark.parametrize("dims, launched", [
+    ((1, 2, 1, 32, 1), ["pass0_P", "pass0_T"]),                  # 64 elements: no whole tile
+    ((1, 256, 1, 32, 1), ["pass0_P", "pass0_E"]),                # 8192: no tail
+    ((3, 100, 1, 5, 1), ["pass0_P", "pass0_E", "pass0_T"]),      # 1500: 5 tiles and 220 more
+])
+def test_element_kernels_launch_only_with_elements_to_cover(dims, launched):
+    """CUDA refuses a launch of zero blocks: a pass leaves out its whole-tile element
+    kernel below one tile (256 elements) and its tail at a multiple of one."""
+    calls = []
+    kernels = {name: (lambda name: lambda *args: calls.append((name, args)))(name)
+               for name in ("pass0_P", "pass0_E", "pass0_T")}
+    in_order(kernels)("table", *dims, 4)
+    assert calls == [(name, ("table", *dims, 4)) for name in launched]

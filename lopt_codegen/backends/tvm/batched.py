@@ -35,13 +35,15 @@ def _shape_vars(buffers: list) -> list[tirx.Var]:
     return [found[n] for n in SHAPE_VARS if n in found]
 
 
-def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False, parallel: bool = False) -> tirx.PrimFunc:
+def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False, parallel: bool = False,
+                       offsets: dict[str, tirx.PrimExpr] | None = None) -> tirx.PrimFunc:
     """`func` (whose parameters are all buffers) over a table of pointers: parameters
     (table, *shape vars); row t of the table holds, in func's parameter order, the data
     pointers of tensor t's buffers (64-byte aligned, as func assumes). gpu: func is one
     GPU kernel and the loop over tensors is its blockIdx.z (the table in device memory):
     one launch for the group. parallel: the CPU loop over the tensors is split across the
-    cores (func has no parallel loop of its own then)."""
+    cores (func has no parallel loop of its own then). offsets: buffer name -> the element
+    of the tensor at which that buffer starts (a GPU tail kernel's element buffers)."""
     buffers = list(func.params)
     tensors = tirx.Var("tensors", "int32")
     table = tirx.decl_buffer((tensors, len(buffers)), "int64", "table")
@@ -49,7 +51,10 @@ def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False, parallel: bool = 
     declare = []
     for k, buf in enumerate(buffers):
         ptr = tirx.Var(f"{buf.name}_ptr", "handle")
-        declare.append(tirx.LetStmt(ptr, tirx.reinterpret("handle", tirx.BufferLoad(table, [t, tirx.const(k, "int32")]))))
+        address = tirx.BufferLoad(table, [t, tirx.const(k, "int32")])
+        if offsets and buf.name in offsets:
+            address = address + offsets[buf.name].astype("int64") * (buf.dtype.bits // 8)
+        declare.append(tirx.LetStmt(ptr, tirx.reinterpret("handle", address)))
         declare.append(tirx.DeclBuffer(buf, data=ptr))
     if gpu:
         over = tirx.IterVar(tvm.ir.Range(0, tensors), t, tirx.IterVar.ThreadIndex, "blockIdx.z")

@@ -7,6 +7,7 @@ nvcc, one module per tensor kind (a call per tensor)."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from functools import lru_cache
@@ -24,6 +25,7 @@ from .schedule_llvm import schedule_llvm
 from .signature import PassSignature
 from .stages import KERNELS, build_pass_function
 from .threads import use_torch_threads
+from .view import THREADS
 
 _PACKAGE = Path(__file__).resolve().parents[2]   # lopt_codegen/
 
@@ -85,7 +87,7 @@ def load_pass_kernel(program: Program, variant: str, sig: PassSignature, target:
 
 def cuda_kernel_names(sig: PassSignature) -> list[str]:
     """The functions of a pass in its CUDA module, in launch order: one per kernel."""
-    has = {"P": bool(sig.x_sums), "Q": bool(sig.y_sums), "E": bool(sig.outputs)}
+    has = {"P": bool(sig.x_sums), "Q": bool(sig.y_sums), "E": bool(sig.outputs), "T": bool(sig.outputs)}
     return [f"pass{sig.index}_{k}" for k in KERNELS if has[k]]
 
 
@@ -94,8 +96,9 @@ def gpu_kernel_functions(sig: PassSignature, bind: bool = True) -> dict[str, tvm
     blockIdx.z, or (bind=False, schedule_cuda) with no thread bound, for a CPU build."""
     funcs = {}
     for name in cuda_kernel_names(sig):
-        kernel = schedule_cuda(build_pass_function(sig, name[-1]), sig, bind).mod["main"]
-        funcs[name] = batch_over_tensors(kernel, gpu=bind).with_attr("global_symbol", name)
+        pf = build_pass_function(sig, name[-1])
+        kernel = schedule_cuda(pf, sig, bind).mod["main"]
+        funcs[name] = batch_over_tensors(kernel, gpu=bind, offsets=pf.offsets).with_attr("global_symbol", name)
     return funcs
 
 
@@ -148,12 +151,17 @@ def load_cuda_kernels(program: Program, variant: str, sigs: list[PassSignature],
     if path not in _LOADED_CUDA:
         _LOADED_CUDA[path] = tvm_ffi.load_module(path)
     module = _LOADED_CUDA[path]
-    return [in_order([getattr(module, name) for name in cuda_kernel_names(s)]) for s in sigs]
+    return [in_order({name: getattr(module, name) for name in cuda_kernel_names(s)}) for s in sigs]
 
 
-def in_order(kernels: list[Callable]) -> Callable:
-    """One callable that runs `kernels` (a pass's) one after the other on its arguments."""
-    def run(*args) -> None:
-        for kernel in kernels:
-            kernel(*args)
+def in_order(kernels: dict[str, Callable]) -> Callable:
+    """One callable that runs a pass's kernels (by cuda_kernel_names) one after the other
+    on its arguments (table, A, X, B, Y, C[, T]), leaving out an element kernel with no
+    element to cover (CUDA refuses a launch of zero blocks): the whole tiles' below
+    THREADS elements, the tail's at a multiple of THREADS."""
+    def run(table, *dims) -> None:
+        n = math.prod(dims[:5])
+        for name, kernel in kernels.items():
+            if not ((name.endswith("_E") and n < THREADS) or (name.endswith("_T") and n % THREADS == 0)):
+                kernel(table, *dims)
     return run

@@ -7,9 +7,10 @@ batched.py launches it once for a group of tensors, over blockIdx.z).
      added in lane order; one partial per chunk, finished in torch.
   Q  (sums over Y) a warp per row (ROWS_PER_BLOCK rows per block): each thread sums
      every WARP-th element in a register, then the 32 partials are added in lane order.
-  E  one element per thread; the per-element values and the MLP's layers (unrolled)
-     stay in the thread's registers, the MLP weights are staged in shared memory once
-     per block.
+  E  one element per thread over the whole tiles of THREADS elements (no bounds
+     checks), T the same over the rest (one tile, guarded); both index the elements
+     flat (stages.py), the per-element values and the MLP's layers (unrolled) stay in
+     the thread's registers, the MLP weights are staged in shared memory once per block.
 No float atomics: every sum has one order, fixed by the shape.
 
 `bind=False` binds no thread, keeps default memory scopes and leaves the MLP's stages
@@ -23,9 +24,7 @@ from tvm import s_tir
 from .schedule_llvm import blocks_of, reduction_block
 from .signature import PassSignature
 from .stages import PassFunction
-from .view import ROWS_PER_BLOCK, WARP
-
-THREADS = 256
+from .view import ROWS_PER_BLOCK, THREADS, WARP
 
 
 class _Binder:

@@ -6,21 +6,25 @@
   E  every element value the pass stores (accumulators, the new parameter), computed
      together into per-tile buffers, then
   O  stored into the outputs.
+On the GPU, E and O index the elements flat, in two kernels: E over the whole tiles of
+THREADS elements (no bounds checks) and T over the tail (batched.py offsets its pointers).
 The partials are finished in torch in a fixed order (deterministic, no atomics). Outputs
 alias inputs (in place); that is safe because P and Q run before E, and each tile of E
 reads all it needs before O writes that tile.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
+import tvm_ffi
 from tvm import te, tirx
 
 from ...ir.nodes import Level, Node
 from .mlp_stages import build_mlp_stages
 from .printer import F32, ElementPrinter, MlpFold
 from .signature import PassSignature
-from .view import ROW_LANES, ROWS_PER_BLOCK, WARP, padded
+from .view import ROW_LANES, ROWS_PER_BLOCK, THREADS, WARP, padded
 
 
 @dataclass
@@ -30,6 +34,7 @@ class PassFunction:
     has_q: bool
     has_e: bool
     mlp_blocks: list[str]   # the MLP's stages, producers first
+    offsets: dict[str, tirx.PrimExpr] = field(default_factory=dict)   # buffer -> first element (batched.py)
 
 
 # bfloat16 travels as its bits (uint16) and is converted here: TVM 0.27's own bfloat16
@@ -68,15 +73,20 @@ def _as_list(stage) -> list[te.Tensor]:
 
 
 class _Inputs:
-    """The placeholders of a pass, in argument order, and how the printer reads them."""
+    """The placeholders of a pass, in argument order, and how the printer reads them.
+    `flat` (GPU element kernels): the element buffers are 1-D, `flat` = (count, start):
+    elements start .. start + count of the tensor (batched.py offsets their pointers),
+    read at the flat index; only row/col values take the 5-D index."""
 
-    def __init__(self, sig: PassSignature):
+    def __init__(self, sig: PassSignature, dims: tuple, flat: tuple | None = None):
         self.sig = sig
-        self.dims = dims = sig.view.kernel_dims()
+        self.dims = dims   # View.kernel_dims
+        self.flat = flat
+        element = (flat[0],) if flat is not None else dims
         dtype = {"param": sig.param_dtype, "grad": sig.grad_dtype}
         self.dtype = {name: dtype[name] for name in sig.leaves}
-        self.leaf = {name: te.placeholder(dims, storage_dtype(dtype[name]), name) for name in sig.leaves}
-        self.acc = {key: te.placeholder(dims, F32, f"{key[0]}{key[1]}") for key in sig.accumulators}
+        self.leaf = {name: te.placeholder(element, storage_dtype(dtype[name]), name) for name in sig.leaves}
+        self.acc = {key: te.placeholder(element, F32, f"{key[0]}{key[1]}") for key in sig.accumulators}
         self.small = {id(n): te.placeholder((n.channels, *sig.view.small_dims(n.level, dims)), F32,
                                             f"{n.op}_{n.level.label}{k}") for k, n in enumerate(sig.small)}
         self.scalars = te.placeholder((sig.scalar_count,), F32, "scalars") if sig.scalar_nodes else None
@@ -90,13 +100,17 @@ class _Inputs:
         return args + ([self.scalars] if self.scalars is not None else []) + (self.mlp or [])
 
     def printer(self, index: tuple, mlp_output: te.Tensor | None = None, padded: bool = False) -> ElementPrinter:
-        """The element printer at `index`; `padded`: index runs over the padded Y extent
-        (View.element_y), so loads clamp y to the last real element."""
+        """The element printer at `index` (flat: the 1-D index); `padded`: index runs over
+        the padded Y extent (View.element_y), so loads clamp y to the last real element."""
         sig = self.sig
         at = index
         if padded and sig.view.element_y not in (None, self.dims[3]):
             a, x, b, y, c = index
             at = (a, x, b, tirx.min(y, self.dims[3] - 1), c)
+
+        def small_index(shape) -> tuple:
+            full = _unravel(self.flat[1] + index[0], self.dims[1:]) if self.flat is not None else at
+            return tuple(0 if isinstance(n, tirx.IntImm) and n.value == 1 else i for i, n in zip(full, shape))
 
         def load(node: Node, c: int):
             if id(node) in sig.stored or (node.op == "state" and node.level == Level.ELEMENT):
@@ -105,9 +119,7 @@ class _Inputs:
                 return self.scalars[sig.scalars[id(node)] + c]
             if node.level < Level.ELEMENT:
                 buf = self.small[id(node)]
-                small = tuple(0 if isinstance(n, tirx.IntImm) and n.value == 1 else i
-                              for i, n in zip(at, buf.shape[1:]))
-                return buf[(c, *small)]
+                return buf[(c, *small_index(buf.shape[1:]))]
             return to_float32(self.leaf[node.op][at], self.dtype[node.op])
 
         read_mlp = None if mlp_output is None else (lambda c: mlp_output[(c, *index)])
@@ -190,40 +202,60 @@ def _y_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
     return _across_threads(te.compute((WARP, padded(rows, ROWS_PER_BLOCK), 1), thread_sums, name="Q_threads"), "Q")
 
 
-KERNELS = ("P", "Q", "E")   # a pass's kernels on the GPU, in launch order
+# A pass's kernels on the GPU, in launch order: the sums over X and over Y, then the
+# element values over the whole tiles of THREADS elements (E, no bounds checks) and over
+# the rest (T, the tail: under one tile).
+KERNELS = ("P", "Q", "E", "T")
+
+
+def _element_range(dims: tuple, kernel: str) -> tuple:
+    """(count, start) of the flat elements that GPU element kernel E or T covers."""
+    n = math.prod(dims)
+    whole = tirx.indexdiv(n, THREADS) * THREADS
+    return (whole, 0) if kernel == "E" else (n - whole, whole)
 
 
 def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFunction:
-    """The pass as one function; `kernel` ("P", "Q" or "E"): only that stage, with the
+    """The pass as one function; `kernel` (one of KERNELS): only that stage, with the
     same arguments (the other stages' outputs stay as unused placeholders), so that it
     is one GPU kernel, and every kernel of a pass takes the same pointer table."""
-    inputs = _Inputs(sig)
-    A, X, B, Y, C = inputs.dims
+    elements = kernel in ("E", "T")
+    dims = sig.view.kernel_dims()
+    flat = _element_range(dims, kernel) if elements and sig.view.gpu else None
+    inputs = _Inputs(sig, dims, flat)
+    A, X, B, Y, C = dims
+    sums_inputs = _Inputs(sig, dims) if flat is not None else inputs   # the sums' shapes (unused stages)
     stages: dict[str, list[te.Tensor]] = {}
     if sig.x_sums:
-        stages["P"] = _x_sums(inputs, sig)
+        stages["P"] = _x_sums(sums_inputs, sig)
     if sig.y_sums:
-        stages["Q"] = _y_sums(inputs, sig)
+        stages["Q"] = _y_sums(sums_inputs, sig)
     casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
     mlp = None
-    if sig.outputs and kernel in (None, "E"):
+    if sig.outputs and (kernel is None or elements):
         # The element stages (E and the MLP) run over the padded Y extent; O stores real Y.
-        element_dims = (A, X, B, sig.view.element_y or Y, C)
+        element_dims = (flat[0],) if flat is not None else (A, X, B, sig.view.element_y or Y, C)
         if sig.mlp is not None:
             mlp = build_mlp_stages(sig.mlp, element_dims, inputs.mlp, lambda i: inputs.printer(i, padded=True))
         mlp_out = mlp.output if mlp is not None else None
         E = te.compute(element_dims, lambda *i: [inputs.printer(i, mlp_out, padded=True).expr(sig.output_nodes[name], c)
                                                  for name, c in sig.outputs], name="E")
         E = _as_list(E)
-        O = te.compute((A, X, B, Y, C), lambda *i: [from_float32(e[i], dt) for e, dt in zip(E, casts)], name="O")
+        stored_dims = element_dims if flat is not None else (A, X, B, Y, C)
+        O = te.compute(stored_dims, lambda *i: [from_float32(e[i], dt) for e, dt in zip(E, casts)], name="O")
         stages["E"] = _as_list(O)
     elif sig.outputs:   # another kernel of the pass: the outputs only as arguments
         stages["E"] = [te.placeholder((A, X, B, Y, C), storage_dtype(dt), f"O_unused{k}") for k, dt in enumerate(casts)]
     outputs = []
     for name, tensors in stages.items():
-        outputs += tensors if kernel in (None, name) else \
-            [te.placeholder(t.shape, t.dtype, f"{name}_unused{k}") for k, t in enumerate(tensors)]
+        built = kernel is None or name == kernel or (name == "E" and elements)
+        outputs += tensors if built else [te.placeholder(t.shape, t.dtype, f"{name}_unused{k}")
+                                          for k, t in enumerate(tensors)]
     func = te.create_prim_func(inputs.arguments() + outputs)
-    built = {name for name in stages if kernel in (None, name)}
-    return PassFunction(func, "P" in built, "Q" in built, "E" in built,
-                        mlp.block_names() if mlp is not None else [])
+    offsets = {}
+    if kernel == "T" and flat is not None:   # the tail's element buffers start past the whole tiles
+        offsets = {buf.name: flat[1] for buf in func.params
+                   if len(buf.shape) == 1 and tvm_ffi.structural_equal(buf.shape[0], flat[0])}
+    return PassFunction(func, "P" in stages and kernel in (None, "P"), "Q" in stages and kernel in (None, "Q"),
+                        "E" in stages and (kernel is None or elements),
+                        mlp.block_names() if mlp is not None else [], offsets)

@@ -25,6 +25,7 @@ WARP = 32         # CUDA: threads of a warp (the contiguous lanes of a reduction
 ROW_LANES = 8     # CUDA: threads summing rows of one column tile of the axis-X partial sums
 ROWS_PER_BLOCK = 8   # CUDA: rows of the axis-Y sums per thread block (a warp each)
 GPU_BLOCKS = 1024   # CUDA: blocks that fill a big GPU (132 SMs x 8 blocks of 256 threads)
+THREADS = 256     # CUDA: threads per block of the element kernels (one element each)
 
 
 def padded(n, tile: int):
