@@ -3,12 +3,16 @@ their results do not depend on the thread count or on how a group is split acros
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import tvm
 
+from conftest import ROOT
 from generated.velo import VeLO
 from lopt_codegen.backends.build_cache import BuildCache
 from lopt_codegen.backends.tvm import TvmBackend
@@ -63,3 +67,12 @@ def test_results_do_not_depend_on_threads_or_parallel_split():
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             assert torch.equal(a, b)
+
+
+def test_a_compiler_without_openmp_gets_a_clear_error_and_no_cache_entry(tmp_path):
+    script = ("from lopt_codegen.backends.tvm.threads import omp_launcher\n"
+              "try:\n    omp_launcher()\nexcept RuntimeError as exc:\n    print(str(exc).splitlines()[0])\n")
+    env = dict(os.environ, LOPT_CACHE_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"), PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "install a compiler with OpenMP support" in out.stdout, out.stderr
+    assert not list(tmp_path.rglob("launch.so"))

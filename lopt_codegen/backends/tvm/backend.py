@@ -138,6 +138,8 @@ class TvmBackend(Backend):
             groups.setdefault(key, []).append(task)
         runs = [(key, GroupStep(tasks, batch, self.view(tasks[0])), self.kernels(tasks[0]))
                 for key, tasks in groups.items()]
+        # The kept arguments of groups this step lacks go (their buffers with them).
+        self._kept = {k: kept for k, kept in self._kept.items() if k[0] in groups}
         split = {}   # groups run their passes up to the network, then the rest
         for _, group, kernels in runs:
             after = self.plans[group.tasks[0].variant].network_after

@@ -86,7 +86,7 @@ class GroupStep(GroupValues):
         super().__init__(tasks, batch)
         self.view = view
         self._elements: dict[tuple[int, str, int], torch.Tensor] = {}
-        self._bases: dict[int, dict[str, tuple[int, int]]] = {}   # _bases_of's, per tensor
+        self._bases: dict[int, dict[str, tuple[int, int] | None]] = {}   # _bases_of's, per tensor
         self._copies: list[torch.Tensor] = []   # _table_with_copies'
 
     def element(self, t: int, name: str, channel: int = 0) -> torch.Tensor:
@@ -136,7 +136,7 @@ class GroupStep(GroupValues):
             table, back = self._table_with_copies(sig, kept.rows)
         else:
             if own != kept.own:
-                kept.table, kept.own = pointer_table(*own[:1], kept.rows, *own[1:]).to(device), own
+                kept.table, kept.own = pointer_table(own[0], kept.rows, own[1]).to(device), own
             table, back = kept.table, []
         if self.view.gpu:   # the sums as laid out on the CPU, without the padding
             A, X, B, Y, C = self.view.dims
@@ -166,11 +166,11 @@ class GroupStep(GroupValues):
         for name in names - bases.keys():
             if name in ("param", "grad"):   # a param is contiguous (unsupported_reason)
                 x = task.param if name == "param" else task.grad
-                bases[name] = (x.data_ptr(), 0) if x.is_contiguous() else (1, 0)   # 1: never aligned
+                bases[name] = (x.data_ptr(), 0) if x.is_contiguous() else None
             else:
                 acc = checked_accumulator(task, name, "TVM")
                 bases[name] = (acc.data_ptr(), acc.stride(0) * acc.element_size() if acc.shape[0] > 1 else 0)
-        if any(bases[name][0] % ALIGNMENT or bases[name][1] % ALIGNMENT for name in names):
+        if any(bases[n] is None or bases[n][0] % ALIGNMENT or bases[n][1] % ALIGNMENT for n in names):
             return None
         return bases
 

@@ -12,6 +12,7 @@ copy), with torch.get_num_threads() threads.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from functools import lru_cache
@@ -67,15 +68,18 @@ void use_omp_threads(tvm::ffi::String path) {
 @lru_cache(maxsize=1)
 def omp_launcher():
     """The launcher's module (built once into the default cache, loaded once per process)."""
-    import hashlib
-
     import tvm_ffi
     import tvm_ffi.cpp
 
     def build(path: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="lopt-omp-") as tmp:
-            lib = tvm_ffi.cpp.build_inline("lopt_omp_launch", cpp_sources=_SOURCE, functions="use_omp_threads",
-                                           extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=tmp)
+            try:
+                lib = tvm_ffi.cpp.build_inline("lopt_omp_launch", cpp_sources=_SOURCE, functions="use_omp_threads",
+                                               extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=tmp)
+            except Exception as exc:   # noqa: BLE001 - the compiler's own error, explained
+                raise RuntimeError("the TVM backend runs its CPU kernels on torch's OpenMP threads through a small "
+                                   "launcher built with the C++ compiler (CXX, default c++) and -fopenmp, and that "
+                                   f"build failed; install a compiler with OpenMP support (e.g. g++): {exc}") from exc
             shutil.copy(lib, path)
 
     key = {"source_sha256": hashlib.sha256(_SOURCE.encode()).hexdigest(), "flags": _FLAGS,
