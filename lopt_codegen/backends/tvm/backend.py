@@ -1,6 +1,7 @@
-"""TvmBackend: each pass of the plan runs as a compiled TVM kernel, one call per group of
-same-shape tensors (LLVM, for CPU tensors) or per tensor (CUDA); the small work between
-passes runs in torch once per group (small_work.py), and the network once per step."""
+"""TvmBackend: each pass of the plan runs as compiled TVM kernels, one call per group of
+same-shape tensors (LLVM for CPU tensors; for CUDA ones a launch per kernel of the pass);
+the small work between passes runs in torch once per group (small_work.py), and the
+network once per step."""
 from __future__ import annotations
 
 import contextlib

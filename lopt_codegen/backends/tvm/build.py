@@ -2,8 +2,9 @@
 processes (lopt_codegen/backends/build_cache.py), keyed by everything the binary
 depends on: the spec, the compiler's own source, the pass, view, dtypes, target and
 TVM version. CPU kernels are built by TVM's LLVM backend, one module per pass (each call
-covers a group of tensors); CUDA kernels are exported by TVM as CUDA C++ and built with
-nvcc, one module per tensor kind (a call per tensor)."""
+covers a group of tensors; its parallel loops run on torch's OpenMP threads, threads.py);
+CUDA kernels are exported by TVM as CUDA C++ and built with nvcc, one module per tensor
+kind (each kernel launched once for a group of tensors)."""
 from __future__ import annotations
 
 import hashlib
