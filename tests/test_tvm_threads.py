@@ -69,10 +69,48 @@ def test_results_do_not_depend_on_threads_or_parallel_split():
             assert torch.equal(a, b)
 
 
+def _child(script: str, cache: Path, **env) -> str:
+    env = dict(os.environ, LOPT_CACHE_DIR=str(cache), PYTHONPATH=ROOT, **env)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_a_compiler_without_openmp_gets_a_clear_error_and_no_cache_entry(tmp_path):
-    script = ("from lopt_codegen.backends.tvm.threads import omp_launcher\n"
-              "try:\n    omp_launcher()\nexcept RuntimeError as exc:\n    print(str(exc).splitlines()[0])\n")
-    env = dict(os.environ, LOPT_CACHE_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"), PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert "install a compiler with OpenMP support" in out.stdout, out.stderr
+    script = ("from lopt_codegen.backends.tvm.threads import LauncherUnavailable, omp_launcher\n"
+              "try:\n    omp_launcher()\nexcept LauncherUnavailable as exc:\n    print(str(exc).splitlines()[0])\n")
+    out = _child(script, tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    assert "install a compiler with OpenMP support" in out
     assert not list(tmp_path.rglob("launch.so"))
+
+
+def test_without_the_launcher_the_kernels_run_on_tvms_pool_with_a_warning(tmp_path):
+    script = """
+import warnings, torch
+import lopt_codegen.backends.tvm.threads as threads
+def unavailable():
+    raise threads.LauncherUnavailable("no OpenMP here")
+threads.omp_launcher = unavailable
+from generated.adam import Adam
+from lopt_codegen.backends.tvm import TvmBackend
+params = [torch.nn.Parameter(torch.randn(300, 300)) for _ in range(2)]
+ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+opt = Adam(params, lr=0.1, backend="tvm")
+opt.backend = TvmBackend(Adam.program, specialize_from=0, parallel_within_from=0)
+ref_opt = Adam(ref, lr=0.1, backend="reference")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for step in range(3):
+        for p, q in zip(params, ref):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+import os, tvm
+for p, q in zip(params, ref):
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+print(sum("TVM's own thread pool" in str(w.message) for w in caught), tvm.runtime.num_threads(),
+      os.environ["TVM_THREAD_POOL_SPIN_COUNT"])
+"""
+    warned, threads, spin = _child(script, tmp_path).split()
+    assert (warned, threads, spin) == ("1", str(torch.get_num_threads()), "0")

@@ -8,17 +8,20 @@ step 39 ms, 28.7 ms once GOMP stopped spinning). TVM also sizes its pool as half
 logical CPUs on x86, taking the rest for hyperthreads: one thread on 2 cores. So every
 loaded kernel's pointer is set to a launcher that runs the tasks in an OpenMP parallel
 region of the OpenMP runtime torch loaded (its soname, libgomp.so.1, resolves to that
-copy), with torch.get_num_threads() threads.
+copy), with torch.get_num_threads() threads. Where the launcher cannot be built (a
+compiler without OpenMP), the kernels keep TVM's pool, sized like torch's, with a warning.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
-import torch  # noqa: F401 - loads torch's OpenMP runtime before the launcher binds to it
+import torch   # loaded first: the launcher binds to torch's OpenMP runtime
 
 from ..build_cache import DEFAULT_CACHE
 
@@ -77,7 +80,7 @@ def omp_launcher():
                 lib = tvm_ffi.cpp.build_inline("lopt_omp_launch", cpp_sources=_SOURCE, functions="use_omp_threads",
                                                extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=tmp)
             except Exception as exc:   # noqa: BLE001 - the compiler's own error, explained
-                raise RuntimeError("the TVM backend runs its CPU kernels on torch's OpenMP threads through a small "
+                raise LauncherUnavailable("the TVM backend runs its CPU kernels on torch's OpenMP threads through a small "
                                    "launcher built with the C++ compiler (CXX, default c++) and -fopenmp, and that "
                                    f"build failed; install a compiler with OpenMP support (e.g. g++): {exc}") from exc
             shutil.copy(lib, path)
@@ -87,7 +90,27 @@ def omp_launcher():
     return DEFAULT_CACHE.get("tvm-omp-launch", key, "launch.so", build, lambda path: tvm_ffi.load_module(str(path)))
 
 
+class LauncherUnavailable(RuntimeError):
+    """The OpenMP launcher could not be built."""
+
+
+@lru_cache(maxsize=1)
+def _launcher_or_none():
+    try:
+        return omp_launcher()
+    except LauncherUnavailable as exc:
+        warnings.warn(f"{exc}\nThe TVM kernels use TVM's own thread pool instead (slower next to torch's threads).",
+                      RuntimeWarning, stacklevel=2)
+        # Before TVM's pool starts: as many threads as torch, none spinning between kernels
+        # (spinning workers slowed torch's ops up to 30x on 2 cores).
+        os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+        return None
+
+
 def use_torch_threads(library: Path) -> None:
     """After TVM loaded the kernel library at `library`: its parallel loops run on
     torch's OpenMP threads (call again after every load: TVM resets the pointer)."""
-    omp_launcher().use_omp_threads(str(library))
+    launcher = _launcher_or_none()
+    if launcher is not None:
+        launcher.use_omp_threads(str(library))
