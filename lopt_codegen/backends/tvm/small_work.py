@@ -42,13 +42,6 @@ def empty_rows(count: int, shape: tuple[int, ...], dtype: torch.dtype = torch.fl
     return buf[:, :n].view(count, *shape)
 
 
-def aligned_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [count, ...] copied so that each row x[t] is contiguous and aligned for a kernel."""
-    out = empty_rows(x.shape[0], tuple(x.shape[1:]), x.dtype, x.device)
-    out.copy_(x)
-    return out
-
-
 def _storage(t: torch.Tensor) -> torch.Tensor:
     """bfloat16 as its bits, the way the kernels take it (stages.storage_dtype)."""
     return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t

@@ -246,16 +246,15 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
         stages["E"] = _as_list(O)
     elif sig.outputs:   # another kernel of the pass: the outputs only as arguments
         stages["E"] = [te.placeholder((A, X, B, Y, C), storage_dtype(dt), f"O_unused{k}") for k, dt in enumerate(casts)]
+    built = {name for name in stages if kernel is None or name == kernel or (name == "E" and elements)}
     outputs = []
     for name, tensors in stages.items():
-        built = kernel is None or name == kernel or (name == "E" and elements)
-        outputs += tensors if built else [te.placeholder(t.shape, t.dtype, f"{name}_unused{k}")
-                                          for k, t in enumerate(tensors)]
+        outputs += tensors if name in built else [te.placeholder(t.shape, t.dtype, f"{name}_unused{k}")
+                                                  for k, t in enumerate(tensors)]
     func = te.create_prim_func(inputs.arguments() + outputs)
     offsets = {}
     if kernel == "T" and flat is not None:   # the tail's element buffers start past the whole tiles
         offsets = {buf.name: flat[1] for buf in func.params
                    if len(buf.shape) == 1 and tvm_ffi.structural_equal(buf.shape[0], flat[0])}
-    return PassFunction(func, "P" in stages and kernel in (None, "P"), "Q" in stages and kernel in (None, "Q"),
-                        "E" in stages and (kernel is None or elements),
+    return PassFunction(func, "P" in built, "Q" in built, "E" in built,
                         mlp.block_names() if mlp is not None else [], offsets)
