@@ -96,7 +96,8 @@ def test_tvm_group_keeps_its_pointer_table_until_a_tensor_moves():
         opt.step(loss=1.0)
         for p, q in zip(ref_params, our_params):
             torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
-        return {key: kept.table for key, kept in opt.backend._kept.items()}
+        return {(key, index): kept.table for key, group in opt.backend._kept.items()
+                for index, kept in group.passes.items()}
 
     first = step_and_tables()
     assert len(first) == 2 * 3   # two groups, three passes each

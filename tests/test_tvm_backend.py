@@ -73,16 +73,21 @@ def run_and_compare(ref_params, ref, tvm_params, opt, gen, steps=STEPS) -> float
     return worst
 
 
-@pytest.mark.parametrize("kernels", ["generic", "specialized"])
+@pytest.mark.parametrize("kernels", ["generic", "specialized", "generic, torch small work"])
 @pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "velo"])
 def test_matches_reference_on_every_shape(name, kernels):
     shapes = SHAPES + VECTOR_SHAPES
     # Specialized: the larger shapes split their own loops across the cores, the smaller
-    # ones run whole per core (both kinds of CPU parallel loop).
-    pair = make_pair(name, shapes, **({"specialize_from": 0, "parallel_within_from": 64}
-                                      if kernels == "specialized" else {}))
+    # ones run whole per core (both kinds of CPU parallel loop). Torch small work: the
+    # path CUDA groups take.
+    options = {"specialized": {"specialize_from": 0, "parallel_within_from": 64},
+               "generic": {}, "generic, torch small work": {"compiled_small_work": False}}[kernels]
+    pair = make_pair(name, shapes, **options)
     assert run_and_compare(*pair) <= RTOL
     backend = pair[3].backend
+    compiled = {name for functions in backend._small.values() for name in functions}
+    expected = {"pass0"} | ({"finish0", "finish1", "pass1", "accumulators"} if name != "adam" else set())
+    assert (compiled >= expected) == backend.compiled_small_work, compiled
     views = {k.sig.view for ks in backend._kernels.values() for k in ks}
     assert all(not v.symbolic for v in views) == (kernels == "specialized")
     assert {v.parallel_within for v in views} == ({False, True} if kernels == "specialized" else {False})

@@ -20,9 +20,10 @@ from ..build_cache import DEFAULT_CACHE, BuildCache
 from ..cuda.build import ToolchainMissing, cuda_home
 from ..group_values import group_key, run_network_over_groups
 from ..reference import ReferenceBackend
-from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_kernel
+from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_kernel, load_small_kernel
 from .signature import PassSignature, pass_signature
-from .small_work import GroupStep, KeptArgs
+from .small_function import small_signatures
+from .small_work import GroupKept, GroupStep, SmallKernel
 from .view import PARALLEL_WITHIN_FROM, SYMBOLIC_BELOW, View, view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -72,7 +73,7 @@ class TvmBackend(Backend):
     name = "tvm"
 
     def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE, specialize_from: int = SYMBOLIC_BELOW,
-                 cuda: bool = True, parallel_within_from: int = PARALLEL_WITHIN_FROM):
+                 cuda: bool = True, parallel_within_from: int = PARALLEL_WITHIN_FROM, compiled_small_work: bool = True):
         super().__init__(program)
         # cuda=False (backend="auto") leaves CUDA tensors to the reference: TVM's CUDA
         # kernels have not yet passed the GPU parity test on a real device.
@@ -83,12 +84,16 @@ class TvmBackend(Backend):
         # Tensors this large split their own loops across the cores; a group of smaller
         # ones runs whole tensors per core (View.parallel_within).
         self.parallel_within_from = parallel_within_from
+        # CPU groups run their small work as compiled functions (small_function.py); False:
+        # in torch, as CUDA groups do (so that path is tested without a GPU).
+        self.compiled_small_work = compiled_small_work
         self.target = llvm_target()
         self.cache = cache
         self.plans = plan_program(program)
         self.fallback = ReferenceBackend(program)
         self._kernels: dict[tuple, list[_Kernel]] = {}
-        self._kept: dict[tuple, KeptArgs] = {}   # (group key, pass index) -> its kept arguments
+        self._small: dict[tuple, dict[str, SmallKernel]] = {}
+        self._kept: dict[tuple, GroupKept] = {}   # group key -> its kept arguments
         self._warned: set[str] = set()
 
     def view(self, task: TensorTask) -> View:
@@ -111,6 +116,19 @@ class TvmBackend(Backend):
                                    _DTYPES[task.grad.dtype]) for ps in self.plans[task.variant].passes]
             self._kernels[key] = [_Kernel(s, f) for s, f in zip(sigs, self._load(task.variant, sigs, arch))]
         return self._kernels[key]
+
+    def small_kernels(self, task: TensorTask, sigs: list[PassSignature]) -> dict[str, SmallKernel] | None:
+        """The compiled small work of a CPU tensor's kind (shape-generic), by consumer;
+        None for a CUDA tensor (its small work runs in torch)."""
+        if task.param.device.type != "cpu" or not self.compiled_small_work:
+            return None
+        key = (task.variant, sigs[0].view.x_axis)
+        if key not in self._small:
+            graph = self.program.variants[task.variant]
+            self._small[key] = {s.name: SmallKernel(s, load_small_kernel(self.program, task.variant, s, self.target,
+                                                                         self.cache))
+                                for s in small_signatures(graph, sigs) if not s.empty}
+        return self._small[key]
 
     def _load(self, variant: str, sigs: list[PassSignature], arch: str | None) -> list[Callable]:
         if arch is not None:
@@ -137,32 +155,39 @@ class TvmBackend(Backend):
         for task in batch.tasks:
             key = (*group_key(task), task.param.device, task.param.dtype, task.grad.dtype)
             groups.setdefault(key, []).append(task)
-        runs = [(key, GroupStep(tasks, batch, self.view(tasks[0])), self.kernels(tasks[0]))
-                for key, tasks in groups.items()]
         # The kept arguments of groups this step lacks go (their buffers with them).
-        self._kept = {k: kept for k, kept in self._kept.items() if k[0] in groups}
+        self._kept = {k: kept for k, kept in self._kept.items() if k in groups}
+        runs = []
+        for key, tasks in groups.items():
+            kernels = self.kernels(tasks[0])
+            sigs = [k.sig for k in kernels]
+            group = GroupStep(tasks, batch, self.view(tasks[0]), self._kept.setdefault(key, GroupKept()), sigs,
+                              self.small_kernels(tasks[0], sigs))
+            runs.append((key, group, kernels))
         split = {}   # groups run their passes up to the network, then the rest
         for _, group, kernels in runs:
             after = self.plans[group.tasks[0].variant].network_after
             split[id(group)] = len(kernels) if batch.network is None or after is None else after + 1
-        for key, group, kernels in runs:
+        for _, group, kernels in runs:
             for k in kernels[:split[id(group)]]:
-                self._run(k, group, key)
+                self._run(k, group)
         if batch.network is not None:
             steps = [group for _, group, _ in runs]
+            for group in steps:
+                group.network_input(self.program.variants[group.tasks[0].variant].network_input)
             run_network_over_groups(batch, steps, [self.program.variants[g.tasks[0].variant].network_input
                                                    for g in steps])
-        for key, group, kernels in runs:
+        for _, group, kernels in runs:
             for k in kernels[split[id(group)]:]:
-                self._run(k, group, key)
+                self._run(k, group)
             group.write_small_accumulators(self.program.variants[group.tasks[0].variant].accumulators)
 
-    def _run(self, kernel: _Kernel, group: GroupStep, key: tuple) -> None:
+    def _run(self, kernel: _Kernel, group: GroupStep) -> None:
         """One call for the group, over a table of pointers (batched.py): on the CPU a loop
         over its tensors, on the GPU one launch per kernel (table in device memory). The
         arguments are kept per group and pass (KeptArgs): an unchanged group reuses its table."""
         sig = kernel.sig
-        table, write_back, p, q = group.kernel_args(sig, self._kept.setdefault((key, sig.index), KeptArgs()))
+        table, write_back, p, q = group.kernel_args(sig)
         if not sig.view.gpu:
             kernel.func(table, *(group.view.dims if sig.view.symbolic else ()))
         else:
@@ -202,7 +227,7 @@ def generic_signatures(program: Program, dtype: str, gpu: bool = False) -> dict[
 def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE, target: str = "cpu",
              archs: tuple[str, ...] = ("sm_80", "sm_90")) -> tuple[int, float]:
     """Builds (or finds in the cache) the shape-generic kernels of every tensor kind and
-    parameter dtype: for the CPU (target "cpu") or, with nvcc and no GPU needed, for each
+    parameter dtype: for the CPU (target "cpu", with the small functions) or, with nvcc and no GPU needed, for each
     CUDA arch (target "cuda"). Returns (kernels, seconds)."""
     start = time.perf_counter()
     count = 0
@@ -218,4 +243,9 @@ def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE, target: str = 
             for sig in sigs:
                 load_pass_kernel(program, variant, sig, llvm, cache)
                 count += 1
+            if dtype == "float32":   # the small functions do not depend on the dtype
+                for small in small_signatures(program.variants[variant], sigs):
+                    if not small.empty:
+                        load_small_kernel(program, variant, small, llvm, cache)
+                        count += 1
     return count, time.perf_counter() - start

@@ -36,14 +36,16 @@ def _shape_vars(buffers: list) -> list[tirx.Var]:
 
 
 def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False, parallel: bool = False,
-                       offsets: dict[str, tirx.PrimExpr] | None = None) -> tirx.PrimFunc:
+                       offsets: dict[str, tirx.PrimExpr] | None = None,
+                       shape_vars: list[tirx.Var] | None = None) -> tirx.PrimFunc:
     """`func` (whose parameters are all buffers) over a table of pointers: parameters
     (table, *shape vars); row t of the table holds, in func's parameter order, the data
     pointers of tensor t's buffers (64-byte aligned, as func assumes). gpu: func is one
     GPU kernel and the loop over tensors is its blockIdx.z (the table in device memory):
     one launch for the group. parallel: the CPU loop over the tensors is split across the
     cores (func has no parallel loop of its own then). offsets: buffer name -> the element
-    of the tensor at which that buffer starts (a GPU tail kernel's element buffers)."""
+    of the tensor at which that buffer starts (a GPU tail kernel's element buffers).
+    shape_vars: the size arguments, in place of those found in the buffers' shapes."""
     buffers = list(func.params)
     tensors = tirx.Var("tensors", "int32")
     table = tirx.decl_buffer((tensors, len(buffers)), "int64", "table")
@@ -63,4 +65,5 @@ def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False, parallel: bool = 
     else:
         kind = tirx.ForKind.PARALLEL if parallel else tirx.ForKind.SERIAL
         body = tirx.For(t, 0, tensors, kind, tirx.SeqStmt([*declare, func.body]))
-    return tirx.PrimFunc([table, *_shape_vars(buffers)], body, attrs=func.attrs)
+    sizes = shape_vars if shape_vars is not None else _shape_vars(buffers)
+    return tirx.PrimFunc([table, *sizes], body, attrs=func.attrs)

@@ -24,6 +24,7 @@ from .batched import batch_over_tensors
 from .schedule_cuda import schedule_cuda
 from .schedule_llvm import schedule_llvm
 from .signature import PassSignature
+from .small_function import SmallSignature, build_small_function
 from .stages import KERNELS, build_pass_function
 from .threads import use_torch_threads
 from .view import THREADS
@@ -69,13 +70,13 @@ def compile_pass(sig: PassSignature, target: tvm.target.Target) -> tvm.runtime.M
 _LOADED: dict[str, Callable] = {}   # this process's loaded kernels, by cache key
 
 
-def load_pass_kernel(program: Program, variant: str, sig: PassSignature, target: tvm.target.Target,
-                     cache: BuildCache = DEFAULT_CACHE) -> Callable:
-    key = pass_key(program, variant, sig, target)
+def _load_llvm(key: dict, compile_func: Callable[[], tvm.runtime.Module], cache: BuildCache) -> Callable:
+    """A CPU function from the cache (compiled and stored when missing), loaded once per
+    process, its parallel loops on torch's threads."""
     name = repr(sorted(key.items()))
     if name not in _LOADED:
         def build(path: Path) -> None:
-            compile_pass(sig, target).export_library(str(path))
+            compile_func().export_library(str(path))
 
         def load(path: Path) -> Callable:
             module = tvm.runtime.load_module(str(path))
@@ -84,6 +85,23 @@ def load_pass_kernel(program: Program, variant: str, sig: PassSignature, target:
 
         _LOADED[name] = cache.get("tvm-llvm", key, "kernel.so", build, load)
     return _LOADED[name]
+
+
+def load_pass_kernel(program: Program, variant: str, sig: PassSignature, target: tvm.target.Target,
+                     cache: BuildCache = DEFAULT_CACHE) -> Callable:
+    return _load_llvm(pass_key(program, variant, sig, target), lambda: compile_pass(sig, target), cache)
+
+
+def load_small_kernel(program: Program, variant: str, sig: SmallSignature, target: tvm.target.Target,
+                      cache: BuildCache = DEFAULT_CACHE) -> Callable:
+    """A tensor kind's small function (small_function.py; shape-generic) for the CPU."""
+    key = {"spec": program.spec_sha256, "compiler": compiler_version(), "tvm": tvm.__version__,
+           "variant": variant, "small": sig.name, "x_axis": sig.x_axis, "target": str(target)}
+
+    def compile_small() -> tvm.runtime.Module:
+        with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+            return tvm.compile(tvm.IRModule({"main": build_small_function(sig)}), target=target)
+    return _load_llvm(key, compile_small, cache)
 
 
 def cuda_kernel_names(sig: PassSignature) -> list[str]:

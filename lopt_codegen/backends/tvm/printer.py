@@ -91,6 +91,18 @@ _BINARY: dict[str, Callable] = {
     "eq": lambda a, b: _flag(a == b), "ne": lambda a, b: _flag(a != b),
 }
 ACTIVATIONS: dict[str, Callable] = {"relu": _UNARY["relu"], "tanh": tirx.tanh, "sigmoid": _UNARY["sigmoid"]}
+ELEMENTWISE = {*_UNARY, *_BINARY, "where"}
+
+
+def op_expr(op: str, args: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """One channel of an elementwise op (ELEMENTWISE) of its args' channels."""
+    if op in _UNARY:
+        return _UNARY[op](args[0])
+    if op in _BINARY:
+        return _BINARY[op](*args)
+    if op == "where":
+        return tirx.Select(args[0] != _f(0), args[1], args[2])
+    raise NotImplementedError(f"TVM backend: no rule for op '{op}'")
 
 
 @dataclass(frozen=True)
@@ -170,15 +182,8 @@ class ElementPrinter:
             return [_f(v) for v in node.attrs]
         if op in LEAVES or node.level < Level.ELEMENT or id(node) in self.stored:
             return [self.load(node, c) for c in range(node.channels)]
-        if op in _UNARY:
-            return [self.bind(_UNARY[op](x)) for x in self.emit(node.args[0])]
-        if op in _BINARY:
-            a, b = node.args
-            return [self.bind(_BINARY[op](self.channel(a, c), self.channel(b, c))) for c in range(node.channels)]
-        if op == "where":
-            cond, a, b = node.args
-            return [self.bind(tirx.Select(self.channel(cond, c) != _f(0), self.channel(a, c), self.channel(b, c)))
-                    for c in range(node.channels)]
+        if op in ELEMENTWISE:
+            return [self.bind(op_expr(op, [self.channel(a, c) for a in node.args])) for c in range(node.channels)]
         if op == "concat":
             return [self.channel(a, c) for a in node.args for c in range(a.channels)]
         if op == "channel":

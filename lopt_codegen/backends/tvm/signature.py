@@ -36,7 +36,9 @@ class PassSignature:
 
     @property
     def chunks(self) -> int:
-        return 1 if self.view.symbolic else _chunks(self.view.dims[1])
+        """Row chunks of the axis-X sums: a tensor that splits its loops across the cores
+        splits X; in a group run a tensor per core, one chunk (fewer sums to finish)."""
+        return _chunks(self.view.dims[1]) if self.view.parallel_within else 1
 
     @property
     def lanes(self) -> int:

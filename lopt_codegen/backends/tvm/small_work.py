@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
+from ...ir.nodes import Level, Node
 from ..base import StepBatch, TensorTask, checked_accumulator
 from ..group_values import GroupValues
 from .printer import MlpFold
 from .signature import PassSignature
+from .small_function import SmallSignature
 from .view import ROWS_PER_BLOCK, WARP, View, padded
 
 ALIGNMENT = 64   # bytes; TVM's kernels load and store buffers as 64-byte aligned
@@ -71,16 +74,63 @@ class KeptArgs:
     table: torch.Tensor | None = None
 
 
+@dataclass
+class KeptSmall:
+    """A small function's own row buffers (MLP layer 1 in; outputs other than a pass's
+    values) and its pointer table, rebuilt only when a buffer it points into moved."""
+
+    rows: list[torch.Tensor] = field(default_factory=list)
+    pointers: list[int] = field(default_factory=list)
+    table: torch.Tensor | None = None
+
+    def table_over(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        pointers = [r.data_ptr() for r in rows]
+        if pointers != self.pointers:
+            count = rows[0].shape[0]
+            self.table, self.pointers = pointer_table([[] for _ in range(count)], rows, [[] for _ in range(count)]), pointers
+        return self.table
+
+
+@dataclass
+class GroupKept:
+    """Everything a group keeps across steps: each pass's arguments and, where the small
+    work is compiled, the leaves and state rows and each small function's buffers."""
+
+    passes: dict[int, KeptArgs] = field(default_factory=dict)
+    small: dict[str, KeptSmall] = field(default_factory=dict)
+    leaves: torch.Tensor | None = None
+    states: dict[int, torch.Tensor] = field(default_factory=dict)   # id(state node) -> rows
+
+
+@dataclass
+class SmallKernel:
+    sig: SmallSignature
+    func: Callable
+
+
+def _rows(kept: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """`kept` if it has these shapes, else new aligned row buffers of them."""
+    if [tuple(r.shape) for r in kept] == shapes:
+        return kept
+    return [empty_rows(s[0], s[1:]) for s in shapes]
+
+
 class GroupStep(GroupValues):
     """A group's step through the TVM kernels: each tensor's kernel arguments and
-    outputs, and the reductions finished from the kernels' partial sums."""
+    outputs, and the reductions finished from the kernels' partial sums. With `small`
+    (CPU groups), the small work runs as compiled functions (small_function.py) that
+    read the partial sums and write the kernels' row buffers directly; else (CUDA) it is
+    evaluated in torch (group_values.py)."""
 
-    def __init__(self, tasks: list[TensorTask], batch: StepBatch, view: View):
+    def __init__(self, tasks: list[TensorTask], batch: StepBatch, view: View, kept: GroupKept,
+                 sigs: list[PassSignature], small: dict[str, SmallKernel] | None = None):
         super().__init__(tasks, batch)
-        self.view = view
+        self.view, self.kept, self.small = view, kept, small
+        self._pass_sigs = {s.index: s for s in sigs}
         self._elements: dict[tuple[int, str, int], torch.Tensor] = {}
         self._bases: dict[int, dict[str, tuple[int, int] | None]] = {}   # _bases_of's, per tensor
         self._copies: list[torch.Tensor] = []   # _table_with_copies'
+        self._filled: set[int] = set()   # leaves and states read this step
 
     def element(self, t: int, name: str, channel: int = 0) -> torch.Tensor:
         """Tensor t's param, grad or accumulator channel viewed as the kernels' dims; made
@@ -102,26 +152,25 @@ class GroupStep(GroupValues):
         return self._elements[key]
 
     # --- kernel arguments ------------------------------------------------------------
-    def kernel_args(self, sig: PassSignature, kept: KeptArgs) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]],
-                                                                      list[torch.Tensor], list[torch.Tensor]]:
+    def kernel_args(self, sig: PassSignature) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]],
+                                                      list[torch.Tensor], list[torch.Tensor]]:
         """The pass's pointer table for the group (on the kernels' device), the (original,
         aligned copy) pairs of outputs to write back after the kernel, and its P and Q
         partial-sum buffers ([tensors, ...] each, finished by finish_sums)."""
         count = len(self)
-        values = [self.dense(n).reshape(count, n.channels, *self.view.small_dims(n.level)) for n in sig.small]
-        if sig.scalar_nodes:
-            values.append(torch.cat([self.dense(n).reshape(count, -1) for n in sig.scalar_nodes], 1))
-        if sig.mlp is not None:
-            values += self._fold_mlp(sig.mlp)
+        kept = self.kept.passes.setdefault(sig.index, KeptArgs())
+        values = self._value_shapes(sig)
         p_shape, q_shape = self._sum_shapes(sig)
-        shapes = [tuple(v.shape) for v in values] + [(count, *p_shape)] * len(sig.x_sums) \
-            + [(count, *q_shape)] * len(sig.y_sums)
+        shapes = values + [(count, *p_shape)] * len(sig.x_sums) + [(count, *q_shape)] * len(sig.y_sums)
         device = self.tasks[0].param.device
         if [tuple(r.shape) for r in kept.rows] != shapes:
             kept.rows = [empty_rows(s[0], s[1:], device=device) for s in shapes]
             kept.own = None
-        for row, value in zip(kept.rows, values):
-            row.copy_(value)
+        if self.small is None:
+            for row, value in zip(kept.rows, self._small_values(sig)):
+                row.copy_(value)
+        else:
+            self._fill_values(sig, kept.rows[:len(values)])
         sums = kept.rows[len(values):]
         p, q = sums[:len(sig.x_sums)], sums[len(sig.x_sums):]
         own = self._own_pointers(sig)
@@ -136,6 +185,106 @@ class GroupStep(GroupValues):
             p = [x[:, :, :A * B * Y * C].reshape(count, -1, A, B, Y, C) for x in p]
             q = [x[:, :A * X * B * C].reshape(count, A, X, B, C, 1) for x in q]
         return table, back, p, q
+
+    def _value_shapes(self, sig: PassSignature) -> list[tuple[int, ...]]:
+        """The [tensors, ...] shapes of the pass's small values, scalars and MLP weights."""
+        count = len(self)
+        shapes = [(count, n.channels, *self.view.small_dims(n.level)) for n in sig.small]
+        if sig.scalar_nodes:
+            shapes.append((count, sig.scalar_count))
+        if sig.mlp is not None:
+            shapes += [(count, *s) for s in MlpFold.of(sig.mlp).layer_shapes(sig.mlp.attrs[0])]
+        return shapes
+
+    def _small_values(self, sig: PassSignature) -> list[torch.Tensor]:
+        """The pass's small values, scalars and MLP weights, evaluated in torch."""
+        count = len(self)
+        values = [self.dense(n).reshape(count, n.channels, *self.view.small_dims(n.level)) for n in sig.small]
+        if sig.scalar_nodes:
+            values.append(torch.cat([self.dense(n).reshape(count, -1) for n in sig.scalar_nodes], 1))
+        if sig.mlp is not None:
+            values += self._fold_mlp(sig.mlp)
+        return values
+
+    # --- compiled small work ---------------------------------------------------------
+    def _fill_values(self, sig: PassSignature, rows: list[torch.Tensor]) -> None:
+        """The pass's value rows from its small function; the MLP's layers after the first
+        are copied as given."""
+        self._run_small(f"pass{sig.index}", rows[:len(rows) - (len(self.ev.mlp_weights) - 2 if sig.mlp else 0)])
+        if sig.mlp is not None:
+            for row, weight in zip(rows[len(rows) - len(self.ev.mlp_weights) + 2:], self.ev.mlp_weights[2:]):
+                row.copy_(weight)
+
+    def _run_small(self, name: str, outputs: list[torch.Tensor], sums: list[torch.Tensor] = ()) -> None:
+        """Calls small function `name` on the group, writing into `outputs` ([tensors, ...]
+        row buffers, in its output order); `sums`: a finish function's partial sums."""
+        small = self.small.get(name)
+        if small is None or small.sig.empty:
+            return
+        sig, kept = small.sig, self.kept.small.setdefault(name, KeptSmall())
+        count = len(self)
+        self._fill_leaves(sig.columns)
+        states = [self._state_rows(n) for n in sig.states]
+        finished = []
+        for r, index in sig.finished:
+            finish = f"finish{index}"
+            finished.append(self.kept.small[finish].rows[[id(n) for n in self.small[finish].sig.values].index(id(r))])
+        mlp_in = []
+        if sig.mlp is not None:
+            kept.rows = _rows(kept.rows, [(count, *w.shape[1:]) for w in self.ev.mlp_weights[:2]])
+            for row, weight in zip(kept.rows, self.ev.mlp_weights[:2]):
+                row.copy_(weight)
+            mlp_in = kept.rows
+        table = kept.table_over([self.kept.leaves, *states, *sums, *finished, *mlp_in, *outputs])
+        first = self._pass_sigs[0]   # the layout of every pass's sums (the view's)
+        small.func(table, *self.view.dims, first.chunks, first.lanes)
+
+    def _fill_leaves(self, columns: list[Node]) -> None:
+        """The leaves row's columns that are known by now (network outputs: after it ran)."""
+        count = len(self)
+        total = sum(n.channels for n in columns)
+        if self.kept.leaves is None or tuple(self.kept.leaves.shape) != (count, max(1, total)):
+            self.kept.leaves = empty_rows(count, (max(1, total),))
+        start = 0
+        for node in columns:
+            if id(node) not in self._filled and (node.op != "net_out" or self.ev.net_out):
+                self.kept.leaves[:, start:start + node.channels] = self.ev.leaf(node).reshape(-1, node.channels)
+                self._filled.add(id(node))
+            start += node.channels
+
+    def _state_rows(self, node: Node) -> torch.Tensor:
+        """A small accumulator's values before this step, as [tensors, channels, *small dims]."""
+        shape = (len(self), node.channels, *self.view.small_dims(node.level))
+        rows = self.kept.states.get(id(node))
+        if rows is None or tuple(rows.shape) != shape:
+            rows = self.kept.states[id(node)] = empty_rows(shape[0], shape[1:])
+        if id(node) not in self._filled:
+            rows.copy_(self.ev.leaf(node).reshape(shape))
+            self._filled.add(id(node))
+        return rows
+
+    def _small_outputs(self, name: str, nodes: list[Node], sums: list[torch.Tensor] = ()) -> list[torch.Tensor]:
+        """Small function `name`'s values of `nodes`, as [tensors, channels, *level shape]."""
+        kept = self.kept.small.setdefault(name, KeptSmall())
+        count = len(self)
+        shapes = [(count, n.channels, *self.view.small_dims(n.level)) for n in nodes]
+        kept.rows = _rows(kept.rows, shapes)
+        self._run_small(name, kept.rows, sums)
+        return [r.reshape(count, n.channels, *self.level_shape(n.level)) for r, n in zip(kept.rows, nodes)]
+
+    def network_input(self, node: Node) -> None:
+        """Compiled small work: the network's input, computed now (GroupValues.dense reads it)."""
+        if self.small is not None:
+            self.finish(node, self._small_outputs("network", [node])[0])
+
+    def write_small_accumulators(self, accumulators: dict[str, Node]) -> None:
+        if self.small is None:
+            super().write_small_accumulators(accumulators)
+            return
+        small = {name: n for name, n in accumulators.items() if n.level < Level.ELEMENT}
+        for name, value in zip(small, self._small_outputs("accumulators", list(small.values()))):
+            for task, row in zip(self.tasks, value):
+                task.state[name].copy_(row)
 
     def _own_pointers(self, sig: PassSignature) -> tuple[list[list[int]], list[list[int]]] | None:
         """Each tensor's input and output pointers as the pass takes them, from its tensors'
@@ -206,7 +355,13 @@ class GroupStep(GroupValues):
 
     # --- after a kernel --------------------------------------------------------------
     def finish_sums(self, sig: PassSignature, p: list[torch.Tensor], q: list[torch.Tensor]) -> None:
-        """Completes the reductions from the kernels' partial sums (fixed order)."""
+        """Completes the reductions from the kernels' partial sums (fixed order). Compiled
+        small work finishes them in its own function, into the rows its later functions read."""
+        if self.small is not None:
+            finish = self.small.get(f"finish{sig.index}")
+            if finish is not None:
+                self._small_outputs(finish.sig.name, finish.sig.values, p + q)
+            return
         count = len(self)
         X, Y = self.view.dims[1], self.view.dims[3]
         parts: dict[int, list[torch.Tensor]] = {}

@@ -1,0 +1,307 @@
+"""The small work of a step as TensorIR functions: every value coarser than an element
+(tensor, batch, row and col statistics, step scalars) that a consumer needs, computed
+from the IR for one tensor and run over a group of same-shape tensors through a pointer
+table (batched.py), in one call per group and consumer.
+
+Consumers: after each pass that reduces, its reductions finished from the kernel's
+partial sums P / Q (stages.py), in a fixed order (deterministic, as the sums themselves);
+each pass's inputs (its row/col values, its scalars and its MLP's folded first layer,
+W1' = W1[:, element columns] * scale and b1' = b1 + W1[:, folded columns] @ values); the
+network's input; and the small accumulators' new values. A function reads:
+
+  leaves    [columns]  per-tensor scalar leaves (hyperparameters, step, rank, loss
+                       features, network outputs), filled by the host
+  states    [channels, *small dims] the small accumulators before this step
+  sums      (finish functions) the pass's partial sums
+  finished  [channels, *small dims] reductions finished after earlier passes
+  W1, b1    the MLP's first layer as given (shared or from the network)
+
+Every node becomes one stage (a multi-output compute over its channels); concat and
+channel are only re-indexing. The functions are shape-generic (A, X, B, Y, C and the
+sums' row chunks K and lanes L are arguments), so one build serves every shape of a
+tensor kind.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tvm import te, tirx
+
+from ...ir.nodes import REDUCE, Level, Node, topo_order
+from ...ir.program import VariantGraph
+from .batched import batch_over_tensors
+from .printer import F32, MlpFold, op_expr
+from .signature import PassSignature
+from .stages import _as_list, _reduce
+from .view import View
+
+COLUMN_LEAVES = ("hyper", "step", "rank", "loss_features", "net_out")   # one value per tensor
+SHAPE_VARS = "AXBYCKL"   # the view's dims, then the P sums' row chunks and the Q sums' lanes
+
+Channel = Callable[[tuple], "tirx.PrimExpr"]   # one channel of a value, at a 5-D index
+
+
+@dataclass
+class SmallSignature:
+    """What one small function reads and writes (no TVM object: a cached build binds
+    without compile-time work). Buffers, in table order: leaves, states, sums, finished,
+    then (with an MLP) W1 and b1 in, then the values, the scalars and W1', b1' out."""
+
+    name: str                     # "finish<k>", "pass<k>", "network" or "accumulators"
+    x_axis: str | None
+    columns: list[Node]           # the leaves row: these nodes' channels, in order
+    states: list[Node]            # small state leaves read
+    sums: list[tuple[Node, int, str, int]] = field(default_factory=list)   # (reduction, channel, "P"|"Q", its index)
+    finished: list[tuple[Node, int]] = field(default_factory=list)          # (reduction, pass that reduced it)
+    values: list[Node] = field(default_factory=list)
+    scalars: list[Node] = field(default_factory=list)
+    mlp: Node | None = None
+
+    @property
+    def column_count(self) -> int:
+        return sum(n.channels for n in self.columns)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.values or self.scalars or self.mlp is not None)
+
+
+def column_leaves(graph: VariantGraph) -> list[Node]:
+    """The per-tensor scalar leaves of a variant, in a fixed order (the leaves row)."""
+    return [n for n in topo_order(graph.roots()) if n.op in COLUMN_LEAVES and n.level < Level.ELEMENT]
+
+
+def reductions(sig: PassSignature) -> list[Node]:
+    """The reductions a pass's partial sums give, each once, in order."""
+    return list({id(r): r for r, _ in sig.x_sums + sig.y_sums}.values())
+
+
+def small_signatures(graph: VariantGraph, sigs: list[PassSignature]) -> list[SmallSignature]:
+    """The small functions of a tensor kind (sigs: its pass kernels): the finish of each
+    pass that reduces, each pass's inputs, the network input's and the small
+    accumulators'."""
+    columns = column_leaves(graph)
+    reduced_by = {id(r): s.index for s in sigs for r in reductions(s)}
+    out = []
+
+    def consumer(name: str, values: list[Node], scalars: list[Node] = (), mlp: Node | None = None) -> None:
+        roots = [*values, *scalars]
+        if mlp is not None:
+            fold = MlpFold.of(mlp)
+            roots += [s for _, s, _, _ in fold.element_parts if s is not None] + [p for p, _ in fold.bias_parts]
+        reached = _reached(roots)
+        states = [n for n in reached if n.op == "state"]
+        finished = [(r, reduced_by[id(r)]) for r in reached if r.op in REDUCE and r.args[0].level == Level.ELEMENT]
+        out.append(SmallSignature(name, sigs[0].view.x_axis, columns, states, finished=finished,
+                                  values=list(values), scalars=list(scalars), mlp=mlp))
+
+    for s in sigs:
+        if s.x_sums or s.y_sums:
+            sums = [(r, c, "P", k) for k, (r, c) in enumerate(s.x_sums)]
+            sums += [(r, c, "Q", k) for k, (r, c) in enumerate(s.y_sums)]
+            out.append(SmallSignature(f"finish{s.index}", s.view.x_axis, columns, [], sums, values=reductions(s)))
+        consumer(f"pass{s.index}", s.small, s.scalar_nodes, s.mlp)
+    if graph.network_input is not None:
+        consumer("network", [graph.network_input])
+    small_accumulators = [n for n in graph.accumulators.values() if n.level < Level.ELEMENT]
+    if small_accumulators:
+        consumer("accumulators", small_accumulators)
+    return out
+
+
+def _reached(roots: list[Node]) -> list[Node]:
+    """The small nodes the roots are computed from, down to leaves and the reductions of
+    element values (finished from partial sums), in a fixed order."""
+    seen: set[int] = set()
+    order: list[Node] = []
+    stack = list(reversed(roots))
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        order.append(n)
+        if not (n.op in REDUCE and n.args[0].level == Level.ELEMENT):
+            stack.extend(reversed(n.args))
+    return order
+
+
+def _is_one(n) -> bool:
+    return isinstance(n, int) and n == 1 or isinstance(n, tirx.IntImm) and n.value == 1
+
+
+def _broadcast(index: tuple, shape) -> tuple:
+    """The index into a value of `shape` read at `index` (0 on its size-1 axes)."""
+    return tuple(0 if _is_one(n) else i for i, n in zip(index, shape))
+
+
+def _chain(select: tirx.PrimExpr, values: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """values[select] for an index expression (all values are in-bounds reads)."""
+    out = values[-1]
+    for k in range(len(values) - 2, -1, -1):
+        out = tirx.Select(select == k, values[k], out)
+    return out
+
+
+class _SmallStages:
+    def __init__(self, sig: SmallSignature):
+        self.sig = sig
+        self.dims = tuple(tirx.Var(n, "int32") for n in "AXBYC")
+        self.K, self.L = tirx.Var("K", "int32"), tirx.Var("L", "int32")
+        self.view = View((1, 1, 1, 1, 1), sig.x_axis)
+        A, X, B, Y, C = self.dims
+        self.leaves = te.placeholder((max(1, sig.column_count),), F32, "leaves")
+        self.column = {}
+        for n in sig.columns:
+            self.column[id(n)] = sum(m.channels for m in sig.columns[:sig.columns.index(n)])
+        self.states = {id(n): te.placeholder((n.channels, *self.shape(n.level)), F32, f"state_{n.attrs[0]}")
+                       for n in sig.states}
+        self.sums = {}
+        for r, c, kind, k in sig.sums:
+            shape = (self.K, A, B, Y, C) if kind == "P" else (A, X, B, C, self.L)
+            self.sums[(id(r), c)] = (kind, te.placeholder(shape, F32, f"{kind}{k}"))
+        self.finished = {id(r): te.placeholder((r.channels, *self.shape(r.level)), F32, f"finished{k}_pass{p}")
+                         for k, (r, p) in enumerate(sig.finished)}
+        self.mlp_in = []
+        if sig.mlp is not None:
+            sizes = sig.mlp.attrs[0]
+            self.mlp_in = [te.placeholder((sizes[1], sizes[0]), F32, "W1"), te.placeholder((sizes[1],), F32, "b1")]
+        self.memo: dict[int, list[Channel]] = {}
+
+    def shape(self, level: Level) -> tuple:
+        return self.view.small_dims(level, self.dims)
+
+    def channels(self, node: Node) -> list[Channel]:
+        got = self.memo.get(id(node))
+        if got is None:
+            got = self.memo[id(node)] = self._channels(node)
+        return got
+
+    def _channels(self, node: Node) -> list[Channel]:
+        op = node.op
+        if op == "const":
+            return [lambda i, v=v: tirx.const(float(v), F32) for v in node.attrs]
+        if op in COLUMN_LEAVES:
+            start = self.column[id(node)]
+            return [lambda i, k=start + c: self.leaves[k] for c in range(node.channels)]
+        if op == "state" or id(node) in self.finished:
+            buf = self.states[id(node)] if op == "state" else self.finished[id(node)]
+            return [lambda i, c=c: buf[(c, *_broadcast(i, buf.shape[1:]))] for c in range(node.channels)]
+        if op == "concat":
+            return [f for a in node.args for f in self.channels(a)]
+        if op == "channel":
+            return [self.channels(node.args[0])[node.attrs[0]]]
+        if op in REDUCE:
+            return self._finished(node) if node.args[0].level == Level.ELEMENT else self._reduction(node)
+        args = [self.channels(a) for a in node.args]
+
+        def compute(*i):
+            return [op_expr(op, [a[c if len(a) > 1 else 0](i) for a in args]) for c in range(node.channels)]
+        return self._loads(te.compute(self.shape(node.level), compute, name=f"{op}_{node.level.label}"))
+
+    @staticmethod
+    def _loads(stage, scale: tirx.PrimExpr | None = None) -> list[Channel]:
+        """Each output of a stage as a channel (divided by `scale`: a mean's count)."""
+        def load(t: te.Tensor) -> Channel:
+            return lambda i: t[_broadcast(i, t.shape)] if scale is None else t[_broadcast(i, t.shape)] / scale
+        return [load(t) for t in _as_list(stage)]
+
+    def _reduction(self, node: Node) -> list[Channel]:
+        """A mean of a small value over the axes its result lacks (none: itself)."""
+        arg = node.args[0]
+        inner, outer = self.shape(arg.level), self.shape(node.level)
+        axes = {k: te.reduce_axis((0, inner[k]), f"r{k}") for k in range(5) if not _is_one(inner[k]) and _is_one(outer[k])}
+        if not axes:
+            return self.channels(arg)
+        count = 1
+        for k in axes:
+            count = count * inner[k]
+        values = self.channels(arg)
+        stage = te.compute(outer, lambda *i: _reduce([f(tuple(axes.get(k, i[k]) for k in range(5))) for f in values],
+                                                     list(axes.values())), name=f"{node.op}_{arg.level.label}")
+        return self._loads(stage, count.astype(F32))
+
+    def _finished(self, node: Node) -> list[Channel]:
+        """A mean of element values from the partial sums of the pass that reduced it:
+        P[k, a, b, y, c] (sums over row chunk k of X), Q[a, x, b, c, l] (lane l's sums over Y)."""
+        A, X, B, Y, C = self.dims
+        out = []
+        for c in range(node.channels):
+            kind, buf = self.sums[(id(node), c)]
+            if kind == "P" and node.op == "mean":
+                r = [te.reduce_axis((0, n), f"r{k}") for k, n in enumerate((self.K, A, B, Y, C))]
+                count = A.astype("int64") * X * B * Y * C
+                stage = te.compute((1, 1, 1, 1, 1), lambda *_: te.sum(buf[tuple(r)], r), name="mean_P")
+            elif kind == "P":
+                k = te.reduce_axis((0, self.K), "k")
+                count = X
+                stage = te.compute(self.shape(node.level), lambda a, x, b, y, cc: te.sum(buf[k, a, b, y, cc], k),
+                                   name="mean_X")
+            else:
+                lane = te.reduce_axis((0, self.L), "l")
+                count = Y
+                stage = te.compute(self.shape(node.level), lambda a, x, b, y, cc: te.sum(buf[a, x, b, cc, lane], lane),
+                                   name="mean_Y")
+            out += self._loads(stage, count.astype(F32))
+        return out
+
+    # --- outputs ---------------------------------------------------------------------
+    def value(self, node: Node, k: int) -> te.Tensor:
+        values = self.channels(node)
+        return te.compute((node.channels, *self.shape(node.level)),
+                          lambda c, *i: _chain(c, [f(i) for f in values]), name=f"value{k}")
+
+    def scalars(self) -> te.Tensor:
+        values = [f((0,) * 5) for n in self.sig.scalars for f in self.channels(n)]
+        return te.compute((len(values),), lambda j: _chain(j, values), name="scalars")
+
+    def folded_mlp(self) -> list[te.Tensor]:
+        """W1' [H, features], b1' [H] (MlpFold), as the apply pass takes them."""
+        fold = MlpFold.of(self.sig.mlp)
+        w1, b1 = self.mlp_in
+        H = w1.shape[0]
+
+        def column(h, f):
+            out, start = None, 0
+            parts = []
+            for _, scale, col, ch in fold.element_parts:
+                j = f - start
+                value = w1[h, col + j]
+                if scale is not None:
+                    value = value * _chain(j, [g((0,) * 5) for g in self.channels(scale)])
+                parts.append((start + ch, value))
+                start += ch
+            out = parts[-1][1]
+            for end, value in reversed(parts[:-1]):   # lazily: other parts' columns are out of range
+                out = tirx.if_then_else(f < end, value, out)
+            return out
+
+        def bias(h):
+            out = b1[h]
+            for part, col in fold.bias_parts:
+                values = self.channels(part)
+                total = w1[h, col] * values[0]((0,) * 5)
+                for j in range(1, part.channels):
+                    total = total + w1[h, col + j] * values[j]((0,) * 5)
+                out = out + total
+            return out
+        return [te.compute((H, fold.features), column, name="W1_folded"), te.compute((H,), bias, name="b1_folded")]
+
+    def arguments(self) -> list[te.Tensor]:
+        sig = self.sig
+        outputs = [self.value(n, k) for k, n in enumerate(sig.values)]
+        if sig.scalars:
+            outputs.append(self.scalars())
+        if sig.mlp is not None:
+            outputs += self.folded_mlp()
+        return [self.leaves, *self.states.values(), *(b for _, b in self.sums.values()), *self.finished.values(),
+                *self.mlp_in, *outputs]
+
+
+def build_small_function(sig: SmallSignature) -> tirx.PrimFunc:
+    """The small function over a group: main(table[tensors, buffers], A, X, B, Y, C, K, L),
+    the loop over the tensors parallel."""
+    stages = _SmallStages(sig)
+    func = te.create_prim_func(stages.arguments())
+    return batch_over_tensors(func, parallel=True, shape_vars=[*stages.dims, stages.K, stages.L])
