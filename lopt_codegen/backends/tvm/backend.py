@@ -118,9 +118,9 @@ class TvmBackend(Backend):
         return self._kernels[key]
 
     def small_kernels(self, task: TensorTask, sigs: list[PassSignature]) -> dict[str, SmallKernel] | None:
-        """The compiled small work of a CPU tensor's kind (shape-generic), by consumer;
-        None for a CUDA tensor (its small work runs in torch)."""
-        if task.param.device.type != "cpu" or not self.compiled_small_work:
+        """The compiled small work of a tensor kind (shape-generic), by consumer; None for
+        the GPU kernels (their sums have the GPU layout; the small work runs in torch)."""
+        if sigs[0].view.gpu or not self.compiled_small_work:
             return None
         key = (task.variant, sigs[0].view.x_axis)
         if key not in self._small:

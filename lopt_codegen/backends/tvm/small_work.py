@@ -99,6 +99,7 @@ class GroupKept:
     passes: dict[int, KeptArgs] = field(default_factory=dict)
     small: dict[str, KeptSmall] = field(default_factory=dict)
     leaves: torch.Tensor | None = None
+    written: dict[int, object] = field(default_factory=dict)   # id(leaf) -> what its columns hold
     states: dict[int, torch.Tensor] = field(default_factory=dict)   # id(state node) -> rows
 
 
@@ -128,7 +129,8 @@ class GroupStep(GroupValues):
         self.view, self.kept, self.small = view, kept, small
         self._pass_sigs = {s.index: s for s in sigs}
         self._elements: dict[tuple[int, str, int], torch.Tensor] = {}
-        self._bases: dict[int, dict[str, tuple[int, int] | None]] = {}   # _bases_of's, per tensor
+        self._bases: list[dict[str, tuple[int, int]]] | None = None   # _tensor_bases'
+        self._bases_read = False
         self._copies: list[torch.Tensor] = []   # _table_with_copies'
         self._filled: set[int] = set()   # leaves and states read this step
 
@@ -240,15 +242,20 @@ class GroupStep(GroupValues):
         small.func(table, *self.view.dims, first.chunks, first.lanes)
 
     def _fill_leaves(self, columns: list[Node]) -> None:
-        """The leaves row's columns that are known by now (network outputs: after it ran)."""
-        count = len(self)
+        """The leaves row's columns that are known by now (network outputs: after it ran).
+        Hyperparameters are written only when they changed, the rank once."""
+        count, kept = len(self), self.kept
         total = sum(n.channels for n in columns)
-        if self.kept.leaves is None or tuple(self.kept.leaves.shape) != (count, max(1, total)):
-            self.kept.leaves = empty_rows(count, (max(1, total),))
+        if kept.leaves is None or tuple(kept.leaves.shape) != (count, max(1, total)):
+            kept.leaves, kept.written = empty_rows(count, (max(1, total),)), {}
         start = 0
         for node in columns:
             if id(node) not in self._filled and (node.op != "net_out" or self.ev.net_out):
-                self.kept.leaves[:, start:start + node.channels] = self.ev.leaf(node).reshape(-1, node.channels)
+                written = tuple(t.hyper[node.attrs[0]] for t in self.tasks) if node.op == "hyper" else \
+                    "shape" if node.op == "rank" else None
+                if written is None or kept.written.get(id(node)) != written:
+                    kept.leaves[:, start:start + node.channels] = self.ev.leaf(node).reshape(-1, node.channels)
+                    kept.written[id(node)] = written
                 self._filled.add(id(node))
             start += node.channels
 
@@ -289,32 +296,37 @@ class GroupStep(GroupValues):
     def _own_pointers(self, sig: PassSignature) -> tuple[list[list[int]], list[list[int]]] | None:
         """Each tensor's input and output pointers as the pass takes them, from its tensors'
         data pointers; None when one is misaligned or strided (it needs a copy)."""
+        bases = self._tensor_bases()
+        if bases is None:
+            return None
         names = [(leaf, 0) for leaf in sig.leaves] + sig.accumulators + sig.outputs
-        needed = {name for name, _ in names}
-        pointers = []
-        for t in range(len(self)):
-            bases = self._bases_of(t, needed)
-            if bases is None:
-                return None
-            pointers.append([bases[name][0] + c * bases[name][1] for name, c in names])
+        pointers = [[b[name][0] + c * b[name][1] for name, c in names] for b in bases]
         split = len(sig.leaves) + len(sig.accumulators)
         return [row[:split] for row in pointers], [row[split:] for row in pointers]
 
-    def _bases_of(self, t: int, names: set[str]) -> dict[str, tuple[int, int]] | None:
-        """Tensor t's (data pointer, bytes per channel) of `names` (param, grad,
-        accumulators), read once per step; None unless all are dense and aligned."""
-        bases = self._bases.setdefault(t, {})
-        task = self.tasks[t]
-        for name in names - bases.keys():
-            if name in ("param", "grad"):   # a param is contiguous (unsupported_reason)
-                x = task.param if name == "param" else task.grad
-                bases[name] = (x.data_ptr(), 0) if x.is_contiguous() else None
-            else:
-                acc = checked_accumulator(task, name, "TVM")
-                bases[name] = (acc.data_ptr(), acc.stride(0) * acc.element_size() if acc.shape[0] > 1 else 0)
-        if any(bases[n] is None or bases[n][0] % ALIGNMENT or bases[n][1] % ALIGNMENT for n in names):
-            return None
-        return bases
+    def _tensor_bases(self) -> list[dict[str, tuple[int, int]]] | None:
+        """Each tensor's (data pointer, bytes per channel) of everything the passes read
+        and write (param, grad, accumulators), read once per step; None unless all are
+        dense and aligned."""
+        if not self._bases_read:
+            self._bases_read = True
+            names = {leaf for s in self._pass_sigs.values() for leaf in s.leaves}
+            names |= {name for s in self._pass_sigs.values() for name, _ in s.accumulators + s.outputs}
+            self._bases = []
+            for task in self.tasks:
+                bases = {}
+                for name in names:
+                    if name in ("param", "grad"):   # a param is contiguous (unsupported_reason)
+                        x = task.param if name == "param" else task.grad
+                        bases[name] = (x.data_ptr(), 0) if x.is_contiguous() else None
+                    else:
+                        acc = checked_accumulator(task, name, "TVM")
+                        bases[name] = (acc.data_ptr(), acc.stride(0) * acc.element_size() if acc.shape[0] > 1 else 0)
+                if any(b is None or b[0] % ALIGNMENT or b[1] % ALIGNMENT for b in bases.values()):
+                    self._bases = None
+                    break
+                self._bases.append(bases)
+        return self._bases
 
     def _table_with_copies(self, sig: PassSignature, rows: list[torch.Tensor]) \
             -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
