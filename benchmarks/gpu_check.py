@@ -75,14 +75,16 @@ def graph_capture(spec: str, backend: str, device: str) -> str:
     p.grad = torch.randn_like(p)
     opt = optimizer(spec, [p], backend, 1e-3)
     loss = torch.tensor(1.0, device=device)
-    opt.step(loss=loss)   # state exists before capture
     try:
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream()   # warm-up on a side stream (state, caches, tables), as torch asks
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            for _ in range(3):
                 opt.step(loss=loss)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step(loss=loss)
         graph.replay()
         sync(device)
         return "ok"

@@ -5,6 +5,8 @@ per-op rules with a leading tensor axis. A step then costs a few torch calls per
 per group instead of per tensor (a model's many biases and norms of one size)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..ir.nodes import Level, Node, level_shape
@@ -14,6 +16,20 @@ from .small_values import SmallValues
 
 # Leaves with one value for the whole group (the loss is the step's; the rank the shape's).
 _GROUP_LEAVES = {"const", "loss_features", "rank"}
+# Host values on a device (constants, ranks, hyperparameters), made once, so that a
+# steady-state step copies nothing from the host: a CUDA graph cannot capture such a
+# copy. Never written in place. Emptied when full (a schedule changing lr every step).
+_ON_DEVICE: dict[tuple, torch.Tensor] = {}
+_ON_DEVICE_LIMIT = 4096
+
+
+def _kept_on_device(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    value = _ON_DEVICE.get(key)
+    if value is None:
+        if len(_ON_DEVICE) >= _ON_DEVICE_LIMIT:
+            _ON_DEVICE.clear()
+        value = _ON_DEVICE[key] = make()
+    return value
 
 
 def group_key(task: TensorTask) -> tuple:
@@ -36,11 +52,17 @@ class GroupEvaluator(TensorEvaluator):
         op = node.op
         if node.level == Level.ELEMENT:
             raise RuntimeError(f"{node} is element-level: the kernels compute it, not the small work")
+        device = self.task.param.device
+        if op in ("const", "rank"):
+            return _kept_on_device((op, node.attrs, self.task.param.shape, device),
+                                   lambda: self.members[0].leaf(node).unsqueeze(0))
         if op in _GROUP_LEAVES:
             return self.members[0].leaf(node).unsqueeze(0)
         # One torch call per leaf for the whole group, not one per tensor.
         if op == "hyper":
-            return self._per_tensor(torch.tensor([t.hyper[node.attrs[0]] for t in self.tasks]))
+            values = tuple(float(t.hyper[node.attrs[0]]) for t in self.tasks)
+            return _kept_on_device(("hyper", values, self.ndim, device),
+                                   lambda: self._per_tensor(torch.tensor(values)))
         if op == "step":
             return self._per_tensor(torch.stack([t.state["step"] for t in self.tasks]))
         if op == "net_out":   # take_network (inherited) keeps the group's rows

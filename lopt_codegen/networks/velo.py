@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -61,14 +62,21 @@ class VeloLstm(NetworkKind):
         return {"lr_mult": lr_mult}, mlp, {"lstm_h": h, "lstm_c": c}
 
 
+@lru_cache(maxsize=64)
+def _loss_decays(count: int, horizon: float, device: torch.device) -> torch.Tensor:
+    """The loss buffer's decays on a device, made once (a steady-state step copies
+    nothing from the host; a CUDA graph cannot capture that). Never written in place."""
+    horizons = torch.logspace(1.0, math.log10(horizon), count, dtype=torch.float64)
+    return torch.exp(-1.0 / horizons).to(device=device, dtype=torch.float32)
+
+
 class VeloLossBuffer(LossBufferKind):
     name = "velo"
     channels = 9
     _N = 10
 
     def _decays(self, device: torch.device) -> torch.Tensor:
-        horizons = torch.logspace(1.0, math.log10(self.horizon), self._N, dtype=torch.float64)
-        return torch.exp(-1.0 / horizons).to(device=device, dtype=torch.float32)
+        return _loss_decays(self._N, self.horizon, device)
 
     def initial_state(self, device):
         return {"loss_means": torch.zeros(self._N, device=device),

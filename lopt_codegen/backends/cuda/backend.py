@@ -15,7 +15,7 @@ from ..group_values import GroupMember, GroupValues, group_key, members, run_net
 from .build import ToolchainMissing, build_cuda, build_host
 from .passes import PassLayout
 from .render import Rendered, render_cuda
-from .tables import build_launch, finish_reductions, table_tensor
+from .tables import Launch, finish_reductions, update_launch
 
 
 class CudaBackend(Backend):
@@ -24,6 +24,7 @@ class CudaBackend(Backend):
     def __init__(self, program):
         super().__init__(program)
         self._modules: dict[str, object] = {}
+        self._launches: dict[tuple, Launch] = {}   # (pass name, device) -> its kept launch
         plans = plan_program(program)
         after = {plan.network_after for plan in plans.values()}
         if program.network_kind is not None and len(after) != 1:
@@ -90,8 +91,8 @@ class CudaBackend(Backend):
     def _run_pass(self, layout: PassLayout, device: torch.device, tasks: list[TensorTask],
                   smalls: list[GroupMember], weights: list[list[torch.Tensor] | None]) -> None:
         module = self.module(device)
-        launch = build_launch(layout, tasks, smalls, weights)
-        table = table_tensor(launch, device)
+        launch = self._launches.setdefault((layout.name, device), Launch(layout))
+        table = update_launch(launch, tasks, smalls, weights)
         if device.type == "cuda":
             getattr(module, f"{layout.name}_cuda")(table, launch.total_blocks)
         else:

@@ -2,7 +2,8 @@
 small-value buffers, the per-tensor folded MLP weights, and finishing reductions.
 
 Everything here is torch on the tensors' device with sizes known on the host: no
-device-to-host copy, so a step never waits for the GPU.
+device-to-host copy, so a step never waits for the GPU; and the buffers and the table
+are kept across steps, so a steady-state step copies nothing from the host either.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ...ir.nodes import level_shape
 from ..base import TensorTask, checked_accumulator
 from ..group_values import GroupMember
 from .passes import PassLayout
+from .printer import mlp_weight_count
 
 HEAD = ["n", "A", "X", "B", "Y", "C", "d0_is_x", "param_dtype", "grad_dtype", "block0", "blocks",
         "param", "grad", "small", "weights", "partial", "line"]   # = enum Field in runtime.cuh.j2
@@ -40,9 +42,9 @@ def blocks_for(n: int, cuda: bool) -> int:
     return max(1, -(-n // HOST_CHUNK))
 
 
-def fold_mlp(L: PassLayout, weights: list[torch.Tensor], small: GroupMember) -> torch.Tensor:
-    """[W0 (out, element inputs), b0, W1, b1, ...] with tensor-level inputs folded into
-    b0 and tensor-level scales of `x * s` inputs folded into W0's columns."""
+def fold_mlp(L: PassLayout, weights: list[torch.Tensor], small: GroupMember, out: torch.Tensor) -> None:
+    """Into `out`: [W0 (out, element inputs), b0, W1, b1, ...] with tensor-level inputs
+    folded into b0 and tensor-level scales of `x * s` inputs folded into W0's columns."""
     w0, b0 = weights[0], weights[1]
     columns, bias = [], b0
     for part in L.mlp_parts:
@@ -54,71 +56,116 @@ def fold_mlp(L: PassLayout, weights: list[torch.Tensor], small: GroupMember) -> 
         else:
             columns.append(w0[:, a:b])
     flat = [torch.cat(columns, dim=1).reshape(-1), bias.reshape(-1)] + [w.reshape(-1) for w in weights[2:]]
-    return torch.cat(flat).to(torch.float32).contiguous()
+    torch.cat([f.to(torch.float32) for f in flat], out=out)
 
 
 @dataclass
 class Launch:
-    """One pass over a group of tensors: the table and the buffers it points to (kept
-    alive until the call has been queued)."""
+    """One pass over a group of tensors, kept from step to step: each tensor's buffers
+    (small values, folded MLP weights, row/col lines, a gradient copy where one is
+    needed) and the block partials are refilled in place, and the table is copied to
+    the device only when a row changed (a tensor's memory moved). A steady-state step
+    then copies nothing from the host, which a CUDA graph capture needs."""
 
     layout: PassLayout
+    shapes: list[tuple] = field(default_factory=list)       # what the buffers were made for
     rows: list[list[int]] = field(default_factory=list)
-    keep: list[torch.Tensor] = field(default_factory=list)
-    partial: torch.Tensor | None = None
+    small: list[torch.Tensor] = field(default_factory=list)
+    weights: list[torch.Tensor | None] = field(default_factory=list)
+    grads: list[torch.Tensor | None] = field(default_factory=list)   # copies of unusable gradients
     lines: list[torch.Tensor | None] = field(default_factory=list)
+    partial: torch.Tensor | None = None
+    table: torch.Tensor | None = None
     total_blocks: int = 0
 
 
-def build_launch(L: PassLayout, tasks: list[TensorTask], smalls: list[GroupMember],
-                 weights: list[list[torch.Tensor] | None]) -> Launch:
-    launch = Launch(L)
-    device = tasks[0].param.device
+def _grad_for_kernel(grad: torch.Tensor) -> tuple[tuple, torch.dtype] | None:
+    """(shape, dtype) of the copy a gradient needs (an unsupported dtype or strided), or None."""
+    if grad.dtype in DTYPES and grad.is_contiguous():
+        return None
+    return tuple(grad.shape), grad.dtype if grad.dtype in DTYPES else torch.float32
+
+
+def _small_shapes(L: PassLayout, task: TensorTask) -> list[list[int]]:
+    nodes = list({id(s.node): s.node for s in L.small_slots}.values())
+    return [[node.channels, *level_shape(task.param.shape, node.level, task.axes)] for node in nodes]
+
+
+def _allocate(launch: Launch, tasks: list[TensorTask]) -> None:
+    L, device = launch.layout, tasks[0].param.device
     cuda = device.type == "cuda"
     n_red = sum(n.channels for n in L.tensor_reductions)
     n_line = sum(n.channels for n in L.line_reductions)
+    launch.small, launch.weights, launch.grads, launch.lines, launch.total_blocks = [], [], [], [], 0
+    for task in tasks:
+        n = task.param.numel()
+        size = sum(math.prod(s) for s in _small_shapes(L, task))
+        launch.small.append(torch.zeros(max(1, size), dtype=torch.float32, device=device))
+        launch.weights.append(None if L.mlp is None else torch.empty(
+            mlp_weight_count((L.mlp_inputs, *L.mlp.attrs[0][1:])), dtype=torch.float32, device=device))
+        copy = _grad_for_kernel(task.grad)
+        launch.grads.append(None if copy is None else torch.empty(copy[0], dtype=copy[1], device=device))
+        launch.lines.append(torch.empty(n_line, n, dtype=torch.float32, device=device) if n_line else None)
+        launch.total_blocks += blocks_for(n, cuda)
+    launch.partial = torch.empty(max(1, launch.total_blocks * n_red), dtype=torch.float32, device=device)
+    launch.table = None
+
+
+def _buffer_shapes(tasks: list[TensorTask]) -> list[tuple]:
+    return [(tuple(t.param.shape), t.axes, t.param.device, _grad_for_kernel(t.grad)) for t in tasks]
+
+
+def update_launch(launch: Launch, tasks: list[TensorTask], smalls: list[GroupMember],
+                  weights: list[list[torch.Tensor] | None]) -> torch.Tensor:
+    """Refills the launch's buffers for this step and returns its table on the tensors'
+    device (the kept one unless a row changed)."""
+    L = launch.layout
+    device = tasks[0].param.device
+    cuda = device.type == "cuda"
+    shapes = _buffer_shapes(tasks)
+    if shapes != launch.shapes:
+        _allocate(launch, tasks)
+        launch.shapes = shapes
     small_nodes = list({id(s.node): s.node for s in L.small_slots}.values())
-    for task, small, w in zip(tasks, smalls, weights):
+    rows, block0 = [], 0
+    for k, (task, small, w) in enumerate(zip(tasks, smalls, weights)):
         p = task.param.detach()
         if not p.is_contiguous():
             raise ValueError(f"cuda backend: parameters must be contiguous (updated in place); got one of shape "
                              f"{tuple(p.shape)} with strides {p.stride()}")
         grad = task.grad.detach()
-        if grad.dtype not in DTYPES:
-            grad = grad.to(torch.float32)
-        grad = grad.contiguous()
+        if launch.grads[k] is not None:
+            launch.grads[k].copy_(grad)
+            grad = launch.grads[k]
         n = p.numel()
         dims, d0_is_x = five_d(tuple(p.shape), task.axes)
         blocks = blocks_for(n, cuda)
         # Small inputs: each node's values for its level, channel-major, one buffer.
-        pieces, base, offsets = [], 0, {}
-        for node in small_nodes:
-            shape = [node.channels, *level_shape(p.shape, node.level, task.axes)]
-            value = torch.broadcast_to(small.get(node), shape).reshape(-1).to(torch.float32)
-            offsets[id(node)] = (base, value.numel() // node.channels)
-            pieces.append(value)
-            base += value.numel()
-        small_buf = torch.cat(pieces) if pieces else torch.zeros(1, device=device)
+        offsets, base, pieces = {}, 0, []
+        for node, shape in zip(small_nodes, _small_shapes(L, task)):
+            pieces.append(torch.broadcast_to(small.get(node), shape).reshape(-1).to(torch.float32))
+            offsets[id(node)] = (base, math.prod(shape[1:]))
+            base += math.prod(shape)
+        if pieces:
+            torch.cat(pieces, out=launch.small[k][:base])
         slot_offsets = [offsets[id(s.node)][0] + s.channel * offsets[id(s.node)][1] for s in L.small_slots]
-        weight_buf = fold_mlp(L, w, small) if L.mlp is not None else None
-        line = torch.empty(n_line, n, dtype=torch.float32, device=device) if n_line else None
+        if L.mlp is not None:
+            fold_mlp(L, w, small, launch.weights[k])
+        line = launch.lines[k]
         accs = [checked_accumulator(task, name, "cuda") for name in L.accs]
-        launch.keep += [grad, small_buf, *([weight_buf] if weight_buf is not None else [])]
-        launch.lines.append(line)
-        launch.rows.append([n, *dims, d0_is_x, DTYPES[p.dtype], DTYPES[grad.dtype], launch.total_blocks, blocks,
-                            p.data_ptr(), grad.data_ptr(), small_buf.data_ptr(),
-                            weight_buf.data_ptr() if weight_buf is not None else 0,
-                            0, line.data_ptr() if line is not None else 0,
-                            *(a.data_ptr() for a in accs), *(a.stride(0) for a in accs), *slot_offsets])
-        launch.total_blocks += blocks
-    launch.partial = torch.zeros(max(1, launch.total_blocks * n_red), dtype=torch.float32, device=device)
-    for row in launch.rows:
-        row[HEAD.index("partial")] = launch.partial.data_ptr()
-    return launch
+        rows.append([n, *dims, d0_is_x, DTYPES[p.dtype], DTYPES[grad.dtype], block0, blocks,
+                     p.data_ptr(), grad.data_ptr(), launch.small[k].data_ptr(),
+                     launch.weights[k].data_ptr() if launch.weights[k] is not None else 0,
+                     launch.partial.data_ptr(), line.data_ptr() if line is not None else 0,
+                     *(a.data_ptr() for a in accs), *(a.stride(0) for a in accs), *slot_offsets])
+        block0 += blocks
+    if rows != launch.rows or launch.table is None:
+        launch.rows, launch.table = rows, table_tensor(rows, device)
+    return launch.table
 
 
-def table_tensor(launch: Launch, device: torch.device) -> torch.Tensor:
-    table = torch.tensor(launch.rows, dtype=torch.int64)
+def table_tensor(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    table = torch.tensor(rows, dtype=torch.int64)
     if device.type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
     return table

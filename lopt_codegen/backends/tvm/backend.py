@@ -1,7 +1,8 @@
 """TvmBackend: each pass of the plan runs as compiled TVM kernels, one call per group of
-same-shape tensors (LLVM for CPU tensors; for CUDA ones a launch per kernel of the pass);
-the small work between passes runs in torch once per group (small_work.py), and the
-network once per step."""
+same-shape tensors (LLVM for CPU tensors; for CUDA ones a launch per kernel of the pass).
+The small work between passes runs once per group too: on the CPU as compiled functions
+(small_function.py), for CUDA tensors in torch (small_work.py); the network runs once
+per step."""
 from __future__ import annotations
 
 import contextlib

@@ -1,7 +1,9 @@
-"""The torch side of a TVM step for a group of same-shape tensors: their small values
-computed together (group_values.py), each tensor's kernel arguments and partial-sum
-buffers as rows of per-group buffers, the partial sums finished together, and the MLP's
-first layer folded per tensor."""
+"""The host side of a TVM step for a group of same-shape tensors: each tensor's kernel
+arguments and partial-sum buffers as rows of per-group buffers kept across steps, and
+the small work between passes, either as compiled functions over those rows
+(small_function.py; CPU) or in torch (CUDA): the small values computed together
+(group_values.py), the partial sums finished together, and the MLP's first layer
+folded per tensor."""
 from __future__ import annotations
 
 import math
@@ -80,14 +82,15 @@ class KeptSmall:
     values) and its pointer table, rebuilt only when a buffer it points into moved."""
 
     rows: list[torch.Tensor] = field(default_factory=list)
-    pointers: list[int] = field(default_factory=list)
+    layout: list[tuple[int, ...]] = field(default_factory=list)   # what `table` points into
     table: torch.Tensor | None = None
 
     def table_over(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        pointers = [r.data_ptr() for r in rows]
-        if pointers != self.pointers:
+        layout = [(r.data_ptr(), *r.shape[:1], *r.stride()[:1]) for r in rows]
+        if layout != self.layout:
             count = rows[0].shape[0]
-            self.table, self.pointers = pointer_table([[] for _ in range(count)], rows, [[] for _ in range(count)]), pointers
+            self.table = pointer_table([[] for _ in range(count)], rows, [[] for _ in range(count)])
+            self.layout = layout
         return self.table
 
 
