@@ -37,7 +37,6 @@ from .stages import _as_list, _reduce
 from .view import View
 
 COLUMN_LEAVES = ("hyper", "step", "rank", "loss_features", "net_out")   # one value per tensor
-SHAPE_VARS = "AXBYCKL"   # the view's dims, then the P sums' row chunks and the Q sums' lanes
 
 Channel = Callable[[tuple], "tirx.PrimExpr"]   # one channel of a value, at a 5-D index
 
@@ -152,9 +151,10 @@ class _SmallStages:
         self.view = View((1, 1, 1, 1, 1), sig.x_axis)
         A, X, B, Y, C = self.dims
         self.leaves = te.placeholder((max(1, sig.column_count),), F32, "leaves")
-        self.column = {}
+        self.column, start = {}, 0   # id(leaf) -> its first column
         for n in sig.columns:
-            self.column[id(n)] = sum(m.channels for m in sig.columns[:sig.columns.index(n)])
+            self.column[id(n)] = start
+            start += n.channels
         self.states = {id(n): te.placeholder((n.channels, *self.shape(n.level)), F32, f"state_{n.attrs[0]}")
                        for n in sig.states}
         self.sums = {}
@@ -263,8 +263,7 @@ class _SmallStages:
         H = w1.shape[0]
 
         def column(h, f):
-            out, start = None, 0
-            parts = []
+            parts, start = [], 0
             for _, scale, col, ch in fold.element_parts:
                 j = f - start
                 value = w1[h, col + j]
