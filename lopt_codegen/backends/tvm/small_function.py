@@ -52,7 +52,7 @@ class SmallSignature:
     columns: list[Node]           # the leaves row: these nodes' channels, in order
     states: list[Node]            # small state leaves read
     sums: list[tuple[Node, int, str, int]] = field(default_factory=list)   # (reduction, channel, "P"|"Q", its index)
-    finished: list[tuple[Node, int]] = field(default_factory=list)          # (reduction, pass that reduced it)
+    finished: list[tuple[Node, int, int]] = field(default_factory=list)     # (reduction, its pass, its output there)
     values: list[Node] = field(default_factory=list)
     scalars: list[Node] = field(default_factory=list)
     mlp: Node | None = None
@@ -81,7 +81,7 @@ def small_signatures(graph: VariantGraph, sigs: list[PassSignature]) -> list[Sma
     pass that reduces, each pass's inputs, the network input's and the small
     accumulators'."""
     columns = column_leaves(graph)
-    reduced_by = {id(r): s.index for s in sigs for r in reductions(s)}
+    reduced_by = {id(r): (s.index, k) for s in sigs for k, r in enumerate(reductions(s))}
     out = []
 
     def consumer(name: str, values: list[Node], scalars: list[Node] = (), mlp: Node | None = None) -> None:
@@ -91,7 +91,7 @@ def small_signatures(graph: VariantGraph, sigs: list[PassSignature]) -> list[Sma
             roots += [s for _, s, _, _ in fold.element_parts if s is not None] + [p for p, _ in fold.bias_parts]
         reached = _reached(roots)
         states = [n for n in reached if n.op == "state"]
-        finished = [(r, reduced_by[id(r)]) for r in reached if r.op in REDUCE and r.args[0].level == Level.ELEMENT]
+        finished = [(r, *reduced_by[id(r)]) for r in reached if r.op in REDUCE and r.args[0].level == Level.ELEMENT]
         out.append(SmallSignature(name, sigs[0].view.x_axis, columns, states, finished=finished,
                                   values=list(values), scalars=list(scalars), mlp=mlp))
 
@@ -162,7 +162,7 @@ class _SmallStages:
             shape = (self.K, A, B, Y, C) if kind == "P" else (A, X, B, C, self.L)
             self.sums[(id(r), c)] = (kind, te.placeholder(shape, F32, f"{kind}{k}"))
         self.finished = {id(r): te.placeholder((r.channels, *self.shape(r.level)), F32, f"finished{k}_pass{p}")
-                         for k, (r, p) in enumerate(sig.finished)}
+                         for r, p, k in sig.finished}
         self.mlp_in = []
         if sig.mlp is not None:
             sizes = sig.mlp.attrs[0]

@@ -222,18 +222,16 @@ class GroupStep(GroupValues):
 
     def _run_small(self, name: str, outputs: list[torch.Tensor], sums: list[torch.Tensor] = ()) -> None:
         """Calls small function `name` on the group, writing into `outputs` ([tensors, ...]
-        row buffers, in its output order); `sums`: a finish function's partial sums."""
-        small = self.small.get(name)
-        if small is None or small.sig.empty:
+        row buffers, in its output order; none: a pass with no small inputs, no call);
+        `sums`: a finish function's partial sums."""
+        if not outputs:
             return
+        small = self.small[name]
         sig, kept = small.sig, self.kept.small.setdefault(name, KeptSmall())
         count = len(self)
         self._fill_leaves(sig.columns)
         states = [self._state_rows(n) for n in sig.states]
-        finished = []
-        for r, index in sig.finished:
-            finish = f"finish{index}"
-            finished.append(self.kept.small[finish].rows[[id(n) for n in self.small[finish].sig.values].index(id(r))])
+        finished = [self.kept.small[f"finish{index}"].rows[k] for _, index, k in sig.finished]
         mlp_in = []
         if sig.mlp is not None:
             kept.rows = _rows(kept.rows, [(count, *w.shape[1:]) for w in self.ev.mlp_weights[:2]])
