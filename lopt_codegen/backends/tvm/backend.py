@@ -164,21 +164,21 @@ class TvmBackend(Backend):
             sigs = [k.sig for k in kernels]
             group = GroupStep(tasks, batch, self.view(tasks[0]), self._kept.setdefault(key, GroupKept()), sigs,
                               self.small_kernels(tasks[0], sigs))
-            runs.append((key, group, kernels))
+            runs.append((group, kernels))
         split = {}   # groups run their passes up to the network, then the rest
-        for _, group, kernels in runs:
+        for group, kernels in runs:
             after = self.plans[group.tasks[0].variant].network_after
             split[id(group)] = len(kernels) if batch.network is None or after is None else after + 1
-        for _, group, kernels in runs:
+        for group, kernels in runs:
             for k in kernels[:split[id(group)]]:
                 self._run(k, group)
         if batch.network is not None:
-            steps = [group for _, group, _ in runs]
+            steps = [group for group, _ in runs]
             for group in steps:
                 group.network_input(self.program.variants[group.tasks[0].variant].network_input)
             run_network_over_groups(batch, steps, [self.program.variants[g.tasks[0].variant].network_input
                                                    for g in steps])
-        for _, group, kernels in runs:
+        for group, kernels in runs:
             for k in kernels[split[id(group)]:]:
                 self._run(k, group)
             group.write_small_accumulators(self.program.variants[group.tasks[0].variant].accumulators)
@@ -228,8 +228,8 @@ def generic_signatures(program: Program, dtype: str, gpu: bool = False) -> dict[
 def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE, target: str = "cpu",
              archs: tuple[str, ...] = ("sm_80", "sm_90")) -> tuple[int, float]:
     """Builds (or finds in the cache) the shape-generic kernels of every tensor kind and
-    parameter dtype: for the CPU (target "cpu", with the small functions) or, with nvcc and no GPU needed, for each
-    CUDA arch (target "cuda"). Returns (kernels, seconds)."""
+    parameter dtype: for the CPU (target "cpu", with the small functions) or, with nvcc
+    and no GPU needed, for each CUDA arch (target "cuda"). Returns (kernels, seconds)."""
     start = time.perf_counter()
     count = 0
     llvm = llvm_target() if target == "cpu" else None
