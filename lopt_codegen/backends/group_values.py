@@ -96,8 +96,7 @@ class GroupValues(SmallValues):
         """Row/col/tensor-level accumulators, after everything that reads their old value."""
         new = {name: self.dense(node) for name, node in accumulators.items() if node.level < Level.ELEMENT}
         for name, value in new.items():
-            for task, row in zip(self.tasks, value):
-                task.state[name].copy_(row)
+            torch._foreach_copy_([t.state[name] for t in self.tasks], list(value.unbind(0)))
 
 
 class GroupMember:

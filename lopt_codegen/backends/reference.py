@@ -177,7 +177,6 @@ def run_network(batch: StepBatch, tasks: list[TensorTask], x: torch.Tensor
     net = batch.network
     state = {k: torch.stack([t.state[k] for t in tasks]) for k in net.state_keys}
     outputs, mlp, new_state = net.forward(x, state)
-    for i, task in enumerate(tasks):
-        for k in net.state_keys:
-            task.state[k].copy_(new_state[k][i])
+    for k in net.state_keys:   # one call per key, not one per tensor
+        torch._foreach_copy_([t.state[k] for t in tasks], list(new_state[k].unbind(0)))
     return outputs, mlp

@@ -291,8 +291,7 @@ class GroupStep(GroupValues):
             return
         small = {name: n for name, n in accumulators.items() if n.level < Level.ELEMENT}
         for name, value in zip(small, self._small_outputs("accumulators", list(small.values()))):
-            for task, row in zip(self.tasks, value):
-                task.state[name].copy_(row)
+            torch._foreach_copy_([t.state[name] for t in self.tasks], list(value.unbind(0)))
 
     def _own_pointers(self, sig: PassSignature) -> tuple[list[list[int]], list[list[int]]] | None:
         """Each tensor's input and output pointers as the pass takes them, from its tensors'
