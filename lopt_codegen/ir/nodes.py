@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Callable
 
 
 class Level(IntEnum):
@@ -98,6 +99,23 @@ def level_shape(shape: tuple[int, ...], level: Level, axes: tuple[int, int] | No
         return [1] * len(shape)
     dropped = {Level.ROW: {axes[0]}, Level.COL: {axes[1]}, Level.BATCH: set(axes)}[level]
     return [1 if i in dropped else n for i, n in enumerate(shape)]
+
+
+def reachable(roots: list[Node], descend: Callable[[Node], bool]) -> list[Node]:
+    """Every node reachable from roots through the args of nodes that `descend` accepts
+    (each once, in a fixed depth-first order)."""
+    seen: set[int] = set()
+    out: list[Node] = []
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        out.append(n)
+        if descend(n):
+            stack.extend(n.args)
+    return out
 
 
 def topo_order(roots: list[Node]) -> list[Node]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .nodes import LEAVES, REDUCE, Level, Node, topo_order
+from .nodes import LEAVES, REDUCE, Level, Node, reachable, topo_order
 from .program import Program, VariantGraph
 
 _REDUCTION_NAMES = {"mean": "tensor means", "mean_d0": "row means (over d0)", "mean_d1": "col means (over d1)"}
@@ -64,19 +64,7 @@ def _phases(graph: VariantGraph) -> dict[int, int]:
 def _needed(roots: list[Node], stored: dict[int, str]) -> list[Node]:
     """Element nodes a pass computes for its roots; stops at stored accumulators and at
     coarser values (computed between passes)."""
-    seen: set[int] = set()
-    out: list[Node] = []
-    stack = list(roots)
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        out.append(n)
-        if id(n) in stored or n.level != Level.ELEMENT:
-            continue
-        stack.extend(n.args)
-    return out
+    return reachable(roots, lambda n: id(n) not in stored and n.level == Level.ELEMENT)
 
 
 def plan_variant(variant: str, graph: VariantGraph) -> Plan:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...ir.nodes import level_shape
+from ...ir.nodes import Node, level_shape
 from ..base import TensorTask, checked_accumulator
 from ..group_values import GroupMember
 from .passes import PassLayout
@@ -86,9 +86,10 @@ def _grad_for_kernel(grad: torch.Tensor) -> tuple[tuple, torch.dtype] | None:
     return tuple(grad.shape), grad.dtype if grad.dtype in DTYPES else torch.float32
 
 
-def _small_shapes(L: PassLayout, task: TensorTask) -> list[list[int]]:
+def _small_shapes(L: PassLayout, task: TensorTask) -> list[tuple[Node, list[int]]]:
+    """The pass's small values, each once, with their [channels, *level shape] for a tensor."""
     nodes = list({id(s.node): s.node for s in L.small_slots}.values())
-    return [[node.channels, *level_shape(task.param.shape, node.level, task.axes)] for node in nodes]
+    return [(node, [node.channels, *level_shape(task.param.shape, node.level, task.axes)]) for node in nodes]
 
 
 def _allocate(launch: Launch, tasks: list[TensorTask]) -> None:
@@ -99,7 +100,7 @@ def _allocate(launch: Launch, tasks: list[TensorTask]) -> None:
     launch.small, launch.weights, launch.grads, launch.lines, launch.total_blocks = [], [], [], [], 0
     for task in tasks:
         n = task.param.numel()
-        size = sum(math.prod(s) for s in _small_shapes(L, task))
+        size = sum(math.prod(shape) for _, shape in _small_shapes(L, task))
         launch.small.append(torch.zeros(max(1, size), dtype=torch.float32, device=device))
         launch.weights.append(None if L.mlp is None else torch.empty(
             mlp_weight_count((L.mlp_inputs, *L.mlp.attrs[0][1:])), dtype=torch.float32, device=device))
@@ -126,7 +127,6 @@ def update_launch(launch: Launch, tasks: list[TensorTask], smalls: list[GroupMem
     if shapes != launch.shapes:
         _allocate(launch, tasks)
         launch.shapes = shapes
-    small_nodes = list({id(s.node): s.node for s in L.small_slots}.values())
     rows, block0 = [], 0
     for k, (task, small, w) in enumerate(zip(tasks, smalls, weights)):
         p = task.param.detach()
@@ -142,7 +142,7 @@ def update_launch(launch: Launch, tasks: list[TensorTask], smalls: list[GroupMem
         blocks = blocks_for(n, cuda)
         # Small inputs: each node's values for its level, channel-major, one buffer.
         offsets, base, pieces = {}, 0, []
-        for node, shape in zip(small_nodes, _small_shapes(L, task)):
+        for node, shape in _small_shapes(L, task):
             pieces.append(torch.broadcast_to(small.get(node), shape).reshape(-1).to(torch.float32))
             offsets[id(node)] = (base, math.prod(shape[1:]))
             base += math.prod(shape)

@@ -28,7 +28,7 @@ from typing import Callable
 
 from tvm import te, tirx
 
-from ...ir.nodes import REDUCE, Level, Node, topo_order
+from ...ir.nodes import REDUCE, Level, Node, reachable, topo_order
 from ...ir.program import VariantGraph
 from .batched import batch_over_tensors
 from .printer import F32, MlpFold, op_expr
@@ -112,18 +112,7 @@ def small_signatures(graph: VariantGraph, sigs: list[PassSignature]) -> list[Sma
 def _reached(roots: list[Node]) -> list[Node]:
     """The small nodes the roots are computed from, down to leaves and the reductions of
     element values (finished from partial sums), in a fixed order."""
-    seen: set[int] = set()
-    order: list[Node] = []
-    stack = list(reversed(roots))
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        order.append(n)
-        if not (n.op in REDUCE and n.args[0].level == Level.ELEMENT):
-            stack.extend(reversed(n.args))
-    return order
+    return reachable(roots, lambda n: not (n.op in REDUCE and n.args[0].level == Level.ELEMENT))
 
 
 def _is_one(n) -> bool:

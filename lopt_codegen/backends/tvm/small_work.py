@@ -213,12 +213,12 @@ class GroupStep(GroupValues):
 
     # --- compiled small work ---------------------------------------------------------
     def _fill_values(self, sig: PassSignature, rows: list[torch.Tensor]) -> None:
-        """The pass's value rows from its small function; the MLP's layers after the first
-        are copied as given."""
-        self._run_small(f"pass{sig.index}", rows[:len(rows) - (len(self.ev.mlp_weights) - 2 if sig.mlp else 0)])
-        if sig.mlp is not None:
-            for row, weight in zip(rows[len(rows) - len(self.ev.mlp_weights) + 2:], self.ev.mlp_weights[2:]):
-                row.copy_(weight)
+        """The pass's value rows (_value_shapes) from its small function: the values, the
+        scalars and the MLP's folded first layer; its later layers are copied as given."""
+        computed = len(sig.small) + bool(sig.scalar_nodes) + (2 if sig.mlp is not None else 0)
+        self._run_small(f"pass{sig.index}", rows[:computed])
+        for row, weight in zip(rows[computed:], self.ev.mlp_weights[2:] if sig.mlp is not None else []):
+            row.copy_(weight)
 
     def _run_small(self, name: str, outputs: list[torch.Tensor], sums: list[torch.Tensor] = ()) -> None:
         """Calls small function `name` on the group, writing into `outputs` ([tensors, ...]
