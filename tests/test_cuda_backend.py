@@ -42,33 +42,39 @@ def _adam(ps, backend, decay=0.0):
 MAKERS: dict[str, Callable] = {"small_fc_lopt": _small_fc, "velo": _velo, "adam": _adam}
 
 
-def run_both(make: Callable, dtype: torch.dtype, seed: int, decay: float = 0.0):
+# Factored shapes that cut into several line tiles (runtime.cuh.j2: LineTiles): [A, X, B,
+# Y, C] with partial row segments and column strips, d0 = X and d0 = Y, A > 1, B > 1,
+# C between 1 and 32 (strips not aligned with C), C > 32, and one or 32 live columns.
+LINE_SHAPES = [(70, 45), (33, 100), (3, 40, 50), (40, 3, 36), (36, 34, 5), (34, 40, 7, 7), (65, 1), (1, 65),
+               (64, 32)]
+
+
+def run_both(make: Callable, dtype: torch.dtype, seed: int, decay: float = 0.0,
+             shapes: list[tuple] = SHAPES, steps: int = STEPS):
     """Step the reference and the cuda backend on the same random gradients; yield per
     step and tensor (shape, update ours, update reference, p before, p after)."""
     rng = np.random.default_rng(seed)
-    start = [torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=np.float32)).to(dtype) for s in SHAPES]
+    start = [torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=np.float32)).to(dtype) for s in shapes]
     ours = [torch.nn.Parameter(p.clone()) for p in start]
     ref = [torch.nn.Parameter(p.clone()) for p in start]
     opt_ours, opt_ref = make(ours, "cuda", decay), make(ref, "reference", decay)
     assert isinstance(opt_ours.backend, CudaBackend)
-    for step in range(STEPS):
+    for step in range(steps):
         loss = float(2.0 / (step + 1) + rng.uniform(0, 0.1))
         before_ours = [p.detach().float().clone() for p in ours]
         before_ref = [p.detach().float().clone() for p in ref]
-        for p, q, s in zip(ours, ref, SHAPES):
+        for p, q, s in zip(ours, ref, shapes):
             g = torch.from_numpy(np.asarray(rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 0), dtype=np.float32))
             p.grad, q.grad = g.to(dtype), g.to(dtype)
         opt_ours.step(loss=loss)
         opt_ref.step(loss=loss)
-        for s, p, q, bo, br in zip(SHAPES, ours, ref, before_ours, before_ref):
+        for s, p, q, bo, br in zip(shapes, ours, ref, before_ours, before_ref):
             yield step, s, p.detach().float() - bo, q.detach().float() - br, br, q.detach().float()
 
 
-@pytest.mark.parametrize("decay", [0.0, 0.1])
-@pytest.mark.parametrize("name", list(MAKERS))
-def test_host_build_matches_reference_fp32(name, decay):
+def assert_fp32_updates_match(name: str, updates) -> None:
     worst = 0.0
-    for step, shape, d_ours, d_ref, before, after in run_both(MAKERS[name], torch.float32, 11, decay):
+    for step, shape, d_ours, d_ref, before, after in updates:
         scale = float(d_ref.abs().max())
         # Both write p - lr * step in float32: allow that rounding (2 ulp of p) on top.
         rounding = 2 * float(np.finfo(np.float32).eps) * max(float(before.abs().max()), float(after.abs().max()))
@@ -77,6 +83,19 @@ def test_host_build_matches_reference_fp32(name, decay):
         assert err <= RTOL * scale + rounding, f"{name} shape {shape}, step {step}: error {err:.3g}, update {scale:.3g}"
         worst = max(worst, (err - rounding) / scale)
     assert worst <= RTOL
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_host_build_matches_reference_fp32(name, decay):
+    assert_fp32_updates_match(name, run_both(MAKERS[name], torch.float32, 11, decay))
+
+
+@pytest.mark.parametrize("name", ["velo", "small_fc_lopt"])
+def test_host_build_row_col_means_over_many_line_tiles(name):
+    """The factored passes sum rows and columns per line tile; these shapes cut into
+    many tiles, partial ones and every layout case."""
+    assert_fp32_updates_match(name, run_both(MAKERS[name], torch.float32, 13, shapes=LINE_SHAPES, steps=5))
 
 
 # (VeLO's test lr grows p ~60% a step: past float16's range within 12 steps.)

@@ -9,23 +9,24 @@ import pytest
 import torch
 
 from conftest import SHAPES
-from test_cuda_backend import MAKERS, RTOL, STEPS
+from test_cuda_backend import LINE_SHAPES, MAKERS, RTOL, STEPS
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def run(name: str, device: str, backend: str, dtype: torch.dtype, seed: int = 21):
+def run(name: str, device: str, backend: str, dtype: torch.dtype, seed: int = 21,
+        shapes: list[tuple] = SHAPES, steps: int = STEPS):
     """Per step and tensor (float32, on the CPU): (update, p before, p after)."""
     rng = np.random.default_rng(seed)
     params = [torch.nn.Parameter(torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=np.float32))
-                                 .to(device=device, dtype=dtype)) for s in SHAPES]
+                                 .to(device=device, dtype=dtype)) for s in shapes]
     opt = MAKERS[name](params, backend)
     history = []
-    for step in range(STEPS):
+    for step in range(steps):
         loss = torch.tensor(float(2.0 / (step + 1) + rng.uniform(0, 0.1)), device=device)
         before = [p.detach().float().cpu().clone() for p in params]
-        for p, s in zip(params, SHAPES):
+        for p, s in zip(params, shapes):
             g = np.asarray(rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 0), dtype=np.float32)
             p.grad = torch.from_numpy(g).to(device=device, dtype=dtype)
         opt.step(loss=loss)
@@ -40,18 +41,31 @@ def run(name: str, device: str, backend: str, dtype: torch.dtype, seed: int = 21
 BACKENDS = ["cuda", "tvm"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(MAKERS))
-def test_gpu_matches_reference(name, backend):
-    ours, ref = run(name, "cuda", backend, torch.float32), run(name, "cpu", "reference", torch.float32)
+def assert_updates_match(name: str, backend: str, shapes: list[tuple], ours, ref) -> None:
     for step, (a, b) in enumerate(zip(ours, ref)):
-        for shape, (d_ours, _, _), (d_ref, before, after) in zip(SHAPES, a, b):
+        for shape, (d_ours, _, _), (d_ref, before, after) in zip(shapes, a, b):
             scale = float(d_ref.abs().max())
             # both write p - lr * step in float32: allow that rounding (2 ulp of p) on top
             rounding = 2 * float(np.finfo(np.float32).eps) * max(float(before.abs().max()), float(after.abs().max()))
             err = float((d_ours - d_ref).abs().max())
             assert err <= RTOL * scale + rounding, (
                 f"{backend} {name} shape {shape}, step {step}: error {err:.3g}, update {scale:.3g}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_gpu_matches_reference(name, backend):
+    ours, ref = run(name, "cuda", backend, torch.float32), run(name, "cpu", "reference", torch.float32)
+    assert_updates_match(name, backend, SHAPES, ours, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["velo", "small_fc_lopt"])
+def test_gpu_row_col_means_over_many_line_tiles(name, backend):
+    """Row/col means from many (partial) line tiles: the warp shuffle trees per C."""
+    def run_on(device: str, which: str):
+        return run(name, device, which, torch.float32, seed=22, shapes=LINE_SHAPES, steps=5)
+    assert_updates_match(name, backend, LINE_SHAPES, run_on("cuda", backend), run_on("cpu", "reference"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

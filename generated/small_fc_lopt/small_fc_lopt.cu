@@ -7,8 +7,9 @@
 // over every tensor of a step in one call: a CUDA kernel (built by nvcc) and a plain
 // host loop (built as C++, so the same math runs and is tested without a GPU).
 // A call gets a table with one row per tensor (pointers, sizes, offsets; see Field).
-// Tensor-mean reductions are written as per-block partial sums, finished in a fixed
-// order by the caller: no atomics, bitwise deterministic.
+// Reductions are written as partial sums and finished in a fixed order by the caller:
+// tensor means per block, row/col means per line tile (LineTiles). No atomics: bitwise
+// deterministic.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -41,11 +42,14 @@ enum Field : int {
   kD0IsX,                  // 1 when d0 (the row-mean axis) is X
   kParamDtype, kGradDtype, // Dtype
   kBlock0, kBlocks,        // this tensor's first block in the launch, and its count
-  kParam, kGrad, kSmall, kWeights, kPartial, kLine,
+  kParam, kGrad, kSmall, kWeights, kPartial,
+  kLine,                   // row/col partial sums (see LineTiles)
   kHead
 };
 enum Dtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kLineRows = 32;   // rows of X per line tile
 
 template <class T>
 LOPT_HD T* as_ptr(int64_t address) { return reinterpret_cast<T*>(static_cast<intptr_t>(address)); }
@@ -104,6 +108,80 @@ LOPT_HD LineIndex line_index(const int64_t* t, int64_t i) {
   return t[kD0IsX] ? LineIndex{no_x, no_y, batch} : LineIndex{no_y, no_x, batch};
 }
 
+// Row/col means (over X and over Y) of a factored tensor, without atomics: for each
+// (a, b) the tensor is a matrix of X rows by Y*C columns (j = y * C + c), cut into
+// tiles of kLineRows rows by 32 columns, one warp (or host loop) per tile. A tile writes
+//   - per column j, its rows' sum: x_sums[xseg][a][b][j]  (the no-X layout), and
+//   - per row x and c, the sum of its columns with that c: y_sums[jseg][a][x][b][c];
+// the caller finishes each mean by summing the segments in order. Per channel, the
+// partial buffer holds x_sums then y_sums. Every entry is written by exactly one tile
+// when C <= 32; with C > 32 a tile covers 32 of the C values of c, and the entries no
+// tile covers stay as allocated (zero).
+struct LineTiles {
+  int64_t YC, xsegs, jsegs, tiles, NX, NY;
+  LOPT_HD int64_t channel_stride() const { return xsegs * NX + jsegs * NY; }
+};
+LOPT_HD LineTiles line_tiles(const int64_t* t) {
+  LineTiles g;
+  g.YC = t[kY] * t[kC];
+  g.xsegs = (t[kX] + kLineRows - 1) / kLineRows;
+  g.jsegs = (g.YC + 31) / 32;
+  g.tiles = t[kA] * t[kB] * g.xsegs * g.jsegs;
+  g.NX = t[kA] * t[kB] * g.YC;
+  g.NY = t[kA] * t[kX] * t[kB] * t[kC];
+  return g;
+}
+
+// Tile `tile` in (a, xseg, b, jseg) order: its rows [x0, x1) and first column j0.
+struct Tile { int64_t a, b, xseg, jseg, x0, x1, j0; };
+LOPT_HD Tile tile_at(const int64_t* t, const LineTiles& g, int64_t tile) {
+  Tile o;
+  o.jseg = tile % g.jsegs;
+  o.b = (tile / g.jsegs) % t[kB];
+  o.xseg = (tile / (g.jsegs * t[kB])) % g.xsegs;
+  o.a = tile / (g.jsegs * t[kB] * g.xsegs);
+  o.x0 = o.xseg * kLineRows;
+  o.x1 = o.x0 + kLineRows < t[kX] ? o.x0 + kLineRows : t[kX];
+  o.j0 = o.jseg * 32;
+  return o;
+}
+LOPT_HD int64_t tile_element(const int64_t* t, const LineTiles& g, const Tile& o, int64_t x, int64_t j) {
+  return ((o.a * t[kX] + x) * t[kB] + o.b) * g.YC + j;
+}
+LOPT_HD int64_t x_sum_at(const int64_t* t, const LineTiles& g, const Tile& o, int64_t j) {
+  return o.xseg * g.NX + (o.a * t[kB] + o.b) * g.YC + j;
+}
+LOPT_HD int64_t y_sum_at(const int64_t* t, const LineTiles& g, const Tile& o, int64_t x, int64_t c) {
+  return g.xsegs * g.NX + o.jseg * g.NY + ((o.a * t[kX] + x) * t[kB] + o.b) * t[kC] + c;
+}
+
+// One tile on the host; `at(i, v)` runs element i and writes its L row/col mean
+// arguments to v. Same entries as the warp version, summed in index order.
+template <int L, class At>
+void line_tile_host(const int64_t* t, const LineTiles& g, int64_t tile, At&& at) {
+  const Tile o = tile_at(t, g, tile);
+  const int64_t C = t[kC], cs = g.channel_stride();
+  float* sums = as_ptr<float>(t[kLine]);
+  float col[32][L] = {};
+  for (int64_t x = o.x0; x < o.x1; ++x) {
+    float v[32][L] = {};
+    for (int lane = 0; lane < 32; ++lane) {
+      if (o.j0 + lane >= g.YC) continue;
+      at(tile_element(t, g, o, x, o.j0 + lane), v[lane]);
+      for (int k = 0; k < L; ++k) col[lane][k] += v[lane][k];
+    }
+    for (int lane = 0; lane < 32 && lane < C; ++lane) {
+      for (int k = 0; k < L; ++k) {
+        float s = 0.0f;
+        for (int64_t r = lane; r < 32; r += C) s += v[r][k];
+        sums[k * cs + y_sum_at(t, g, o, x, (o.j0 + lane) % C)] = s;
+      }
+    }
+  }
+  for (int lane = 0; lane < 32 && o.j0 + lane < g.YC; ++lane)
+    for (int k = 0; k < L; ++k) sums[k * cs + x_sum_at(t, g, o, o.j0 + lane)] = col[lane][k];
+}
+
 inline void check_table(const tvm::ffi::TensorView& table, int fields, DLDeviceType device, const char* fn) {
   TVM_FFI_CHECK(table.ndim() == 2 && table.size(1) == fields && table.dtype().code == kDLInt &&
                 table.dtype().bits == 64 && table.IsContiguous(), ValueError)
@@ -144,6 +222,37 @@ __device__ __forceinline__ void block_sum(float* v, float* out) {
   }
 }
 
+// One tile per warp (lane = column): column sums stay in registers; a row's sum over
+// the lanes with the same c is a shuffle tree with strides C, 2C, 4C, ... (lanes past
+// the tensor's columns add zeros), so every lane runs every shuffle.
+template <int L, class At>
+__device__ __forceinline__ void line_tile_warp(const int64_t* t, const LineTiles& g, int64_t tile, At&& at) {
+  const int lane = threadIdx.x % 32;
+  const Tile o = tile_at(t, g, tile);
+  const int64_t C = t[kC], cs = g.channel_stride(), j = o.j0 + lane;
+  const bool live = j < g.YC;
+  float* sums = as_ptr<float>(t[kLine]);
+  float col[L] = {};
+  for (int64_t x = o.x0; x < o.x1; ++x) {
+    float v[L] = {};
+    if (live) at(tile_element(t, g, o, x, j), v);
+    LOPT_UNROLL
+    for (int k = 0; k < L; ++k) {
+      col[k] += v[k];
+      float s = v[k];
+      for (int64_t offset = C; offset < 32; offset *= 2) {
+        const float u = __shfl_down_sync(0xffffffffu, s, static_cast<int>(offset));
+        if (lane + offset < 32) s += u;
+      }
+      if (lane < C) sums[k * cs + y_sum_at(t, g, o, x, j % C)] = s;
+    }
+  }
+  if (live) {
+    LOPT_UNROLL
+    for (int k = 0; k < L; ++k) sums[k * cs + x_sum_at(t, g, o, j)] = col[k];
+  }
+}
+
 inline void check_launch(const char* kernel) {
   const cudaError_t err = cudaGetLastError();
   TVM_FFI_CHECK(err == cudaSuccess, RuntimeError) << kernel << ": launch failed: " << cudaGetErrorString(err);
@@ -162,6 +271,7 @@ using namespace lopt;
 constexpr int factored_pass1_fields = kHead + 2 * 2 + 0;
 constexpr int factored_pass1_reductions = 10;
 constexpr int factored_pass1_weights = 0;
+constexpr int factored_pass1_line_args = 1;
 
 LOPT_HD void factored_pass1_element(const float* in, const float* w, float* out) {
   const float t0_0 = (0.54202735f * in[2]);  // mul
@@ -209,8 +319,7 @@ LOPT_HD void factored_pass1_element(const float* in, const float* w, float* out)
   out[14] = t15;  // line mean arg 0[0]
 }
 
-LOPT_HD void factored_pass1_at(const int64_t* t, const float* w, int64_t i, float* red) {
-  const int64_t n = t[kN];
+LOPT_HD void factored_pass1_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
   float in[6];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
@@ -234,9 +343,9 @@ LOPT_HD void factored_pass1_at(const int64_t* t, const float* w, int64_t i, floa
   red[7] += out[11];
   red[8] += out[12];
   red[9] += out[13];
-  as_ptr<float>(t[kLine])[0 * n + i] = out[14];
-  (void)n;
+  line[0] = out[14];
   (void)red;
+  (void)line;
 }
 
 void factored_pass1_host(tvm::ffi::TensorView table) {
@@ -245,11 +354,13 @@ void factored_pass1_host(tvm::ffi::TensorView table) {
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * factored_pass1_fields;
     const float* w = as_ptr<const float>(t[kWeights]);
-    const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
+    const LineTiles g = line_tiles(t);
+    const int64_t blocks = t[kBlocks], chunk = (g.tiles + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[factored_pass1_reductions + 1] = {};
-      const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) factored_pass1_at(t, w, i, red);
+      const int64_t stop = g.tiles < (b + 1) * chunk ? g.tiles : (b + 1) * chunk;
+      for (int64_t tile = b * chunk; tile < stop; ++tile)
+        line_tile_host<factored_pass1_line_args>(t, g, tile, [&](int64_t i, float* v) { factored_pass1_at(t, w, i, red, v); });
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * factored_pass1_reductions;
       for (int j = 0; j < factored_pass1_reductions; ++j) partial[j] = red[j];
     }
@@ -261,10 +372,11 @@ __global__ void __launch_bounds__(kThreads) factored_pass1_kernel(const int64_t*
   const int64_t* t = tab + find_row(tab, rows, factored_pass1_fields, blockIdx.x) * factored_pass1_fields;
   const float* w = nullptr;
   float red[factored_pass1_reductions + 1] = {};
-  const int64_t n = t[kN];
-  const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
-  for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    factored_pass1_at(t, w, i, red);
+  // Whole tiles per warp (warp-uniform loop: every lane reaches every shuffle).
+  const LineTiles g = line_tiles(t);
+  const int64_t stride = t[kBlocks] * kWarps;
+  for (int64_t tile = (blockIdx.x - t[kBlock0]) * kWarps + threadIdx.x / 32; tile < g.tiles; tile += stride)
+    line_tile_warp<factored_pass1_line_args>(t, g, tile, [&](int64_t i, float* v) { factored_pass1_at(t, w, i, red, v); });
   block_sum<factored_pass1_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * factored_pass1_reductions);
 }
 
@@ -284,6 +396,7 @@ void factored_pass1_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
 constexpr int factored_pass2_fields = kHead + 2 * 1 + 6;
 constexpr int factored_pass2_reductions = 6;
 constexpr int factored_pass2_weights = 0;
+constexpr int factored_pass2_line_args = 0;
 
 LOPT_HD void factored_pass2_element(const float* in, const float* w, float* out) {
   const float t0_0 = (in[1] * in[4]);  // mul
@@ -309,8 +422,7 @@ LOPT_HD void factored_pass2_element(const float* in, const float* w, float* out)
   out[5] = t4_2;  // mean arg 1[2]
 }
 
-LOPT_HD void factored_pass2_at(const int64_t* t, const float* w, int64_t i, float* red) {
-  const int64_t n = t[kN];
+LOPT_HD void factored_pass2_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
   const LineIndex ix = line_index(t, i);
   float in[10];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
@@ -331,8 +443,8 @@ LOPT_HD void factored_pass2_at(const int64_t* t, const float* w, int64_t i, floa
   red[3] += out[3];
   red[4] += out[4];
   red[5] += out[5];
-  (void)n;
   (void)red;
+  (void)line;
 }
 
 void factored_pass2_host(tvm::ffi::TensorView table) {
@@ -345,7 +457,7 @@ void factored_pass2_host(tvm::ffi::TensorView table) {
     for (int64_t b = 0; b < blocks; ++b) {
       float red[factored_pass2_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) factored_pass2_at(t, w, i, red);
+      for (int64_t i = b * chunk; i < stop; ++i) factored_pass2_at(t, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * factored_pass2_reductions;
       for (int j = 0; j < factored_pass2_reductions; ++j) partial[j] = red[j];
     }
@@ -360,7 +472,7 @@ __global__ void __launch_bounds__(kThreads) factored_pass2_kernel(const int64_t*
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    factored_pass2_at(t, w, i, red);
+    factored_pass2_at(t, w, i, red, nullptr);
   block_sum<factored_pass2_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * factored_pass2_reductions);
 }
 
@@ -380,6 +492,7 @@ void factored_pass2_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
 constexpr int factored_pass3_fields = kHead + 2 * 2 + 20;
 constexpr int factored_pass3_reductions = 0;
 constexpr int factored_pass3_weights = 2050;
+constexpr int factored_pass3_line_args = 0;
 
 LOPT_HD void factored_pass3_element(const float* in, const float* w, float* out) {
   const float t0 = (in[22] + 1e-06f);  // add
@@ -433,8 +546,7 @@ LOPT_HD void factored_pass3_element(const float* in, const float* w, float* out)
   out[0] = t13;  // new p
 }
 
-LOPT_HD void factored_pass3_at(const int64_t* t, const float* w, int64_t i, float* red) {
-  const int64_t n = t[kN];
+LOPT_HD void factored_pass3_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
   const LineIndex ix = line_index(t, i);
   float in[26];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
@@ -466,8 +578,8 @@ LOPT_HD void factored_pass3_at(const int64_t* t, const float* w, int64_t i, floa
   float out[1];
   factored_pass3_element(in, w, out);
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[0]);
-  (void)n;
   (void)red;
+  (void)line;
 }
 
 void factored_pass3_host(tvm::ffi::TensorView table) {
@@ -480,7 +592,7 @@ void factored_pass3_host(tvm::ffi::TensorView table) {
     for (int64_t b = 0; b < blocks; ++b) {
       float red[factored_pass3_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) factored_pass3_at(t, w, i, red);
+      for (int64_t i = b * chunk; i < stop; ++i) factored_pass3_at(t, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * factored_pass3_reductions;
       for (int j = 0; j < factored_pass3_reductions; ++j) partial[j] = red[j];
     }
@@ -499,7 +611,7 @@ __global__ void __launch_bounds__(kThreads) factored_pass3_kernel(const int64_t*
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    factored_pass3_at(t, w, i, red);
+    factored_pass3_at(t, w, i, red, nullptr);
 }
 
 void factored_pass3_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
@@ -518,6 +630,7 @@ void factored_pass3_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
 constexpr int unfactored_pass1_fields = kHead + 2 * 3 + 0;
 constexpr int unfactored_pass1_reductions = 22;
 constexpr int unfactored_pass1_weights = 0;
+constexpr int unfactored_pass1_line_args = 0;
 
 LOPT_HD void unfactored_pass1_element(const float* in, const float* w, float* out) {
   const float t0_0 = (0.54202735f * in[5]);  // mul
@@ -627,8 +740,7 @@ LOPT_HD void unfactored_pass1_element(const float* in, const float* w, float* ou
   out[28] = t31_2;  // mean arg 9[2]
 }
 
-LOPT_HD void unfactored_pass1_at(const int64_t* t, const float* w, int64_t i, float* red) {
-  const int64_t n = t[kN];
+LOPT_HD void unfactored_pass1_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
   float in[9];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
@@ -670,8 +782,8 @@ LOPT_HD void unfactored_pass1_at(const int64_t* t, const float* w, int64_t i, fl
   red[19] += out[26];
   red[20] += out[27];
   red[21] += out[28];
-  (void)n;
   (void)red;
+  (void)line;
 }
 
 void unfactored_pass1_host(tvm::ffi::TensorView table) {
@@ -684,7 +796,7 @@ void unfactored_pass1_host(tvm::ffi::TensorView table) {
     for (int64_t b = 0; b < blocks; ++b) {
       float red[unfactored_pass1_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass1_at(t, w, i, red);
+      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass1_at(t, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * unfactored_pass1_reductions;
       for (int j = 0; j < unfactored_pass1_reductions; ++j) partial[j] = red[j];
     }
@@ -699,7 +811,7 @@ __global__ void __launch_bounds__(kThreads) unfactored_pass1_kernel(const int64_
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    unfactored_pass1_at(t, w, i, red);
+    unfactored_pass1_at(t, w, i, red, nullptr);
   block_sum<unfactored_pass1_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * unfactored_pass1_reductions);
 }
 
@@ -719,6 +831,7 @@ void unfactored_pass1_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
 constexpr int unfactored_pass2_fields = kHead + 2 * 3 + 2;
 constexpr int unfactored_pass2_reductions = 0;
 constexpr int unfactored_pass2_weights = 2050;
+constexpr int unfactored_pass2_line_args = 0;
 
 LOPT_HD void unfactored_pass2_element(const float* in, const float* w, float* out) {
   const float t0 = (in[4] + 1e-06f);  // add
@@ -790,8 +903,7 @@ LOPT_HD void unfactored_pass2_element(const float* in, const float* w, float* ou
   out[0] = t19;  // new p
 }
 
-LOPT_HD void unfactored_pass2_at(const int64_t* t, const float* w, int64_t i, float* red) {
-  const int64_t n = t[kN];
+LOPT_HD void unfactored_pass2_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
   float in[11];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
@@ -807,8 +919,8 @@ LOPT_HD void unfactored_pass2_at(const int64_t* t, const float* w, int64_t i, fl
   float out[1];
   unfactored_pass2_element(in, w, out);
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[0]);
-  (void)n;
   (void)red;
+  (void)line;
 }
 
 void unfactored_pass2_host(tvm::ffi::TensorView table) {
@@ -821,7 +933,7 @@ void unfactored_pass2_host(tvm::ffi::TensorView table) {
     for (int64_t b = 0; b < blocks; ++b) {
       float red[unfactored_pass2_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass2_at(t, w, i, red);
+      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass2_at(t, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * unfactored_pass2_reductions;
       for (int j = 0; j < unfactored_pass2_reductions; ++j) partial[j] = red[j];
     }
@@ -840,7 +952,7 @@ __global__ void __launch_bounds__(kThreads) unfactored_pass2_kernel(const int64_
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    unfactored_pass2_at(t, w, i, red);
+    unfactored_pass2_at(t, w, i, red, nullptr);
 }
 
 void unfactored_pass2_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {

@@ -74,7 +74,7 @@ def _stores(L: PassLayout) -> list[str]:
     j = 0
     for node in L.line_reductions:
         for _ in range(node.channels):
-            stores.append(f"as_ptr<float>(t[kLine])[{j} * n + i] = out[{k}]")
+            stores.append(f"line[{j}] = out[{k}]")
             j, k = j + 1, k + 1
     if L.writes_param:
         stores.append(f"store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[{k}])")
@@ -104,6 +104,7 @@ def pass_context(L: PassLayout) -> dict:
         "inputs": L.inputs, "loads": _loads(L), "stores": _stores(L), "needs_index": L.needs_index,
         "n_accs": len(L.accs), "n_smalls": len(L.small_slots), "n_weights": n_weights,
         "n_tensor_red": sum(n.channels for n in L.tensor_reductions),
+        "n_line": sum(n.channels for n in L.line_reductions),
         "input_doc": ", ".join(describe(s) for s in L.inputs),
         "output_doc": ", ".join(what for what, _ in outputs),
     }

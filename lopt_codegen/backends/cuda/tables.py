@@ -22,6 +22,8 @@ HEAD = ["n", "A", "X", "B", "Y", "C", "d0_is_x", "param_dtype", "grad_dtype", "b
         "param", "grad", "small", "weights", "partial", "line"]   # = enum Field in runtime.cuh.j2
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 THREADS = 256            # = kThreads
+WARPS = THREADS // 32    # = kWarps
+LINE_ROWS = 32           # = kLineRows: a line tile is LINE_ROWS rows by 32 columns
 CUDA_MAX_BLOCKS = 1024   # per tensor; grid-stride loops cover the rest
 HOST_CHUNK = 1 << 14     # elements per host "block" (one partial sum each)
 
@@ -36,10 +38,56 @@ def five_d(shape: tuple[int, ...], axes: tuple[int, int] | None) -> tuple[list[i
     return dims, int(axes[0] < axes[1])
 
 
-def blocks_for(n: int, cuda: bool) -> int:
-    if cuda:
-        return max(1, min(-(-n // THREADS), CUDA_MAX_BLOCKS))
-    return max(1, -(-n // HOST_CHUNK))
+@dataclass(frozen=True)
+class LineTiles:
+    """How a pass with row/col means cuts a factored tensor (= LineTiles in runtime.cuh.j2):
+    per (a, b), a matrix of X rows by Y*C columns in tiles of LINE_ROWS x 32, each writing
+    per-column sums over its rows and per-(row, c) sums over its columns."""
+
+    dims: tuple[int, int, int, int, int]
+
+    @property
+    def x_segments(self) -> int:
+        return -(-self.dims[1] // LINE_ROWS)
+
+    @property
+    def column_strips(self) -> int:
+        return -(-(self.dims[3] * self.dims[4]) // 32)
+
+    @property
+    def tiles(self) -> int:
+        A, _, B, _, _ = self.dims
+        return A * B * self.x_segments * self.column_strips
+
+    @property
+    def x_sums(self) -> int:
+        """Entries of the sums over X (per x segment, the no-X layout)."""
+        A, X, B, Y, C = self.dims
+        return self.x_segments * A * B * Y * C
+
+    @property
+    def y_sums(self) -> int:
+        A, X, B, Y, C = self.dims
+        return self.column_strips * A * X * B * C
+
+    def means(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The means over X and over Y (flat, no-X and no-Y layouts) of one channel's
+        partial sums, the segments summed in order."""
+        A, X, B, Y, C = self.dims
+        over_x = sums[:self.x_sums].view(self.x_segments, -1).sum(dim=0) / X
+        over_y = sums[self.x_sums:self.x_sums + self.y_sums].view(self.column_strips, -1).sum(dim=0) / Y
+        return over_x, over_y
+
+
+def blocks_for(n: int, cuda: bool, tiles: LineTiles | None = None) -> int:
+    """A tensor's blocks in a launch: one partial sum each. Passes with row/col means
+    share out whole line tiles (a warp's each on CUDA, 16 per host block)."""
+    if tiles is not None:
+        per_block = WARPS if cuda else HOST_CHUNK // (LINE_ROWS * 32)
+        work = -(-tiles.tiles // per_block)
+    else:
+        work = -(-n // THREADS) if cuda else -(-n // HOST_CHUNK)
+    return max(1, min(work, CUDA_MAX_BLOCKS) if cuda else work)
 
 
 def fold_mlp(L: PassLayout, weights: list[torch.Tensor], small: GroupMember, out: torch.Tensor) -> None:
@@ -62,7 +110,7 @@ def fold_mlp(L: PassLayout, weights: list[torch.Tensor], small: GroupMember, out
 @dataclass
 class Launch:
     """One pass over a group of tensors, kept from step to step: each tensor's buffers
-    (small values, folded MLP weights, row/col lines, a gradient copy where one is
+    (small values, folded MLP weights, row/col partial sums, a gradient copy where one is
     needed) and the block partials are refilled in place, and the table is copied to
     the device only when a row changed (a tensor's memory moved). A steady-state step
     then copies nothing from the host, which a CUDA graph capture needs."""
@@ -73,7 +121,7 @@ class Launch:
     small: list[torch.Tensor] = field(default_factory=list)
     weights: list[torch.Tensor | None] = field(default_factory=list)
     grads: list[torch.Tensor | None] = field(default_factory=list)   # copies of unusable gradients
-    lines: list[torch.Tensor | None] = field(default_factory=list)
+    lines: list[torch.Tensor | None] = field(default_factory=list)   # row/col partial sums
     partial: torch.Tensor | None = None
     table: torch.Tensor | None = None
     total_blocks: int = 0
@@ -92,6 +140,12 @@ def _small_shapes(L: PassLayout, task: TensorTask) -> list[tuple[Node, list[int]
     return [(node, [node.channels, *level_shape(task.param.shape, node.level, task.axes)]) for node in nodes]
 
 
+def _line_tiles(L: PassLayout, task: TensorTask) -> LineTiles | None:
+    if not L.line_reductions:
+        return None
+    return LineTiles(tuple(five_d(tuple(task.param.shape), task.axes)[0]))
+
+
 def _allocate(launch: Launch, tasks: list[TensorTask]) -> None:
     L, device = launch.layout, tasks[0].param.device
     cuda = device.type == "cuda"
@@ -106,8 +160,11 @@ def _allocate(launch: Launch, tasks: list[TensorTask]) -> None:
             mlp_weight_count((L.mlp_inputs, *L.mlp.attrs[0][1:])), dtype=torch.float32, device=device))
         copy = _grad_for_kernel(task.grad)
         launch.grads.append(None if copy is None else torch.empty(copy[0], dtype=copy[1], device=device))
-        launch.lines.append(torch.empty(n_line, n, dtype=torch.float32, device=device) if n_line else None)
-        launch.total_blocks += blocks_for(n, cuda)
+        tiles = _line_tiles(L, task)
+        # Zeros: with C > 32 some partial sums are written by no tile (runtime.cuh.j2).
+        launch.lines.append(None if tiles is None else torch.zeros(
+            n_line, tiles.x_sums + tiles.y_sums, dtype=torch.float32, device=device))
+        launch.total_blocks += blocks_for(n, cuda, tiles)
     launch.partial = torch.empty(max(1, launch.total_blocks * n_red), dtype=torch.float32, device=device)
     launch.table = None
 
@@ -139,7 +196,7 @@ def update_launch(launch: Launch, tasks: list[TensorTask], smalls: list[GroupMem
             grad = launch.grads[k]
         n = p.numel()
         dims, d0_is_x = five_d(tuple(p.shape), task.axes)
-        blocks = blocks_for(n, cuda)
+        blocks = blocks_for(n, cuda, _line_tiles(L, task))
         # Small inputs: each node's values for its level, channel-major, one buffer.
         offsets, base, pieces = {}, 0, []
         for node, shape in _small_shapes(L, task):
@@ -172,12 +229,12 @@ def table_tensor(rows: list[list[int]], device: torch.device) -> torch.Tensor:
 
 
 def finish_reductions(launch: Launch, tasks: list[TensorTask], smalls: list[GroupMember]) -> None:
-    """Fixed-order sums of the block partials (tensor means) and of the line arguments
-    (row/col means) into each tensor's small values."""
+    """Fixed-order sums of the block partials (tensor means) and of the line tiles'
+    partial sums (row/col means) into each tensor's small values."""
     L = launch.layout
     n_red = sum(n.channels for n in L.tensor_reductions)
     partial = launch.partial[:launch.total_blocks * n_red].view(launch.total_blocks, n_red) if n_red else None
-    for row, line, task, small in zip(launch.rows, launch.lines, tasks, smalls):
+    for row, sums, task, small in zip(launch.rows, launch.lines, tasks, smalls):
         n, block0, blocks = row[0], row[HEAD.index("block0")], row[HEAD.index("blocks")]
         ndim = task.param.dim()
         means = partial[block0:block0 + blocks].sum(dim=0) / n if n_red else None
@@ -188,11 +245,18 @@ def finish_reductions(launch: Launch, tasks: list[TensorTask], smalls: list[Grou
                 if r.op == "mean" and r.args[0] is arg:
                     small.finish(r, value)
             start += arg.channels
+        if not L.line_reductions:
+            continue
+        tiles, d0_is_x = _line_tiles(L, task), task.axes[0] < task.axes[1]
         start = 0
         for arg in L.line_reductions:
-            values = line[start:start + arg.channels].view(arg.channels, *task.param.shape)
+            over_x, over_y = zip(*(tiles.means(sums[start + c]) for c in range(arg.channels)))
             for r in L.reduce_nodes:
                 if r.op in ("mean_d0", "mean_d1") and r.args[0] is arg:
                     axis = task.axes[0 if r.op == "mean_d0" else 1]
-                    small.finish(r, values.mean(dim=1 + axis, keepdim=True))
+                    over_d0 = r.op == "mean_d0"
+                    values = over_x if over_d0 == d0_is_x else over_y
+                    shape = [arg.channels, *task.param.shape]
+                    shape[1 + axis] = 1
+                    small.finish(r, torch.stack(values).view(shape))
             start += arg.channels
