@@ -1,6 +1,7 @@
 """The one device check for a lent GPU machine: build, parity against the reference on
-the device, CUDA-graph capture of a step, and step time against torch's fused AdamW at
-10M and 100M parameters. Prints a table last (commit it with the closing note).
+the device, CUDA-graph capture of a step, step time against torch's fused AdamW at
+10M and 100M parameters, and the bandwidth each of the cuda backend's VeLO passes
+achieves against a device copy. Prints the tables last (commit them with the closing note).
 
     python benchmarks/gpu_check.py                               # on a CUDA machine
     python benchmarks/gpu_check.py --device cpu --sizes 64K --steps 2   # dry run, no GPU
@@ -118,6 +119,53 @@ def step_time(spec: str, backend: str, count: int, device: str, steps: int) -> t
     return statistics.median(times["ours"]) * 1e3, statistics.median(times["adamw"]) * 1e3
 
 
+def timed(fn, device: str, reps: int) -> float:
+    """Median seconds of fn() over reps runs (after one warm-up run)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(count: int, device: str, reps: int) -> float:
+    """GB/s of a float32 device-to-device copy of count elements (read + write)."""
+    src = torch.randn(count, device=device)
+    dst = torch.empty_like(src)
+    return 2 * 4 * count / timed(lambda: dst.copy_(src), device, reps) / 1e9
+
+
+def pass_bandwidth(spec: str, count: int, device: str, reps: int) -> list[tuple[str, ...]]:
+    """Each pass of the cuda backend on one square float32 matrix of ~count params:
+    its kernel alone (rerun on its kept table), GB/s by its compulsory traffic
+    (PassLayout.element_bytes), and that as a share of a device copy."""
+    n = int(count ** 0.5)
+    p = torch.nn.Parameter(torch.randn(n, n, device=device))
+    p.grad = torch.randn_like(p) * 1e-3
+    opt = optimizer(spec, [p], "cuda", 1e-4)
+    for _ in range(2):
+        opt.step(loss=1.0)
+    backend, dev = opt.backend, torch.device(device)
+    module, copy = backend.module(dev), copy_bandwidth(n * n, device, reps)
+    rows = []
+    ran = [L for ls in backend.rendered.layouts.values() for L in ls if (L.name, dev) in backend._launches]
+    for L in ran:
+        launch = backend._launches[(L.name, dev)]
+        if dev.type == "cuda":
+            run = lambda: getattr(module, f"{L.name}_cuda")(launch.table, launch.total_blocks)  # noqa: E731
+        else:
+            run = lambda: getattr(module, f"{L.name}_host")(launch.table)  # noqa: E731
+        seconds = timed(run, device, reps)
+        rate = L.element_bytes() * n * n / seconds / 1e9
+        rows.append((spec, L.name, f"{n}x{n}", f"{L.element_bytes():g}", f"{seconds * 1e3:.3f}", f"{rate:.0f}",
+                     f"{rate / copy:.0%}"))
+    return [row + (f"{copy:.0f}",) for row in rows]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -125,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--specs", default=",".join(SPECS))
     ap.add_argument("--backends", default="cuda,tvm")
+    ap.add_argument("--bandwidth", default="velo:100M",
+                    help="spec:size whose cuda-backend passes are rated against a device copy ('' skips)")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here; use --device cpu for a dry run")
@@ -141,8 +191,22 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as exc:  # noqa: BLE001 - one broken case must not hide the others
                 traceback.print_exc()
                 rows.append((spec, backend, "-", "n/a", "n/a", "n/a", f"error: {type(exc).__name__}: {exc}"[:160]))
+    bandwidth = []
+    if args.bandwidth:
+        spec, size = args.bandwidth.split(":")
+        try:
+            bandwidth = pass_bandwidth(spec, parse_count(size), args.device, args.steps)
+        except Exception as exc:  # noqa: BLE001 - reported, the step table still prints
+            traceback.print_exc()
+            bandwidth = [(spec, "-", size, "n/a", "n/a", "n/a", "n/a", f"error: {type(exc).__name__}"[:80])]
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (dry run)"
     print(f"\n## gpu_check on {name}, torch {torch.__version__}\n")
+    if bandwidth:
+        print("| spec | pass (cuda backend) | tensor | B/element | kernel (ms) | GB/s | of copy | copy GB/s |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for row in bandwidth:
+            print("| " + " | ".join(row) + " |")
+        print()
     print("| spec | backend | params | step (ms) | AdamW fused (ms) | x AdamW | checks |")
     print("|---|---|---:|---:|---:|---:|---|")
     for row in rows:

@@ -74,6 +74,16 @@ class PassLayout:
     def needs_index(self) -> bool:
         return any(s.node.level in (Level.BATCH, Level.ROW, Level.COL) for s in self.small_slots)
 
+    def element_bytes(self, param_size: int = 4, grad_size: int = 4) -> float:
+        """Memory traffic per element that the pass cannot avoid (to rate its bandwidth):
+        its element inputs once, its accumulator and parameter writes, and its row/col
+        partial sums (a float per 32 elements each way and channel, for C = 1). Small
+        values and MLP weights are read once per tensor or cached: not counted."""
+        sizes = {"grad": grad_size, "param": param_size, "acc": 4}
+        reads = sum(sizes[s.kind] for s in self.inputs if s.kind != "small")
+        writes = 4 * sum(n.channels for _, n in self.acc_writes) + (param_size if self.writes_param else 0)
+        return reads + writes + 2 * 4 / 32 * sum(n.channels for n in self.line_reductions)
+
 
 def constant_value(node: Node) -> torch.Tensor | None:
     """The float32 channel values of a node built from constants only (folded into the
