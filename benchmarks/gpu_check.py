@@ -132,6 +132,9 @@ def timed(fn, device: str, reps: int) -> float:
     return statistics.median(times)
 
 
+ADAMW_BYTES = 28   # per float32 element: reads p, g, m, v; writes p, m, v
+
+
 def copy_bandwidth(count: int, device: str, reps: int) -> float:
     """GB/s of a float32 device-to-device copy of count elements (read + write)."""
     src = torch.randn(count, device=device)
@@ -166,6 +169,16 @@ def pass_bandwidth(spec: str, count: int, device: str, reps: int) -> list[tuple[
     return [row + (f"{copy:.0f}",) for row in rows]
 
 
+def mlp_multiply_adds(spec: str) -> int:
+    """Per element, of the factored variant's (folded) MLP: the compute a step cannot avoid."""
+    from lopt_codegen.backends.cuda.render import render_cuda
+
+    program = optimizer(spec, [torch.nn.Parameter(torch.zeros(2, 2))], "reference", 1e-3).program
+    L = next(L for L in render_cuda(program, spec).layouts["factored"] if L.mlp is not None)
+    dims = (L.mlp_inputs, *L.mlp.attrs[0][1:])
+    return sum(a * b for a, b in zip(dims, dims[1:]))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -173,8 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--specs", default=",".join(SPECS))
     ap.add_argument("--backends", default="cuda,tvm")
-    ap.add_argument("--bandwidth", default="velo:100M",
-                    help="spec:size whose cuda-backend passes are rated against a device copy ('' skips)")
+    ap.add_argument("--bandwidth", default="velo,small_fc_lopt",
+                    help="specs whose cuda-backend passes are rated against a device copy ('' skips)")
+    ap.add_argument("--bandwidth-size", default="100M")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here; use --device cpu for a dry run")
@@ -192,13 +206,13 @@ def main(argv: list[str] | None = None) -> None:
                 traceback.print_exc()
                 rows.append((spec, backend, "-", "n/a", "n/a", "n/a", f"error: {type(exc).__name__}: {exc}"[:160]))
     bandwidth = []
-    if args.bandwidth:
-        spec, size = args.bandwidth.split(":")
+    for spec in filter(None, args.bandwidth.split(",")):
         try:
-            bandwidth = pass_bandwidth(spec, parse_count(size), args.device, args.steps)
+            bandwidth += pass_bandwidth(spec, parse_count(args.bandwidth_size), args.device, args.steps)
         except Exception as exc:  # noqa: BLE001 - reported, the step table still prints
             traceback.print_exc()
-            bandwidth = [(spec, "-", size, "n/a", "n/a", "n/a", "n/a", f"error: {type(exc).__name__}"[:80])]
+            bandwidth.append((spec, "-", args.bandwidth_size, "n/a", "n/a", "n/a", "n/a",
+                              f"error: {type(exc).__name__}"[:80]))
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (dry run)"
     print(f"\n## gpu_check on {name}, torch {torch.__version__}\n")
     if bandwidth:
@@ -206,6 +220,13 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         for row in bandwidth:
             print("| " + " | ".join(row) + " |")
+        for spec in dict.fromkeys(row[0] for row in bandwidth if row[3] != "n/a"):
+            total = sum(float(row[3]) for row in bandwidth if row[0] == spec)
+            macs = mlp_multiply_adds(spec)
+            print(f"\n{spec}: its passes move {total:g} B/element, fused AdamW {ADAMW_BYTES}: at equal bandwidth "
+                  f"a step takes at least {total / ADAMW_BYTES:.2f}x AdamW's. Its MLP runs {macs} float32 "
+                  f"multiply-adds per element: {2 * macs * parse_count(args.bandwidth_size) / 1e12:.2f} TFLOP "
+                  f"per step at {args.bandwidth_size}.")
         print()
     print("| spec | backend | params | step (ms) | AdamW fused (ms) | x AdamW | checks |")
     print("|---|---|---:|---:|---:|---:|---|")

@@ -42,13 +42,19 @@ def test_step_time_quick_run_writes_consistent_results(tmp_path):
 
 
 def test_gpu_check_dry_run_prints_its_table(capsys):
-    """The device script runs end to end on the CPU (parity, timing, the table)."""
-    _load("gpu_check").main(["--device", "cpu", "--sizes", "4K", "--steps", "1", "--specs", "adam,velo"])
+    """The device script runs end to end on the CPU (parity, timing, pass bandwidth, the tables)."""
+    _load("gpu_check").main(["--device", "cpu", "--sizes", "4K", "--steps", "1", "--specs", "adam,velo",
+                             "--bandwidth", "velo", "--bandwidth-size", "4K"])
     table = capsys.readouterr().out.split("## gpu_check")[-1]
     rows = [line for line in table.splitlines() if line.startswith("| adam") or line.startswith("| velo")]
-    assert len(rows) == 4
-    assert {r.split(" | ")[1] for r in rows} == {"cuda", "tvm"}
-    assert all("parity PASS" in r for r in rows)
+    passes = [r for r in rows if "_pass" in r]
+    assert [r.split(" | ")[1] for r in passes] == ["factored_pass1", "factored_pass2", "factored_pass3"]
+    assert all(float(r.split(" | ")[4]) > 0 and float(r.split(" | ")[7].strip(" |")) > 0 for r in passes)   # ms, copy GB/s
+    steps = [r for r in rows if r not in passes]
+    assert len(steps) == 4
+    assert {r.split(" | ")[1] for r in steps} == {"cuda", "tvm"}
+    assert all("parity PASS" in r for r in steps)
+    assert "velo: its passes move 88.25 B/element" in table
 
 
 def test_demo_training_runs_with_finite_loss():
