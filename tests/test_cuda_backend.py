@@ -50,14 +50,17 @@ LINE_SHAPES = [(70, 45), (33, 100), (3, 40, 50), (40, 3, 36), (36, 34, 5), (34, 
 
 
 def run_both(make: Callable, dtype: torch.dtype, seed: int, decay: float = 0.0,
-             shapes: list[tuple] = SHAPES, steps: int = STEPS):
-    """Step the reference and the cuda backend on the same random gradients; yield per
-    step and tensor (shape, update ours, update reference, p before, p after)."""
+             shapes: list[tuple] = SHAPES, steps: int = STEPS, backend: Callable | None = None):
+    """Step the reference and the cuda backend (or `backend(program)`) on the same random
+    gradients; yield per step and tensor (shape, update ours, update reference, p before,
+    p after)."""
     rng = np.random.default_rng(seed)
     start = [torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=np.float32)).to(dtype) for s in shapes]
     ours = [torch.nn.Parameter(p.clone()) for p in start]
     ref = [torch.nn.Parameter(p.clone()) for p in start]
     opt_ours, opt_ref = make(ours, "cuda", decay), make(ref, "reference", decay)
+    if backend is not None:
+        opt_ours.backend = backend(opt_ours.program)
     assert isinstance(opt_ours.backend, CudaBackend)
     for step in range(steps):
         loss = float(2.0 / (step + 1) + rng.uniform(0, 0.1))

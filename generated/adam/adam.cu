@@ -28,6 +28,14 @@
 #define LOPT_HD inline
 #define LOPT_UNROLL
 #endif
+// The kernels are built by nvcc, or for the CPU under the tests' SIMT emulation
+// (tests/simt.h: a block's threads as fibers), which defines LOPT_SIMT.
+#if defined(__CUDACC__) || defined(LOPT_SIMT)
+#define LOPT_KERNELS 1
+#endif
+#ifdef __CUDACC__
+#define LOPT_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 namespace lopt {
 
@@ -190,7 +198,7 @@ inline void check_table(const tvm::ffi::TensorView& table, int fields, DLDeviceT
       << fn << ": the table is on the wrong device type " << table.device().device_type;
 }
 
-#ifdef __CUDACC__
+#ifdef LOPT_KERNELS
 // The table row whose block range holds `block` (rows are sorted by kBlock0).
 __device__ __forceinline__ int64_t find_row(const int64_t* tab, int64_t rows, int fields, int64_t block) {
   int64_t lo = 0, hi = rows - 1;
@@ -252,7 +260,9 @@ __device__ __forceinline__ void line_tile_warp(const int64_t* t, const LineTiles
     for (int k = 0; k < L; ++k) sums[k * cs + x_sum_at(t, g, o, j)] = col[k];
   }
 }
+#endif
 
+#ifdef __CUDACC__
 inline void check_launch(const char* kernel) {
   const cudaError_t err = cudaGetLastError();
   TVM_FFI_CHECK(err == cudaSuccess, RuntimeError) << kernel << ": launch failed: " << cudaGetErrorString(err);
@@ -362,11 +372,11 @@ void unfactored_pass1_host(tvm::ffi::TensorView table) {
   }
 }
 
-#ifdef __CUDACC__
+#ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) unfactored_pass1_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, unfactored_pass1_fields, blockIdx.x) * unfactored_pass1_fields;
   // This tensor's MLP weights, staged once per block.
-  extern __shared__ float w[];
+  LOPT_DYNAMIC_SHARED(float, w);
   const float* global_w = as_ptr<const float>(t[kWeights]);
   for (int j = threadIdx.x; j < unfactored_pass1_weights; j += blockDim.x) w[j] = global_w[j];
   __syncthreads();
@@ -376,6 +386,9 @@ __global__ void __launch_bounds__(kThreads) unfactored_pass1_kernel(const int64_
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
     unfactored_pass1_at(t, w, i, red, nullptr);
 }
+#endif
+
+#ifdef __CUDACC__
 
 void unfactored_pass1_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
   check_table(table, unfactored_pass1_fields, kDLCUDA, "unfactored_pass1_cuda");

@@ -28,6 +28,14 @@
 #define LOPT_HD inline
 #define LOPT_UNROLL
 #endif
+// The kernels are built by nvcc, or for the CPU under the tests' SIMT emulation
+// (tests/simt.h: a block's threads as fibers), which defines LOPT_SIMT.
+#if defined(__CUDACC__) || defined(LOPT_SIMT)
+#define LOPT_KERNELS 1
+#endif
+#ifdef __CUDACC__
+#define LOPT_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 namespace lopt {
 
@@ -190,7 +198,7 @@ inline void check_table(const tvm::ffi::TensorView& table, int fields, DLDeviceT
       << fn << ": the table is on the wrong device type " << table.device().device_type;
 }
 
-#ifdef __CUDACC__
+#ifdef LOPT_KERNELS
 // The table row whose block range holds `block` (rows are sorted by kBlock0).
 __device__ __forceinline__ int64_t find_row(const int64_t* tab, int64_t rows, int fields, int64_t block) {
   int64_t lo = 0, hi = rows - 1;
@@ -252,7 +260,9 @@ __device__ __forceinline__ void line_tile_warp(const int64_t* t, const LineTiles
     for (int k = 0; k < L; ++k) sums[k * cs + x_sum_at(t, g, o, j)] = col[k];
   }
 }
+#endif
 
+#ifdef __CUDACC__
 inline void check_launch(const char* kernel) {
   const cudaError_t err = cudaGetLastError();
   TVM_FFI_CHECK(err == cudaSuccess, RuntimeError) << kernel << ": launch failed: " << cudaGetErrorString(err);
@@ -367,7 +377,7 @@ void factored_pass1_host(tvm::ffi::TensorView table) {
   }
 }
 
-#ifdef __CUDACC__
+#ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) factored_pass1_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, factored_pass1_fields, blockIdx.x) * factored_pass1_fields;
   const float* w = nullptr;
@@ -379,6 +389,9 @@ __global__ void __launch_bounds__(kThreads) factored_pass1_kernel(const int64_t*
     line_tile_warp<factored_pass1_line_args>(t, g, tile, [&](int64_t i, float* v) { factored_pass1_at(t, w, i, red, v); });
   block_sum<factored_pass1_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * factored_pass1_reductions);
 }
+#endif
+
+#ifdef __CUDACC__
 
 void factored_pass1_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
   check_table(table, factored_pass1_fields, kDLCUDA, "factored_pass1_cuda");
@@ -464,7 +477,7 @@ void factored_pass2_host(tvm::ffi::TensorView table) {
   }
 }
 
-#ifdef __CUDACC__
+#ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) factored_pass2_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, factored_pass2_fields, blockIdx.x) * factored_pass2_fields;
   const float* w = nullptr;
@@ -475,6 +488,9 @@ __global__ void __launch_bounds__(kThreads) factored_pass2_kernel(const int64_t*
     factored_pass2_at(t, w, i, red, nullptr);
   block_sum<factored_pass2_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * factored_pass2_reductions);
 }
+#endif
+
+#ifdef __CUDACC__
 
 void factored_pass2_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
   check_table(table, factored_pass2_fields, kDLCUDA, "factored_pass2_cuda");
@@ -599,11 +615,11 @@ void factored_pass3_host(tvm::ffi::TensorView table) {
   }
 }
 
-#ifdef __CUDACC__
+#ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) factored_pass3_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, factored_pass3_fields, blockIdx.x) * factored_pass3_fields;
   // This tensor's MLP weights, staged once per block.
-  extern __shared__ float w[];
+  LOPT_DYNAMIC_SHARED(float, w);
   const float* global_w = as_ptr<const float>(t[kWeights]);
   for (int j = threadIdx.x; j < factored_pass3_weights; j += blockDim.x) w[j] = global_w[j];
   __syncthreads();
@@ -613,6 +629,9 @@ __global__ void __launch_bounds__(kThreads) factored_pass3_kernel(const int64_t*
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
     factored_pass3_at(t, w, i, red, nullptr);
 }
+#endif
+
+#ifdef __CUDACC__
 
 void factored_pass3_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
   check_table(table, factored_pass3_fields, kDLCUDA, "factored_pass3_cuda");
@@ -803,7 +822,7 @@ void unfactored_pass1_host(tvm::ffi::TensorView table) {
   }
 }
 
-#ifdef __CUDACC__
+#ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) unfactored_pass1_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, unfactored_pass1_fields, blockIdx.x) * unfactored_pass1_fields;
   const float* w = nullptr;
@@ -814,6 +833,9 @@ __global__ void __launch_bounds__(kThreads) unfactored_pass1_kernel(const int64_
     unfactored_pass1_at(t, w, i, red, nullptr);
   block_sum<unfactored_pass1_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * unfactored_pass1_reductions);
 }
+#endif
+
+#ifdef __CUDACC__
 
 void unfactored_pass1_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
   check_table(table, unfactored_pass1_fields, kDLCUDA, "unfactored_pass1_cuda");
@@ -940,11 +962,11 @@ void unfactored_pass2_host(tvm::ffi::TensorView table) {
   }
 }
 
-#ifdef __CUDACC__
+#ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) unfactored_pass2_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, unfactored_pass2_fields, blockIdx.x) * unfactored_pass2_fields;
   // This tensor's MLP weights, staged once per block.
-  extern __shared__ float w[];
+  LOPT_DYNAMIC_SHARED(float, w);
   const float* global_w = as_ptr<const float>(t[kWeights]);
   for (int j = threadIdx.x; j < unfactored_pass2_weights; j += blockDim.x) w[j] = global_w[j];
   __syncthreads();
@@ -954,6 +976,9 @@ __global__ void __launch_bounds__(kThreads) unfactored_pass2_kernel(const int64_
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
     unfactored_pass2_at(t, w, i, red, nullptr);
 }
+#endif
+
+#ifdef __CUDACC__
 
 void unfactored_pass2_cuda(tvm::ffi::TensorView table, int64_t total_blocks) {
   check_table(table, unfactored_pass2_fields, kDLCUDA, "unfactored_pass2_cuda");

@@ -88,13 +88,18 @@ class CudaBackend(Backend):
         for group in groups:
             group.write_small_accumulators(program.variants[group.tasks[0].variant].accumulators)
 
+    def driver(self, device: torch.device) -> str:
+        """The generated function that runs a pass here: `cuda` (the kernel) or `host` (the
+        plain loop). The tests' SIMT emulation runs the kernel on CPU tensors instead."""
+        return "cuda" if device.type == "cuda" else "host"
+
     def _run_pass(self, layout: PassLayout, device: torch.device, tasks: list[TensorTask],
                   smalls: list[GroupMember], weights: list[list[torch.Tensor] | None]) -> None:
-        module = self.module(device)
-        launch = self._launches.setdefault((layout.name, device), Launch(layout))
+        module, driver = self.module(device), self.driver(device)
+        launch = self._launches.setdefault((layout.name, device), Launch(layout, kernel=driver != "host"))
         table = update_launch(launch, tasks, smalls, weights)
-        if device.type == "cuda":
-            getattr(module, f"{layout.name}_cuda")(table, launch.total_blocks)
-        else:
+        if driver == "host":
             getattr(module, f"{layout.name}_host")(table)
+        else:
+            getattr(module, f"{layout.name}_{driver}")(table, launch.total_blocks)
         finish_reductions(launch, tasks, smalls)

@@ -79,15 +79,16 @@ class LineTiles:
         return over_x, over_y
 
 
-def blocks_for(n: int, cuda: bool, tiles: LineTiles | None = None) -> int:
-    """A tensor's blocks in a launch: one partial sum each. Passes with row/col means
-    share out whole line tiles (a warp's each on CUDA, 16 per host block)."""
+def blocks_for(n: int, kernel: bool, tiles: LineTiles | None = None) -> int:
+    """A tensor's blocks in a launch (the kernel's, else the host loop's): one partial
+    sum each. Passes with row/col means share out whole line tiles (a warp's each in
+    the kernel, 16 per host block)."""
     if tiles is not None:
-        per_block = WARPS if cuda else HOST_CHUNK // (LINE_ROWS * 32)
+        per_block = WARPS if kernel else HOST_CHUNK // (LINE_ROWS * 32)
         work = -(-tiles.tiles // per_block)
     else:
-        work = -(-n // THREADS) if cuda else -(-n // HOST_CHUNK)
-    return max(1, min(work, CUDA_MAX_BLOCKS) if cuda else work)
+        work = -(-n // THREADS) if kernel else -(-n // HOST_CHUNK)
+    return max(1, min(work, CUDA_MAX_BLOCKS) if kernel else work)
 
 
 def fold_mlp(L: PassLayout, weights: list[torch.Tensor], small: GroupMember, out: torch.Tensor) -> None:
@@ -116,6 +117,7 @@ class Launch:
     then copies nothing from the host, which a CUDA graph capture needs."""
 
     layout: PassLayout
+    kernel: bool                                            # blocks cut for the kernel, else the host loop
     shapes: list[tuple] = field(default_factory=list)       # what the buffers were made for
     rows: list[list[int]] = field(default_factory=list)
     small: list[torch.Tensor] = field(default_factory=list)
@@ -148,7 +150,6 @@ def _line_tiles(L: PassLayout, task: TensorTask) -> LineTiles | None:
 
 def _allocate(launch: Launch, tasks: list[TensorTask]) -> None:
     L, device = launch.layout, tasks[0].param.device
-    cuda = device.type == "cuda"
     n_red = sum(n.channels for n in L.tensor_reductions)
     n_line = sum(n.channels for n in L.line_reductions)
     launch.small, launch.weights, launch.grads, launch.lines, launch.total_blocks = [], [], [], [], 0
@@ -164,7 +165,7 @@ def _allocate(launch: Launch, tasks: list[TensorTask]) -> None:
         # Zeros: with C > 32 some partial sums are written by no tile (runtime.cuh.j2).
         launch.lines.append(None if tiles is None else torch.zeros(
             n_line, tiles.x_sums + tiles.y_sums, dtype=torch.float32, device=device))
-        launch.total_blocks += blocks_for(n, cuda, tiles)
+        launch.total_blocks += blocks_for(n, launch.kernel, tiles)
     launch.partial = torch.empty(max(1, launch.total_blocks * n_red), dtype=torch.float32, device=device)
     launch.table = None
 
@@ -179,7 +180,6 @@ def update_launch(launch: Launch, tasks: list[TensorTask], smalls: list[GroupMem
     device (the kept one unless a row changed)."""
     L = launch.layout
     device = tasks[0].param.device
-    cuda = device.type == "cuda"
     shapes = _buffer_shapes(tasks)
     if shapes != launch.shapes:
         _allocate(launch, tasks)
@@ -196,7 +196,7 @@ def update_launch(launch: Launch, tasks: list[TensorTask], smalls: list[GroupMem
             grad = launch.grads[k]
         n = p.numel()
         dims, d0_is_x = five_d(tuple(p.shape), task.axes)
-        blocks = blocks_for(n, cuda, _line_tiles(L, task))
+        blocks = blocks_for(n, launch.kernel, _line_tiles(L, task))
         # Small inputs: each node's values for its level, channel-major, one buffer.
         offsets, base, pieces = {}, 0, []
         for node, shape in _small_shapes(L, task):
