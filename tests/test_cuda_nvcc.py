@@ -68,3 +68,26 @@ def test_nvcc_build_links_loads_and_its_host_drivers_match_reference():
     for step, shape, d_ours, d_ref, before, after in run_both(make, torch.float32, 31):
         rounding = 2 * 1.2e-7 * max(float(before.abs().max()), float(after.abs().max()))
         assert float((d_ours - d_ref).abs().max()) <= RTOL * float(d_ref.abs().max()) + rounding, (shape, step)
+
+
+def test_mlp_over_48_kb_of_shared_memory_opts_in(tmp_path):
+    """Weights staged in shared memory past the default 48 KB need the kernel's opt-in,
+    or the launch fails; the built-in specs stay under it (8 KB). (Rendered only: nvcc
+    takes over a minute on this fully unrolled 39-128-96-2 MLP.)"""
+    from lopt_codegen.ir import lower_spec
+    from lopt_codegen.spec import load_spec
+
+    text = open(os.path.join(ROOT, "specs", "small_fc_lopt.yaml")).read()
+    for old, new in [("sizes: [39, 32, 32, 2]", "sizes: [39, 128, 96, 2]"), ("weight: [32, 39]", "weight: [128, 39]"),
+                     ("input.bias: [32]", "input.bias: [128]"), ("weight: [32, 32]", "weight: [96, 128]"),
+                     ("linear_0.bias: [32]", "linear_0.bias: [96]"), ("weight: [2, 32]", "weight: [2, 96]")]:
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "wide.yaml").write_text(text)
+    rendered = render_cuda(lower_spec(load_spec(tmp_path / "wide.yaml")), "wide")
+    mlp_passes = [L.name for ls in rendered.layouts.values() for L in ls if L.mlp is not None]
+    assert mlp_passes
+    for name in mlp_passes:
+        assert f"cudaFuncSetAttribute({name}_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize" in rendered.source
+    assert "cudaFuncSetAttribute" not in render_cuda(lower_spec(load_spec(os.path.join(ROOT, "specs", "small_fc_lopt.yaml"))),
+                                                     "small_fc_lopt").source
