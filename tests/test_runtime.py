@@ -126,6 +126,23 @@ def test_params_without_grads_are_skipped():
     assert float(opt.state[params[0]]["step"]) == 1.0
 
 
+@pytest.mark.parametrize("backend", ["reference", "cuda", "tvm"])
+def test_empty_params_are_skipped_and_do_not_touch_the_others(backend):
+    """VeLO's network mixes tensors (a max over them): an empty tensor's NaN means would
+    poison every update, so empty tensors are left out of the step."""
+    with_empty, alone = make_params(seed=3), make_params(seed=3)
+    empty = [torch.nn.Parameter(torch.randn(0, 5)), torch.nn.Parameter(torch.randn(4, 0, 2))]
+    opt_a, opt_b = build("velo", with_empty + empty, backend=backend), build("velo", alone, backend=backend)
+    for i in range(3):
+        set_grads(with_empty + empty, i)
+        set_grads(alone, i)
+        opt_a.step(loss=torch.tensor(1.0))
+        opt_b.step(loss=torch.tensor(1.0))
+    for p, q in zip(with_empty, alone):
+        assert torch.isfinite(p).all() and torch.equal(p, q)
+    assert all(len(opt_a.state[e]) == 0 for e in empty)
+
+
 def test_sparse_gradients_are_rejected():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = build("small_fc_lopt", list(emb.parameters()))

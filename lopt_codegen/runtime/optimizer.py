@@ -151,7 +151,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             hyper = {k: float(group[k]) for k in program.hyperparameters}
             for p in group["params"]:
-                if p.grad is None:
+                # An empty tensor has nothing to update, and its means (NaN) would reach the
+                # other tensors through cross-tensor network inputs (VeLO's max over tensors).
+                if p.grad is None or p.numel() == 0:
                     continue
                 self._check_param(p)
                 grad = self._grad(p)

@@ -73,9 +73,9 @@ class LineTiles:
     def means(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The means over X and over Y (flat, no-X and no-Y layouts) of one channel's
         partial sums, the segments summed in order."""
-        A, X, B, Y, C = self.dims
-        over_x = sums[:self.x_sums].view(self.x_segments, -1).sum(dim=0) / X
-        over_y = sums[self.x_sums:self.x_sums + self.y_sums].view(self.column_strips, -1).sum(dim=0) / Y
+        A, X, B, Y, C = self.dims   # (an empty tensor has no segments or strips: means are NaN, as torch's)
+        over_x = sums[:self.x_sums].view(self.x_segments, A * B * Y * C).sum(dim=0) / X
+        over_y = sums[self.x_sums:self.x_sums + self.y_sums].view(self.column_strips, A * X * B * C).sum(dim=0) / Y
         return over_x, over_y
 
 
