@@ -175,7 +175,7 @@ def mlp_multiply_adds(spec: str) -> int:
 
     program = optimizer(spec, [torch.nn.Parameter(torch.zeros(2, 2))], "reference", 1e-3).program
     L = next(L for L in render_cuda(program, spec).layouts["factored"] if L.mlp is not None)
-    dims = (L.mlp_inputs, *L.mlp.attrs[0][1:])
+    dims = (L.fold.features, *L.mlp.attrs[0][1:])
     return sum(a * b for a, b in zip(dims, dims[1:]))
 
 

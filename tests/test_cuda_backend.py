@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import SHAPES
 from generated.adam import Adam
@@ -138,10 +139,10 @@ def test_mlp_first_layer_is_folded(programs, name, variant, inputs):
     from lopt_codegen.backends.cuda.render import render_cuda
 
     last = render_cuda(programs[name], name).layouts[variant][-1]
-    assert last.mlp is not None and last.mlp_inputs == inputs
+    assert last.mlp is not None and last.fold.features == inputs
     # every normalized feature is `x * rsqrt(mean(x * x) + eps)`: its scale goes into W0
     n_normalized = {"small_fc_lopt": 12, "velo": 14, "adam": 0}[name]
-    assert sum(p.kind == "scaled" for p in last.mlp_parts) == n_normalized
+    assert sum(scale is not None for _, scale, _, _ in last.fold.element_parts) == n_normalized
 
 
 def test_pass_traffic_counts_inputs_writes_and_line_sums(programs):
@@ -155,6 +156,41 @@ def test_pass_traffic_counts_inputs_writes_and_line_sums(programs):
     assert adam.element_bytes(param_size=2, grad_size=2) == 4 * 4 + 3 * 2   # m, v stay float32
     velo_first = render_cuda(programs["velo"], "velo").layouts["factored"][0]
     assert velo_first.element_bytes() == 6 * 4 + 2 * 4 / 32
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the torch calls that compute (views and detaches are free)."""
+
+    FREE = {"view", "_unsafe_view", "slice", "select", "expand", "permute", "detach", "alias", "unsqueeze",
+            "squeeze", "t", "transpose", "as_strided", "unbind", "split", "unflatten"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in self.FREE
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_torch_work_per_step_does_not_grow_with_same_shape_tensors(name):
+    """The host side (small values, MLP fold, finishing reductions) runs per group of
+    same-shape tensors: on a GPU each torch call is a launch, so a model's many equal
+    layers must not multiply them."""
+    def calls(copies: int) -> int:
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(40, 24), (24,)] * copies]
+        opt = MAKERS[name](params, "cuda")
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            if step < 2:
+                opt.step(loss=1.0)
+        with _CountOps() as counter:
+            opt.step(loss=torch.tensor(1.0))
+        return counter.count
+
+    assert calls(6) == calls(1)
 
 
 def test_rejects_non_contiguous_params():

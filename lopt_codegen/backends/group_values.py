@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from ..ir.mlp_fold import MlpFold
 from ..ir.nodes import Level, Node, level_shape
 from .base import StepBatch, TensorTask
 from .reference import TensorEvaluator, run_network
@@ -92,41 +93,27 @@ class GroupValues(SmallValues):
         """The node's values as [tensors, channels, *level shape] (broadcasts expanded)."""
         return self.get(node).expand(len(self.tasks), node.channels, *self.level_shape(node.level))
 
+    def fold_mlp(self, fold: MlpFold) -> list[torch.Tensor]:
+        """The MLP weights the kernels take, with a leading tensor axis: W1' = W1[:, element
+        columns] * scale and b1' = b1 + W1[:, folded columns] @ values (MlpFold), then the
+        other layers as they are."""
+        count = len(self)
+        w1, b1, *rest = self.ev.mlp_weights
+        columns = []
+        for _, scale, col, ch in fold.element_parts:
+            w = w1[:, :, col:col + ch]
+            columns.append(w if scale is None else w * self.dense(scale).reshape(count, 1, -1))
+        bias = b1
+        for part, col in fold.bias_parts:
+            values = self.dense(part).reshape(count, part.channels, 1)
+            bias = bias + (w1[:, :, col:col + part.channels] @ values).squeeze(-1)
+        return [torch.cat(columns, 2), bias, *rest]
+
     def write_small_accumulators(self, accumulators: dict[str, Node]) -> None:
         """Row/col/tensor-level accumulators, after everything that reads their old value."""
         new = {name: self.dense(node) for name, node in accumulators.items() if node.level < Level.ELEMENT}
         for name, value in new.items():
             torch._foreach_copy_([t.state[name] for t in self.tasks], list(value.unbind(0)))
-
-
-class GroupMember:
-    """One tensor's share of its group's small values, read and finished the way a
-    per-tensor SmallValues is ([channels, *shape with 1s]); a reduction is finished for
-    the whole group once every member has given its value."""
-
-    def __init__(self, group: GroupValues, index: int, pending: dict[int, dict[int, torch.Tensor]]):
-        self.group, self.index, self._pending = group, index, pending
-
-    def get(self, node: Node) -> torch.Tensor:
-        value = self.group.get(node)
-        return value[self.index if value.shape[0] > 1 else 0]
-
-    def finish(self, node: Node, value: torch.Tensor) -> None:
-        values = self._pending.setdefault(id(node), {})
-        values[self.index] = value
-        if len(values) == len(self.group):
-            self.group.finish(node, torch.stack([values[t] for t in range(len(self.group))]))
-            del self._pending[id(node)]
-
-    @property
-    def mlp_weights(self) -> list[torch.Tensor] | None:
-        weights = self.group.ev.mlp_weights
-        return None if weights is None else [w[self.index] for w in weights]
-
-
-def members(group: GroupValues) -> list[GroupMember]:
-    pending: dict[int, dict[int, torch.Tensor]] = {}
-    return [GroupMember(group, t, pending) for t in range(len(group))]
 
 
 def run_network_over_groups(batch: StepBatch, groups: list[GroupValues], inputs: list[Node]) -> None:

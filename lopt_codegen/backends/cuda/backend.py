@@ -11,7 +11,7 @@ import torch
 
 from ...ir.plan import plan_program
 from ..base import Backend, StepBatch, TensorTask
-from ..group_values import GroupMember, GroupValues, group_key, members, run_network_over_groups
+from ..group_values import GroupValues, group_key, run_network_over_groups
 from .build import ToolchainMissing, build_cuda, build_host
 from .passes import PassLayout
 from .render import Rendered, render_cuda
@@ -62,23 +62,19 @@ class CudaBackend(Backend):
         program = self.program
         # Small work once per group of same-shape tensors (group_values.py); the launches
         # still cover every tensor of a variant and device at once.
-        by_shape: dict[tuple, list[int]] = {}
-        for i, task in enumerate(batch.tasks):
-            by_shape.setdefault((*group_key(task), task.param.device), []).append(i)
-        groups = [GroupValues([batch.tasks[i] for i in idx], batch) for idx in by_shape.values()]
-        smalls: dict[int, GroupMember] = {}   # by task index
-        for idx, group in zip(by_shape.values(), groups):
-            smalls.update(zip(idx, members(group)))
-        launches: dict[tuple[str, torch.device], list[int]] = {}
-        for i, task in enumerate(batch.tasks):
-            launches.setdefault((task.variant, task.param.device), []).append(i)
+        by_shape: dict[tuple, list[TensorTask]] = {}
+        for task in batch.tasks:
+            by_shape.setdefault((*group_key(task), task.param.device), []).append(task)
+        groups = [GroupValues(tasks, batch) for tasks in by_shape.values()]
+        launches: dict[tuple[str, torch.device], list[GroupValues]] = {}
+        for group in groups:
+            launches.setdefault((group.tasks[0].variant, group.tasks[0].param.device), []).append(group)
         n_passes = max(len(self.rendered.layouts[v]) for v, _ in launches)
         for k in range(n_passes):
-            for (variant, device), idx in launches.items():
+            for (variant, device), launch_groups in launches.items():
                 layouts = self.rendered.layouts[variant]
                 if k < len(layouts):
-                    self._run_pass(layouts[k], device, [batch.tasks[i] for i in idx],
-                                   [smalls[i] for i in idx], [smalls[i].mlp_weights for i in idx])
+                    self._run_pass(layouts[k], device, launch_groups)
             if batch.network is not None and k == self.network_after:
                 # As the reference; its outputs stay on the device (VeLO's step multiplier
                 # is never read back).
@@ -93,13 +89,12 @@ class CudaBackend(Backend):
         plain loop). The tests' SIMT emulation runs the kernel on CPU tensors instead."""
         return "cuda" if device.type == "cuda" else "host"
 
-    def _run_pass(self, layout: PassLayout, device: torch.device, tasks: list[TensorTask],
-                  smalls: list[GroupMember], weights: list[list[torch.Tensor] | None]) -> None:
+    def _run_pass(self, layout: PassLayout, device: torch.device, groups: list[GroupValues]) -> None:
         module, driver = self.module(device), self.driver(device)
         launch = self._launches.setdefault((layout.name, device), Launch(layout, kernel=driver != "host"))
-        table = update_launch(launch, tasks, smalls, weights)
+        table = update_launch(launch, groups)
         if driver == "host":
             getattr(module, f"{layout.name}_host")(table)
         else:
             getattr(module, f"{layout.name}_{driver}")(table, launch.total_blocks)
-        finish_reductions(launch, tasks, smalls)
+        finish_reductions(launch, groups)

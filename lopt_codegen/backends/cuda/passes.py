@@ -5,9 +5,8 @@ A compiled pass reads, per element: the gradient, the parameter, element accumul
 col, batch, tensor and step level, computed between passes). It writes element
 accumulators, the element-level arguments of reductions, and the new parameter.
 
-The MLP's first layer is folded per tensor (DESIGN: small work, not the kernel): input
-parts at tensor level or coarser go into its bias, and parts `x * s` with `s` at tensor
-level or coarser scale its columns, so the element function feeds only `x` to the MLP.
+The MLP's first layer is folded per tensor (DESIGN: small work, not the kernel; see
+MlpFold), so the element function feeds only element features to the MLP.
 """
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import LEAVES, REDUCE, Level, Node, topo_order
 from ...ir.plan import Pass, Plan
 from ...ir.program import VariantGraph
@@ -32,17 +32,6 @@ class Slot:
     name: str = ""
 
 
-@dataclass(frozen=True)
-class MlpPart:
-    """One part of the MLP input concat: `bias` (folded into the first layer's bias),
-    `scaled` (element value `node` whose columns are scaled by `scale`) or `plain`."""
-
-    kind: str
-    columns: tuple[int, int]     # [start, stop) in the MLP's input
-    node: Node                   # the part itself (bias), else the element value fed
-    scale: Node | None = None
-
-
 @dataclass
 class PassLayout:
     variant: str
@@ -56,7 +45,7 @@ class PassLayout:
     writes_param: bool = False
     new_param: Node | None = None
     mlp: Node | None = None
-    mlp_parts: list[MlpPart] = field(default_factory=list)
+    fold: MlpFold | None = None                       # how the MLP's input splits (with mlp)
 
     @property
     def name(self) -> str:
@@ -65,10 +54,6 @@ class PassLayout:
     @property
     def small_slots(self) -> list[Slot]:
         return [s for s in self.inputs if s.kind == "small"]
-
-    @property
-    def mlp_inputs(self) -> int:
-        return sum(p.columns[1] - p.columns[0] for p in self.mlp_parts if p.kind != "bias")
 
     @property
     def needs_index(self) -> bool:
@@ -106,17 +91,6 @@ def constant_value(node: Node) -> torch.Tensor | None:
     return None
 
 
-def _fold_part(part: Node) -> tuple[str, Node, Node | None]:
-    if part.level <= Level.TENSOR:
-        return "bias", part, None
-    if part.op == "mul":
-        a, b = part.args
-        for x, s in ((a, b), (b, a)):
-            if s.level <= Level.TENSOR and x.level > Level.TENSOR:
-                return "scaled", x, s
-    return "plain", part, None
-
-
 def layout_pass(variant: str, graph: VariantGraph, p: Pass) -> PassLayout:
     element_accs = [n for n, node in graph.accumulators.items() if node.level == Level.ELEMENT]
     layout = PassLayout(variant, p.index, accs=[], reduce_nodes=list(p.reduce_nodes))
@@ -145,14 +119,8 @@ def layout_pass(variant: str, graph: VariantGraph, p: Pass) -> PassLayout:
             frontier.append(n)
             continue
         if n.op == "mlp":
-            layout.mlp = n
-            start = 0
-            for part in n.args[0].args:
-                kind, node, scale = _fold_part(part)
-                layout.mlp_parts.append(MlpPart(kind, (start, start + part.channels), node, scale))
-                start += part.channels
-                if kind != "bias":
-                    stack.append(node)
+            layout.mlp, layout.fold = n, MlpFold.of(n)
+            stack.extend(x for x, _, _, _ in layout.fold.element_parts)
             continue
         stack.extend(n.args)
     acc_names: list[str] = []

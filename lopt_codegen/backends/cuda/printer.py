@@ -94,9 +94,8 @@ class ElementPrinter:
         """The MLP with the first layer folded per tensor: weights come from `w` as
         [W0 (out, in), b0, W1, b1, ...] with W0 over the element inputs only."""
         sizes, activation = node.attrs
-        inputs = [self.channel(p.node, c if p.node.channels > 1 else 0)
-                  for p in self.layout.mlp_parts if p.kind != "bias"
-                  for c in range(p.columns[1] - p.columns[0])]
+        inputs = [self.channel(x, c if x.channels > 1 else 0)
+                  for x, _, _, channels in self.layout.fold.element_parts for c in range(channels)]
         dims = (len(inputs), *sizes[1:])
         act = ACTIVATIONS[activation]
         self.lines.append(f"// MLP {' -> '.join(map(str, dims))} ({activation}); layer 0 folded per tensor")
@@ -143,7 +142,6 @@ class ElementPrinter:
 def _element_order(roots: list[Node], layout: PassLayout) -> list[Node]:
     """Element nodes in dependency order, not entering slots or folded MLP parts."""
     slot_ids = {id(s.node) for s in layout.inputs}
-    folded = {id(p.node) for p in layout.mlp_parts if p.kind == "bias"}
     order: list[Node] = []
     seen: set[int] = set()
 
@@ -151,15 +149,15 @@ def _element_order(roots: list[Node], layout: PassLayout) -> list[Node]:
         if id(n) in seen:
             return
         seen.add(id(n))
-        if id(n) not in slot_ids and id(n) not in folded and n.level == Level.ELEMENT:
-            args = [p.node for p in layout.mlp_parts if p.kind != "bias"] if n.op == "mlp" else n.args
+        if id(n) not in slot_ids and n.level == Level.ELEMENT:
+            args = [x for x, _, _, _ in layout.fold.element_parts] if n.op == "mlp" else n.args
             for a in args:
                 visit(a)
         order.append(n)
 
     for r in roots:
         visit(r)
-    return [n for n in order if id(n) not in folded]
+    return order
 
 
 def print_element_function(layout: PassLayout) -> tuple[list[str], list[tuple[str, str]]]:

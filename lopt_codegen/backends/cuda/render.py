@@ -90,7 +90,7 @@ def _summary(L: PassLayout) -> str:
     if L.line_reductions:
         parts.append(f"row/col mean arguments of {sum(n.channels for n in L.line_reductions)} channels")
     if L.mlp is not None:
-        parts.append(f"MLP on {L.mlp_inputs} element inputs")
+        parts.append(f"MLP on {L.fold.features} element inputs")
     if L.writes_param:
         parts.append("writes p")
     return "; ".join(parts)
@@ -98,7 +98,7 @@ def _summary(L: PassLayout) -> str:
 
 def pass_context(L: PassLayout) -> dict:
     body, outputs = print_element_function(L)
-    n_weights = mlp_weight_count((L.mlp_inputs, *L.mlp.attrs[0][1:])) if L.mlp is not None else 0
+    n_weights = mlp_weight_count((L.fold.features, *L.mlp.attrs[0][1:])) if L.mlp is not None else 0
     return {
         "name": L.name, "summary": _summary(L), "body": body, "outputs": outputs,
         "inputs": L.inputs, "loads": _loads(L), "stores": _stores(L), "needs_index": L.needs_index,

@@ -1,9 +1,11 @@
 """Host side of one pass launch: the per-tensor table the generated drivers read, the
-small-value buffers, the per-tensor folded MLP weights, and finishing reductions.
+small-value buffers, the folded MLP weights, and finishing reductions.
 
 Everything here is torch on the tensors' device with sizes known on the host: no
-device-to-host copy, so a step never waits for the GPU; and the buffers and the table
-are kept across steps, so a steady-state step copies nothing from the host either.
+device-to-host copy, so a step never waits for the GPU; the buffers and the table are
+kept across steps, so a steady-state step copies nothing from the host either; and
+the torch work is batched per group of same-shape tensors (a row of each group buffer
+per tensor), so its cost grows with the number of shapes, not of tensors.
 """
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...ir.nodes import Node, level_shape
+from ...ir.nodes import Node
 from ..base import TensorTask, checked_accumulator
-from ..group_values import GroupMember
+from ..group_values import GroupValues
 from .passes import PassLayout
 from .printer import mlp_weight_count
 
@@ -71,11 +73,11 @@ class LineTiles:
         return self.column_strips * A * X * B * C
 
     def means(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The means over X and over Y (flat, no-X and no-Y layouts) of one channel's
-        partial sums, the segments summed in order."""
+        """The means over X and over Y ([..., no-X] and [..., no-Y] layouts) of partial
+        sums [..., x_sums + y_sums], the segments summed in order."""
         A, X, B, Y, C = self.dims   # (an empty tensor has no segments or strips: means are NaN, as torch's)
-        over_x = sums[:self.x_sums].view(self.x_segments, A * B * Y * C).sum(dim=0) / X
-        over_y = sums[self.x_sums:self.x_sums + self.y_sums].view(self.column_strips, A * X * B * C).sum(dim=0) / Y
+        over_x = sums[..., :self.x_sums].unflatten(-1, (self.x_segments, A * B * Y * C)).sum(dim=-2) / X
+        over_y = sums[..., self.x_sums:].unflatten(-1, (self.column_strips, A * X * B * C)).sum(dim=-2) / Y
         return over_x, over_y
 
 
@@ -91,39 +93,31 @@ def blocks_for(n: int, kernel: bool, tiles: LineTiles | None = None) -> int:
     return max(1, min(work, CUDA_MAX_BLOCKS) if kernel else work)
 
 
-def fold_mlp(L: PassLayout, weights: list[torch.Tensor], small: GroupMember, out: torch.Tensor) -> None:
-    """Into `out`: [W0 (out, element inputs), b0, W1, b1, ...] with tensor-level inputs
-    folded into b0 and tensor-level scales of `x * s` inputs folded into W0's columns."""
-    w0, b0 = weights[0], weights[1]
-    columns, bias = [], b0
-    for part in L.mlp_parts:
-        a, b = part.columns
-        if part.kind == "bias":
-            bias = bias + w0[:, a:b] @ small.get(part.node).reshape(-1)
-        elif part.kind == "scaled":
-            columns.append(w0[:, a:b] * small.get(part.scale).reshape(1, -1))
-        else:
-            columns.append(w0[:, a:b])
-    flat = [torch.cat(columns, dim=1).reshape(-1), bias.reshape(-1)] + [w.reshape(-1) for w in weights[2:]]
-    torch.cat([f.to(torch.float32) for f in flat], out=out)
+@dataclass
+class GroupBuffers:
+    """One group's buffers in a launch, a row per tensor: small values, folded MLP
+    weights, row/col partial sums, and gradient copies where a gradient is unusable."""
+
+    small: torch.Tensor                    # [tensors, small values]
+    weights: torch.Tensor | None           # [tensors, folded MLP weights]
+    lines: torch.Tensor | None             # [tensors, line channels, partial sums]
+    grads: list[torch.Tensor | None]
+    block0: int                            # the group's first block in the launch
+    blocks: int                            # per tensor
 
 
 @dataclass
 class Launch:
-    """One pass over a group of tensors, kept from step to step: each tensor's buffers
-    (small values, folded MLP weights, row/col partial sums, a gradient copy where one is
-    needed) and the block partials are refilled in place, and the table is copied to
-    the device only when a row changed (a tensor's memory moved). A steady-state step
-    then copies nothing from the host, which a CUDA graph capture needs."""
+    """One pass over groups of tensors, kept from step to step: the groups' buffers and
+    the block partials are refilled in place, and the table is copied to the device only
+    when a row changed (a tensor's memory moved). A steady-state step then copies
+    nothing from the host, which a CUDA graph capture needs."""
 
     layout: PassLayout
     kernel: bool                                            # blocks cut for the kernel, else the host loop
     shapes: list[tuple] = field(default_factory=list)       # what the buffers were made for
     rows: list[list[int]] = field(default_factory=list)
-    small: list[torch.Tensor] = field(default_factory=list)
-    weights: list[torch.Tensor | None] = field(default_factory=list)
-    grads: list[torch.Tensor | None] = field(default_factory=list)   # copies of unusable gradients
-    lines: list[torch.Tensor | None] = field(default_factory=list)   # row/col partial sums
+    groups: list[GroupBuffers] = field(default_factory=list)
     partial: torch.Tensor | None = None
     table: torch.Tensor | None = None
     total_blocks: int = 0
@@ -136,10 +130,9 @@ def _grad_for_kernel(grad: torch.Tensor) -> tuple[tuple, torch.dtype] | None:
     return tuple(grad.shape), grad.dtype if grad.dtype in DTYPES else torch.float32
 
 
-def _small_shapes(L: PassLayout, task: TensorTask) -> list[tuple[Node, list[int]]]:
-    """The pass's small values, each once, with their [channels, *level shape] for a tensor."""
-    nodes = list({id(s.node): s.node for s in L.small_slots}.values())
-    return [(node, [node.channels, *level_shape(task.param.shape, node.level, task.axes)]) for node in nodes]
+def _small_nodes(L: PassLayout) -> list[Node]:
+    """The pass's small values, each once, in slot order."""
+    return list({id(s.node): s.node for s in L.small_slots}.values())
 
 
 def _line_tiles(L: PassLayout, task: TensorTask) -> LineTiles | None:
@@ -148,76 +141,84 @@ def _line_tiles(L: PassLayout, task: TensorTask) -> LineTiles | None:
     return LineTiles(tuple(five_d(tuple(task.param.shape), task.axes)[0]))
 
 
-def _allocate(launch: Launch, tasks: list[TensorTask]) -> None:
-    L, device = launch.layout, tasks[0].param.device
+def _allocate(launch: Launch, groups: list[GroupValues]) -> None:
+    L, device = launch.layout, groups[0].tasks[0].param.device
     n_red = sum(n.channels for n in L.tensor_reductions)
     n_line = sum(n.channels for n in L.line_reductions)
-    launch.small, launch.weights, launch.grads, launch.lines, launch.total_blocks = [], [], [], [], 0
-    for task in tasks:
-        n = task.param.numel()
-        size = sum(math.prod(shape) for _, shape in _small_shapes(L, task))
-        launch.small.append(torch.zeros(max(1, size), dtype=torch.float32, device=device))
-        launch.weights.append(None if L.mlp is None else torch.empty(
-            mlp_weight_count((L.mlp_inputs, *L.mlp.attrs[0][1:])), dtype=torch.float32, device=device))
-        copy = _grad_for_kernel(task.grad)
-        launch.grads.append(None if copy is None else torch.empty(copy[0], dtype=copy[1], device=device))
+    n_weights = 0 if L.mlp is None else mlp_weight_count((L.fold.features, *L.mlp.attrs[0][1:]))
+    launch.groups, block0 = [], 0
+    for group in groups:
+        task, count = group.tasks[0], len(group)
+        size = sum(node.channels * math.prod(group.level_shape(node.level)) for node in _small_nodes(L))
         tiles = _line_tiles(L, task)
-        # Zeros: with C > 32 some partial sums are written by no tile (runtime.cuh.j2).
-        launch.lines.append(None if tiles is None else torch.zeros(
-            n_line, tiles.x_sums + tiles.y_sums, dtype=torch.float32, device=device))
-        launch.total_blocks += blocks_for(n, launch.kernel, tiles)
-    launch.partial = torch.empty(max(1, launch.total_blocks * n_red), dtype=torch.float32, device=device)
+        blocks = blocks_for(task.param.numel(), launch.kernel, tiles)
+        copies = [_grad_for_kernel(t.grad) for t in group.tasks]
+        launch.groups.append(GroupBuffers(
+            small=torch.zeros(count, max(1, size), dtype=torch.float32, device=device),
+            weights=None if L.mlp is None else torch.empty(count, n_weights, dtype=torch.float32, device=device),
+            # Zeros: with C > 32 some partial sums are written by no tile (runtime.cuh.j2).
+            lines=None if tiles is None else torch.zeros(count, n_line, tiles.x_sums + tiles.y_sums,
+                                                         dtype=torch.float32, device=device),
+            grads=[None if c is None else torch.empty(c[0], dtype=c[1], device=device) for c in copies],
+            block0=block0, blocks=blocks))
+        block0 += count * blocks
+    launch.total_blocks = block0
+    launch.partial = torch.empty(max(1, block0 * n_red), dtype=torch.float32, device=device)
     launch.table = None
 
 
-def _buffer_shapes(tasks: list[TensorTask]) -> list[tuple]:
-    return [(tuple(t.param.shape), t.axes, t.param.device, _grad_for_kernel(t.grad)) for t in tasks]
+def _buffer_shapes(groups: list[GroupValues]) -> list[tuple]:
+    return [(group.shape, group.axes, len(group), group.tasks[0].param.device,
+             tuple(_grad_for_kernel(t.grad) for t in group.tasks)) for group in groups]
 
 
-def update_launch(launch: Launch, tasks: list[TensorTask], smalls: list[GroupMember],
-                  weights: list[list[torch.Tensor] | None]) -> torch.Tensor:
+def _fill_group(L: PassLayout, group: GroupValues, buffers: GroupBuffers) -> list[int]:
+    """Writes the group's small values and folded MLP weights (one torch call per value,
+    not per tensor) and returns each small slot's offset in a tensor's row."""
+    count, offsets, base, pieces = len(group), {}, 0, []
+    for node in _small_nodes(L):
+        piece = group.dense(node).reshape(count, -1)   # [tensors, channels * level size], channel-major
+        offsets[id(node)] = (base, piece.shape[1] // node.channels)
+        pieces.append(piece.to(torch.float32))
+        base += piece.shape[1]
+    if pieces:
+        torch.cat(pieces, dim=1, out=buffers.small)
+    if L.mlp is not None:
+        torch.cat([w.reshape(count, -1).to(torch.float32) for w in group.fold_mlp(L.fold)], dim=1,
+                  out=buffers.weights)
+    return [offsets[id(s.node)][0] + s.channel * offsets[id(s.node)][1] for s in L.small_slots]
+
+
+def update_launch(launch: Launch, groups: list[GroupValues]) -> torch.Tensor:
     """Refills the launch's buffers for this step and returns its table on the tensors'
-    device (the kept one unless a row changed)."""
+    device (the kept one unless a row changed). Rows follow the groups' tasks in order."""
     L = launch.layout
-    device = tasks[0].param.device
-    shapes = _buffer_shapes(tasks)
+    shapes = _buffer_shapes(groups)
     if shapes != launch.shapes:
-        _allocate(launch, tasks)
+        _allocate(launch, groups)
         launch.shapes = shapes
-    rows, block0 = [], 0
-    for k, (task, small, w) in enumerate(zip(tasks, smalls, weights)):
-        p = task.param.detach()
-        if not p.is_contiguous():
-            raise ValueError(f"cuda backend: parameters must be contiguous (updated in place); got one of shape "
-                             f"{tuple(p.shape)} with strides {p.stride()}")
-        grad = task.grad.detach()
-        if launch.grads[k] is not None:
-            launch.grads[k].copy_(grad)
-            grad = launch.grads[k]
-        n = p.numel()
-        dims, d0_is_x = five_d(tuple(p.shape), task.axes)
-        blocks = blocks_for(n, launch.kernel, _line_tiles(L, task))
-        # Small inputs: each node's values for its level, channel-major, one buffer.
-        offsets, base, pieces = {}, 0, []
-        for node, shape in _small_shapes(L, task):
-            pieces.append(torch.broadcast_to(small.get(node), shape).reshape(-1).to(torch.float32))
-            offsets[id(node)] = (base, math.prod(shape[1:]))
-            base += math.prod(shape)
-        if pieces:
-            torch.cat(pieces, out=launch.small[k][:base])
-        slot_offsets = [offsets[id(s.node)][0] + s.channel * offsets[id(s.node)][1] for s in L.small_slots]
-        if L.mlp is not None:
-            fold_mlp(L, w, small, launch.weights[k])
-        line = launch.lines[k]
-        accs = [checked_accumulator(task, name, "cuda") for name in L.accs]
-        rows.append([n, *dims, d0_is_x, DTYPES[p.dtype], DTYPES[grad.dtype], block0, blocks,
-                     p.data_ptr(), grad.data_ptr(), launch.small[k].data_ptr(),
-                     launch.weights[k].data_ptr() if launch.weights[k] is not None else 0,
-                     launch.partial.data_ptr(), line.data_ptr() if line is not None else 0,
-                     *(a.data_ptr() for a in accs), *(a.stride(0) for a in accs), *slot_offsets])
-        block0 += blocks
+    rows = []
+    for group, buffers in zip(groups, launch.groups):
+        slot_offsets = _fill_group(L, group, buffers)
+        dims, d0_is_x = five_d(group.shape, group.axes)
+        for k, task in enumerate(group.tasks):
+            p = task.param.detach()
+            if not p.is_contiguous():
+                raise ValueError(f"cuda backend: parameters must be contiguous (updated in place); got one of "
+                                 f"shape {tuple(p.shape)} with strides {p.stride()}")
+            grad = task.grad.detach()
+            if buffers.grads[k] is not None:
+                buffers.grads[k].copy_(grad)
+                grad = buffers.grads[k]
+            accs = [checked_accumulator(task, name, "cuda") for name in L.accs]
+            rows.append([p.numel(), *dims, d0_is_x, DTYPES[p.dtype], DTYPES[grad.dtype],
+                         buffers.block0 + k * buffers.blocks, buffers.blocks,
+                         p.data_ptr(), grad.data_ptr(), buffers.small[k].data_ptr(),
+                         buffers.weights[k].data_ptr() if buffers.weights is not None else 0,
+                         launch.partial.data_ptr(), buffers.lines[k].data_ptr() if buffers.lines is not None else 0,
+                         *(a.data_ptr() for a in accs), *(a.stride(0) for a in accs), *slot_offsets])
     if rows != launch.rows or launch.table is None:
-        launch.rows, launch.table = rows, table_tensor(rows, device)
+        launch.rows, launch.table = rows, table_tensor(rows, groups[0].tasks[0].param.device)
     return launch.table
 
 
@@ -228,35 +229,36 @@ def table_tensor(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     return table
 
 
-def finish_reductions(launch: Launch, tasks: list[TensorTask], smalls: list[GroupMember]) -> None:
+def finish_reductions(launch: Launch, groups: list[GroupValues]) -> None:
     """Fixed-order sums of the block partials (tensor means) and of the line tiles'
-    partial sums (row/col means) into each tensor's small values."""
+    partial sums (row/col means), for each group at once, into its small values."""
     L = launch.layout
     n_red = sum(n.channels for n in L.tensor_reductions)
     partial = launch.partial[:launch.total_blocks * n_red].view(launch.total_blocks, n_red) if n_red else None
-    for row, sums, task, small in zip(launch.rows, launch.lines, tasks, smalls):
-        n, block0, blocks = row[0], row[HEAD.index("block0")], row[HEAD.index("blocks")]
+    for group, buffers in zip(groups, launch.groups):
+        count, task = len(group), group.tasks[0]
         ndim = task.param.dim()
-        means = partial[block0:block0 + blocks].sum(dim=0) / n if n_red else None
-        start = 0
-        for arg in L.tensor_reductions:
-            value = means[start:start + arg.channels].reshape(arg.channels, *[1] * ndim)
-            for r in L.reduce_nodes:
-                if r.op == "mean" and r.args[0] is arg:
-                    small.finish(r, value)
-            start += arg.channels
+        if n_red:
+            blocks = partial[buffers.block0:buffers.block0 + count * buffers.blocks]
+            means = blocks.view(count, buffers.blocks, n_red).sum(dim=1) / task.param.numel()
+            start = 0
+            for arg in L.tensor_reductions:
+                value = means[:, start:start + arg.channels].reshape(count, arg.channels, *[1] * ndim)
+                for r in L.reduce_nodes:
+                    if r.op == "mean" and r.args[0] is arg:
+                        group.finish(r, value)
+                start += arg.channels
         if not L.line_reductions:
             continue
-        tiles, d0_is_x = _line_tiles(L, task), task.axes[0] < task.axes[1]
+        over_x, over_y = _line_tiles(L, task).means(buffers.lines)
+        d0_is_x = task.axes[0] < task.axes[1]
         start = 0
         for arg in L.line_reductions:
-            over_x, over_y = zip(*(tiles.means(sums[start + c]) for c in range(arg.channels)))
             for r in L.reduce_nodes:
                 if r.op in ("mean_d0", "mean_d1") and r.args[0] is arg:
-                    axis = task.axes[0 if r.op == "mean_d0" else 1]
                     over_d0 = r.op == "mean_d0"
                     values = over_x if over_d0 == d0_is_x else over_y
-                    shape = [arg.channels, *task.param.shape]
-                    shape[1 + axis] = 1
-                    small.finish(r, torch.stack(values).view(shape))
+                    shape = [count, arg.channels, *task.param.shape]
+                    shape[2 + task.axes[0 if over_d0 else 1]] = 1
+                    group.finish(r, values[:, start:start + arg.channels].reshape(shape))
             start += arg.channels

@@ -16,8 +16,9 @@ from typing import Callable
 
 from tvm import te
 
+from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import Node
-from .printer import ACTIVATIONS, ElementPrinter, MlpFold
+from .printer import ACTIVATIONS, ElementPrinter
 
 
 @dataclass

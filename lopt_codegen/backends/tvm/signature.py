@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import LEAVES, Level, Node
 from ...ir.plan import Pass
-from .printer import MlpFold
 from .view import LANES, View
 
 

@@ -28,10 +28,11 @@ from typing import Callable
 
 from tvm import te, tirx
 
+from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import REDUCE, Level, Node, reachable, topo_order
 from ...ir.program import VariantGraph
 from .batched import batch_over_tensors
-from .printer import F32, MlpFold, op_expr
+from .printer import F32, op_expr
 from .signature import PassSignature
 from .stages import _as_list, _reduce
 from .view import View

@@ -12,10 +12,10 @@ from typing import Callable
 
 import torch
 
+from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import Level, Node
 from ..base import StepBatch, TensorTask, checked_accumulator
 from ..group_values import GroupValues
-from .printer import MlpFold
 from .signature import PassSignature
 from .small_function import SmallSignature
 from .view import ROWS_PER_BLOCK, WARP, View, padded
@@ -208,7 +208,7 @@ class GroupStep(GroupValues):
         if sig.scalar_nodes:
             values.append(torch.cat([self.dense(n).reshape(count, -1) for n in sig.scalar_nodes], 1))
         if sig.mlp is not None:
-            values += self._fold_mlp(sig.mlp)
+            values += self.fold_mlp(MlpFold.of(sig.mlp))
         return values
 
     # --- compiled small work ---------------------------------------------------------
@@ -349,21 +349,6 @@ class GroupStep(GroupValues):
         if not self.view.gpu:
             return (sig.chunks, A, B, Y, C), (A, X, B, C, sig.lanes)
         return (self.view.gpu_chunks(), padded(A * B * Y * C, WARP)), (padded(A * X * B * C, ROWS_PER_BLOCK), 1)
-
-    def _fold_mlp(self, mlp) -> list[torch.Tensor]:
-        """Per tensor: W1' = W1[:, element columns] * scale; b1' = b1 + W1[:, folded columns] @ values."""
-        fold = MlpFold.of(mlp)
-        count = len(self)
-        w1, b1, *rest = self.ev.mlp_weights   # each with a leading tensor axis
-        columns = []
-        for _, scale, col, ch in fold.element_parts:
-            w = w1[:, :, col:col + ch]
-            columns.append(w if scale is None else w * self.dense(scale).reshape(count, 1, -1))
-        bias = b1
-        for part, col in fold.bias_parts:
-            values = self.dense(part).reshape(count, part.channels, 1)
-            bias = bias + (w1[:, :, col:col + part.channels] @ values).squeeze(-1)
-        return [torch.cat(columns, 2), bias, *rest]
 
     # --- after a kernel --------------------------------------------------------------
     def finish_sums(self, sig: PassSignature, p: list[torch.Tensor], q: list[torch.Tensor]) -> None:

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import tvm_ffi
 from tvm import te, tirx
 
+from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import Level, Node
 from .mlp_stages import build_mlp_stages
-from .printer import F32, ElementPrinter, MlpFold
+from .printer import F32, ElementPrinter
 from .signature import PassSignature
 from .view import ROW_LANES, ROWS_PER_BLOCK, THREADS, WARP, padded
 
