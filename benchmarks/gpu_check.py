@@ -1,7 +1,8 @@
 """The one device check for a lent GPU machine: build, parity against the reference on
 the device, CUDA-graph capture of a step, step time against torch's fused AdamW at
-10M and 100M parameters, and the bandwidth each of the cuda backend's VeLO passes
-achieves against a device copy. Prints the tables last (commit them with the closing note).
+10M and 100M parameters, and the bandwidth each pass of the cuda backend achieves
+(VeLO, small_fc_lopt) against a device copy. Prints the tables last (commit them with
+the closing note).
 
     python benchmarks/gpu_check.py                               # on a CUDA machine
     python benchmarks/gpu_check.py --device cpu --sizes 64K --steps 2   # dry run, no GPU
@@ -188,8 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backends", default="cuda,tvm")
     ap.add_argument("--bandwidth", default="velo,small_fc_lopt",
                     help="specs whose cuda-backend passes are rated against a device copy ('' skips)")
-    ap.add_argument("--bandwidth-size", default="100M")
+    ap.add_argument("--bandwidth-size", default=None, help="default: the largest of --sizes")
     args = ap.parse_args(argv)
+    args.bandwidth_size = args.bandwidth_size or max(args.sizes.split(","), key=parse_count)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here; use --device cpu for a dry run")
     rows = []
