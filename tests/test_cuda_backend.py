@@ -45,9 +45,10 @@ MAKERS: dict[str, Callable] = {"small_fc_lopt": _small_fc, "velo": _velo, "adam"
 
 # Factored shapes that cut into several line tiles (runtime.cuh.j2: LineTiles): [A, X, B,
 # Y, C] with partial row segments and column strips, d0 = X and d0 = Y, A > 1, B > 1,
-# C between 1 and 32 (strips not aligned with C), C > 32, and one or 32 live columns.
+# C between 1 and 32 (strips not aligned with C), C > 32, 32 columns, and narrow tiles
+# (Y*C = 1 and 12: a warp takes 32 or 2 rows at a time; in (70, 4, 3), C = 3 does not divide 16).
 LINE_SHAPES = [(70, 45), (33, 100), (3, 40, 50), (40, 3, 36), (36, 34, 5), (34, 40, 7, 7), (65, 1), (1, 65),
-               (64, 32)]
+               (64, 32), (70, 3, 2, 2), (70, 4, 3)]
 
 
 def run_both(make: Callable, dtype: torch.dtype, seed: int, decay: float = 0.0,

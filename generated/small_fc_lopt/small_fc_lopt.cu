@@ -118,7 +118,9 @@ LOPT_HD LineIndex line_index(const int64_t* t, int64_t i) {
 
 // Row/col means (over X and over Y) of a factored tensor, without atomics: for each
 // (a, b) the tensor is a matrix of X rows by Y*C columns (j = y * C + c), cut into
-// tiles of kLineRows rows by 32 columns, one warp (or host loop) per tile. A tile writes
+// tiles of kLineRows rows by `width` columns, one warp (or host loop) per tile; width
+// is 32, or the power of two that holds a narrower Y*C (a warp then takes 32 / width
+// rows at a time, so narrow tensors keep every lane busy). A tile writes
 //   - per column j, its rows' sum: x_sums[xseg][a][b][j]  (the no-X layout), and
 //   - per row x and c, the sum of its columns with that c: y_sums[jseg][a][x][b][c];
 // the caller finishes each mean by summing the segments in order. Per channel, the
@@ -126,14 +128,16 @@ LOPT_HD LineIndex line_index(const int64_t* t, int64_t i) {
 // when C <= 32; with C > 32 a tile covers 32 of the C values of c, and the entries no
 // tile covers stay as allocated (zero).
 struct LineTiles {
-  int64_t YC, xsegs, jsegs, tiles, NX, NY;
+  int64_t YC, width, xsegs, jsegs, tiles, NX, NY;
   LOPT_HD int64_t channel_stride() const { return xsegs * NX + jsegs * NY; }
 };
 LOPT_HD LineTiles line_tiles(const int64_t* t) {
   LineTiles g;
   g.YC = t[kY] * t[kC];
+  g.width = 1;
+  while (g.width < 32 && g.width < g.YC) g.width *= 2;
   g.xsegs = (t[kX] + kLineRows - 1) / kLineRows;
-  g.jsegs = (g.YC + 31) / 32;
+  g.jsegs = (g.YC + g.width - 1) / g.width;
   g.tiles = t[kA] * t[kB] * g.xsegs * g.jsegs;
   g.NX = t[kA] * t[kB] * g.YC;
   g.NY = t[kA] * t[kX] * t[kB] * t[kC];
@@ -150,7 +154,7 @@ LOPT_HD Tile tile_at(const int64_t* t, const LineTiles& g, int64_t tile) {
   o.a = tile / (g.jsegs * t[kB] * g.xsegs);
   o.x0 = o.xseg * kLineRows;
   o.x1 = o.x0 + kLineRows < t[kX] ? o.x0 + kLineRows : t[kX];
-  o.j0 = o.jseg * 32;
+  o.j0 = o.jseg * g.width;
   return o;
 }
 LOPT_HD int64_t tile_element(const int64_t* t, const LineTiles& g, const Tile& o, int64_t x, int64_t j) {
@@ -168,26 +172,25 @@ LOPT_HD int64_t y_sum_at(const int64_t* t, const LineTiles& g, const Tile& o, in
 template <int L, class At>
 void line_tile_host(const int64_t* t, const LineTiles& g, int64_t tile, At&& at) {
   const Tile o = tile_at(t, g, tile);
-  const int64_t C = t[kC], cs = g.channel_stride();
+  const int64_t C = t[kC], cs = g.channel_stride(), W = g.width;
   float* sums = as_ptr<float>(t[kLine]);
   float col[32][L] = {};
   for (int64_t x = o.x0; x < o.x1; ++x) {
     float v[32][L] = {};
-    for (int lane = 0; lane < 32; ++lane) {
-      if (o.j0 + lane >= g.YC) continue;
-      at(tile_element(t, g, o, x, o.j0 + lane), v[lane]);
-      for (int k = 0; k < L; ++k) col[lane][k] += v[lane][k];
+    for (int64_t w = 0; w < W && o.j0 + w < g.YC; ++w) {
+      at(tile_element(t, g, o, x, o.j0 + w), v[w]);
+      for (int k = 0; k < L; ++k) col[w][k] += v[w][k];
     }
-    for (int lane = 0; lane < 32 && lane < C; ++lane) {
+    for (int64_t w = 0; w < W && w < C; ++w) {
       for (int k = 0; k < L; ++k) {
         float s = 0.0f;
-        for (int64_t r = lane; r < 32; r += C) s += v[r][k];
-        sums[k * cs + y_sum_at(t, g, o, x, (o.j0 + lane) % C)] = s;
+        for (int64_t r = w; r < W; r += C) s += v[r][k];
+        sums[k * cs + y_sum_at(t, g, o, x, (o.j0 + w) % C)] = s;
       }
     }
   }
-  for (int lane = 0; lane < 32 && o.j0 + lane < g.YC; ++lane)
-    for (int k = 0; k < L; ++k) sums[k * cs + x_sum_at(t, g, o, o.j0 + lane)] = col[lane][k];
+  for (int64_t w = 0; w < W && o.j0 + w < g.YC; ++w)
+    for (int k = 0; k < L; ++k) sums[k * cs + x_sum_at(t, g, o, o.j0 + w)] = col[w][k];
 }
 
 inline void check_table(const tvm::ffi::TensorView& table, int fields, DLDeviceType device, const char* fn) {
@@ -230,34 +233,43 @@ __device__ __forceinline__ void block_sum(float* v, float* out) {
   }
 }
 
-// One tile per warp (lane = column): column sums stay in registers; a row's sum over
-// the lanes with the same c is a shuffle tree with strides C, 2C, 4C, ... (lanes past
-// the tensor's columns add zeros), so every lane runs every shuffle.
+// One tile per warp: lane l takes column j0 + l % width of rows x0 + l / width,
+// x0 + l / width + 32 / width, ... Column sums stay in registers and are combined at
+// the end over the lanes of a column (shuffle strides width, 2 width, ...); a row's sum
+// over the lanes with the same c is a shuffle tree with strides C, 2C, 4C, ... inside
+// its width lanes. Lanes past the tile's rows or columns add zeros, and the loops are
+// warp-uniform, so every lane runs every shuffle.
 template <int L, class At>
 __device__ __forceinline__ void line_tile_warp(const int64_t* t, const LineTiles& g, int64_t tile, At&& at) {
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32, W = static_cast<int>(g.width), w = lane % W;
   const Tile o = tile_at(t, g, tile);
-  const int64_t C = t[kC], cs = g.channel_stride(), j = o.j0 + lane;
-  const bool live = j < g.YC;
+  const int64_t C = t[kC], cs = g.channel_stride(), j = o.j0 + w;
   float* sums = as_ptr<float>(t[kLine]);
   float col[L] = {};
-  for (int64_t x = o.x0; x < o.x1; ++x) {
+  for (int64_t x0 = o.x0; x0 < o.x1; x0 += 32 / W) {
+    const int64_t x = x0 + lane / W;
+    const bool live = j < g.YC && x < o.x1;
     float v[L] = {};
     if (live) at(tile_element(t, g, o, x, j), v);
     LOPT_UNROLL
     for (int k = 0; k < L; ++k) {
       col[k] += v[k];
       float s = v[k];
-      for (int64_t offset = C; offset < 32; offset *= 2) {
+      for (int64_t offset = C; offset < W; offset *= 2) {
         const float u = __shfl_down_sync(0xffffffffu, s, static_cast<int>(offset));
-        if (lane + offset < 32) s += u;
+        if (w + offset < W) s += u;
       }
-      if (lane < C) sums[k * cs + y_sum_at(t, g, o, x, j % C)] = s;
+      if (w < C && x < o.x1) sums[k * cs + y_sum_at(t, g, o, x, j % C)] = s;
     }
   }
-  if (live) {
-    LOPT_UNROLL
-    for (int k = 0; k < L; ++k) sums[k * cs + x_sum_at(t, g, o, j)] = col[k];
+  LOPT_UNROLL
+  for (int k = 0; k < L; ++k) {
+    float s = col[k];
+    for (int offset = W; offset < 32; offset *= 2) {
+      const float u = __shfl_down_sync(0xffffffffu, s, offset);
+      if (lane + offset < 32) s += u;
+    }
+    if (lane < W && j < g.YC) sums[k * cs + x_sum_at(t, g, o, j)] = s;
   }
 }
 #endif

@@ -25,7 +25,7 @@ HEAD = ["n", "A", "X", "B", "Y", "C", "d0_is_x", "param_dtype", "grad_dtype", "b
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 THREADS = 256            # = kThreads
 WARPS = THREADS // 32    # = kWarps
-LINE_ROWS = 32           # = kLineRows: a line tile is LINE_ROWS rows by 32 columns
+LINE_ROWS = 32           # = kLineRows: a line tile is LINE_ROWS rows by up to 32 columns
 CUDA_MAX_BLOCKS = 1024   # per tensor; grid-stride loops cover the rest
 HOST_CHUNK = 1 << 14     # elements per host "block" (one partial sum each)
 
@@ -43,10 +43,17 @@ def five_d(shape: tuple[int, ...], axes: tuple[int, int] | None) -> tuple[list[i
 @dataclass(frozen=True)
 class LineTiles:
     """How a pass with row/col means cuts a factored tensor (= LineTiles in runtime.cuh.j2):
-    per (a, b), a matrix of X rows by Y*C columns in tiles of LINE_ROWS x 32, each writing
-    per-column sums over its rows and per-(row, c) sums over its columns."""
+    per (a, b), a matrix of X rows by Y*C columns in tiles of LINE_ROWS rows by `width`
+    columns, each writing per-column sums over its rows and per-(row, c) sums over its
+    columns."""
 
     dims: tuple[int, int, int, int, int]
+
+    @property
+    def width(self) -> int:
+        """32, or the power of two that holds a narrower Y*C."""
+        columns = self.dims[3] * self.dims[4]
+        return min(32, 1 << max(0, columns - 1).bit_length())
 
     @property
     def x_segments(self) -> int:
@@ -54,7 +61,7 @@ class LineTiles:
 
     @property
     def column_strips(self) -> int:
-        return -(-(self.dims[3] * self.dims[4]) // 32)
+        return -(-(self.dims[3] * self.dims[4]) // self.width)
 
     @property
     def tiles(self) -> int:
