@@ -15,9 +15,9 @@ from .base import StepBatch, TensorTask
 from .reference import TensorEvaluator, run_network
 from .small_values import SmallValues
 
-# Leaves with one value for the whole group (the loss is the step's; the rank the shape's).
-_GROUP_LEAVES = {"const", "loss_features", "rank"}
-# Host values on a device (constants, ranks, hyperparameters), made once, so that a
+# Leaves with one value for the whole group (the loss is the step's; shape facts the shape's).
+_GROUP_LEAVES = {"const", "loss_features", "shape"}
+# Host values on a device (constants, shape facts, hyperparameters), made once, so that a
 # steady-state step copies nothing from the host: a CUDA graph cannot capture such a
 # copy. Never written in place. Emptied when full (a schedule changing lr every step).
 _ON_DEVICE: dict[tuple, torch.Tensor] = {}
@@ -54,8 +54,8 @@ class GroupEvaluator(TensorEvaluator):
         if node.level == Level.ELEMENT:
             raise RuntimeError(f"{node} is element-level: the kernels compute it, not the small work")
         device = self.task.param.device
-        if op in ("const", "rank"):
-            return _kept_on_device((op, node.attrs, self.task.param.shape, device),
+        if op in ("const", "shape"):
+            return _kept_on_device((op, node.attrs, self.task.param.shape, self.task.axes, device),
                                    lambda: self.members[0].leaf(node).unsqueeze(0))
         if op in _GROUP_LEAVES:
             return self.members[0].leaf(node).unsqueeze(0)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..ir.nodes import Node, topo_order
+from ..ir.shape_facts import shape_fact
 from .base import Backend, StepBatch, TensorTask
 
 _UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -71,8 +72,8 @@ class TensorEvaluator:
             return self.scalar(torch.tensor([task.hyper[node.attrs[0]]], dtype=torch.float32))
         if op == "step":
             return self.scalar(task.state["step"])
-        if op == "rank":
-            return self.scalar(torch.tensor([float(sum(d > 1 for d in task.param.shape))]))
+        if op == "shape":
+            return self.scalar(torch.tensor([shape_fact(node.attrs, tuple(task.param.shape), task.axes)]))
         if op == "state":
             return task.state[node.attrs[0]]
         if op == "loss_features":

@@ -6,23 +6,29 @@ import hashlib
 
 from ..networks import LOSS_BUFFER_KINDS, NETWORK_KINDS
 from ..spec.errors import Mark, SpecError
-from ..spec.expr import FUNCTIONS, Call, Expr, Name, Num
+from ..spec.expr import Call, Expr, Name, Num
 from ..spec.model import Spec, Variants
+from ..spec.names import BUILTIN_NAMES, FUNCTIONS, SHAPE_FACTS
 from .nodes import BINARY, REDUCE, UNARY, Graph, Level, Node, join, reduced_level
 from .program import VARIANTS, MlpInfo, Program, VariantGraph
 from .validate_weights import check_weight_layout
 
-BUILTIN_NAMES = ("g", "p", "grad", "t", "rank", "loss_features")
+# sum(x) is mean(x) times a count: the backends reduce only means.
+_SUMS = {"sum": ("mean", "numel"), "sum_d0": ("mean_d0", "size_d0"), "sum_d1": ("mean_d1", "size_d1")}
 
 
 class _Lowerer:
     """Lowers the expressions of one spec for one variant into one Graph."""
 
-    def __init__(self, spec: Spec, variant: str, graph: Graph):
+    def __init__(self, spec: Spec, variant: str, graph: Graph, pending: frozenset[str] = frozenset()):
         self.spec, self.variant, self.g = spec, variant, graph
         self.resolved: dict[str, Node] = {}
         self.resolving: list[str] = []
         self.mlp_outputs: dict[str, Node] | None = None
+        self.states: dict[str, Node] = {}
+        # Accumulators whose state layout a trial lowering is inferring (state_node):
+        # their old value stands in as a step-level placeholder.
+        self.pending = pending
 
     # --- node construction with level/channel rules -------------------------------
     def const(self, values: tuple[float, ...]) -> Node:
@@ -76,8 +82,11 @@ class _Lowerer:
             return self.g.make("param", (), (), Level.ELEMENT, 1)
         if n == "t":
             return self.g.make("step", (), (), Level.STEP, 1)
-        if n == "rank":
-            return self.g.make("rank", (), (), Level.TENSOR, 1)
+        if n in SHAPE_FACTS:
+            if n in ("size_d0", "size_d1") and self.variant == "unfactored":
+                raise SpecError(expr.mark, f"{n} is the size of a factored axis, but this expression is also "
+                                "used for unfactored tensors; give it `factored:` and `unfactored:` variants")
+            return self.shape_fact((n,))
         if n == "loss_features":
             if spec.loss_buffer is None:
                 raise SpecError(expr.mark, "loss_features needs a `loss_buffer` section")
@@ -86,11 +95,10 @@ class _Lowerer:
         if n in spec.hyperparameters:
             return self.g.make("hyper", (), (n,), Level.STEP, 1)
         if n in spec.accumulators:
-            new, _ = self.accumulator(n, expr.mark)
-            return new
+            return self.accumulator(n, expr.mark)
         if n in spec.derived:
             return self.lower(self.pick(spec.derived[n], n, expr.mark))
-        if n in spec.mlp.outputs:
+        if spec.mlp is not None and n in spec.mlp.outputs:
             return self.mlp_output(n)
         if spec.network is not None and n in NETWORK_KINDS[spec.network.kind].outputs:
             kind = NETWORK_KINDS[spec.network.kind]
@@ -99,7 +107,8 @@ class _Lowerer:
 
     def known_names(self) -> list[str]:
         spec = self.spec
-        names = [*BUILTIN_NAMES, *spec.hyperparameters, *spec.accumulators, *spec.derived, *spec.mlp.outputs]
+        names = [*BUILTIN_NAMES, *spec.hyperparameters, *spec.accumulators, *spec.derived,
+                 *(spec.mlp.outputs if spec.mlp is not None else ())]
         if spec.network is not None:
             names += list(NETWORK_KINDS[spec.network.kind].outputs)
         return names
@@ -117,10 +126,41 @@ class _Lowerer:
             raise SpecError(mark, f"{what} must have 1 channel, it has {node.channels}")
         return node
 
+    def shape_fact(self, fact: tuple) -> Node:
+        return self.g.make("shape", (), fact, Level.TENSOR, 1)
+
     # --- accumulators, MLP ---------------------------------------------------------
-    def accumulator(self, name: str, mark: Mark) -> tuple[Node, Node]:
-        """(value after this step, state node holding the value before it)."""
+    def state_node(self, name: str, mark: Mark) -> Node:
+        """The accumulator's value before this step. Its level and channels are those of
+        its rule, found by a trial lowering in which this old value is a step-level
+        placeholder (a rule may read it: `momentum * prev(buf) + g`); at least one value
+        per tensor, since state is kept per tensor."""
+        if name in self.pending:
+            return self.g.make("state", (), (name,), Level.STEP, 1)
+        if name not in self.states:
+            acc = self.spec.accumulators[name]
+            trial = _Lowerer(self.spec, self.variant, Graph(), self.pending | {name})
+            rule = trial.lower(self.pick(acc.rule, name, mark))
+            channels = len(acc.decays) if acc.ema is not None else rule.channels
+            level = max(rule.level, Level.TENSOR)
+            self.states[name] = self.g.make("state", (), (name,), level, channels)
+        return self.states[name]
+
+    def accumulator(self, name: str, mark: Mark) -> Node:
+        """The accumulator's value after this step."""
         acc = self.spec.accumulators[name]
+        state = self.state_node(name, mark)
+        if name in self.pending:
+            return state
+        if acc.update is not None:
+            new = self.lower(self.pick(acc.update, name, mark))
+            if new is state:
+                raise SpecError(acc.update.mark, f"the update of '{name}' is prev({name}): it never changes")
+            if new.level > state.level or new.channels not in (1, state.channels):
+                raise SpecError(acc.update.mark, f"the update of '{name}' is {new.level.label}-level with "
+                                f"{new.channels} channel(s), but its old value is {state.level.label}-level with "
+                                f"{state.channels}: accumulators that read each other's old values must agree")
+            return new
         x = self.lower(self.pick(acc.ema, name, mark))
         decays = []
         for d in acc.decays:
@@ -133,11 +173,9 @@ class _Lowerer:
             raise SpecError(acc.ema.mark, f"accumulator '{name}' has {k} decays but its expression has "
                             f"{x.channels} channels; expected 1 or {k}")
         decay = decays[0] if k == 1 else self.g.make("concat", tuple(decays), (), Level.STEP, k)
-        state = self.g.make("state", (), (name,), x.level, k)
         one = self.const((1.0,))
-        new = self.op("add", (self.op("mul", (decay, state), mark),
-                              self.op("mul", (self.op("sub", (one, decay), mark), x), mark)), mark)
-        return new, state
+        return self.op("add", (self.op("mul", (decay, state), mark),
+                               self.op("mul", (self.op("sub", (one, decay), mark), x), mark)), mark)
 
     def mlp_output(self, name: str) -> Node:
         if self.mlp_outputs is None:
@@ -182,18 +220,33 @@ class _Lowerer:
             known = sorted(set(FUNCTIONS) | set(self.spec.functions))
             raise SpecError(expr.mark, f"unknown function '{f}'; known functions: {', '.join(known)}")
         if f in FUNCTIONS:
-            self.arity(expr, FUNCTIONS[f])
+            self.arity(expr, FUNCTIONS[f].arity)
         if f == "prev":
             arg = expr.args[0]
             if not (isinstance(arg, Name) and arg.name in self.spec.accumulators):
-                raise SpecError(expr.mark, f"prev() takes an accumulator name ({', '.join(self.spec.accumulators)})")
-            return self.accumulator(arg.name, arg.mark)[1]
+                raise SpecError(expr.mark, f"prev() takes an accumulator name "
+                                f"({', '.join(self.spec.accumulators) or 'this spec has none'})")
+            return self.state_node(arg.name, arg.mark)
+        if f == "size":
+            return self.shape_fact(("size", self.axis_index(expr.args[0])))
         args = tuple(self.lower(a, scope) for a in expr.args)
         if f in REDUCE:
             return self.reduce(f, args[0], expr.mark)
+        if f in _SUMS:
+            mean, count = _SUMS[f]
+            return self.op("mul", (self.reduce(mean, args[0], expr.mark),
+                                   self.name(Name(expr.mark, count), {})), expr.mark)
         if f == "clip":
             return self.op("min", (self.op("max", args[:2], expr.mark), args[2]), expr.mark)
         return self.op(f, args, expr.mark)
+
+    def axis_index(self, arg: Expr) -> int:
+        sign = 1
+        if isinstance(arg, Call) and arg.func == "neg":   # -1 parses as neg(1)
+            sign, arg = -1, arg.args[0]
+        if not (isinstance(arg, Num) and len(arg.values) == 1 and float(arg.values[0]).is_integer()):
+            raise SpecError(arg.mark, "size() takes an axis number, e.g. size(0) or size(-1)")
+        return sign * int(arg.values[0])
 
     def arity(self, expr: Call, n: int) -> None:
         if len(expr.args) != n:
@@ -205,7 +258,7 @@ class _Lowerer:
         spec = self.spec
         accs = {}
         for name, acc in spec.accumulators.items():
-            if acc.ema.get(self.variant) is not None:
+            if acc.rule.get(self.variant) is not None:
                 accs[name] = self.name(Name(acc.mark, name), {})
         step = self.single(self.lower(spec.step), spec.step.mark, "update.step")
         p, lr, wd = (self.name(Name(spec.step.mark, n), {}) for n in ("p", "lr", "weight_decay"))
@@ -252,16 +305,18 @@ def lower_spec(spec: Spec) -> Program:
     for v in VARIANTS:
         if v == "factored" and spec.factored_axes is None:
             continue  # without a factored-axes rule every tensor is unfactored
-        variant = _Lowerer(spec, v, graph).build()
-        variants[v] = variant
-        for name, node in variant.accumulators.items():
-            state_levels.setdefault(name, {})[v] = (node.level, node.channels)
+        lowerer = _Lowerer(spec, v, graph)
+        variants[v] = variant = lowerer.build()
+        for name in variant.accumulators:
+            state = lowerer.states[name]
+            state_levels.setdefault(name, {})[v] = (state.level, state.channels)
     return Program(
         name=spec.name, class_name=spec.class_name, description=spec.description,
         spec_sha256=hashlib.sha256(spec.source.encode()).hexdigest(),
         hyperparameters=dict(spec.hyperparameters), factored_axes=spec.factored_axes,
         variants=variants, state_levels=state_levels,
-        mlp=MlpInfo(spec.mlp.sizes, spec.mlp.activation, spec.mlp.outputs, spec.mlp.weight_group, spec.mlp.layers),
+        mlp=None if spec.mlp is None else MlpInfo(spec.mlp.sizes, spec.mlp.activation, spec.mlp.outputs,
+                                                  spec.mlp.weight_group, spec.mlp.layers),
         network_kind=spec.network.kind if spec.network else None,
         network_weights=dict(spec.network.weights) if spec.network else {},
         loss_buffer_kind=spec.loss_buffer.kind if spec.loss_buffer else None,

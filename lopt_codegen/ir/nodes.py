@@ -44,7 +44,7 @@ LEAVES = {
     "param",          # p before this step, element level
     "hyper",          # attrs: (name,) a per-group hyperparameter
     "step",           # t, the step counter starting at 0
-    "rank",           # number of axes with size > 1
+    "shape",          # attrs: a shape fact (shape_facts.py), e.g. ("numel",) or ("size", k)
     "state",          # attrs: (accumulator,) its value before this step
     "loss_features",  # the loss buffer's features
     "net_out",        # attrs: (name,) a per-tensor output of the network

@@ -42,7 +42,7 @@ class Program:
     factored_axes: str | None
     variants: dict[str, VariantGraph]
     state_levels: dict[str, dict[str, tuple[Level, int]]]  # acc -> variant -> (level, channels)
-    mlp: MlpInfo
+    mlp: MlpInfo | None                      # None: no per-element network
     network_kind: str | None
     network_weights: dict[str, str]          # role -> weight group
     loss_buffer_kind: str | None

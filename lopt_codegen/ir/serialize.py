@@ -38,9 +38,10 @@ def program_to_json(program: Program) -> str:
         "variants": {v: {k: (index[id(n)] if n is not None else None) for k, n in named.items()}
                      for v, named in roots.items()},
         "state_levels": {a: {v: [lv.label, ch] for v, (lv, ch) in per.items()} for a, per in program.state_levels.items()},
-        "mlp": {"sizes": list(program.mlp.sizes), "activation": program.mlp.activation,
-                "outputs": list(program.mlp.outputs), "weight_group": program.mlp.weight_group,
-                "layers": list(program.mlp.layers)},
+        "mlp": None if program.mlp is None else {
+            "sizes": list(program.mlp.sizes), "activation": program.mlp.activation,
+            "outputs": list(program.mlp.outputs), "weight_group": program.mlp.weight_group,
+            "layers": list(program.mlp.layers)},
         "network_kind": program.network_kind, "network_weights": program.network_weights,
         "loss_buffer_kind": program.loss_buffer_kind,
         "weight_groups": {g: {k: list(s) for k, s in keys.items()} for g, keys in program.weight_groups.items()},
@@ -79,8 +80,8 @@ def program_from_json(text: str) -> Program:
         factored_axes=doc["factored_axes"], variants=variants,
         state_levels={a: {v: (Level[lv.upper()], ch) for v, (lv, ch) in per.items()}
                       for a, per in doc["state_levels"].items()},
-        mlp=MlpInfo(tuple(mlp["sizes"]), mlp["activation"], tuple(mlp["outputs"]), mlp["weight_group"],
-                    tuple(mlp["layers"])),
+        mlp=None if mlp is None else MlpInfo(tuple(mlp["sizes"]), mlp["activation"], tuple(mlp["outputs"]),
+                                             mlp["weight_group"], tuple(mlp["layers"])),
         network_kind=doc["network_kind"], network_weights=doc["network_weights"],
         loss_buffer_kind=doc["loss_buffer_kind"],
         weight_groups={g: {k: tuple(s) for k, s in keys.items()} for g, keys in doc["weight_groups"].items()},

@@ -23,6 +23,13 @@ def _declared(spec: Spec, group: str, key: str, shape: tuple[int, ...], where) -
 
 
 def check_weight_layout(spec: Spec) -> None:
+    if spec.mlp is not None:
+        _check_mlp(spec)
+    _check_network(spec)
+    _check_builtin(spec)
+
+
+def _check_mlp(spec: Spec) -> None:
     mlp = spec.mlp
     if len(mlp.outputs) != mlp.sizes[-1]:
         raise SpecError(mlp.mark, f"mlp.outputs names {len(mlp.outputs)} values but the last size is {mlp.sizes[-1]}")
@@ -42,6 +49,9 @@ def check_weight_layout(spec: Spec) -> None:
         if tuple(mlp.sizes) != kind.mlp_sizes:
             raise SpecError(mlp.mark, f"network '{kind.name}' produces an MLP of sizes {list(kind.mlp_sizes)}, "
                             f"mlp.sizes is {list(mlp.sizes)}")
+
+
+def _check_network(spec: Spec) -> None:
     if spec.network is not None:
         kind = NETWORK_KINDS[spec.network.kind]
         roles = spec.network.weights
@@ -51,6 +61,9 @@ def check_weight_layout(spec: Spec) -> None:
         for role, keys in kind.roles.items():
             for key, shape in keys.items():
                 _declared(spec, roles[role], key, shape, spec.network.mark)
+
+
+def _check_builtin(spec: Spec) -> None:
     for group, values in (spec.weights.builtin or {}).items():
         declared = spec.weights.groups.get(group)
         where = spec.marks.get("weights")

@@ -64,7 +64,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for name, value in hyper.items():
             if value is None:
                 raise TypeError(f"{program.class_name}() needs {name}=...: it has no default")
-            if not isinstance(value, (int, float, torch.Tensor)) or isinstance(value, bool):
+            # A flag (nesterov=True) is a number too: 1.0 or 0.0 in the expressions.
+            if not isinstance(value, (int, float, torch.Tensor)) or isinstance(value, bool) and name in ("lr", "weight_decay"):
                 raise TypeError(f"{program.class_name}(): {name} must be a number, got {value!r}")
             if name in ("lr", "weight_decay") and value < 0:
                 raise ValueError(f"{program.class_name}(): invalid {name} {value}: must be >= 0")
@@ -118,7 +119,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _mlp_weights(self, device: torch.device) -> list[torch.Tensor] | None:
         mlp = self.program.mlp
-        if mlp.weight_group is None:
+        if mlp is None or mlp.weight_group is None:
             return None
         if device not in self._mlp_cache:
             group = self._weights[mlp.weight_group]

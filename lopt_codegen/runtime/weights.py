@@ -11,6 +11,11 @@ from ..weights import check_weights, load_weights, random_weights
 
 def resolve_weights(program: Program, weights: Any, seed: int) -> dict[str, dict[str, torch.Tensor]]:
     groups = program.weight_groups
+    if not groups:
+        if weights is not None:
+            raise ValueError(f"{program.class_name} has no meta-weights (its spec declares no weight groups): "
+                             f"remove weights={weights!r}")
+        return {}
     if weights is None:
         if program.builtin_weights is None:
             raise ValueError(

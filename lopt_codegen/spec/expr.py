@@ -13,16 +13,6 @@ from .errors import Mark, SpecError
 BINARY_OPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.Pow: "pow"}
 COMPARE_OPS = {ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge", ast.Eq: "eq", ast.NotEq: "ne"}
 
-# name -> number of arguments. `prev(acc)` names an accumulator's value before this step.
-FUNCTIONS = {
-    "rsqrt": 1, "sqrt": 1, "exp": 1, "log": 1, "tanh": 1, "abs": 1, "sign": 1,
-    "relu": 1, "sigmoid": 1,
-    "clip": 3, "min": 2, "max": 2, "where": 3,
-    "mean": 1, "mean_d0": 1, "mean_d1": 1,
-    "prev": 1,
-}
-
-
 @dataclass(frozen=True)
 class Expr:
     mark: Mark
@@ -40,7 +30,7 @@ class Name(Expr):
 
 @dataclass(frozen=True)
 class Call(Expr):
-    func: str  # a builtin from FUNCTIONS, an operator name, or a spec-defined function
+    func: str  # a builtin (names.FUNCTIONS), an operator name, or a spec-defined function
     args: tuple[Expr, ...]
 
 

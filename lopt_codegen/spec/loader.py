@@ -10,8 +10,7 @@ from .model import Accumulator, Function, LossBuffer, Mlp, Network, Spec, Varian
 from .schema import SPEC_SCHEMA, validate
 from .yaml_nodes import LDict, LScalar, LStr, load_located_yaml, mark_of, plain
 
-# Names the language defines itself; a spec may not reuse them for its own values.
-RESERVED = {"g", "p", "grad", "t", "rank", "loss_features"}
+from .names import RESERVED
 
 
 def _expr(value: Any, fallback: Mark) -> Expr:
@@ -47,6 +46,29 @@ def _check_name(name: str, mark: Mark, taken: dict[str, Mark]) -> None:
     taken[name] = mark
 
 
+def _accumulator(name: str, acc: LDict, mark: Mark) -> Accumulator:
+    if ("ema" in acc) == ("update" in acc):
+        raise SpecError(acc.mark, f"accumulators.{name}: give either `ema:` with `decays:` (an exponential "
+                        "moving average) or `update:` (any expression of prev(" + name + ") and this step's values)")
+    if "ema" in acc:
+        if "decays" not in acc:
+            raise SpecError(acc.mark, f"accumulators.{name}: `ema:` needs `decays:` (one channel per decay)")
+        decays = tuple(_expr(d, mark) for d in acc["decays"])
+        return Accumulator(name, _variants(acc["ema"], mark), decays, None, mark)
+    if "decays" in acc:
+        raise SpecError(acc.key_marks["decays"], f"accumulators.{name}: `decays:` goes with `ema:`; an `update:` "
+                        "writes its decay in the expression, e.g. beta * prev(" + name + ") + (1 - beta) * g")
+    return Accumulator(name, None, (), _variants(acc["update"], mark), mark)
+
+
+def _mlp(doc: LDict) -> Mlp:
+    w = doc["weights"]
+    from_network = isinstance(w, LStr)
+    return Mlp(tuple(int(s.value) for s in doc["sizes"]), str(doc.get("activation", "relu")),
+               tuple(str(o) for o in doc["outputs"]), None if from_network else str(w["group"]),
+               () if from_network else tuple(str(x) for x in w["layers"]), doc.mark)
+
+
 def load_spec(path: str | os.PathLike) -> Spec:
     path = os.fspath(path)
     try:
@@ -78,11 +100,10 @@ def parse_spec(text: str, path: str) -> Spec:
         functions[name] = Function(name, tuple(fn["args"]), _expr(fn["expr"], mark), mark)
 
     accumulators = {}
-    for name, acc in doc["accumulators"].items():
+    for name, acc in doc.get("accumulators", {}).items():
         mark = doc["accumulators"].key_marks[name]
         _check_name(name, mark, taken)
-        decays = tuple(_expr(d, mark) for d in acc["decays"])
-        accumulators[name] = Accumulator(name, _variants(acc["ema"], mark), decays, mark)
+        accumulators[name] = _accumulator(name, acc, mark)
 
     derived = {}
     for name, value in doc.get("derived", {}).items():
@@ -101,15 +122,17 @@ def parse_spec(text: str, path: str) -> Spec:
         network = Network(str(net["kind"]), tuple(_expr(e, net.mark) for e in net["inputs"]),
                           {k: str(v) for k, v in net["weights"].items()}, net.mark)
 
-    feats = doc["features"]
-    mlp_doc = doc["mlp"]
-    w = mlp_doc["weights"]
-    from_network = isinstance(w, LStr)
-    mlp = Mlp(tuple(int(s.value) for s in mlp_doc["sizes"]), str(mlp_doc.get("activation", "relu")),
-              tuple(str(o) for o in mlp_doc["outputs"]), None if from_network else str(w["group"]),
-              () if from_network else tuple(str(x) for x in w["layers"]), mlp_doc.mark)
-    for out in mlp.outputs:
-        _check_name(out, mlp_doc.mark, taken)
+    if ("features" in doc) != ("mlp" in doc):
+        present, absent = ("features", "mlp") if "features" in doc else ("mlp", "features")
+        raise SpecError(keys[present], f"`{present}` goes with `{absent}`: features are the MLP's inputs; "
+                        f"add `{absent}:` or remove `{present}:` (a spec without an MLP writes its rule in "
+                        "`update.step`)")
+    feats = doc.get("features", LDict())
+    mlp = None
+    if "mlp" in doc:
+        mlp = _mlp(doc["mlp"])
+        for out in mlp.outputs:
+            _check_name(out, mlp.mark, taken)
 
     weights_doc = doc.get("weights", LDict())
     weights = Weights(
@@ -126,7 +149,7 @@ def parse_spec(text: str, path: str) -> Spec:
         grad=_expr(grad["expr"], grad.mark) if "expr" in grad else parse_expr("grad", top),
         nonfinite=str(grad.get("nonfinite", "keep")),
         accumulators=accumulators, derived=derived, loss_buffer=loss_buffer, network=network,
-        normalized=tuple(_expr(e, feats.mark) for e in feats["normalized"]),
+        normalized=tuple(_expr(e, feats.mark) for e in feats.get("normalized", [])),
         norm_eps=_number(feats["eps"], "features.eps", feats.mark) if "eps" in feats else 1e-5,
         raw_features=tuple(_expr(e, feats.mark) for e in feats.get("raw", [])),
         mlp=mlp, weights=weights, step=_expr(update["step"], update.mark),

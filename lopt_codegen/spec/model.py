@@ -23,10 +23,19 @@ class Variants:
 
 @dataclass(frozen=True)
 class Accumulator:
+    """State kept across steps, zero before the first. Either the short form, an EMA
+    (`ema` with `decays`, one channel per decay), or the general form: `update`, any
+    expression of its value before this step, `prev(name)`, and this step's values."""
+
     name: str
-    ema: Variants
+    ema: Variants | None
     decays: tuple[Expr, ...]
+    update: Variants | None
     mark: Mark
+
+    @property
+    def rule(self) -> Variants:
+        return self.ema if self.ema is not None else self.update
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,7 @@ class Spec:
     normalized: tuple[Expr, ...]
     norm_eps: float
     raw_features: tuple[Expr, ...]
-    mlp: Mlp
+    mlp: Mlp | None   # None: a hand-designed rule, no meta-weights
     weights: Weights
     step: Expr
     weight_decay: str

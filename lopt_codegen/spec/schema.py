@@ -10,7 +10,8 @@ from .yaml_nodes import LDict, LList, LScalar, LStr, mark_of
 
 IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 EXPR = {"type": "string", "description": "an expression: numbers, [lists of numbers] (one channel each), "
-        "names, + - * / **, comparisons, and calls such as rsqrt, exp, clip, where, mean, mean_d0, prev"}
+        "names, + - * / **, comparisons, and calls such as rsqrt, exp, clip, where, mean, sum, mean_d0, "
+        "size, prev (docs/spec-language.md)"}
 NUMBER = {"anyOf": [{"type": "number"}, {"type": "string", "pattern": r"^[-+]?[0-9.]+(e[-+]?[0-9]+)?$"}]}
 NUMBER_OR_EXPR = {"anyOf": [{"type": "number"}, EXPR]}
 VARIANTS = {
@@ -32,7 +33,7 @@ SPEC_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "lopt_codegen optimizer spec",
     "type": "object",
-    "required": ["name", "class_name", "accumulators", "features", "mlp", "update"],
+    "required": ["name", "class_name", "update"],
     "additionalProperties": False,
     "properties": {
         "name": {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$",
@@ -43,8 +44,10 @@ SPEC_SCHEMA: dict = {
             {"anyOf": [NUMBER, {"type": "null"}]},
             "constructor arguments with defaults (null: the user must give it); lr and "
             "weight_decay always exist"),
-        "factored_axes": {"enum": ["adafactor", "velo"],
-                          "description": "how the two factored axes of a rank >= 2 tensor are picked"},
+        "factored_axes": {"enum": ["adafactor", "velo", "last_two"],
+                          "description": "how the two factored axes d0, d1 of a rank >= 2 tensor are picked: "
+                          "adafactor (the largest, the second largest), velo (the same, swapped on a tie), "
+                          "last_two (the last axis, the one before: torch.optim.Adafactor's)"},
         "functions": _names({
             "type": "object", "required": ["args", "expr"], "additionalProperties": False,
             "properties": {"args": {"type": "array", "items": {"type": "string", "pattern": IDENT}},
@@ -56,12 +59,16 @@ SPEC_SCHEMA: dict = {
                 "nonfinite": {"enum": ["keep", "zero"],
                               "description": "keep NaN/inf, or replace them by 0 before `expr`"}}},
         "accumulators": _names({
-            "type": "object", "required": ["ema", "decays"], "additionalProperties": False,
+            "type": "object", "additionalProperties": False,
+            "description": "either `ema` with `decays`, or `update`",
             "properties": {
-                "ema": EXPR_OR_VARIANTS,
+                "ema": {**EXPR_OR_VARIANTS, "description": "the value averaged: acc <- b acc + (1 - b) ema"},
                 "decays": {"type": "array", "minItems": 1, "items": NUMBER_OR_EXPR,
-                           "description": "one channel per decay: acc <- b acc + (1 - b) ema"}}},
-            "exponential moving averages kept in the optimizer state"),
+                           "description": "with `ema`: one channel per decay b"},
+                "update": {**EXPR_OR_VARIANTS,
+                           "description": "the new value from prev(<name>) (the value before this step) "
+                           "and this step's values"}}},
+            "values kept in the optimizer state across steps, zero before the first step"),
         "derived": _names(EXPR_OR_VARIANTS, "named expressions"),
         "loss_buffer": {
             "type": "object", "required": ["kind", "horizon"], "additionalProperties": False,
@@ -77,6 +84,7 @@ SPEC_SCHEMA: dict = {
                             "description": "the network's weight roles -> weight groups"}},
             "description": "a per-tensor hypernetwork run once per step over all tensors"},
         "features": {
+            "description": "the MLP's input channels (with `mlp`)",
             "type": "object", "additionalProperties": False, "required": ["normalized"],
             "properties": {
                 "normalized": {"type": "array", "items": EXPR,
@@ -85,6 +93,7 @@ SPEC_SCHEMA: dict = {
                 "raw": {"type": "array", "items": EXPR,
                         "description": "channels appended without normalization"}}},
         "mlp": {
+            "description": "the per-element network; optional: a spec without it needs no meta-weights",
             "type": "object", "required": ["sizes", "outputs", "weights"], "additionalProperties": False,
             "properties": {
                 "sizes": {"type": "array", "minItems": 2, "items": {"type": "integer", "minimum": 1}},
@@ -178,12 +187,27 @@ def validate(value: Any, schema: dict, path: str, mark: Mark) -> None:
     if "minimum" in schema and value.value < schema["minimum"]:
         raise SpecError(here, f"{path}: expected at least {schema['minimum']}, got {value.value}")
     if schema["type"] == "array":
+        _check_flow_split(value, path)
         if len(value) < schema.get("minItems", 0):
             raise SpecError(here, f"{path}: expected at least {schema['minItems']} item(s)")
         for i, item in enumerate(value):
             validate(item, schema["items"], f"{path}[{i}]", here)
     if schema["type"] == "object":
         _validate_object(value, schema, path, here)
+
+
+def _check_flow_split(value: LList, path: str) -> None:
+    """An expression with commas in a flow list ([clip(g, -1, 1)]) reaches us split into
+    items at its commas: say so, rather than that an item is not a text."""
+    if not getattr(value, "flow", False):
+        return
+    for i, item in enumerate(value):
+        text = str(item) if isinstance(item, LStr) else ""
+        if text.count("(") != text.count(")") or text.count("[") != text.count("]"):
+            raise SpecError(mark_of(item, value.mark),
+                            f"{path}[{i}]: '{text}' has unbalanced brackets: a YAML flow list [a, b] splits "
+                            "at every comma, so quote each expression that holds commas, e.g. "
+                            "[\"clip(g, -0.1, 0.1)\"], or write the list one item per line")
 
 
 def _validate_object(value: LDict, schema: dict, path: str, here: Mark) -> None:

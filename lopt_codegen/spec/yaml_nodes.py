@@ -19,6 +19,7 @@ class LDict(dict):
 
 class LList(list):
     mark: Mark
+    flow: bool   # written inline, [a, b]: YAML splits it at every comma
 
 
 class LStr(str):
@@ -75,6 +76,7 @@ def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader) -> Any:
     if isinstance(node, yaml.SequenceNode):
         out_list = LList(_convert(item, file, loader) for item in node.value)
         out_list.mark = mark
+        out_list.flow = bool(node.flow_style)
         return out_list
     value = loader.construct_object(node)
     if isinstance(value, str):

@@ -9,7 +9,7 @@ each pass's inputs (its row/col values, its scalars and its MLP's folded first l
 W1' = W1[:, element columns] * scale and b1' = b1 + W1[:, folded columns] @ values); the
 network's input; and the small accumulators' new values. A function reads:
 
-  leaves    [columns]  per-tensor scalar leaves (hyperparameters, step, rank, loss
+  leaves    [columns]  per-tensor scalar leaves (hyperparameters, step, shape facts, loss
                        features, network outputs), filled by the host
   states    [channels, *small dims] the small accumulators before this step
   sums      (finish functions) the pass's partial sums
@@ -37,7 +37,7 @@ from .signature import PassSignature
 from .stages import _as_list, _reduce
 from .view import View
 
-COLUMN_LEAVES = ("hyper", "step", "rank", "loss_features", "net_out")   # one value per tensor
+COLUMN_LEAVES = ("hyper", "step", "shape", "loss_features", "net_out")   # one value per tensor
 
 Channel = Callable[[tuple], "tirx.PrimExpr"]   # one channel of a value, at a 5-D index
 

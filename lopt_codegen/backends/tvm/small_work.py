@@ -244,7 +244,7 @@ class GroupStep(GroupValues):
 
     def _fill_leaves(self, columns: list[Node]) -> None:
         """The leaves row's columns that are known by now (network outputs: after it ran).
-        Hyperparameters are written only when they changed, the rank once."""
+        Hyperparameters are written only when they changed, shape facts once."""
         count, kept = len(self), self.kept
         total = sum(n.channels for n in columns)
         if kept.leaves is None or tuple(kept.leaves.shape) != (count, max(1, total)):
@@ -253,7 +253,7 @@ class GroupStep(GroupValues):
         for node in columns:
             if id(node) not in self._filled and (node.op != "net_out" or self.ev.net_out):
                 written = tuple(t.hyper[node.attrs[0]] for t in self.tasks) if node.op == "hyper" else \
-                    "shape" if node.op == "rank" else None
+                    "shape" if node.op == "shape" else None
                 if written is None or kept.written.get(id(node)) != written:
                     kept.leaves[:, start:start + node.channels] = self.ev.leaf(node).reshape(-1, node.channels)
                     kept.written[id(node)] = written

@@ -1,0 +1,209 @@
+"""The language's second-generation parts: shape facts (numel, fan_in, fan_out, size(k),
+...), sums, general accumulators (`update:`), optional MLP; and their errors. The
+reference backend is checked against plain torch written here; every compiled backend
+against the reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import SHAPES
+from lopt_codegen.ir import lower_spec
+from lopt_codegen.ir.nodes import Level
+from lopt_codegen.ir.shape_facts import shape_fact
+from lopt_codegen.runtime.axes import factored_axes
+from lopt_codegen.spec import SpecError, parse_spec
+from test_examples import BACKENDS, assert_updates_match, compile_and_import, run_against_oracle
+
+# Every shape fact and sum in one rule; `count` is a tensor-level accumulator in the
+# general form, `peak` an element-level one reading another accumulator.
+FACTS_SPEC = """\
+name: facts
+class_name: Facts
+hyperparameters:
+  lr: 0.01
+  width: 2.0
+factored_axes: adafactor
+accumulators:
+  count: {update: "prev(count) + 1"}
+  v: {ema: g * g, decays: [0.5]}
+  peak: {update: "max(prev(peak), abs(g))"}
+  row:
+    update: {factored: "0.5 * prev(row) + sum_d0(g * g) / size_d0", unfactored: "sum(g * g) / numel"}
+derived:
+  shape_mix:
+    factored: fan_in / fan_out + size(-1) + 10 * ndim + 100 * rank + size_d1 / size_d0 + size(7)
+    unfactored: fan_in / fan_out + size(-1) + 10 * ndim + 100 * rank + size(7)
+  line:
+    factored: sum_d1(g) / numel + row
+    unfactored: sum(g) / numel + row
+update:
+  step: width * (g * rsqrt(v + 1e-8) + peak + line) * shape_mix / count
+"""
+
+
+def _fan(shape: tuple[int, ...]) -> tuple[float, float]:
+    if len(shape) < 2:
+        return 1.0, float(math.prod(shape))
+    return tuple(float(x) for x in torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(shape)))
+
+
+class FactsOracle(torch.optim.Optimizer):
+    """FACTS_SPEC's rule in plain torch, from the language reference's definitions."""
+
+    def __init__(self, params, lr: float = 0.01, width: float = 2.0):
+        super().__init__(params, dict(lr=lr, width=width))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                g, shape = p.grad, tuple(p.shape)
+                st = self.state[p]
+                axes = factored_axes(shape, "adafactor")
+                st["count"] = st.get("count", 0) + 1
+                st["v"] = 0.5 * st.get("v", torch.zeros_like(p)) + 0.5 * g * g
+                st["peak"] = torch.maximum(st.get("peak", torch.zeros_like(p)), g.abs())
+                fan_in, fan_out = _fan(shape)
+                mix = fan_in / fan_out + (shape[-1] if shape else 1) + 10 * len(shape) + 100 * sum(d > 1 for d in shape)
+                mix += (shape[7] if len(shape) > 7 else 1)
+                if axes is None:
+                    st["row"] = (g * g).sum() / g.numel()
+                    line = g.sum() / g.numel() + st["row"]
+                else:
+                    d0, d1 = axes
+                    st["row"] = 0.5 * st.get("row", 0.0) + (g * g).sum(d0, keepdim=True) / shape[d0]
+                    line = g.sum(d1, keepdim=True) / g.numel() + st["row"]
+                    mix += shape[d1] / shape[d0]
+                step = group["width"] * (g * torch.rsqrt(st["v"] + 1e-8) + st["peak"] + line) * mix / st["count"]
+                p.sub_(group["lr"] * step)
+
+
+@pytest.fixture(scope="session")
+def facts(tmp_path_factory) -> type:
+    out = tmp_path_factory.mktemp("facts")
+    (out / "facts.yaml").write_text(FACTS_SPEC)
+    return compile_and_import(str(out), "lopt_facts", [str(out / "facts.yaml")])["facts"]
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5, 2), (4, 2, 3, 3), (1, 6), (6, 1), (2, 1, 3, 1)])
+def test_fan_in_and_fan_out_are_torchs(shape):
+    fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(shape))
+    assert shape_fact(("fan_in",), shape, None) == fan_in and shape_fact(("fan_out",), shape, None) == fan_out
+
+
+def test_shape_facts_of_vectors_and_scalars():
+    assert [shape_fact((f,), (7,), None) for f in ("fan_in", "fan_out", "numel", "ndim", "rank")] == [1, 7, 7, 1, 1]
+    assert [shape_fact((f,), (), None) for f in ("fan_in", "fan_out", "numel", "ndim", "rank")] == [1, 1, 1, 0, 0]
+    assert [shape_fact(("size", k), (2, 3, 4), None) for k in (0, 2, -1, -3, 3, -4)] == [2, 4, 4, 2, 1, 1]
+    assert shape_fact(("size_d0",), (2, 3, 4), (2, 1)) == 4 and shape_fact(("size_d1",), (2, 3, 4), (2, 1)) == 3
+
+
+def test_general_accumulators_take_their_rules_level(facts):
+    levels = facts.program.state_levels
+    assert levels["count"]["factored"] == (Level.TENSOR, 1) == levels["count"]["unfactored"]
+    assert levels["peak"]["factored"] == (Level.ELEMENT, 1)
+    assert levels["row"]["factored"] == (Level.ROW, 1) and levels["row"]["unfactored"] == (Level.TENSOR, 1)
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+def test_reference_matches_the_definitions(facts, backend):
+    assert_updates_match(run_against_oracle(facts, FactsOracle, {}, backend, steps=6), "facts vs torch")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_compiled_backends_match_the_reference(facts, backend):
+    def reference(params, **hyper):
+        return facts(params, backend="reference", **hyper)
+
+    assert_updates_match(run_against_oracle(facts, reference, {"width": 3.0}, backend, steps=6,
+                                            shapes=SHAPES + [(40, 3, 36), (70, 45)]), f"facts on {backend}")
+
+
+def test_per_group_values_reach_the_rule(facts):
+    """A hyperparameter is a per-group value: μP's width multiplier set per param group."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = facts([{"params": [p], "width": 1.0}, {"params": [q], "width": 4.0}], backend="reference")
+    p.grad, q.grad = torch.full((3,), 0.5), torch.full((3,), 0.5)
+    opt.step()
+    assert torch.allclose(1 - q.detach(), 4 * (1 - p.detach()))
+
+
+BASE = """\
+name: tiny
+class_name: Tiny
+factored_axes: adafactor
+accumulators:
+  m: {ema: g, decays: [0.9]}
+update:
+  step: m
+"""
+
+
+def error_of(text: str) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        lower_spec(parse_spec(text, "tiny.yaml"))
+    return info.value
+
+
+def with_line(line_no: int, new: str) -> str:
+    lines = BASE.splitlines()
+    lines[line_no - 1] = new
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("line_no, new, where, message", [
+    (5, "  m: {ema: g, update: g}", "tiny.yaml:5:6", "give either `ema:` with `decays:`"),
+    (5, "  m: {}", "tiny.yaml:5:6", "give either `ema:` with `decays:`"),
+    (5, "  m: {ema: g}", "tiny.yaml:5:6", "`ema:` needs `decays:`"),
+    (5, "  m: {update: g, decays: [0.9]}", "tiny.yaml:5:18", "`decays:` goes with `ema:`"),
+    (5, "  m: {update: prev(m)}", "tiny.yaml:5:15", "the update of 'm' is prev(m): it never changes"),
+    (5, "  m: {update: m + g}", "tiny.yaml:5:15", "cycle in definitions: m -> m"),
+    (7, "  step: m * size(1.5)", "tiny.yaml:7:18", "size() takes an axis number"),
+    (7, "  step: m * size(g)", "tiny.yaml:7:18", "size() takes an axis number"),
+    (7, "  step: m * size_d0", "tiny.yaml:7:13", "size_d0 is the size of a factored axis"),
+    (7, "  step: sum_d1(m)", "tiny.yaml:7:9", "mean_d1 needs a factored tensor"),
+    (7, "  step: direction", "tiny.yaml:7:9", "unknown name 'direction'"),
+    (3, "factored_axes: first_two", "tiny.yaml:3:16", "expected one of adafactor, velo, last_two"),
+])
+def test_errors_point_at_the_culprit(line_no, new, where, message):
+    err = error_of(with_line(line_no, new))
+    assert str(err).startswith(where) and message in str(err), str(err)
+
+
+def test_mlp_and_features_go_together():
+    err = error_of(BASE + "features:\n  normalized: [g]\n")
+    assert str(err).startswith("tiny.yaml:8:1") and "`features` goes with `mlp`" in str(err)
+    mlp = "mlp:\n  sizes: [1, 1]\n  outputs: [d]\n  weights: {group: w, layers: [l]}\n"
+    err = error_of(BASE + mlp)
+    assert str(err).startswith("tiny.yaml:8:1") and "`mlp` goes with `features`" in str(err)
+
+
+def test_a_flow_list_that_split_an_expression_says_to_quote_it():
+    text = BASE + "derived:\n  x: m\nmlp:\n  sizes: [1, 1]\n  outputs: [d]\n  weights: {group: w, layers: [l]}\n" \
+        "features:\n  normalized: [g, clip(g, -0.1, 0.1)]\n"
+    err = error_of(text)
+    assert str(err).startswith("tiny.yaml:15:19") and "quote each expression that holds commas" in str(err)
+    quoted = text.replace("[g, clip(g, -0.1, 0.1)]", "[g, \"clip(g, -0.1, 0.1)\"]")
+    assert "quote" not in str(error_of(quoted))   # it parses; the missing weight group is next
+
+
+def test_spec_without_mlp_lowers_with_no_weights():
+    program = lower_spec(parse_spec(BASE, "tiny.yaml"))
+    assert program.mlp is None and program.weight_groups == {}
+    assert not any(n.op == "mlp" for g in program.variants.values() for n in g.roots())
+
+
+def test_language_reference_tables_match_the_compiler():
+    from conftest import ROOT
+    from lopt_codegen.spec.doc_tables import rewrite, stale_tables
+
+    path = f"{ROOT}/docs/spec-language.md"
+    text = open(path, encoding="utf-8").read()
+    assert stale_tables(text) == [], "run: python -m lopt_codegen.spec.doc_tables docs/spec-language.md"
+    assert stale_tables(text.replace("| `numel` |", "| `nmel` |")) == ["names"]   # the check can fail
+    assert rewrite(text.replace("| `numel` |", "| `nmel` |")) == text
+    readme = open(f"{ROOT}/README.md", encoding="utf-8").read()
+    assert "docs/spec-language.md" in readme
