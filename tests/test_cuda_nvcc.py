@@ -1,6 +1,7 @@
-"""The committed generated/<name>/<name>.cu of every built-in spec compiles with nvcc for
-sm_80 and sm_90 (no GPU needed), every pass has its kernel, and ptxas reports no
-register spills. Skipped only where nvcc is not installed."""
+"""The committed generated/<name>/<name>.cu of every built-in spec, and the kernels of
+every spec in specs/examples/, compile with nvcc for sm_80 and sm_90 (no GPU needed),
+every pass has its kernel, and ptxas reports no register spills. Skipped only where
+nvcc is not installed."""
 from __future__ import annotations
 
 import os
@@ -45,6 +46,34 @@ def test_no_register_spills(name, reports):
             f"{name} {r.kernel} on {r.arch}: {r.spill_stores} B spill stores, {r.spill_loads} B spill loads "
             f"({r.registers} registers)")
         assert r.registers <= 255
+
+
+EXAMPLES = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "specs", "examples")) if f.endswith(".yaml"))
+
+
+@pytest.fixture(scope="session")
+def example_reports() -> dict[str, tuple[set[str], list[KernelReport]]]:
+    """specs/examples/: each pass's kernel name and nvcc's report, all in parallel."""
+    from lopt_codegen.ir import lower_spec
+    from lopt_codegen.spec import load_spec
+
+    def compile_one(name: str) -> tuple[set[str], list[KernelReport]]:
+        rendered = render_cuda(lower_spec(load_spec(os.path.join(ROOT, "specs", "examples", f"{name}.yaml"))), name)
+        kernels = {f"{L.name}_kernel" for ls in rendered.layouts.values() for L in ls}
+        return kernels, ptxas_report(rendered.source, DEFAULT_ARCHS)
+
+    with ThreadPoolExecutor(len(EXAMPLES)) as pool:
+        return dict(zip(EXAMPLES, pool.map(compile_one, EXAMPLES)))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_kernels_compile_without_spills(name, example_reports):
+    expected, reports = example_reports[name]
+    for arch in DEFAULT_ARCHS:
+        found = {k for k in expected if any(k in r.kernel and r.arch == arch for r in reports)}
+        assert found == expected, f"{name} {arch}: kernels missing from ptxas's report: {expected - found}"
+    for r in reports:
+        assert r.spill_stores == 0 and r.spill_loads == 0 and r.registers <= 255, (name, r)
 
 
 def test_nvcc_build_links_loads_and_its_host_drivers_match_reference():

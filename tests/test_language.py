@@ -207,3 +207,169 @@ def test_language_reference_tables_match_the_compiler():
     assert rewrite(text.replace("| `numel` |", "| `nmel` |")) == text
     readme = open(f"{ROOT}/README.md", encoding="utf-8").read()
     assert "docs/spec-language.md" in readme
+
+
+# Tensor functions: a scalar result from a full-size argument (a cut like a reduction),
+# one from single numbers only (small work), a full-size result read by a later pass,
+# branches on the shape, a loop counted by a hyperparameter, axis reductions.
+PROGRAMS_SPEC = """\
+name: programs
+class_name: Programs
+hyperparameters:
+  lr: 0.01
+  rounds: 2
+accumulators:
+  m: {ema: g, decays: [0.5]}
+tensor_functions:
+  spread:
+    args: [G]
+    body: |
+      X = matrix(G)
+      return norm(X) / sqrt(numel) + mean(sum(X * X, 1)) + norm(mean(X, 0))
+  scaled:
+    args: [s]
+    body: "return 2 * s + fan_in"
+  smooth:
+    args: [G, s]
+    body: |
+      X = matrix(G)
+      if size(0) > 2:
+          X = X - mean(X, 0)
+      else:
+          X = X * 0.5
+      for _ in range(rounds):
+          X = X + s * (X @ transpose(X)) @ X / (norm(X) ** 3 + 1)
+      return unmatrix(X) + G * t
+update:
+  step: smooth(m, scaled(lr)) / (1 + spread(g))
+"""
+
+
+class ProgramsOracle(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 0.01, rounds: float = 2):
+        super().__init__(params, dict(lr=lr, rounds=rounds))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                t = st.get("t", 0)
+                st["t"] = t + 1
+                m = st["m"] = 0.5 * st.get("m", torch.zeros_like(p)) + 0.5 * p.grad
+                rows = p.shape[0] if p.dim() else 1
+                x = p.grad.reshape(rows, -1)
+                spread = x.norm() / math.sqrt(p.numel()) + (x * x).sum(1).mean() + x.mean(0).norm()
+                s = 2 * group["lr"] + _fan(tuple(p.shape))[0]
+                y = m.reshape(rows, -1)
+                y = y - y.mean(0, keepdim=True) if rows > 2 else y * 0.5
+                for _ in range(int(group["rounds"])):
+                    y = y + s * (y @ y.T) @ y / (y.norm() ** 3 + 1)
+                step = (y.reshape(p.shape) + m * t) / (1 + spread)
+                p.sub_(group["lr"] * step)
+
+
+@pytest.fixture(scope="session")
+def programs_class(tmp_path_factory) -> type:
+    out = tmp_path_factory.mktemp("programs")
+    (out / "programs.yaml").write_text(PROGRAMS_SPEC)
+    return compile_and_import(str(out), "lopt_programs", [str(out / "programs.yaml")])["programs"]
+
+
+def test_tensor_functions_on_the_reference_match_torch(programs_class):
+    assert_updates_match(run_against_oracle(programs_class, ProgramsOracle, {"rounds": 3}, "reference", steps=6),
+                         "programs vs torch")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_tensor_functions_on_compiled_backends(programs_class, backend):
+    def reference(params, **hyper):
+        return programs_class(params, backend="reference", **hyper)
+
+    shapes = SHAPES + [(3, 5), (3, 5), (40, 3, 36)]   # a group of two; tiles of a bigger tensor
+    assert_updates_match(run_against_oracle(programs_class, reference, {}, backend, steps=6, shapes=shapes),
+                         f"programs on {backend}")
+
+
+def test_tensor_function_results_are_planned_between_passes(programs_class):
+    from lopt_codegen.ir.plan import plan_program
+
+    (plan,) = plan_program(programs_class.program).values()
+    assert [sorted(c.attrs[0] for c in p.calls) for p in plan.passes] == [[], ["smooth", "spread"]]
+    scratch = [n for n in programs_class.program.state_levels if n.startswith("__scratch")]
+    assert len(scratch) == 2 and all(n in plan.passes[0].writes or n in plan.passes[1].reads for n in scratch)
+
+
+def test_scratch_values_are_not_saved_and_a_resumed_run_continues_exactly(programs_class):
+    def run(opt, params, steps, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+
+    start = [torch.randn(4, 3), torch.randn(5)]
+    a = [torch.nn.Parameter(x.clone()) for x in start]
+    opt_a = programs_class(a, backend="tvm")
+    run(opt_a, a, 3, 0)
+    saved = opt_a.state_dict()
+    assert all(not k.startswith("__") for s in saved["state"].values() for k in s)
+    assert any(k.startswith("__") for s in opt_a.state.values() for k in s)   # the live state keeps them
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    opt_b = programs_class(b, backend="tvm")
+    opt_b.load_state_dict(saved)
+    run(opt_a, a, 2, 1)
+    run(opt_b, b, 2, 1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+FUNCTION_BASE = """\
+name: tiny
+class_name: Tiny
+hyperparameters:
+  k: 2
+tensor_functions:
+  f:
+    args: [G]
+    body: |
+      X = matrix(G)
+      return unmatrix(X)
+update:
+  step: f(g)
+"""
+
+
+@pytest.mark.parametrize("body_line, where, message", [
+    ("      Y = X @ G", "tiny.yaml:10:11", "@ multiplies two matrices, got a matrix and a element"),
+    ("      Y = X + G", "tiny.yaml:10:11", "mixes a parameter-shaped value with a matrix"),
+    ("      Y = transpose(G)", "tiny.yaml:10:11", "transpose() takes a matrix"),
+    ("      Y = q", "tiny.yaml:10:11", "unknown name 'q' in tensor function 'f'"),
+    ("      Y = mean_d0(X)", "tiny.yaml:10:11", "unknown function 'mean_d0' in a tensor function"),
+    ("      Y = norm(X, 2)", "tiny.yaml:10:19", "a matrix has axes 0 and 1"),
+    ("      X = norm(X)", "tiny.yaml:10:7", "'X' was a matrix, now a scalar"),
+    ("      G = X", "tiny.yaml:10:7", "'G' is an argument"),
+    ("      if k > 1:", "tiny.yaml:10:10", "a test may only compare numbers and shape facts; 'k' is not one"),
+    ("      for _ in range(-1):", "tiny.yaml:10:22", "a loop count cannot be negative"),
+    ("      for i in [1, 2]:", "tiny.yaml:10:7", "a loop is `for _ in range(count):`"),
+    ("      return X", "tiny.yaml:10:7", "a tensor function returns once, as its last statement"),
+    ("      import os", "tiny.yaml:10:7", "import is not allowed in a tensor function"),
+    ("      X = (", "tiny.yaml:10:", "syntax error in tensor function"),
+])
+def test_tensor_function_errors_point_at_the_culprit(body_line, where, message):
+    lines = FUNCTION_BASE.splitlines()
+    lines.insert(9, body_line + ("\n          pass_ = 1" if body_line.rstrip().endswith(":") else ""))
+    err = error_of("\n".join(lines) + "\n")
+    assert str(err).startswith(where) and message in str(err), str(err)
+
+
+@pytest.mark.parametrize("old, new, where, message", [
+    ("      return unmatrix(X)", "      return X", "tiny.yaml:10:7", "return unmatrix(X)"),
+    ("      return unmatrix(X)", "      Y = X", "tiny.yaml:6:3", "has no `return` at its end"),
+    ("  step: f(g)", "  step: f(g, g)", "tiny.yaml:12:9", "f() takes 1 argument, got 2"),
+    ("  step: f(g)", "  step: g @ g", "tiny.yaml:12:9", "the matrix product @ is allowed only in `tensor_functions`"),
+    ("  f:", "  __f:", "tiny.yaml:6:3", "names starting with __ are the compiler's own"),
+])
+def test_tensor_function_spec_errors(old, new, where, message):
+    assert old in FUNCTION_BASE
+    err = error_of(FUNCTION_BASE.replace(old, new))
+    assert str(err).startswith(where) and message in str(err), str(err)

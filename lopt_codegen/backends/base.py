@@ -1,11 +1,12 @@
 """What the runtime hands a backend each step, and the interface backends implement."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..ir.program import Program
+from ..ir.tensor_function import FunctionIR
 from ..networks.base import NetworkKind
 
 
@@ -42,6 +43,7 @@ class StepBatch:
     mlp_weights: list[torch.Tensor] | None = None  # [w0, b0, w1, b1, ...] shared by all tensors
     network: NetworkKind | None = None
     loss_features: torch.Tensor | None = None      # (channels,) from the loss buffer
+    tensor_functions: dict[str, FunctionIR] = field(default_factory=dict)   # the program's, by name
 
 
 class Backend:

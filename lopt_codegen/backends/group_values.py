@@ -11,9 +11,11 @@ import torch
 
 from ..ir.mlp_fold import MlpFold
 from ..ir.nodes import Level, Node, level_shape
+from ..ir.program import is_scratch
 from .base import StepBatch, TensorTask
 from .reference import TensorEvaluator, run_network
 from .small_values import SmallValues
+from .tensor_program import GroupEnv, run_tensor_function
 
 # Leaves with one value for the whole group (the loss is the step's; shape facts the shape's).
 _GROUP_LEAVES = {"const", "loss_features", "shape"}
@@ -70,6 +72,17 @@ class GroupEvaluator(TensorEvaluator):
             return self.net_out[node.attrs[0]].to(torch.float32).reshape(len(self.tasks), -1, *[1] * self.ndim)
         return torch.stack([m.leaf(node) for m in self.members])
 
+    @property
+    def tensors(self) -> list[TensorTask]:
+        return self.tasks
+
+    def call_env(self) -> GroupEnv:
+        env = super().call_env()
+        device = self.task.param.device
+        values = lambda n: tuple(float(t.hyper[n]) for t in self.tasks)  # noqa: E731
+        env.hyper = lambda n: _kept_on_device(("hyper", values(n), device), lambda: torch.tensor(values(n)).to(device))
+        return env
+
     def _per_tensor(self, values: torch.Tensor) -> torch.Tensor:
         """(tensors,) -> [tensors, 1, 1, ...] float32 on the group's device."""
         return values.to(device=self.task.param.device, dtype=torch.float32).reshape(-1, 1, *[1] * self.ndim)
@@ -108,6 +121,31 @@ class GroupValues(SmallValues):
             values = self.dense(part).reshape(count, part.channels, 1)
             bias = bias + (w1[:, :, col:col + part.channels] @ values).squeeze(-1)
         return [torch.cat(columns, 2), bias, *rest]
+
+    def run_calls(self, calls: list[Node], accumulators: dict[str, Node]) -> None:
+        """Tensor functions over the group, between passes: their full-size arguments
+        from the scratch values the passes wrote (or the gradient and parameter), their
+        full-size results into scratch values the next passes read (ir/lower.py: _scratch)."""
+        scratch = {id(node): name for name, node in accumulators.items() if is_scratch(name)}
+        for call in calls:
+            args = []
+            for a in call.args:
+                if a.level == Level.ELEMENT:
+                    args.append(self._full_size(a, scratch))
+                else:
+                    args.append(self.dense(a).reshape(len(self.tasks), -1)[:, 0])
+            out = run_tensor_function(self.ev.batch.tensor_functions[call.attrs[0]], args, self.ev.call_env())
+            if call.level == Level.ELEMENT:
+                torch._foreach_copy_([t.state[scratch[id(call)]][0] for t in self.tasks], list(out.unbind(0)))
+            else:
+                self.finish(call, out.reshape(len(self.tasks), 1, *[1] * len(self.shape)))
+
+    def _full_size(self, node: Node, scratch: dict[int, str]) -> torch.Tensor:
+        """An element value of every tensor as (T, *shape) float32."""
+        if node.op in ("grad", "param"):
+            return torch.stack([(t.grad if node.op == "grad" else t.param.detach()).to(torch.float32)
+                                for t in self.tasks])
+        return torch.stack([t.state[scratch[id(node)]][0] for t in self.tasks])
 
     def write_small_accumulators(self, accumulators: dict[str, Node]) -> None:
         """Row/col/tensor-level accumulators, after everything that reads their old value."""

@@ -7,26 +7,16 @@ It is the oracle the compiled backends are tested against, and the fallback ever
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
 
 import torch
 
-from ..ir.nodes import Node, topo_order
+from ..ir.nodes import Level, Node, topo_order
+from ..ir.program import is_scratch
 from ..ir.shape_facts import shape_fact
 from .base import Backend, StepBatch, TensorTask
+from .tensor_program import GroupEnv, run_tensor_function
+from .torch_ops import BINARY as _BINARY, UNARY as _UNARY
 
-_UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
-    "tanh": torch.tanh, "abs": torch.abs, "sign": torch.sign, "relu": torch.relu, "sigmoid": torch.sigmoid,
-    "zero_nonfinite": lambda x: torch.where(torch.isfinite(x), x, torch.zeros_like(x)),
-}
-_BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
-    "min": torch.minimum, "max": torch.maximum,
-    "lt": lambda a, b: (a < b).float(), "le": lambda a, b: (a <= b).float(),
-    "gt": lambda a, b: (a > b).float(), "ge": lambda a, b: (a >= b).float(),
-    "eq": lambda a, b: (a == b).float(), "ne": lambda a, b: (a != b).float(),
-}
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 _MLP_CHUNK = 16384
 
@@ -104,7 +94,38 @@ class TensorEvaluator:
             return args[0].narrow(c, node.attrs[0], 1)
         if op == "mlp":
             return self.mlp(node, args[0])
+        if op == "call":
+            return self.call(node, args)
         raise ValueError(f"reference backend: unknown op {op}")
+
+    # --- tensor functions ------------------------------------------------------------
+    @property
+    def tensors(self) -> list[TensorTask]:
+        """The tensors whose values this evaluator holds, in the order of its leading axis."""
+        return [self.task]
+
+    def call_env(self) -> GroupEnv:
+        tasks, device = self.tensors, self.task.param.device
+        return GroupEnv(tuple(self.task.param.shape), self.task.axes,
+                        hyper=lambda n: torch.tensor([t.hyper[n] for t in tasks], dtype=torch.float32, device=device),
+                        hyper_floats=lambda n: [float(t.hyper[n]) for t in tasks],
+                        step=lambda: torch.stack([t.state["step"] for t in tasks]).to(device))
+
+    def call(self, node: Node, args: list[torch.Tensor]) -> torch.Tensor:
+        """A tensor function over this evaluator's tensors: values [(T,) channel 1, *shape]
+        in, the same layout out."""
+        count, c = len(self.tensors), self.channel_dim
+        inputs = []
+        for a, value in zip(node.args, args):
+            if a.level == Level.ELEMENT:
+                x = value.squeeze(c) if c else value          # (T, *shape)
+                inputs.append(x.expand(count, *x.shape[1:]))
+            else:
+                inputs.append(value.reshape(value.shape[0]).expand(count))
+        out = run_tensor_function(self.batch.tensor_functions[node.attrs[0]], inputs, self.call_env())
+        if node.level != Level.ELEMENT:
+            out = out.reshape(count, *[1] * self.ndim)
+        return out.unsqueeze(1) if c else out
 
     def mlp(self, node: Node, x: torch.Tensor) -> torch.Tensor:
         sizes, activation = node.attrs
@@ -156,7 +177,7 @@ class ReferenceBackend(Backend):
             self._run_network(batch, evaluators)
         for ev, task in zip(evaluators, batch.tasks):
             graph = program.variants[task.variant]
-            names = list(graph.accumulators)
+            names = [n for n in graph.accumulators if not is_scratch(n)]   # it evaluates calls directly
             *accs, new_p = ev.evaluate([graph.accumulators[n] for n in names] + [graph.new_param])
             for name, value in zip(names, accs):
                 task.state[name].copy_(value)

@@ -19,7 +19,8 @@ class SmallValues:
         value = self.memo.get(id(node))
         if value is not None:
             return value
-        if node.level == Level.ELEMENT or (node.op in REDUCE and node.args[0].level == Level.ELEMENT):
+        whole = node.op in REDUCE or node.op == "call"   # these need element values: a pass or run_calls
+        if node.level == Level.ELEMENT or (whole and any(a.level == Level.ELEMENT for a in node.args)):
             raise RuntimeError(f"{node} is computed by a pass that has not run yet")
         value = self.ev.leaf(node) if not node.args else self.ev.apply(node, [self.get(a) for a in node.args])
         self.memo[id(node)] = value

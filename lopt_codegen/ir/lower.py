@@ -9,8 +9,9 @@ from ..spec.errors import Mark, SpecError
 from ..spec.expr import Call, Expr, Name, Num
 from ..spec.model import Spec, Variants
 from ..spec.names import BUILTIN_NAMES, FUNCTIONS, SHAPE_FACTS
-from .nodes import BINARY, REDUCE, UNARY, Graph, Level, Node, join, reduced_level
-from .program import VARIANTS, MlpInfo, Program, VariantGraph
+from .nodes import BINARY, REDUCE, UNARY, Graph, Level, Node, join, reduced_level, topo_order
+from .program import SCRATCH_PREFIX, VARIANTS, MlpInfo, Program, VariantGraph
+from .tensor_function import FunctionIR, check_call
 from .validate_weights import check_weight_layout
 
 # sum(x) is mean(x) times a count: the backends reduce only means.
@@ -26,6 +27,7 @@ class _Lowerer:
         self.resolving: list[str] = []
         self.mlp_outputs: dict[str, Node] | None = None
         self.states: dict[str, Node] = {}
+        self.tensor_functions: dict[str, FunctionIR] = {}
         # Accumulators whose state layout a trial lowering is inferring (state_node):
         # their old value stands in as a step-level placeholder.
         self.pending = pending
@@ -216,6 +218,8 @@ class _Lowerer:
             self.arity(expr, len(fn.args))
             args = {a: self.lower(x, scope) for a, x in zip(fn.args, expr.args)}
             return self.lower(fn.body, args)
+        if f in self.spec.tensor_functions:
+            return self.tensor_call(expr, scope)
         if f not in FUNCTIONS and f not in UNARY | BINARY:
             known = sorted(set(FUNCTIONS) | set(self.spec.functions))
             raise SpecError(expr.mark, f"unknown function '{f}'; known functions: {', '.join(known)}")
@@ -239,6 +243,24 @@ class _Lowerer:
         if f == "clip":
             return self.op("min", (self.op("max", args[:2], expr.mark), args[2]), expr.mark)
         return self.op(f, args, expr.mark)
+
+    def tensor_call(self, expr: Call, scope: dict[str, Node]) -> Node:
+        """A call of a tensor function: a `call` node, element-level when the function
+        returns a parameter-shaped value, else tensor-level."""
+        fn = self.spec.tensor_functions[expr.func]
+        self.arity(expr, len(fn.args))
+        args, kinds = [], []
+        for e in expr.args:
+            node = self.single(self.lower(e, scope), e.mark, "a tensor function's argument")
+            if node.level not in (Level.ELEMENT, Level.TENSOR, Level.STEP):
+                raise SpecError(e.mark, f"a tensor function takes parameter-shaped values and single numbers "
+                                f"per tensor; this argument is {node.level.label}-level")
+            args.append(node)
+            kinds.append("element" if node.level == Level.ELEMENT else "scalar")
+        ir, kind = check_call(fn, tuple(kinds), set(self.spec.hyperparameters), self.variant == "factored")
+        self.tensor_functions[fn.name] = ir
+        level = Level.ELEMENT if kind == "element" else Level.TENSOR
+        return self.g.make("call", tuple(args), (fn.name,), level, 1)
 
     def axis_index(self, arg: Expr) -> int:
         sign = 1
@@ -278,7 +300,8 @@ class _Lowerer:
             horizon = self.single(self.lower(spec.loss_buffer.horizon), spec.loss_buffer.mark, "loss_buffer.horizon")
             if horizon.level != Level.STEP:
                 raise SpecError(spec.loss_buffer.mark, "loss_buffer.horizon must depend only on hyperparameters")
-        return VariantGraph(accs, new_p, network_input, horizon)
+        graph = VariantGraph(accs, new_p, network_input, horizon)
+        return VariantGraph({**accs, **_scratch(graph)}, new_p, network_input, horizon)
 
     def network_input(self) -> Node:
         net = self.spec.network
@@ -297,24 +320,44 @@ class _Lowerer:
         return self.g.make("concat", tuple(parts), (), Level.TENSOR, total)
 
 
+def _scratch(graph: VariantGraph) -> dict[str, Node]:
+    """Full-size values that tensor functions read and write, kept like accumulators
+    (SCRATCH_PREFIX names, never saved): each element-level argument other than the
+    gradient and the parameter (written by the pass that computes it), and each
+    element-level result (written by the function; later passes read it)."""
+    out: dict[str, Node] = {}
+    seen: set[int] = set()
+    for node in topo_order(graph.roots()):
+        if node.op != "call":
+            continue
+        for arg in node.args:
+            if arg.level == Level.ELEMENT and arg.op not in ("grad", "param") and id(arg) not in seen:
+                seen.add(id(arg))
+                out[f"{SCRATCH_PREFIX}{len(out)}"] = arg
+        if node.level == Level.ELEMENT:
+            out[f"{SCRATCH_PREFIX}{len(out)}"] = node
+    return out
+
+
 def lower_spec(spec: Spec) -> Program:
     """Lower a validated spec to its Program, checking everything a spec can get wrong."""
     check_weight_layout(spec)
-    variants, state_levels = {}, {}
+    variants, state_levels, tensor_functions = {}, {}, {}
     graph = Graph()  # shared, so work common to both variants is one node
     for v in VARIANTS:
         if v == "factored" and spec.factored_axes is None:
             continue  # without a factored-axes rule every tensor is unfactored
         lowerer = _Lowerer(spec, v, graph)
         variants[v] = variant = lowerer.build()
-        for name in variant.accumulators:
-            state = lowerer.states[name]
+        tensor_functions.update(lowerer.tensor_functions)
+        for name, node in variant.accumulators.items():
+            state = lowerer.states.get(name, node)   # a scratch value's own layout
             state_levels.setdefault(name, {})[v] = (state.level, state.channels)
     return Program(
         name=spec.name, class_name=spec.class_name, description=spec.description,
         spec_sha256=hashlib.sha256(spec.source.encode()).hexdigest(),
         hyperparameters=dict(spec.hyperparameters), factored_axes=spec.factored_axes,
-        variants=variants, state_levels=state_levels,
+        variants=variants, state_levels=state_levels, tensor_functions=tensor_functions,
         mlp=None if spec.mlp is None else MlpInfo(spec.mlp.sizes, spec.mlp.activation, spec.mlp.outputs,
                                                   spec.mlp.weight_group, spec.mlp.layers),
         network_kind=spec.network.kind if spec.network else None,

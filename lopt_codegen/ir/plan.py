@@ -30,6 +30,7 @@ class Pass:
     roots: list[Node] = field(default_factory=list)          # what the pass must produce
     reduce_nodes: list[Node] = field(default_factory=list)   # reductions finished after it
     stored: dict[int, str] = field(default_factory=dict)     # id(node) -> accumulator read back
+    calls: list[Node] = field(default_factory=list)          # tensor functions run before the pass
 
     @property
     def bytes_per_element(self) -> int:
@@ -42,6 +43,7 @@ class Plan:
     passes: list[Pass]
     between: list[dict[str, int]]   # small work after each pass: level -> node count
     network_after: int | None       # the network runs after this pass (index)
+    calls_after: list[Node] = field(default_factory=list)   # tensor functions run after the last pass
 
 
 def _phases(graph: VariantGraph) -> dict[int, int]:
@@ -53,9 +55,10 @@ def _phases(graph: VariantGraph) -> dict[int, int]:
             phase[id(node)] = phase[id(graph.network_input)]
         elif not node.args:
             phase[id(node)] = 0
-        elif node.op in REDUCE:
-            arg = node.args[0]
-            phase[id(node)] = phase[id(arg)] + (1 if arg.level == Level.ELEMENT else 0)
+        elif node.op in REDUCE or node.op == "call":
+            # Both need their element-level arguments over the whole tensor first.
+            whole = any(a.level == Level.ELEMENT for a in node.args)
+            phase[id(node)] = max(phase[id(a)] for a in node.args) + (1 if whole else 0)
         else:
             phase[id(node)] = max(phase[id(a)] for a in node.args)
     return phase
@@ -70,8 +73,12 @@ def _needed(roots: list[Node], stored: dict[int, str]) -> list[Node]:
 def plan_variant(variant: str, graph: VariantGraph) -> Plan:
     phase = _phases(graph)
     accs = graph.accumulators
-    element_accs = {name: n for name, n in accs.items() if n.level == Level.ELEMENT}
+    # A tensor function's element-level result is written by the function, before the
+    # first pass that reads it: a stored value from then on, computed by no pass.
+    results = {name: n for name, n in accs.items() if n.op == "call"}
+    element_accs = {name: n for name, n in accs.items() if n.level == Level.ELEMENT and name not in results}
     write_pass = {name: phase[id(n)] for name, n in element_accs.items()}
+    calls = [n for n in topo_order(graph.roots()) if n.op == "call" and any(a.level == Level.ELEMENT for a in n.args)]
     reductions = [n for n in topo_order(graph.roots()) if n.op in REDUCE and n.args[0].level == Level.ELEMENT]
     last = max([phase[id(graph.new_param)], *write_pass.values()])
 
@@ -85,6 +92,7 @@ def plan_variant(variant: str, graph: VariantGraph) -> Plan:
         changed = False
         for k in range(last + 1):
             stored = {id(n): name for name, n in element_accs.items() if write_pass[name] < k}
+            stored.update({id(n): name for name, n in results.items() if phase[id(n)] <= k})
             for n in _needed(pass_roots(k), stored):
                 if n.op == "state" and n.attrs[0] in write_pass and write_pass[n.attrs[0]] < k:
                     write_pass[n.attrs[0]] = k
@@ -92,16 +100,24 @@ def plan_variant(variant: str, graph: VariantGraph) -> Plan:
         if not changed:
             break
 
+    def stored_in(k: int) -> dict[int, str]:
+        out = {id(n): name for name, n in element_accs.items() if write_pass[name] < k}
+        out.update({id(n): name for name, n in results.items() if phase[id(n)] <= k})
+        return out
+
     passes: list[Pass] = []
     between: list[dict[str, int]] = []
     network_after = None
+    waiting: list[Node] = []   # calls not yet given to a pass
     for k in range(last + 1):
+        waiting += [c for c in calls if phase[id(c)] == k]
         roots = pass_roots(k)
         if not roots:
             continue
-        stored = {id(n): name for name, n in element_accs.items() if write_pass[name] < k}
-        p = Pass(len(passes), roots=roots, stored=stored,
+        stored = stored_in(k)
+        p = Pass(len(passes), roots=roots, stored=stored, calls=waiting,
                  reduce_nodes=[r for r in reductions if phase[id(r.args[0])] == k])
+        waiting = []
         for n in _needed(roots, stored):
             if id(n) in stored:
                 p.reads[stored[id(n)]] = n.channels
@@ -135,7 +151,8 @@ def plan_variant(variant: str, graph: VariantGraph) -> Plan:
         between.append(small)
         if graph.network_input is not None and phase[id(graph.network_input)] == k + 1:
             network_after = p.index
-    return Plan(variant, passes, between, network_after)
+    waiting += [c for c in calls if phase[id(c)] > last]
+    return Plan(variant, passes, between, network_after, waiting)
 
 
 def plan_program(program: Program) -> dict[str, Plan]:
@@ -145,9 +162,14 @@ def plan_program(program: Program) -> dict[str, Plan]:
 def plan_to_dict(plans: dict[str, Plan]) -> dict:
     return {v: {"passes": [{"reads": p.reads, "writes": p.writes, "reductions": p.reductions,
                             "bytes_per_element": p.bytes_per_element, "ops_per_element": p.ops,
-                            "macs_per_element": p.macs} for p in plan.passes],
+                            "macs_per_element": p.macs, **({"tensor_functions_before": [c.attrs[0] for c in p.calls]}
+                                                           if p.calls else {})} for p in plan.passes],
                 "network_after_pass": plan.network_after}
             for v, plan in plans.items()}
+
+
+def _call_names(calls: list[Node]) -> str:
+    return ", ".join(c.attrs[0] for c in calls)
 
 
 def explain(program: Program) -> str:
@@ -157,6 +179,8 @@ def explain(program: Program) -> str:
         lines.append(f"\n{v} tensors ({rank}): {len(plan.passes)} element pass(es)")
         for p, small in zip(plan.passes, plan.between):
             fmt = lambda d: ", ".join(f"{k}({c})" for k, c in d.items()) or "-"  # noqa: E731
+            if p.calls:
+                lines.append(f"  tensor functions (per group of same-shape tensors): {_call_names(p.calls)}")
             lines.append(f"  pass {p.index + 1}: reads {fmt(p.reads)}; writes {fmt(p.writes)}")
             lines.append(f"          {p.bytes_per_element} B/element (fp32), {p.ops} ops + {p.macs} MACs/element")
             if p.reductions:
@@ -165,4 +189,6 @@ def explain(program: Program) -> str:
                 lines.append("          then small work: " + ", ".join(f"{c} {lv}-level op(s)" for lv, c in small.items()))
             if plan.network_after == p.index:
                 lines.append(f"          then network {program.network_kind} over all tensors")
+        if plan.calls_after:
+            lines.append(f"  then tensor functions: {_call_names(plan.calls_after)}")
     return "\n".join(lines) + "\n"

@@ -5,8 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .nodes import Level, Node
+from .tensor_function import FunctionIR
 
 VARIANTS = ("factored", "unfactored")
+# Accumulator names of scratch values (full-size inputs and results of tensor functions):
+# kept in the state like accumulators while a step runs, never saved. Spec names cannot
+# start with it.
+SCRATCH_PREFIX = "__scratch"
+
+
+def is_scratch(name: str) -> bool:
+    return name.startswith(SCRATCH_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class Program:
     factored_axes: str | None
     variants: dict[str, VariantGraph]
     state_levels: dict[str, dict[str, tuple[Level, int]]]  # acc -> variant -> (level, channels)
+    tensor_functions: dict[str, FunctionIR]
     mlp: MlpInfo | None                      # None: no per-element network
     network_kind: str | None
     network_weights: dict[str, str]          # role -> weight group

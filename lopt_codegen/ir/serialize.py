@@ -7,6 +7,7 @@ from typing import Any
 
 from .nodes import Graph, Level, Node, topo_order
 from .program import MlpInfo, Program, VariantGraph
+from .tensor_function import FunctionIR
 
 FORMAT = 1
 
@@ -38,6 +39,7 @@ def program_to_json(program: Program) -> str:
         "variants": {v: {k: (index[id(n)] if n is not None else None) for k, n in named.items()}
                      for v, named in roots.items()},
         "state_levels": {a: {v: [lv.label, ch] for v, (lv, ch) in per.items()} for a, per in program.state_levels.items()},
+        "tensor_functions": {n: {"args": list(f.args), "body": _lists(f.body)} for n, f in program.tensor_functions.items()},
         "mlp": None if program.mlp is None else {
             "sizes": list(program.mlp.sizes), "activation": program.mlp.activation,
             "outputs": list(program.mlp.outputs), "weight_group": program.mlp.weight_group,
@@ -80,6 +82,8 @@ def program_from_json(text: str) -> Program:
         factored_axes=doc["factored_axes"], variants=variants,
         state_levels={a: {v: (Level[lv.upper()], ch) for v, (lv, ch) in per.items()}
                       for a, per in doc["state_levels"].items()},
+        tensor_functions={n: FunctionIR(n, tuple(f["args"]), _tuples(f["body"]))
+                          for n, f in doc.get("tensor_functions", {}).items()},
         mlp=None if mlp is None else MlpInfo(tuple(mlp["sizes"]), mlp["activation"], tuple(mlp["outputs"]),
                                              mlp["weight_group"], tuple(mlp["layers"])),
         network_kind=doc["network_kind"], network_weights=doc["network_weights"],

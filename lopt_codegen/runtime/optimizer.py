@@ -15,7 +15,7 @@ import torch
 from ..backends import select_backend
 from ..backends.base import StepBatch, TensorTask
 from ..ir.nodes import level_shape
-from ..ir.program import Program
+from ..ir.program import Program, is_scratch
 from ..networks import LOSS_BUFFER_KINDS, NETWORK_KINDS, NetworkKind
 from .axes import factored_axes
 from .weights import resolve_weights
@@ -75,6 +75,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._check_param(p)
         self._weights = resolve_weights(program, weights, seed)
         self.backend = select_backend(program, backend)
+        self._scratch = [name for name in program.state_levels if is_scratch(name)]
         self._networks: dict[torch.device, NetworkKind] = {}
         self._mlp_cache: dict[torch.device, list[torch.Tensor]] = {}
 
@@ -163,11 +164,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, variant, axes))
+                elif self._scratch and self._scratch[0] not in state:   # loaded from a state_dict
+                    state.update({k: v for k, v in self._init_state(p, variant, axes).items() if is_scratch(k)})
                 tasks.append(TensorTask(p, grad, state, hyper, variant, axes))
                 device = device or p.device
         if not tasks:
             return loss
-        batch = StepBatch(tasks, mlp_weights=self._mlp_weights(device), network=self._network(device))
+        batch = StepBatch(tasks, mlp_weights=self._mlp_weights(device), network=self._network(device),
+                          tensor_functions=program.tensor_functions)
         if program.needs_loss:
             if loss is None:
                 raise ValueError(f"{program.class_name}.step() needs the training loss: call "
@@ -182,6 +186,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return loss
 
     # --- state_dict --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, less the scratch values of tensor functions (recomputed every step)."""
+        out = super().state_dict()
+        if self._scratch:
+            out["state"] = {k: {n: v for n, v in s.items() if not is_scratch(n)} for k, s in out["state"].items()}
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts floating state to each parameter's dtype; ours is float32 by design
         # (bf16 accumulators would lose the round trip), so restore it as saved.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import sys
 
+from ..ir.tensor_function import MATRIX_FUNCTIONS, MATRIX_MEANINGS
 from .names import BUILTIN_NAMES, FUNCTIONS
 from .schema import SPEC_SCHEMA, _describe
 
@@ -50,8 +51,14 @@ def tables() -> dict[str, str]:
     names += [f"| `{n}` | one per {b.level} | {_cell(b.meaning)} |" for n, b in BUILTIN_NAMES.items()]
     functions = ["| function | meaning |", "|---|---|"]
     functions += [f"| `{n}({', '.join(f.args)})` | {_cell(f.meaning)} |" for n, f in FUNCTIONS.items()]
+    matrix = ["| in a tensor function | meaning |", "|---|---|"]
+    matrix += [f"| `{_signature(n)}` | {_cell(meaning)} |" for n, meaning in MATRIX_MEANINGS.items()]
     return {"keys": "\n".join(keys) + "\n", "names": "\n".join(names) + "\n",
-            "functions": "\n".join(functions) + "\n"}
+            "functions": "\n".join(functions) + "\n", "tensor_functions": "\n".join(matrix) + "\n"}
+
+
+def _signature(name: str) -> str:
+    return f"{name}({', '.join(MATRIX_FUNCTIONS[name])})" if name in MATRIX_FUNCTIONS else name
 
 
 def stale_tables(text: str) -> list[str]:

@@ -38,14 +38,48 @@ def _describe(node: ast.AST) -> str:
     return type(node).__name__.lower()
 
 
+@dataclass(frozen=True)
+class Assign:
+    mark: Mark
+    target: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Loop:
+    """`for _ in range(count):` with a fixed count (a number or a hyperparameter)."""
+
+    mark: Mark
+    count: Expr
+    body: tuple
+
+
+@dataclass(frozen=True)
+class Branch:
+    mark: Mark
+    test: Expr
+    body: tuple
+    orelse: tuple
+
+
+@dataclass(frozen=True)
+class Return:
+    mark: Mark
+    value: Expr
+
+
 class _Converter:
-    def __init__(self, base: Mark, text: str):
+    def __init__(self, base: Mark, text: str, matmul: bool = False, indent: int | None = None):
         self.base = base
         self.text = text
+        self.matmul = matmul     # `@` is allowed (tensor functions)
+        self.indent = indent     # a block's column: its lines map to base.line + lineno - 1
 
     def mark(self, node: ast.AST) -> Mark:
         line = getattr(node, "lineno", 1) - 1
         col = getattr(node, "col_offset", 0)
+        if self.indent is not None:
+            return Mark(self.base.file, self.base.line + line, self.indent + col + 1)
         return self.base.shifted(line, col) if line == 0 else Mark(self.base.file, self.base.line + line, col + 1)
 
     def fail(self, node: ast.AST, message: str) -> SpecError:
@@ -73,6 +107,10 @@ class _Converter:
             return Name(mark, node.id)
         if isinstance(node, ast.BinOp):
             op = BINARY_OPS.get(type(node.op))
+            if isinstance(node.op, ast.MatMult):
+                if not self.matmul:
+                    raise self.fail(node, "the matrix product @ is allowed only in `tensor_functions`")
+                op = "matmul"
             if op is None:
                 raise self.fail(node, f"operator {_describe(node.op)} is not allowed; use + - * / **")
             return Call(mark, op, (self.convert(node.left), self.convert(node.right)))
@@ -110,3 +148,48 @@ def parse_expr(text: str, mark: Mark) -> Expr:
         col = (exc.offset or 1) - 1
         raise SpecError(mark.shifted(0, col), f"syntax error in expression '{stripped}': {exc.msg}") from None
     return _Converter(mark, stripped).convert(tree.body)
+
+
+class _BlockConverter(_Converter):
+    """Statements of a tensor function body: assignments, `for _ in range(n):`, `if`/`else`
+    and one final `return`."""
+
+    def fail(self, node: ast.AST, message: str) -> SpecError:
+        return SpecError(self.mark(node), message)
+
+    def statements(self, nodes: list[ast.stmt]) -> tuple:
+        return tuple(self.statement(n) for n in nodes)
+
+    def statement(self, node: ast.stmt):
+        mark = self.mark(node)
+        if isinstance(node, ast.Assign):
+            if len(node.targets) != 1 or not isinstance(node.targets[0], ast.Name):
+                raise self.fail(node, "assign to one name: `x = ...`")
+            return Assign(mark, node.targets[0].id, self.convert(node.value))
+        if isinstance(node, ast.For):
+            it = node.iter
+            if not (isinstance(node.target, ast.Name) and isinstance(it, ast.Call) and isinstance(it.func, ast.Name)
+                    and it.func.id == "range" and len(it.args) == 1 and not it.keywords) or node.orelse:
+                raise self.fail(node, "a loop is `for _ in range(count):` with a fixed count")
+            return Loop(mark, self.convert(it.args[0]), self.statements(node.body))
+        if isinstance(node, ast.If):
+            return Branch(mark, self.convert(node.test), self.statements(node.body), self.statements(node.orelse))
+        if isinstance(node, ast.Return):
+            if node.value is None:
+                raise self.fail(node, "`return` needs a value")
+            return Return(mark, self.convert(node.value))
+        raise self.fail(node, f"{_describe(node)} is not allowed in a tensor function (assignments, "
+                        "`for _ in range(n):`, `if`/`else`, `return`)")
+
+
+def parse_block(text: str, first_line: Mark, indent: int) -> tuple:
+    """Parse a tensor function's body: `first_line` is the mark of its first line, whose
+    text starts at column `indent` + 1 in the file (YAML strips that indentation)."""
+    if not text.strip():
+        raise SpecError(first_line, "empty tensor function body")
+    try:
+        tree = ast.parse(text, mode="exec")
+    except SyntaxError as exc:
+        where = Mark(first_line.file, first_line.line + (exc.lineno or 1) - 1, indent + (exc.offset or 1))
+        raise SpecError(where, f"syntax error in tensor function: {exc.msg}") from None
+    return _BlockConverter(first_line, text, matmul=True, indent=indent).statements(tree.body)

@@ -5,8 +5,8 @@ import os
 from typing import Any
 
 from .errors import Mark, SpecError
-from .expr import Expr, Num, parse_expr
-from .model import Accumulator, Function, LossBuffer, Mlp, Network, Spec, Variants, Weights
+from .expr import Expr, Num, parse_block, parse_expr
+from .model import Accumulator, Function, LossBuffer, Mlp, Network, Spec, TensorFunction, Variants, Weights
 from .schema import SPEC_SCHEMA, validate
 from .yaml_nodes import LDict, LScalar, LStr, load_located_yaml, mark_of, plain
 
@@ -41,6 +41,8 @@ def _variants(value: Any, fallback: Mark) -> Variants:
 def _check_name(name: str, mark: Mark, taken: dict[str, Mark]) -> None:
     if name in RESERVED:
         raise SpecError(mark, f"'{name}' is a built-in name ({', '.join(sorted(RESERVED))}); choose another")
+    if name.startswith("__"):
+        raise SpecError(mark, f"'{name}': names starting with __ are the compiler's own; choose another")
     if name in taken:
         raise SpecError(mark, f"'{name}' is already defined at {taken[name]}")
     taken[name] = mark
@@ -59,6 +61,15 @@ def _accumulator(name: str, acc: LDict, mark: Mark) -> Accumulator:
         raise SpecError(acc.key_marks["decays"], f"accumulators.{name}: `decays:` goes with `ema:`; an `update:` "
                         "writes its decay in the expression, e.g. beta * prev(" + name + ") + (1 - beta) * g")
     return Accumulator(name, None, (), _variants(acc["update"], mark), mark)
+
+
+def _block(value: LStr) -> tuple:
+    if value.block is not None:
+        first, indent = value.block
+        return parse_block(str(value), first, indent)
+    # A one-line body: its text starts where the scalar does (after a quote).
+    start = value.mark.shifted(0, 1) if value.quoted else value.mark
+    return parse_block(str(value), start, start.col - 1)
 
 
 def _mlp(doc: LDict) -> Mlp:
@@ -98,6 +109,12 @@ def parse_spec(text: str, path: str) -> Spec:
         mark = doc["functions"].key_marks[name]
         _check_name(name, mark, taken)
         functions[name] = Function(name, tuple(fn["args"]), _expr(fn["expr"], mark), mark)
+
+    tensor_functions = {}
+    for name, fn in doc.get("tensor_functions", {}).items():
+        mark = doc["tensor_functions"].key_marks[name]
+        _check_name(name, mark, taken)
+        tensor_functions[name] = TensorFunction(name, tuple(fn["args"]), _block(fn["body"]), mark)
 
     accumulators = {}
     for name, acc in doc.get("accumulators", {}).items():
@@ -145,7 +162,7 @@ def parse_spec(text: str, path: str) -> Spec:
         path=path, source=text, name=str(doc["name"]), class_name=str(doc["class_name"]),
         description=str(doc.get("description", "")).strip(), hyperparameters=hypers,
         factored_axes=str(doc["factored_axes"]) if "factored_axes" in doc else None,
-        functions=functions,
+        functions=functions, tensor_functions=tensor_functions,
         grad=_expr(grad["expr"], grad.mark) if "expr" in grad else parse_expr("grad", top),
         nonfinite=str(grad.get("nonfinite", "keep")),
         accumulators=accumulators, derived=derived, loss_buffer=loss_buffer, network=network,

@@ -47,6 +47,18 @@ class Function:
 
 
 @dataclass(frozen=True)
+class TensorFunction:
+    """A program over whole tensors (matrix products, norms, fixed loops), called from
+    expressions like a function; its body is statements (expr.Assign, Loop, Branch,
+    Return)."""
+
+    name: str
+    args: tuple[str, ...]
+    body: tuple
+    mark: Mark
+
+
+@dataclass(frozen=True)
 class Mlp:
     sizes: tuple[int, ...]
     activation: str
@@ -88,6 +100,7 @@ class Spec:
     hyperparameters: dict[str, float | None]
     factored_axes: str | None
     functions: dict[str, Function]
+    tensor_functions: dict[str, TensorFunction]
     grad: Expr
     nonfinite: str
     accumulators: dict[str, Accumulator]

@@ -52,6 +52,12 @@ SPEC_SCHEMA: dict = {
             "type": "object", "required": ["args", "expr"], "additionalProperties": False,
             "properties": {"args": {"type": "array", "items": {"type": "string", "pattern": IDENT}},
                            "expr": EXPR}}, "helper functions, inlined where they are called"),
+        "tensor_functions": _names({
+            "type": "object", "required": ["args", "body"], "additionalProperties": False,
+            "properties": {"args": {"type": "array", "items": {"type": "string", "pattern": IDENT}},
+                           "body": {"type": "string", "description": "statements: assignments, "
+                                    "`for _ in range(n):`, `if`/`else`, a final `return`; `@` multiplies matrices"}}},
+            "programs over whole tensors (Newton-Schulz...), run once per group of same-shape tensors"),
         "grad": {
             "type": "object", "additionalProperties": False,
             "properties": {

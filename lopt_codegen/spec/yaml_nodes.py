@@ -25,6 +25,7 @@ class LList(list):
 class LStr(str):
     mark: Mark
     quoted: bool
+    block: tuple[Mark, int] | None   # a `|` block: its first line and the column it starts at
 
 
 class LScalar:
@@ -83,8 +84,21 @@ def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader) -> Any:
         s = LStr(value)
         s.mark = mark
         s.quoted = node.style in ("'", '"')
+        s.block = _block_start(node, file) if node.style in ("|", ">") else None
         return s
     return LScalar(value, mark)
+
+
+def _block_start(node: yaml.ScalarNode, file: str) -> tuple[Mark, int] | None:
+    """Where a block scalar's text starts: the line after its `|` and that line's indent."""
+    buffer, start = node.start_mark.buffer, node.start_mark.pointer
+    if buffer is None:
+        return None
+    line_start = buffer.find("\n", start) + 1
+    if line_start == 0:
+        return None
+    line = buffer[line_start:].split("\n", 1)[0]
+    return Mark(file, node.start_mark.line + 2, 1), len(line) - len(line.lstrip(" "))
 
 
 def load_located_yaml(text: str, file: str) -> Any:

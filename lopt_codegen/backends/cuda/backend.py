@@ -25,7 +25,7 @@ class CudaBackend(Backend):
         super().__init__(program)
         self._modules: dict[str, object] = {}
         self._launches: dict[tuple, Launch] = {}   # (pass name, device) -> its kept launch
-        plans = plan_program(program)
+        self.plans = plans = plan_program(program)
         after = {plan.network_after for plan in plans.values()}
         if program.network_kind is not None and len(after) != 1:
             raise ValueError(f"cuda backend: the network of {program.name} runs after different passes per "
@@ -70,9 +70,12 @@ class CudaBackend(Backend):
         for group in groups:
             launches.setdefault((group.tasks[0].variant, group.tasks[0].param.device), []).append(group)
         n_passes = max(len(self.rendered.layouts[v]) for v, _ in launches)
-        for k in range(n_passes):
+        for k in range(n_passes + 1):
             for (variant, device), launch_groups in launches.items():
-                layouts = self.rendered.layouts[variant]
+                plan, layouts = self.plans[variant], self.rendered.layouts[variant]
+                calls = plan.passes[k].calls if k < len(plan.passes) else plan.calls_after if k == len(plan.passes) else []
+                for group in launch_groups if calls else []:
+                    group.run_calls(calls, program.variants[variant].accumulators)
                 if k < len(layouts):
                     self._run_pass(layouts[k], device, launch_groups)
             if batch.network is not None and k == self.network_after:

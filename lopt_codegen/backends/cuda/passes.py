@@ -18,7 +18,7 @@ from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import LEAVES, REDUCE, Level, Node, topo_order
 from ...ir.plan import Pass, Plan
 from ...ir.program import VariantGraph
-from ..reference import _BINARY, _UNARY
+from ..torch_ops import BINARY as _BINARY, UNARY as _UNARY
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def constant_value(node: Node) -> torch.Tensor | None:
     source as literals, computed with the reference's own ops), else None."""
     if node.op == "const":
         return torch.tensor(node.attrs, dtype=torch.float32)
-    if not node.args or node.op in REDUCE or node.op in LEAVES or node.op in ("mlp", "channel"):
+    if not node.args or node.op in REDUCE or node.op in LEAVES or node.op in ("mlp", "channel", "call"):
         return None
     args = [constant_value(a) for a in node.args]
     if any(a is None for a in args):

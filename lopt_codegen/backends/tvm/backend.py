@@ -121,8 +121,8 @@ class TvmBackend(Backend):
     def small_kernels(self, task: TensorTask, sigs: list[PassSignature]) -> dict[str, SmallKernel] | None:
         """The compiled small work of a tensor kind (shape-generic), by consumer; None for
         the GPU kernels (their sums have the GPU layout; the small work runs in torch)."""
-        if sigs[0].view.gpu or not self.compiled_small_work:
-            return None
+        if sigs[0].view.gpu or not self.compiled_small_work or self.program.tensor_functions:
+            return None   # (tensor functions run in torch: so does the small work around them)
         key = (task.variant, sigs[0].view.x_axis)
         if key not in self._small:
             graph = self.program.variants[task.variant]
@@ -146,10 +146,10 @@ class TvmBackend(Backend):
             self.fallback.step(batch)
             return
         if rest:
-            self.fallback.step(StepBatch(rest, batch.mlp_weights, batch.network, batch.loss_features))
+            self.fallback.step(replace(batch, tasks=rest))
         tasks = [t for t in batch.tasks if reasons[id(t)] is None]
         if tasks:
-            self._step(StepBatch(tasks, batch.mlp_weights, batch.network, batch.loss_features))
+            self._step(replace(batch, tasks=tasks))
 
     def _step(self, batch: StepBatch) -> None:
         groups: dict[tuple, list[TensorTask]] = {}
@@ -171,6 +171,7 @@ class TvmBackend(Backend):
             split[id(group)] = len(kernels) if batch.network is None or after is None else after + 1
         for group, kernels in runs:
             for k in kernels[:split[id(group)]]:
+                self._run_calls(group, k.sig.index)
                 self._run(k, group)
         if batch.network is not None:
             steps = [group for group, _ in runs]
@@ -180,8 +181,18 @@ class TvmBackend(Backend):
                                                    for g in steps])
         for group, kernels in runs:
             for k in kernels[split[id(group)]:]:
+                self._run_calls(group, k.sig.index)
                 self._run(k, group)
+            self._run_calls(group, len(kernels))
             group.write_small_accumulators(self.program.variants[group.tasks[0].variant].accumulators)
+
+    def _run_calls(self, group: GroupStep, before: int) -> None:
+        """The tensor functions that run before pass `before` (or after the last)."""
+        variant = group.tasks[0].variant
+        plan = self.plans[variant]
+        calls = plan.passes[before].calls if before < len(plan.passes) else plan.calls_after
+        if calls:
+            group.run_calls(calls, self.program.variants[variant].accumulators)
 
     def _run(self, kernel: _Kernel, group: GroupStep) -> None:
         """One call for the group, over a table of pointers (batched.py): on the CPU a loop

@@ -9,7 +9,6 @@ is not printed here: its layers are stages of their own (mlp_stages.py).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Callable
 
 from tvm import tirx

@@ -1,0 +1,213 @@
+"""Tensor functions in the IR: a spec's `tensor_functions` checked and turned into plain
+nested tuples (JSON-able, in program.json) that backends/tensor_program.py runs with
+torch, once per group of same-shape tensors.
+
+Every value in a body has a kind: `element` (the parameter's shape), `matrix` (the
+2-D view `matrix(x)` and what is computed from it) or `scalar` (one value per tensor).
+
+    statements   ("set", var, expr) | ("loop", count, body) | ("if", test, body, orelse)
+                 | ("return", expr)
+    expressions  ("arg", i) | ("var", name) | ("const", value) | ("hyper", name) | ("step",)
+                 | ("shape", *fact) | ("op", name, (args...))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..spec.errors import Mark, SpecError
+from ..spec.expr import Assign, Branch, Call, Expr, Loop, Name, Num, Return
+from ..spec.model import TensorFunction
+from ..spec.names import SHAPE_FACTS
+
+ELEMENTWISE_UNARY = {"neg", "rsqrt", "sqrt", "exp", "log", "tanh", "abs", "sign", "relu", "sigmoid"}
+ELEMENTWISE_BINARY = {"add", "sub", "mul", "div", "pow", "min", "max", "lt", "le", "gt", "ge", "eq", "ne"}
+REDUCTIONS = {"norm", "sum", "mean"}   # (x): over the whole value; (x, axis): along one axis of a matrix
+
+# What a tensor function body may call, beyond the element-wise functions (a table the
+# language reference prints).
+MATRIX_FUNCTIONS = {
+    "matrix": ("x",), "unmatrix": ("x",), "transpose": ("x",),
+    "norm": ("x", "[axis]"), "sum": ("x", "[axis]"), "mean": ("x", "[axis]"),
+}
+MATRIX_MEANINGS = {
+    "matrix": "the 2-D view of a parameter-shaped value: (size(0), numel / size(0)); a vector is a column",
+    "unmatrix": "a matrix back to the parameter's shape (the same number of elements)",
+    "transpose": "a matrix's transpose",
+    "norm": "the Frobenius norm (one value per tensor); with an axis, the norms along it (kept as a row or column)",
+    "sum": "the sum (one value per tensor); with an axis, the sums along it",
+    "mean": "the mean (one value per tensor); with an axis, the means along it",
+    "x @ y": "the matrix product",
+}
+
+
+@dataclass(frozen=True)
+class FunctionIR:
+    name: str
+    args: tuple[str, ...]
+    body: tuple
+
+
+def _join(kinds: list[str], mark: Mark, what: str) -> str:
+    shaped = {k for k in kinds if k != "scalar"}
+    if len(shaped) > 1:
+        raise SpecError(mark, f"{what} mixes a parameter-shaped value with a matrix: convert with "
+                        "matrix(x) or unmatrix(x) first")
+    return shaped.pop() if shaped else "scalar"
+
+
+class _Checker:
+    def __init__(self, fn: TensorFunction, arg_kinds: tuple[str, ...], hyperparameters: set[str], factored: bool):
+        self.fn, self.arg_kinds, self.hypers, self.factored = fn, arg_kinds, hyperparameters, factored
+
+    def expr(self, e: Expr, scope: dict[str, str], static: bool = False) -> tuple[tuple, str]:
+        """(IR, kind). static: only numbers and shape facts (a branch's test)."""
+        if isinstance(e, Num):
+            if len(e.values) != 1:
+                raise SpecError(e.mark, "a tensor function computes with single numbers, not channel lists")
+            return ("const", e.values[0]), "scalar"
+        if isinstance(e, Name):
+            return self.name(e, scope, static)
+        assert isinstance(e, Call)
+        f = e.func
+        if f == "size":
+            if len(e.args) != 1:
+                raise SpecError(e.mark, f"size() takes 1 argument, got {len(e.args)}")
+            return ("shape", "size", _whole_number(e.args[0], "size() takes an axis number, e.g. size(0)")), "scalar"
+        if static and f not in ELEMENTWISE_BINARY | ELEMENTWISE_UNARY | {"where", "clip"}:
+            raise SpecError(e.mark, f"a test may only compare numbers and shape facts; {f}() is not one")
+        if f in REDUCTIONS:
+            return self.reduction(e, scope)
+        args = [self.expr(a, scope, static) for a in e.args]
+        kinds = [k for _, k in args]
+        irs = tuple(ir for ir, _ in args)
+        arity = {"matrix": 1, "unmatrix": 1, "transpose": 1, "matmul": 2, "where": 3, "clip": 3}
+        expected = 1 if f in ELEMENTWISE_UNARY else 2 if f in ELEMENTWISE_BINARY else arity.get(f)
+        if expected is None:
+            raise SpecError(e.mark, f"unknown function '{f}' in a tensor function; known: "
+                            f"{', '.join(sorted(ELEMENTWISE_UNARY - {'neg'} | ELEMENTWISE_BINARY | set(arity) | REDUCTIONS | {'size'}))}")
+        if len(args) != expected:
+            raise SpecError(e.mark, f"{f}() takes {expected} argument{'s' if expected != 1 else ''}, got {len(args)}")
+        if f == "matrix":
+            if kinds[0] != "element":
+                raise SpecError(e.mark, f"matrix() takes a parameter-shaped value, got a {kinds[0]}")
+            return ("op", f, irs), "matrix"
+        if f == "unmatrix":
+            if kinds[0] != "matrix":
+                raise SpecError(e.mark, f"unmatrix() takes a matrix, got a {kinds[0]}")
+            return ("op", f, irs), "element"
+        if f == "transpose":
+            if kinds[0] != "matrix":
+                raise SpecError(e.mark, f"transpose() takes a matrix, got a {kinds[0]} (use matrix(x) first)")
+            return ("op", f, irs), "matrix"
+        if f == "matmul":
+            if kinds != ["matrix", "matrix"]:
+                raise SpecError(e.mark, f"@ multiplies two matrices, got a {kinds[0]} and a {kinds[1]} "
+                                "(use matrix(x) for a parameter-shaped value)")
+            return ("op", f, irs), "matrix"
+        if f == "clip":
+            inner = ("op", "max", irs[:2])
+            return ("op", "min", (inner, irs[2])), _join(kinds, e.mark, "clip()")
+        return ("op", f, irs), _join(kinds, e.mark, f"{f}()")
+
+    def reduction(self, e: Call, scope: dict[str, str]) -> tuple[tuple, str]:
+        if len(e.args) not in (1, 2):
+            raise SpecError(e.mark, f"{e.func}() takes a value and optionally an axis, got {len(e.args)} arguments")
+        x, kind = self.expr(e.args[0], scope)
+        if len(e.args) == 1:
+            if kind == "scalar":
+                raise SpecError(e.mark, f"{e.func}() of a single number")
+            return ("op", e.func, (x,)), "scalar"
+        if kind != "matrix":
+            raise SpecError(e.mark, f"{e.func}(x, axis) takes a matrix, got a {kind}")
+        axis = _whole_number(e.args[1], f"{e.func}(x, axis): the axis is 0 or 1 (-1, -2)")
+        if axis not in (0, 1, -1, -2):
+            raise SpecError(e.args[1].mark, f"{e.func}(x, axis): a matrix has axes 0 and 1 (or -2, -1), got {axis}")
+        return ("op", e.func, (x, ("const", float(axis)))), "matrix"
+
+    def name(self, e: Name, scope: dict[str, str], static: bool) -> tuple[tuple, str]:
+        n = e.name
+        if n in SHAPE_FACTS:
+            if n in ("size_d0", "size_d1") and not self.factored:
+                raise SpecError(e.mark, f"{n} is the size of a factored axis, but this call is for unfactored tensors")
+            return ("shape", n), "scalar"
+        if static:
+            raise SpecError(e.mark, f"a test may only compare numbers and shape facts; '{n}' is not one")
+        if n in self.fn.args:
+            i = self.fn.args.index(n)
+            return ("arg", i), self.arg_kinds[i]
+        if n in scope:
+            return ("var", n), scope[n]
+        if n in self.hypers:
+            return ("hyper", n), "scalar"
+        if n == "t":
+            return ("step",), "scalar"
+        known = [*self.fn.args, *scope, *sorted(self.hypers), "t", *SHAPE_FACTS]
+        raise SpecError(e.mark, f"unknown name '{n}' in tensor function '{self.fn.name}'; known here: "
+                        f"{', '.join(known)} (pass other values as arguments)")
+
+    def block(self, body: tuple, scope: dict[str, str], top: bool) -> tuple[tuple, str | None]:
+        """(statements, kind of the value returned or None)."""
+        out, returned = [], None
+        for i, st in enumerate(body):
+            if returned is not None:
+                raise SpecError(st.mark, "nothing may follow `return`")
+            if isinstance(st, Assign):
+                if st.target in self.fn.args or st.target in SHAPE_FACTS or st.target in self.hypers:
+                    raise SpecError(st.mark, f"'{st.target}' is an argument, a hyperparameter or a built-in name; "
+                                    "assign to a new name")
+                ir, kind = self.expr(st.value, scope)
+                if st.target in scope and scope[st.target] != kind:
+                    raise SpecError(st.mark, f"'{st.target}' was a {scope[st.target]}, now a {kind}: use a new name")
+                scope[st.target] = kind
+                out.append(("set", st.target, ir))
+            elif isinstance(st, Loop):
+                count = st.count
+                if isinstance(count, Name) and count.name in self.hypers:
+                    count_ir = ("hyper", count.name)
+                else:
+                    n = _whole_number(count, "a loop count is a whole number or a hyperparameter")
+                    if n < 0:
+                        raise SpecError(count.mark, f"a loop count cannot be negative, got {n}")
+                    count_ir = ("const", float(n))
+                inner = dict(scope)
+                ir, _ = self.block(st.body, inner, top=False)
+                out.append(("loop", count_ir, ir))   # names first set inside do not outlive it
+            elif isinstance(st, Branch):
+                test, _ = self.expr(st.test, scope, static=True)
+                yes, no = dict(scope), dict(scope)
+                body_ir, _ = self.block(st.body, yes, top=False)
+                else_ir, _ = self.block(st.orelse, no, top=False)
+                for n in set(yes) & set(no):
+                    if yes[n] != no[n]:
+                        raise SpecError(st.mark, f"'{n}' is a {yes[n]} in one branch and a {no[n]} in the other")
+                    scope[n] = yes[n]
+                out.append(("if", test, body_ir, else_ir))
+            else:
+                assert isinstance(st, Return)
+                if not top or i != len(body) - 1:
+                    raise SpecError(st.mark, "a tensor function returns once, as its last statement")
+                ir, returned = self.expr(st.value, scope)
+                if returned == "matrix":
+                    raise SpecError(st.mark, "a tensor function returns a parameter-shaped value or a single "
+                                    "number per tensor: `return unmatrix(X)`")
+                out.append(("return", ir))
+        if top and returned is None:
+            raise SpecError(self.fn.mark, f"tensor function '{self.fn.name}' has no `return` at its end")
+        return tuple(out), returned
+
+
+def _whole_number(e: Expr, message: str) -> int:
+    sign = 1
+    if isinstance(e, Call) and e.func == "neg" and len(e.args) == 1:
+        sign, e = -1, e.args[0]
+    if not (isinstance(e, Num) and len(e.values) == 1 and float(e.values[0]).is_integer()):
+        raise SpecError(e.mark, message)
+    return sign * int(e.values[0])
+
+
+def check_call(fn: TensorFunction, arg_kinds: tuple[str, ...], hyperparameters: set[str],
+               factored: bool) -> tuple[FunctionIR, str]:
+    """The function's IR and the kind of its result for arguments of these kinds
+    ("element" or "scalar")."""
+    body, kind = _Checker(fn, arg_kinds, hyperparameters, factored).block(fn.body, {}, top=True)
+    return FunctionIR(fn.name, fn.args, body), kind
