@@ -185,3 +185,71 @@ def test_muon_agrees_with_torch_to_bfloat16_rounding(examples):
             examples["muon"], torch.optim.Muon, dict(lr=0.05), "reference", shapes=shapes):
         worst = max(worst, float((d_ours - d_ref).norm() / d_ref.norm()))
     assert worst < 0.1, worst
+
+
+def _muon_adamw_pair(cls: type, backend: str, start: dict[str, list[torch.Tensor]]):
+    """MuonAdamW on three param groups, and its oracle: MuonReference on the hidden
+    matrices, torch.optim.AdamW on the hidden group's vectors and on the embeddings."""
+    ours = {k: [torch.nn.Parameter(x.clone()) for x in v] for k, v in start.items()}
+    theirs = {k: [torch.nn.Parameter(x.clone()) for x in v] for k, v in start.items()}
+    hidden = dict(lr=0.05, weight_decay=0.1, momentum=0.9)
+    embed = dict(lr=0.01, weight_decay=0.02)
+    opt = cls([{"params": ours["hidden"], **hidden}, {"params": ours["embedding"], "embedding": True, **embed}],
+              backend="cuda" if backend == "simt" else backend, beta2=0.99)
+    if backend == "simt":
+        opt.backend = SimtBackend(cls.program)
+    matrices = [p for p in theirs["hidden"] if p.dim() >= 2]
+    vectors = [p for p in theirs["hidden"] if p.dim() < 2]
+    oracles = [MuonReference(matrices, **hidden),
+               torch.optim.AdamW(vectors, lr=hidden["lr"], weight_decay=hidden["weight_decay"], betas=(0.9, 0.99)),
+               torch.optim.AdamW(theirs["embedding"], betas=(0.9, 0.99), **embed)]
+    return opt, oracles, [p for v in ours.values() for p in v], [p for v in theirs.values() for p in v]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routes_send_each_parameter_to_its_rule(examples, backend):
+    """Two routes: by shape (vectors to AdamW) and by a param group's flag (embeddings)."""
+    gen = torch.Generator().manual_seed(5)
+    start = {"hidden": [torch.randn(s, generator=gen) for s in [(6, 4), (4, 6), (6, 4), (3, 2, 2, 2), (6,), ()]],
+             "embedding": [torch.randn(s, generator=gen) for s in [(10, 4), (6, 4)]]}
+    opt, oracles, ours, theirs = _muon_adamw_pair(examples["muon_adamw"], backend, start)
+    variants = {opt._router.variant(tuple(p.shape), False, {**g, "embedding": float(g["embedding"])})
+                for g in opt.param_groups for p in g["params"]}
+    assert variants == {"muon_unfactored", "adamw_unfactored"}
+
+    def updates():
+        for step in range(12):
+            before = [q.detach().clone() for q in theirs]
+            for p, q in zip(ours, theirs):
+                p.grad = q.grad = None
+                g = torch.randn(p.shape, generator=gen) * 10.0 ** -(step % 3)
+                p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            for o in oracles:
+                o.step()
+            for p, q, b in zip(ours, theirs, before):
+                yield step, tuple(p.shape), p.detach() - b, q.detach() - b, b, q.detach().clone()
+                p.data.copy_(q.data)
+
+    assert_updates_match(updates(), f"muon_adamw on {backend}")
+    assert set(opt.state[ours[0]]) >= {"buf"} and set(opt.state[ours[4]]) >= {"m", "v"}
+
+
+def test_a_parameter_that_changes_route_gets_a_clear_error(examples):
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = examples["muon_adamw"]([p], backend="reference")
+    p.grad = torch.randn(4, 3)
+    opt.step()
+    opt.param_groups[0]["embedding"] = True
+    with pytest.raises(RuntimeError, match="now takes route 'adamw_unfactored'.*its route changed"):
+        opt.step()
+
+
+def test_no_matching_route_names_the_parameter(tmp_path):
+    text = open(os.path.join(EXAMPLES, "muon_adamw.yaml")).read().replace("  muon:\n", "  muon:\n    when: ndim == 2\n")
+    (tmp_path / "narrow.yaml").write_text(text.replace("name: muon_adamw", "name: narrow"))
+    cls = compile_and_import(str(tmp_path), "lopt_narrow", [str(tmp_path / "narrow.yaml")])["narrow"]
+    p = torch.nn.Parameter(torch.randn(2, 3, 4))
+    p.grad = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 4\) with embedding=0.0 takes none of the routes"):
+        cls([p], backend="reference").step()

@@ -373,3 +373,53 @@ def test_tensor_function_spec_errors(old, new, where, message):
     assert old in FUNCTION_BASE
     err = error_of(FUNCTION_BASE.replace(old, new))
     assert str(err).startswith(where) and message in str(err), str(err)
+
+
+ROUTED = """\
+name: tiny
+class_name: Tiny
+hyperparameters:
+  flag: 0
+accumulators:
+  m: {ema: g, decays: [0.9]}
+routes:
+  vectors:
+    when: ndim < 2 or flag
+    update:
+      step: g
+  rest: {}
+update:
+  step: m
+"""
+
+
+def test_routes_lower_to_one_graph_per_route_and_kind():
+    program = lower_spec(parse_spec(ROUTED, "tiny.yaml"))
+    assert set(program.variants) == {"vectors_unfactored", "rest_unfactored"} and [n for n, _ in program.routes] == \
+        ["vectors", "rest"]
+    assert "vectors_unfactored" in program.state_levels["m"] and "rest_unfactored" in program.state_levels["m"]
+    assert program.routes[1][1] is None
+
+
+@pytest.mark.parametrize("old, new, where, message", [
+    ("    when: ndim < 2 or flag", "    when: mean(g) > 0", "tiny.yaml:9:11", "routes.vectors.when decides by the shape"),
+    ("    when: ndim < 2 or flag", "    when: t > 3", "tiny.yaml:9:11", "it reads step"),
+    ("  rest: {}", "  rest: {when: numel > 1}\n  more: {}", "tiny.yaml:13:3", None),
+    ("    when: ndim < 2 or flag\n", "", "tiny.yaml:11:3", "routes.rest is never taken"),
+    ("update:\n  step: m\n", "", "tiny.yaml:12:3", "routes.rest: no update rule"),
+    ("  rest: {}", "  rest: {accumulators: {flag: {ema: g, decays: [0.5]}}}", "tiny.yaml:12:25",
+     "'flag' is already defined"),
+])
+def test_route_errors(old, new, where, message):
+    assert old in ROUTED
+    text = ROUTED.replace(old, new)
+    if message is None:   # valid: a later route after one with a test
+        lower_spec(parse_spec(text, "tiny.yaml"))
+        return
+    err = error_of(text)
+    assert str(err).startswith(where) and message in str(err), str(err)
+
+
+def test_a_spec_needs_an_update_rule():
+    err = error_of(BASE.replace("update:\n  step: m\n", ""))
+    assert "missing required key 'update'" in str(err)

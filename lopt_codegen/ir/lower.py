@@ -7,10 +7,10 @@ import hashlib
 from ..networks import LOSS_BUFFER_KINDS, NETWORK_KINDS
 from ..spec.errors import Mark, SpecError
 from ..spec.expr import Call, Expr, Name, Num
-from ..spec.model import Spec, Variants
+from ..spec.model import Route, Spec, Variants
 from ..spec.names import BUILTIN_NAMES, FUNCTIONS, SHAPE_FACTS
 from .nodes import BINARY, REDUCE, UNARY, Graph, Level, Node, join, reduced_level, topo_order
-from .program import SCRATCH_PREFIX, VARIANTS, MlpInfo, Program, VariantGraph
+from .program import SCRATCH_PREFIX, VARIANTS, MlpInfo, Program, VariantGraph, variant_name
 from .tensor_function import FunctionIR, check_call
 from .validate_weights import check_weight_layout
 
@@ -339,25 +339,45 @@ def _scratch(graph: VariantGraph) -> dict[str, Node]:
     return out
 
 
+_ROUTE_LEAVES = {"const", "hyper", "shape"}
+
+
+def _route_test(spec: Spec, route: Route, graph: Graph) -> Node | None:
+    """A route's `when`: one value per tensor from its shape, per-group values and numbers."""
+    if route.when is None:
+        return None
+    lowerer = _Lowerer(spec, "unfactored", graph)
+    node = lowerer.single(lowerer.lower(route.when), route.when.mark, f"routes.{route.name}.when")
+    for n in topo_order([node]):
+        if not n.args and n.op not in _ROUTE_LEAVES:
+            raise SpecError(route.when.mark, f"routes.{route.name}.when decides by the shape (ndim, numel, "
+                            "size(k), fan_in...), hyperparameters (flags set per param group) and numbers; "
+                            f"it reads {n.op}")
+    return node
+
+
 def lower_spec(spec: Spec) -> Program:
     """Lower a validated spec to its Program, checking everything a spec can get wrong."""
     check_weight_layout(spec)
     variants, state_levels, tensor_functions = {}, {}, {}
-    graph = Graph()  # shared, so work common to both variants is one node
-    for v in VARIANTS:
-        if v == "factored" and spec.factored_axes is None:
-            continue  # without a factored-axes rule every tensor is unfactored
-        lowerer = _Lowerer(spec, v, graph)
-        variants[v] = variant = lowerer.build()
-        tensor_functions.update(lowerer.tensor_functions)
-        for name, node in variant.accumulators.items():
-            state = lowerer.states.get(name, node)   # a scratch value's own layout
-            state_levels.setdefault(name, {})[v] = (state.level, state.channels)
+    graph = Graph()  # shared, so work common to variants and routes is one node
+    for route in spec.routes or (None,):
+        for v in VARIANTS:
+            if v == "factored" and spec.factored_axes is None:
+                continue  # without a factored-axes rule every tensor is unfactored
+            lowerer = _Lowerer(route.spec if route else spec, v, graph)
+            key = variant_name(route.name if route else None, v)
+            variants[key] = variant = lowerer.build()
+            tensor_functions.update(lowerer.tensor_functions)
+            for name, node in variant.accumulators.items():
+                state = lowerer.states.get(name, node)   # a scratch value's own layout
+                state_levels.setdefault(name, {})[key] = (state.level, state.channels)
+    routes = tuple((r.name, _route_test(spec, r, graph)) for r in spec.routes)
     return Program(
         name=spec.name, class_name=spec.class_name, description=spec.description,
         spec_sha256=hashlib.sha256(spec.source.encode()).hexdigest(),
         hyperparameters=dict(spec.hyperparameters), factored_axes=spec.factored_axes,
-        variants=variants, state_levels=state_levels, tensor_functions=tensor_functions,
+        variants=variants, state_levels=state_levels, tensor_functions=tensor_functions, routes=routes,
         mlp=None if spec.mlp is None else MlpInfo(spec.mlp.sizes, spec.mlp.activation, spec.mlp.outputs,
                                                   spec.mlp.weight_group, spec.mlp.layers),
         network_kind=spec.network.kind if spec.network else None,

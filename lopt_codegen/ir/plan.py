@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .nodes import LEAVES, REDUCE, Level, Node, reachable, topo_order
-from .program import Program, VariantGraph
+from .program import Program, VariantGraph, is_factored
 
 _REDUCTION_NAMES = {"mean": "tensor means", "mean_d0": "row means (over d0)", "mean_d1": "col means (over d1)"}
 
@@ -175,7 +175,7 @@ def _call_names(calls: list[Node]) -> str:
 def explain(program: Program) -> str:
     lines = [f"{program.name} ({program.class_name}): plan of one step"]
     for v, plan in plan_program(program).items():
-        rank = "rank >= 2" if v == "factored" else "rank < 2" if program.factored_axes else "any rank"
+        rank = "rank >= 2" if is_factored(v) else "rank < 2" if program.factored_axes else "any rank"
         lines.append(f"\n{v} tensors ({rank}): {len(plan.passes)} element pass(es)")
         for p, small in zip(plan.passes, plan.between):
             fmt = lambda d: ", ".join(f"{k}({c})" for k, c in d.items()) or "-"  # noqa: E731

@@ -18,6 +18,15 @@ def is_scratch(name: str) -> bool:
     return name.startswith(SCRATCH_PREFIX)
 
 
+def variant_name(route: str | None, kind: str) -> str:
+    """The graph of a kind of tensor ("factored" or "unfactored") on a route."""
+    return kind if route is None else f"{route}_{kind}"
+
+
+def is_factored(variant: str) -> bool:
+    return variant == "factored" or variant.endswith("_factored")
+
+
 @dataclass(frozen=True)
 class VariantGraph:
     """The step of one kind of tensor: factored (rank >= 2) or unfactored (rank < 2)."""
@@ -52,6 +61,7 @@ class Program:
     variants: dict[str, VariantGraph]
     state_levels: dict[str, dict[str, tuple[Level, int]]]  # acc -> variant -> (level, channels)
     tensor_functions: dict[str, FunctionIR]
+    routes: tuple[tuple[str, Node | None], ...]   # (name, its `when`; None: always), in order; () no routes
     mlp: MlpInfo | None                      # None: no per-element network
     network_kind: str | None
     network_weights: dict[str, str]          # role -> weight group

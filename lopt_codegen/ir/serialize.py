@@ -28,6 +28,7 @@ def program_to_json(program: Program) -> str:
         named.update(new_param=graph.new_param, network_input=graph.network_input, loss_horizon=graph.loss_horizon)
         roots[v] = named
         all_roots += [n for n in named.values() if n is not None]
+    all_roots += [test for _, test in program.routes if test is not None]
     order = topo_order(all_roots)
     index = {id(n): i for i, n in enumerate(order)}
     doc = {
@@ -40,6 +41,7 @@ def program_to_json(program: Program) -> str:
                      for v, named in roots.items()},
         "state_levels": {a: {v: [lv.label, ch] for v, (lv, ch) in per.items()} for a, per in program.state_levels.items()},
         "tensor_functions": {n: {"args": list(f.args), "body": _lists(f.body)} for n, f in program.tensor_functions.items()},
+        "routes": [[name, None if test is None else index[id(test)]] for name, test in program.routes],
         "mlp": None if program.mlp is None else {
             "sizes": list(program.mlp.sizes), "activation": program.mlp.activation,
             "outputs": list(program.mlp.outputs), "weight_group": program.mlp.weight_group,
@@ -84,6 +86,7 @@ def program_from_json(text: str) -> Program:
                       for a, per in doc["state_levels"].items()},
         tensor_functions={n: FunctionIR(n, tuple(f["args"]), _tuples(f["body"]))
                           for n, f in doc.get("tensor_functions", {}).items()},
+        routes=tuple((name, get(i)) for name, i in doc.get("routes", [])),
         mlp=None if mlp is None else MlpInfo(tuple(mlp["sizes"]), mlp["activation"], tuple(mlp["outputs"]),
                                              mlp["weight_group"], tuple(mlp["layers"])),
         network_kind=doc["network_kind"], network_weights=doc["network_weights"],

@@ -18,6 +18,7 @@ from ..ir.nodes import level_shape
 from ..ir.program import Program, is_scratch
 from ..networks import LOSS_BUFFER_KINDS, NETWORK_KINDS, NetworkKind
 from .axes import factored_axes
+from .routes import Router
 from .weights import resolve_weights
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -75,7 +76,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._check_param(p)
         self._weights = resolve_weights(program, weights, seed)
         self.backend = select_backend(program, backend)
-        self._scratch = [name for name in program.state_levels if is_scratch(name)]
+        self._router = Router(program)
+        self._kept = {v: [n for n, per in program.state_levels.items() if v in per] for v in program.variants}
         self._networks: dict[torch.device, NetworkKind] = {}
         self._mlp_cache: dict[torch.device, list[torch.Tensor]] = {}
 
@@ -106,6 +108,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if network is not None:
             state.update(network.initial_state(p.device))
         return state
+
+    def _restore_scratch(self, state: dict[str, torch.Tensor], p: torch.Tensor, variant: str, axes) -> None:
+        """Scratch values after a load_state_dict (never saved); any other missing key means
+        the parameter's route changed."""
+        missing = [k for k in self._kept[variant] if k not in state and not is_scratch(k)]
+        if missing:
+            raise RuntimeError(f"{self.program.class_name}: a parameter of shape {tuple(p.shape)} now takes route "
+                               f"'{variant}', whose state ({', '.join(missing)}) it does not have: its route changed "
+                               "after its first step (a flag or shape in its param group); keep a parameter's route")
+        state.update({k: v for k, v in self._init_state(p, variant, axes).items() if is_scratch(k)})
 
     def _network(self, device: torch.device) -> NetworkKind | None:
         """The spec's network with its weights on `device` (moved once, then cached)."""
@@ -160,12 +172,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._check_param(p)
                 grad = self._grad(p)
                 axes = factored_axes(tuple(p.shape), program.factored_axes)
-                variant = "factored" if axes is not None else "unfactored"
+                variant = self._router.variant(tuple(p.shape), axes is not None, hyper)
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, variant, axes))
-                elif self._scratch and self._scratch[0] not in state:   # loaded from a state_dict
-                    state.update({k: v for k, v in self._init_state(p, variant, axes).items() if is_scratch(k)})
+                elif any(k not in state for k in self._kept[variant]):
+                    self._restore_scratch(state, p, variant, axes)
                 tasks.append(TensorTask(p, grad, state, hyper, variant, axes))
                 device = device or p.device
         if not tasks:
@@ -189,7 +201,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's, less the scratch values of tensor functions (recomputed every step)."""
         out = super().state_dict()
-        if self._scratch:
+        if self.program.tensor_functions:
             out["state"] = {k: {n: v for n, v in s.items() if not is_scratch(n)} for k, s in out["state"].items()}
         return out
 

@@ -119,7 +119,15 @@ class _Converter:
                 return Call(mark, "neg", (self.convert(node.operand),))
             if isinstance(node.op, ast.UAdd):
                 return self.convert(node.operand)
+            if isinstance(node.op, ast.Not):   # 1 where x is 0, else 0
+                return Call(mark, "eq", (self.convert(node.operand), Num(mark, (0.0,))))
             raise self.fail(node, f"operator {_describe(node.op)} is not allowed")
+        if isinstance(node, ast.BoolOp):   # `and`: the product of the truths, `or`: their max
+            truths = [Call(mark, "ne", (self.convert(v), Num(mark, (0.0,)))) for v in node.values]
+            combined = truths[0]
+            for truth in truths[1:]:
+                combined = Call(mark, "mul" if isinstance(node.op, ast.And) else "max", (combined, truth))
+            return combined
         if isinstance(node, ast.Compare):
             if len(node.ops) != 1:
                 raise self.fail(node, "chained comparisons are not allowed; compare two values")

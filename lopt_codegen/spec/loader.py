@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from .errors import Mark, SpecError
 from .expr import Expr, Num, parse_block, parse_expr
-from .model import Accumulator, Function, LossBuffer, Mlp, Network, Spec, TensorFunction, Variants, Weights
+from .model import Accumulator, Function, LossBuffer, Mlp, Network, Route, Spec, TensorFunction, Variants, Weights
 from .schema import SPEC_SCHEMA, validate
 from .yaml_nodes import LDict, LScalar, LStr, load_located_yaml, mark_of, plain
 
@@ -116,19 +117,6 @@ def parse_spec(text: str, path: str) -> Spec:
         _check_name(name, mark, taken)
         tensor_functions[name] = TensorFunction(name, tuple(fn["args"]), _block(fn["body"]), mark)
 
-    accumulators = {}
-    for name, acc in doc.get("accumulators", {}).items():
-        mark = doc["accumulators"].key_marks[name]
-        _check_name(name, mark, taken)
-        accumulators[name] = _accumulator(name, acc, mark)
-
-    derived = {}
-    for name, value in doc.get("derived", {}).items():
-        mark = doc["derived"].key_marks[name]
-        _check_name(name, mark, taken)
-        derived[name] = _variants(value, mark)
-
-    grad = doc.get("grad", LDict())
     loss_buffer = None
     if "loss_buffer" in doc:
         lb = doc["loss_buffer"]
@@ -146,10 +134,13 @@ def parse_spec(text: str, path: str) -> Spec:
                         "`update.step`)")
     feats = doc.get("features", LDict())
     mlp = None
+    shared = dict(taken)   # names every route sees: hyperparameters, functions
     if "mlp" in doc:
         mlp = _mlp(doc["mlp"])
         for out in mlp.outputs:
             _check_name(out, mlp.mark, taken)
+            shared[out] = mlp.mark
+    rule = _rule(doc, taken, top)
 
     weights_doc = doc.get("weights", LDict())
     weights = Weights(
@@ -157,19 +148,66 @@ def parse_spec(text: str, path: str) -> Spec:
         ignore={g: tuple(plain(p)) for g, p in weights_doc.get("ignore", {}).items()},
         builtin=plain(weights_doc["builtin"]) if "builtin" in weights_doc else None,
     )
-    update = doc["update"]
-    return Spec(
+    spec = Spec(
         path=path, source=text, name=str(doc["name"]), class_name=str(doc["class_name"]),
         description=str(doc.get("description", "")).strip(), hyperparameters=hypers,
         factored_axes=str(doc["factored_axes"]) if "factored_axes" in doc else None,
-        functions=functions, tensor_functions=tensor_functions,
-        grad=_expr(grad["expr"], grad.mark) if "expr" in grad else parse_expr("grad", top),
-        nonfinite=str(grad.get("nonfinite", "keep")),
-        accumulators=accumulators, derived=derived, loss_buffer=loss_buffer, network=network,
+        functions=functions, tensor_functions=tensor_functions, loss_buffer=loss_buffer, network=network,
         normalized=tuple(_expr(e, feats.mark) for e in feats.get("normalized", [])),
         norm_eps=_number(feats["eps"], "features.eps", feats.mark) if "eps" in feats else 1e-5,
         raw_features=tuple(_expr(e, feats.mark) for e in feats.get("raw", [])),
-        mlp=mlp, weights=weights, step=_expr(update["step"], update.mark),
-        weight_decay=str(update.get("weight_decay", "after_step")),
-        marks={k: m for k, m in keys.items()},
+        mlp=mlp, weights=weights, marks={k: m for k, m in keys.items()}, **rule,
     )
+    routes = tuple(_route(name, route, doc["routes"].key_marks[name], spec, shared)
+                   for name, route in doc.get("routes", {}).items())
+    for earlier, later in zip(routes, routes[1:]):
+        if earlier.when is None:
+            raise SpecError(later.mark, f"routes.{later.name} is never taken: routes.{earlier.name} before it has no "
+                            "`when` and takes every parameter; move it last")
+    if not routes and spec.step is None:
+        raise SpecError(top, "spec: missing required key 'update' (or `routes`, each with its rule)")
+    return replace(spec, routes=routes)
+
+
+def _rule(doc: LDict, taken: dict[str, Mark], top: Mark, inherited: Spec | None = None) -> dict:
+    """The sections of one update rule (a spec's, or a route's over the spec's): the
+    Spec fields they give; a route's missing sections are the spec's."""
+    out: dict = {}
+    if "grad" in doc or inherited is None:
+        grad = doc.get("grad", LDict())
+        out["grad"] = _expr(grad["expr"], grad.mark) if "expr" in grad else parse_expr("grad", top)
+        out["nonfinite"] = str(grad.get("nonfinite", "keep"))
+    if "accumulators" in doc or inherited is None:
+        out["accumulators"] = {}
+        for name, acc in doc.get("accumulators", {}).items():
+            mark = doc["accumulators"].key_marks[name]
+            _check_name(name, mark, taken)
+            out["accumulators"][name] = _accumulator(name, acc, mark)
+    if "derived" in doc or inherited is None:
+        out["derived"] = {}
+        for name, value in doc.get("derived", {}).items():
+            mark = doc["derived"].key_marks[name]
+            _check_name(name, mark, taken)
+            out["derived"][name] = _variants(value, mark)
+    if "update" in doc:
+        update = doc["update"]
+        out["step"] = _expr(update["step"], update.mark)
+        out["weight_decay"] = str(update.get("weight_decay", "after_step"))
+    elif inherited is None:
+        out["step"], out["weight_decay"] = None, "after_step"
+    return out
+
+
+def _route(name: str, doc: LDict, mark: Mark, spec: Spec, shared: dict[str, Mark]) -> Route:
+    taken = dict(shared)
+    # A route's own accumulators and derived values replace the spec's; names the route
+    # inherits stay taken.
+    for section in ("accumulators", "derived"):
+        if section not in doc:
+            taken.update({n: mark for n in getattr(spec, section)})
+    rule = _rule(doc, taken, mark, inherited=spec)
+    route_spec = replace(spec, **rule)
+    if route_spec.step is None:
+        raise SpecError(mark, f"routes.{name}: no update rule: give the route `update:` or the spec one")
+    when = _expr(doc["when"], mark) if "when" in doc else None
+    return Route(name, when, route_spec, mark)

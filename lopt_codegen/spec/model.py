@@ -112,6 +112,18 @@ class Spec:
     raw_features: tuple[Expr, ...]
     mlp: Mlp | None   # None: a hand-designed rule, no meta-weights
     weights: Weights
-    step: Expr
+    step: Expr | None   # None only in a spec whose routes each have their own
     weight_decay: str
     marks: dict[str, Mark] = field(default_factory=dict)  # section name -> position
+    routes: tuple["Route", ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    """Parameters for which `when` holds (the first route that matches; None: every
+    parameter) follow `spec`: the spec with the route's own sections in place."""
+
+    name: str
+    when: Expr | None
+    spec: Spec
+    mark: Mark

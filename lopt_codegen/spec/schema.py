@@ -33,7 +33,7 @@ SPEC_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "lopt_codegen optimizer spec",
     "type": "object",
-    "required": ["name", "class_name", "update"],
+    "required": ["name", "class_name"],
     "additionalProperties": False,
     "properties": {
         "name": {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$",
@@ -126,6 +126,17 @@ SPEC_SCHEMA: dict = {
                                  "decoupled: on p before the step"}}},
     },
 }
+
+
+_RULE_KEYS = ("grad", "accumulators", "derived", "update")
+SPEC_SCHEMA["properties"]["routes"] = _names({
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "when": {**EXPR, "description": "which parameters take the route: shape facts (ndim, numel, size(k)...), "
+                 "hyperparameters (flags set per param group) and numbers; none: every parameter"},
+        **{k: SPEC_SCHEMA["properties"][k] for k in _RULE_KEYS}}},
+    "update rules by kind of parameter, tried in order (the first whose `when` holds); each "
+    "route's grad, accumulators, derived and update replace the spec's, the rest is shared")
 
 
 def _type_name(value: Any) -> str:

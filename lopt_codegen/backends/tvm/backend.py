@@ -15,7 +15,7 @@ from typing import Callable, ContextManager
 import torch
 
 from ...ir.plan import plan_program
-from ...ir.program import Program
+from ...ir.program import Program, is_factored
 from ..base import Backend, StepBatch, TensorTask
 from ..build_cache import DEFAULT_CACHE, BuildCache
 from ..cuda.build import ToolchainMissing, cuda_home
@@ -224,12 +224,13 @@ class TvmBackend(Backend):
 
 def generic_signatures(program: Program, dtype: str, gpu: bool = False) -> dict[str, list[PassSignature]]:
     """The passes of the shape-generic kernels (gpu: the CUDA ones), per tensor kind:
-    'factored-d0' (d0 is the lower-numbered factored axis), 'factored-d1' and 'unfactored'."""
+    '<variant>-d0' for factored ones (d0 is the lower-numbered factored axis), '<variant>-d1', and
+    '<variant>' for unfactored ones (variants: 'factored', 'unfactored' or '<route>_factored'...)."""
     out = {}
     for variant, plan in plan_program(program).items():
         graph = program.variants[variant]
-        views = {"factored-d0": view_of((32, 16), (0, 1), gpu), "factored-d1": view_of((16, 32), (1, 0), gpu)} \
-            if variant == "factored" else {"unfactored": view_of((7,), None, gpu)}
+        views = {f"{variant}-d0": view_of((32, 16), (0, 1), gpu), f"{variant}-d1": view_of((16, 32), (1, 0), gpu)} \
+            if is_factored(variant) else {variant: view_of((7,), None, gpu)}
         for label, view in views.items():
             out[label] = [pass_signature(p, graph.new_param, graph.accumulators, view.generic(), dtype, dtype)
                           for p in plan.passes]
