@@ -423,3 +423,80 @@ def test_route_errors(old, new, where, message):
 def test_a_spec_needs_an_update_rule():
     err = error_of(BASE.replace("update:\n  step: m\n", ""))
     assert "missing required key 'update'" in str(err)
+
+
+# A split-input MLP stored as Haiku does (CELO2MLP: one (in, out) matrix per feature
+# group), read through a weight layout into the compiler's (out, in) layers.
+SPLIT_MLP = """\
+name: split
+class_name: Split
+hyperparameters:
+  lr: 0.1
+accumulators:
+  m: {ema: g, decays: [0.5, 0.9, 0.99]}
+features:
+  normalized: []
+  raw: [g, m]
+mlp:
+  sizes: [4, 5, 2]
+  outputs: [direction, magnitude]
+  weights: {group: mlp, layers: [layer0, layer1]}
+weights:
+  groups:
+    mlp: {w0.0: [1, 5], w0.1: [3, 5], b0: [5], dense_w.0: [5, 2], dense_b.0: [2]}
+  layouts:
+    mlp:
+      layer0.weight: {from: [w0.0, w0.1], transpose: true}
+      layer0.bias: b0
+      layer1.weight: {from: dense_w.0, transpose: true}
+      layer1.bias: dense_b.0
+update:
+  step: direction * exp(0.1 * magnitude)
+"""
+
+
+def test_weight_layouts_read_a_split_haiku_mlp(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "split.yaml").write_text(SPLIT_MLP)
+    cls = compile_and_import(str(tmp_path), "lopt_split", [str(tmp_path / "split.yaml")])["split"]
+    gen = torch.Generator().manual_seed(3)
+    w = {"w0.0": torch.randn(1, 5, generator=gen), "w0.1": torch.randn(3, 5, generator=gen),
+         "b0": torch.randn(5, generator=gen), "dense_w.0": torch.randn(5, 2, generator=gen),
+         "dense_b.0": torch.randn(2, generator=gen)}
+    save_file(w, str(tmp_path / "celo2.safetensors"))
+    p = torch.nn.Parameter(torch.randn(3, 4, generator=gen))
+    start = p.detach().clone()
+    g = torch.randn(3, 4, generator=gen)
+    p.grad = g.clone()
+    cls([p], weights=str(tmp_path / "celo2.safetensors"), backend="reference").step()
+    # CELO2MLP.forward: the sum of each feature group times its own (in, out) matrix.
+    m = torch.stack([(1 - d) * g for d in (0.5, 0.9, 0.99)], -1)
+    hidden = torch.relu(g.unsqueeze(-1) @ w["w0.0"] + m @ w["w0.1"] + w["b0"])
+    out = hidden @ w["dense_w.0"] + w["dense_b.0"]
+    expected = start - 0.1 * out[..., 0] * torch.exp(0.1 * out[..., 1])
+    assert torch.allclose(p.detach(), expected, rtol=1e-5, atol=1e-6)
+    del w["w0.1"]
+    save_file(w, str(tmp_path / "short.safetensors"))
+    with pytest.raises(Exception, match="w0.1"):   # the file's own keys are still checked exactly
+        cls([p], weights=str(tmp_path / "short.safetensors"))
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("layer0.weight: {from: [w0.0, w0.1], transpose: true}", "layer0.weight: {from: [w0.0, w0.2], transpose: true}",
+     "weights.layouts.mlp.layer0.weight takes w0.2, which the group does not declare"),
+    ("layer0.weight: {from: [w0.0, w0.1], transpose: true}", "layer0.weight: {from: [w0.0, b0], transpose: true}",
+     "cannot concatenate w0.0 [1, 5] and b0 [5] along axis 0"),
+    ("layer1.bias: dense_b.0", "layer1.bias: {from: dense_b.0, transpose: true}",
+     "weights.layouts.mlp.layer1.bias transposes a 1-D value"),
+    ("layer0.bias: b0", "b0: b0", "weights.layouts.mlp.b0 derives a key the file already has"),
+    ("layer0.weight: {from: [w0.0, w0.1], transpose: true}", "layer0.weight: {from: [w0.0, w0.1]}",
+     "weights.layouts.mlp.layer0.weight has shape [4, 5], expected [5, 4]"),
+    ("  layouts:\n    mlp:", "  layouts:\n    mlpp:", "weights.layouts.mlpp: no such weight group"),
+    ("transpose: true}\n      layer0.bias", "transpose: yes please}\n      layer0.bias",
+     "expected true or false"),
+])
+def test_weight_layout_errors(old, new, message):
+    assert old in SPLIT_MLP
+    err = error_of(SPLIT_MLP.replace(old, new))
+    assert message in str(err) and str(err).startswith("tiny.yaml:"), str(err)

@@ -383,6 +383,6 @@ def lower_spec(spec: Spec) -> Program:
         network_kind=spec.network.kind if spec.network else None,
         network_weights=dict(spec.network.weights) if spec.network else {},
         loss_buffer_kind=spec.loss_buffer.kind if spec.loss_buffer else None,
-        weight_groups=spec.weights.groups, weight_ignore=spec.weights.ignore,
+        weight_groups=spec.weights.groups, weight_ignore=spec.weights.ignore, weight_layouts=spec.weights.layouts,
         builtin_weights=spec.weights.builtin,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .nodes import Level, Node
+from ..weights.layouts import Derived
 from .tensor_function import FunctionIR
 
 VARIANTS = ("factored", "unfactored")
@@ -68,6 +69,7 @@ class Program:
     loss_buffer_kind: str | None
     weight_groups: dict[str, dict[str, tuple[int, ...]]]
     weight_ignore: dict[str, tuple[str, ...]]
+    weight_layouts: dict[str, dict[str, Derived]]   # keys derived from the files' on load
     builtin_weights: dict[str, dict[str, list]] | None
 
     @property

@@ -7,6 +7,7 @@ from typing import Any
 
 from .nodes import Graph, Level, Node, topo_order
 from .program import MlpInfo, Program, VariantGraph
+from ..weights.layouts import Derived
 from .tensor_function import FunctionIR
 
 FORMAT = 1
@@ -50,6 +51,8 @@ def program_to_json(program: Program) -> str:
         "loss_buffer_kind": program.loss_buffer_kind,
         "weight_groups": {g: {k: list(s) for k, s in keys.items()} for g, keys in program.weight_groups.items()},
         "weight_ignore": {g: list(p) for g, p in program.weight_ignore.items()},
+        "weight_layouts": {g: {k: {"from": list(d.sources), "axis": d.axis, "transpose": d.transpose}
+                               for k, d in keys.items()} for g, keys in program.weight_layouts.items()},
         "builtin_weights": program.builtin_weights,
     }
     # One node per line keeps the file diffable and reviewable.
@@ -93,5 +96,7 @@ def program_from_json(text: str) -> Program:
         loss_buffer_kind=doc["loss_buffer_kind"],
         weight_groups={g: {k: tuple(s) for k, s in keys.items()} for g, keys in doc["weight_groups"].items()},
         weight_ignore={g: tuple(p) for g, p in doc["weight_ignore"].items()},
+        weight_layouts={g: {k: Derived(tuple(d["from"]), d["axis"], d["transpose"]) for k, d in keys.items()}
+                        for g, keys in doc.get("weight_layouts", {}).items()},
         builtin_weights=doc["builtin_weights"],
     )

@@ -6,6 +6,22 @@ import numpy as np
 from ..networks import NETWORK_KINDS
 from ..spec.errors import SpecError
 from ..spec.model import Spec
+from ..weights.layouts import derived_shape
+
+
+def group_shapes(spec: Spec, group: str, where) -> dict[str, tuple[int, ...]]:
+    """A group's keys and shapes once loaded: its files' keys and the keys its layout derives."""
+    files = {k: tuple(v) for k, v in spec.weights.groups.get(group, {}).items()}
+    shapes = dict(files)
+    for key, rule in spec.weights.layouts.get(group, {}).items():
+        if key in files:
+            raise SpecError(where, f"weights.layouts.{group}.{key} derives a key the file already has; name it "
+                            "differently")
+        try:
+            shapes[key] = derived_shape(rule, files)
+        except ValueError as exc:
+            raise SpecError(where, f"weights.layouts.{group}.{key} {exc}") from None
+    return shapes
 
 
 def _declared(spec: Spec, group: str, key: str, shape: tuple[int, ...], where) -> None:
@@ -13,16 +29,24 @@ def _declared(spec: Spec, group: str, key: str, shape: tuple[int, ...], where) -
     if group not in groups:
         raise SpecError(where, f"weight group '{group}' is not declared under weights.groups "
                         f"(declared: {', '.join(groups) or 'none'})")
-    if key not in groups[group]:
-        raise SpecError(spec.marks.get("weights", where),
-                        f"weights.groups.{group} lacks '{key}' with shape {list(shape)}")
-    if tuple(groups[group][key]) != tuple(shape):
-        raise SpecError(spec.marks.get("weights", where),
-                        f"weights.groups.{group}.{key} has shape {list(groups[group][key])}, "
+    weights_mark = spec.marks.get("weights", where)
+    shapes = group_shapes(spec, group, weights_mark)
+    if key not in shapes:
+        raise SpecError(weights_mark, f"weights.groups.{group} lacks '{key}' with shape {list(shape)} "
+                        "(declare it, or derive it under weights.layouts)")
+    if shapes[key] != tuple(shape):
+        what = "layouts" if key in spec.weights.layouts.get(group, {}) else "groups"
+        raise SpecError(weights_mark, f"weights.{what}.{group}.{key} has shape {list(shapes[key])}, "
                         f"expected {list(shape)}")
 
 
 def check_weight_layout(spec: Spec) -> None:
+    weights_mark = spec.marks.get("weights")
+    for group in spec.weights.layouts:
+        if group not in spec.weights.groups:
+            raise SpecError(weights_mark, f"weights.layouts.{group}: no such weight group "
+                            f"(declared: {', '.join(spec.weights.groups) or 'none'})")
+        group_shapes(spec, group, weights_mark)
     if spec.mlp is not None:
         _check_mlp(spec)
     _check_network(spec)

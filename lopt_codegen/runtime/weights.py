@@ -7,9 +7,15 @@ import torch
 
 from ..ir.program import Program
 from ..weights import check_weights, load_weights, random_weights
+from ..weights.layouts import apply_layouts
 
 
 def resolve_weights(program: Program, weights: Any, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """The checked weights of each group, as its files hold them, plus the keys its layout derives."""
+    return apply_layouts(_file_weights(program, weights, seed), program.weight_layouts)
+
+
+def _file_weights(program: Program, weights: Any, seed: int) -> dict[str, dict[str, torch.Tensor]]:
     groups = program.weight_groups
     if not groups:
         if weights is not None:

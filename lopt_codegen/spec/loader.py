@@ -8,6 +8,7 @@ from typing import Any
 from .errors import Mark, SpecError
 from .expr import Expr, Num, parse_block, parse_expr
 from .model import Accumulator, Function, LossBuffer, Mlp, Network, Route, Spec, TensorFunction, Variants, Weights
+from ..weights.layouts import Derived
 from .schema import SPEC_SCHEMA, validate
 from .yaml_nodes import LDict, LScalar, LStr, load_located_yaml, mark_of, plain
 
@@ -71,6 +72,16 @@ def _block(value: LStr) -> tuple:
     # A one-line body: its text starts where the scalar does (after a quote).
     start = value.mark.shifted(0, 1) if value.quoted else value.mark
     return parse_block(str(value), start, start.col - 1)
+
+
+def _derived(value: Any) -> Derived:
+    if isinstance(value, LStr):
+        return Derived((str(value),))
+    sources = value["from"]
+    sources = (str(sources),) if isinstance(sources, LStr) else tuple(str(k) for k in sources)
+    axis = int(value["axis"].value) if "axis" in value else 0
+    transpose = bool(value["transpose"].value) if "transpose" in value else False
+    return Derived(sources, axis, transpose)
 
 
 def _mlp(doc: LDict) -> Mlp:
@@ -147,6 +158,7 @@ def parse_spec(text: str, path: str) -> Spec:
         groups={g: {k: tuple(plain(s)) for k, s in keys_.items()} for g, keys_ in weights_doc.get("groups", {}).items()},
         ignore={g: tuple(plain(p)) for g, p in weights_doc.get("ignore", {}).items()},
         builtin=plain(weights_doc["builtin"]) if "builtin" in weights_doc else None,
+        layouts={g: {k: _derived(v) for k, v in keys_.items()} for g, keys_ in weights_doc.get("layouts", {}).items()},
     )
     spec = Spec(
         path=path, source=text, name=str(doc["name"]), class_name=str(doc["class_name"]),

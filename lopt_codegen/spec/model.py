@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..weights.layouts import Derived
 from .errors import Mark
 from .expr import Expr
 
@@ -85,9 +86,10 @@ class LossBuffer:
 
 @dataclass(frozen=True)
 class Weights:
-    groups: dict[str, dict[str, tuple[int, ...]]]
+    groups: dict[str, dict[str, tuple[int, ...]]]   # the files' keys and shapes
     ignore: dict[str, tuple[str, ...]]
     builtin: dict[str, dict[str, list]] | None
+    layouts: dict[str, dict[str, Derived]] = field(default_factory=dict)   # keys derived on load
 
 
 @dataclass(frozen=True)

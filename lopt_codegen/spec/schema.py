@@ -116,7 +116,18 @@ SPEC_SCHEMA: dict = {
                 "groups": WEIGHT_GROUPS,
                 "ignore": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}},
                 "builtin": {"type": "object", "additionalProperties": {"type": "object"},
-                            "description": "analytic weights used when the user gives none"}}},
+                            "description": "analytic weights used when the user gives none"},
+                "layouts": {"type": "object", "description": "keys derived from a group's file keys on load",
+                            "additionalProperties": {"type": "object", "additionalProperties": {"anyOf": [
+                                {"type": "string"},
+                                {"type": "object", "required": ["from"], "additionalProperties": False,
+                                 "properties": {
+                                     "from": {"anyOf": [{"type": "string"},
+                                                        {"type": "array", "minItems": 1, "items": {"type": "string"}}],
+                                              "description": "a file key, or keys to concatenate"},
+                                     "axis": {"type": "integer", "description": "the axis to concatenate along (0)"},
+                                     "transpose": {"type": "boolean",
+                                                   "description": "transpose the (concatenated) matrix"}}}]}}}}},
         "update": {
             "type": "object", "required": ["step"], "additionalProperties": False,
             "properties": {
@@ -160,6 +171,7 @@ def _matches_type(value: Any, kind: str) -> bool:
         "number": isinstance(raw, (int, float)) and not isinstance(raw, bool) and not isinstance(value, LStr),
         "integer": isinstance(raw, int) and not isinstance(raw, bool) and not isinstance(value, LStr),
         "null": isinstance(value, LScalar) and raw is None,
+        "boolean": isinstance(value, LScalar) and isinstance(raw, bool),
     }[kind]
 
 
@@ -171,7 +183,7 @@ def _describe(schema: dict) -> str:
     if "const" in schema:
         return f"'{schema['const']}'"
     return {"object": "a mapping", "array": "a list", "string": "a text", "number": "a number",
-            "integer": "an integer", "null": "null"}[schema["type"]]
+            "integer": "an integer", "null": "null", "boolean": "true or false"}[schema["type"]]
 
 
 def validate(value: Any, schema: dict, path: str, mark: Mark) -> None:
