@@ -15,7 +15,7 @@ from lopt_codegen.ir.nodes import Level
 from lopt_codegen.ir.shape_facts import shape_fact
 from lopt_codegen.runtime.axes import factored_axes
 from lopt_codegen.spec import SpecError, parse_spec
-from test_examples import BACKENDS, assert_updates_match, compile_and_import, run_against_oracle
+from test_examples import BACKENDS, SimtBackend, assert_updates_match, compile_and_import, run_against_oracle
 
 # Every shape fact and sum in one rule; `count` is a tensor-level accumulator in the
 # general form, `peak` an element-level one reading another accumulator.
@@ -499,4 +499,156 @@ def test_weight_layouts_read_a_split_haiku_mlp(tmp_path):
 def test_weight_layout_errors(old, new, message):
     assert old in SPLIT_MLP
     err = error_of(SPLIT_MLP.replace(old, new))
+    assert message in str(err) and str(err).startswith("tiny.yaml:"), str(err)
+
+
+# A per-tensor GRU written in the spec, and two routed kinds of parameters (by shape and
+# by a param group's flag) that read its output.
+GRU_SPEC = """\
+name: gru_routes
+class_name: GruRoutes
+hyperparameters:
+  lr: 0.05
+  flag: 0
+accumulators:
+  m: {ema: g, decays: [0.9]}
+  v: {ema: g * g, decays: [0.99]}
+network:
+  inputs:
+    - log(mean(prev(v)) + 1e-8)
+    - mean(abs(g))
+    - tanh(t / 10)
+    - rank == [1, 2]
+  state:
+    h: {init: 'weight("gru:h0")'}
+  body: |
+    z = sigmoid(linear(concat(x, h), "gru:z"))
+    r = sigmoid(linear(concat(x, h), "gru:r"))
+    n = tanh(linear(concat(x, r * h), "gru:n"))
+    h = (1 - z) * n + z * h
+    scale = exp(linear(h, "gru:out")) * (1 + max_over_tensors(slice(h, 0, 1)))
+  outputs: [scale]
+routes:
+  vectors:
+    when: ndim < 2 or flag
+    update:
+      step: scale * m / (sqrt(v) + 1e-8)
+  matrices:
+    accumulators:
+      m: {ema: g, decays: [0.5]}
+      v: {ema: g * g, decays: [0.9]}
+    update:
+      step: scale * sign(m) + 0.1 * m
+weights:
+  groups:
+    gru: {z.weight: [6, 11], z.bias: [6], r.weight: [6, 11], r.bias: [6], n.weight: [6, 11], n.bias: [6],
+          out.weight: [1, 6], out.bias: [1], h0: [6]}
+"""
+
+
+class GruOracle:
+    """GRU_SPEC in plain torch: the network over all tensors, then each route's rule."""
+
+    def __init__(self, groups: list[dict], weights: dict[str, torch.Tensor]):
+        self.groups, self.w = groups, weights
+        self.state: dict = {}
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self):
+        w, rows, params = self.w, [], []
+        for group in self.groups:
+            for p in group["params"]:
+                st = self.state.setdefault(p, {"m": torch.zeros_like(p), "v": torch.zeros_like(p), "h": w["h0"].clone()})
+                rank = sum(d > 1 for d in p.shape)
+                rows.append(torch.tensor([float(torch.log(st["v"].mean() + 1e-8)), float(p.grad.abs().mean()),
+                                          math.tanh(self.t / 10), float(rank == 1), float(rank == 2)]))
+                params.append((p, group))
+        x, h = torch.stack(rows), torch.stack([self.state[p]["h"] for p, _ in params])
+        linear = lambda v, k: v @ w[f"{k}.weight"].T + w[f"{k}.bias"]  # noqa: E731
+        z, r = torch.sigmoid(linear(torch.cat([x, h], 1), "z")), torch.sigmoid(linear(torch.cat([x, h], 1), "r"))
+        h = (1 - z) * torch.tanh(linear(torch.cat([x, r * h], 1), "n")) + z * h
+        scale = torch.exp(linear(h, "out")) * (1 + h[:, :1].max())
+        for (p, group), h_p, s in zip(params, h, scale[:, 0]):
+            st = self.state[p]
+            st["h"] = h_p
+            vector = p.dim() < 2 or group.get("flag", False)
+            b1, b2 = (0.9, 0.99) if vector else (0.5, 0.9)
+            st["m"] = b1 * st["m"] + (1 - b1) * p.grad
+            st["v"] = b2 * st["v"] + (1 - b2) * p.grad * p.grad
+            step = s * st["m"] / (st["v"].sqrt() + 1e-8) if vector else s * st["m"].sign() + 0.1 * st["m"]
+            p.sub_(group["lr"] * step)
+        self.t += 1
+
+
+@pytest.fixture(scope="session")
+def gru_class(tmp_path_factory) -> type:
+    out = tmp_path_factory.mktemp("gru")
+    (out / "gru_routes.yaml").write_text(GRU_SPEC)
+    return compile_and_import(str(out), "lopt_gru", [str(out / "gru_routes.yaml")])["gru_routes"]
+
+
+def _gru_updates(cls: type, make_oracle, backend: str, steps: int = 8):
+    from lopt_codegen.weights import random_weights
+
+    gen = torch.Generator().manual_seed(8)
+    weights = random_weights(cls.program.weight_groups, seed=2)
+    shapes = {"plain": [(5, 3), (3, 5), (7,), (), (2, 3, 4), (5, 3)], "flagged": [(4, 6), (3,)]}
+    start = {k: [torch.randn(s, generator=gen) for s in v] for k, v in shapes.items()}
+    ours = {k: [torch.nn.Parameter(x.clone()) for x in v] for k, v in start.items()}
+    theirs = {k: [torch.nn.Parameter(x.clone()) for x in v] for k, v in start.items()}
+    opt = cls([{"params": ours["plain"]}, {"params": ours["flagged"], "flag": True, "lr": 0.02}],
+              weights=weights, backend="cuda" if backend == "simt" else backend)
+    if backend == "simt":
+        opt.backend = SimtBackend(cls.program)
+    ref = make_oracle([{"params": theirs["plain"], "lr": 0.05}, {"params": theirs["flagged"], "flag": True, "lr": 0.02}],
+                      weights)
+    flat_ours = [p for v in ours.values() for p in v]
+    flat_theirs = [p for v in theirs.values() for p in v]
+    for step in range(steps):
+        before = [q.detach().clone() for q in flat_theirs]
+        for p, q in zip(flat_ours, flat_theirs):
+            g = torch.randn(p.shape, generator=gen) * 10.0 ** -(step % 3)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        for p, q, b in zip(flat_ours, flat_theirs, before):
+            yield step, tuple(p.shape), p.detach() - b, q.detach() - b, b, q.detach().clone()
+            p.data.copy_(q.data)
+
+
+def test_gru_network_and_routes_on_the_reference_match_torch(gru_class):
+    assert set(gru_class.program.variants) == {"vectors_unfactored", "matrices_unfactored"}
+    assert_updates_match(_gru_updates(gru_class, lambda groups, w: GruOracle(groups, w["gru"]), "reference"),
+                         "gru vs torch")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_gru_network_and_routes_agree_across_backends(gru_class, backend):
+    def reference(groups, weights):
+        return gru_class(groups, weights=weights, backend="reference")
+
+    assert_updates_match(_gru_updates(gru_class, reference, backend), f"gru on {backend}")
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('    z = sigmoid(linear(concat(x, h), "gru:z"))', '    z = sigmoid(linear(concat(x, h), "gru:zz"))',
+     "weight group 'gru' has no 'zz.weight'"),
+    ('    z = sigmoid(linear(concat(x, h), "gru:z"))', '    z = sigmoid(linear(concat(x, h), "grux:z"))',
+     "weight group 'grux' is not declared"),
+    ('    z = sigmoid(linear(concat(x, h), "gru:z"))', '    z = sigmoid(linear(x, "gru:z"))',
+     "linear(): 'gru:z' takes 11 channels, the value has 5"),
+    ('    z = sigmoid(linear(concat(x, h), "gru:z"))', '    z = sigmoid(linear(concat(x, h), "z"))',
+     'a weight is named "group:key"'),
+    ("    h = (1 - z) * n + z * h", "    h = concat(h, h)", "state 'h' has 6 channels; this value has 12"),
+    ("    h = (1 - z) * n + z * h", "    h = slice(h, 4, 3)", "slice(4, 3) is outside the value's 6 channels"),
+    ("  outputs: [scale]", "  outputs: [scale, extra]", "network output 'extra' is never set"),
+    ("    - tanh(t / 10)", "    - tanh(t / 10) + scale", "cycle in definitions: scale -> scale"),
+    ("    z = sigmoid(", "    for _ in range(2):\n        z = 1\n    z = sigmoid(", "a network body is assignments"),
+    ("    n = tanh(", "    n = q + tanh(", "unknown name 'q' in the network"),
+    ("    n = tanh(", "    n = mean(h) + tanh(", "unknown function 'mean' in the network"),
+])
+def test_network_errors(old, new, message):
+    assert old in GRU_SPEC
+    err = error_of(GRU_SPEC.replace(old, new))
     assert message in str(err) and str(err).startswith("tiny.yaml:"), str(err)

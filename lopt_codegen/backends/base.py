@@ -7,7 +7,7 @@ import torch
 
 from ..ir.program import Program
 from ..ir.tensor_function import FunctionIR
-from ..networks.base import NetworkKind
+from .network_program import SpecNetwork
 
 
 @dataclass
@@ -41,7 +41,7 @@ def checked_accumulator(task: TensorTask, name: str, backend: str) -> torch.Tens
 class StepBatch:
     tasks: list[TensorTask]
     mlp_weights: list[torch.Tensor] | None = None  # [w0, b0, w1, b1, ...] shared by all tensors
-    network: NetworkKind | None = None
+    network: SpecNetwork | None = None
     loss_features: torch.Tensor | None = None      # (channels,) from the loss buffer
     tensor_functions: dict[str, FunctionIR] = field(default_factory=dict)   # the program's, by name
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hashlib
 
-from ..networks import LOSS_BUFFER_KINDS, NETWORK_KINDS
+from ..networks import LOSS_BUFFER_KINDS
 from ..spec.errors import Mark, SpecError
 from ..spec.expr import Call, Expr, Name, Num
 from ..spec.model import Route, Spec, Variants
 from ..spec.names import BUILTIN_NAMES, FUNCTIONS, SHAPE_FACTS
 from .nodes import BINARY, REDUCE, UNARY, Graph, Level, Node, join, reduced_level, topo_order
 from .program import SCRATCH_PREFIX, VARIANTS, MlpInfo, Program, VariantGraph, variant_name
+from .network import NetworkIR, check_network
 from .tensor_function import FunctionIR, check_call
-from .validate_weights import check_weight_layout
+from .validate_weights import check_weight_layout, group_shapes
 
 # sum(x) is mean(x) times a count: the backends reduce only means.
 _SUMS = {"sum": ("mean", "numel"), "sum_d0": ("mean_d0", "size_d0"), "sum_d1": ("mean_d1", "size_d1")}
@@ -28,6 +29,8 @@ class _Lowerer:
         self.mlp_outputs: dict[str, Node] | None = None
         self.states: dict[str, Node] = {}
         self.tensor_functions: dict[str, FunctionIR] = {}
+        self.network: NetworkIR | None = None
+        self._network_inputs: list[Node] | None = None
         # Accumulators whose state layout a trial lowering is inferring (state_node):
         # their old value stands in as a step-level placeholder.
         self.pending = pending
@@ -102,9 +105,10 @@ class _Lowerer:
             return self.lower(self.pick(spec.derived[n], n, expr.mark))
         if spec.mlp is not None and n in spec.mlp.outputs:
             return self.mlp_output(n)
-        if spec.network is not None and n in NETWORK_KINDS[spec.network.kind].outputs:
-            kind = NETWORK_KINDS[spec.network.kind]
-            return self.g.make("net_out", (), (n,), Level.TENSOR, kind.outputs[n])
+        if spec.network is not None and n in spec.network.outputs:
+            if self.network is None and self._network_inputs is not None:
+                raise SpecError(expr.mark, f"'{n}' is an output of the network, which its own inputs cannot read")
+            return self.g.make("net_out", (), (n,), Level.TENSOR, self.network_ir().outputs[n])
         raise SpecError(expr.mark, f"unknown name '{n}'; known names: {', '.join(self.known_names())}")
 
     def known_names(self) -> list[str]:
@@ -112,7 +116,7 @@ class _Lowerer:
         names = [*BUILTIN_NAMES, *spec.hyperparameters, *spec.accumulators, *spec.derived,
                  *(spec.mlp.outputs if spec.mlp is not None else ())]
         if spec.network is not None:
-            names += list(NETWORK_KINDS[spec.network.kind].outputs)
+            names += list(spec.network.outputs)
         return names
 
     def pick(self, variants: Variants, name: str, mark: Mark) -> Expr:
@@ -295,6 +299,7 @@ class _Lowerer:
         network_input = None
         if spec.network is not None:
             network_input = self.network_input()
+            self.network_ir()
         horizon = None
         if spec.loss_buffer is not None:
             horizon = self.single(self.lower(spec.loss_buffer.horizon), spec.loss_buffer.mark, "loss_buffer.horizon")
@@ -304,20 +309,35 @@ class _Lowerer:
         return VariantGraph({**accs, **_scratch(graph)}, new_p, network_input, horizon)
 
     def network_input(self) -> Node:
-        net = self.spec.network
-        kind = NETWORK_KINDS[net.kind]
-        parts = []
-        for e in net.inputs:
-            node = self.lower(e)
-            if node.level > Level.TENSOR:
-                raise SpecError(e.mark, f"a network input must be one value per tensor, but this one is "
-                                f"{node.level.label}-level; reduce it with mean()")
-            parts.append(node)
-        total = sum(x.channels for x in parts)
-        if total != kind.input_channels:
-            raise SpecError(net.mark, f"network '{net.kind}' takes {kind.input_channels} input channels, "
-                            f"the inputs have {total}")
-        return self.g.make("concat", tuple(parts), (), Level.TENSOR, total)
+        if self._network_inputs is None:
+            self._network_inputs = []   # set first: an output read by the inputs is a cycle
+            parts = []
+            for e in self.spec.network.inputs:
+                node = self.lower(e)
+                if node.level > Level.TENSOR:
+                    raise SpecError(e.mark, f"a network input must be one value per tensor, but this one is "
+                                    f"{node.level.label}-level; reduce it with mean()")
+                parts.append(node)
+            self._network_inputs = parts
+        parts = self._network_inputs
+        return self.g.make("concat", tuple(parts), (), Level.TENSOR, sum(x.channels for x in parts))
+
+    def network_ir(self) -> NetworkIR:
+        """The network, checked against its input width and the weights it reads."""
+        if self.network is None:
+            spec = self.spec
+            mlp = spec.mlp
+            mlp_shapes = None if mlp is None or mlp.weight_group is not None else \
+                [s for n_in, n_out in zip(mlp.sizes, mlp.sizes[1:]) for s in ((n_out, n_in), (n_out,))]
+            width = self.network_input().channels
+            self.network = check_network(spec.network, width, self.weight_shapes, mlp_shapes)
+        return self.network
+
+    def weight_shapes(self, group: str, mark: Mark) -> dict[str, tuple[int, ...]]:
+        if group not in self.spec.weights.groups:
+            raise SpecError(mark, f"weight group '{group}' is not declared under weights.groups "
+                            f"(declared: {', '.join(self.spec.weights.groups) or 'none'})")
+        return group_shapes(self.spec, group, self.spec.marks.get("weights", mark))
 
 
 def _scratch(graph: VariantGraph) -> dict[str, Node]:
@@ -360,6 +380,7 @@ def lower_spec(spec: Spec) -> Program:
     """Lower a validated spec to its Program, checking everything a spec can get wrong."""
     check_weight_layout(spec)
     variants, state_levels, tensor_functions = {}, {}, {}
+    network = None
     graph = Graph()  # shared, so work common to variants and routes is one node
     for route in spec.routes or (None,):
         for v in VARIANTS:
@@ -369,6 +390,10 @@ def lower_spec(spec: Spec) -> Program:
             key = variant_name(route.name if route else None, v)
             variants[key] = variant = lowerer.build()
             tensor_functions.update(lowerer.tensor_functions)
+            if network is not None and lowerer.network != network:
+                raise SpecError(spec.network.mark, f"the network's inputs differ between kinds of tensors ({key} "
+                                "has other channels): every tensor gives the network the same row")
+            network = network or lowerer.network
             for name, node in variant.accumulators.items():
                 state = lowerer.states.get(name, node)   # a scratch value's own layout
                 state_levels.setdefault(name, {})[key] = (state.level, state.channels)
@@ -380,8 +405,7 @@ def lower_spec(spec: Spec) -> Program:
         variants=variants, state_levels=state_levels, tensor_functions=tensor_functions, routes=routes,
         mlp=None if spec.mlp is None else MlpInfo(spec.mlp.sizes, spec.mlp.activation, spec.mlp.outputs,
                                                   spec.mlp.weight_group, spec.mlp.layers),
-        network_kind=spec.network.kind if spec.network else None,
-        network_weights=dict(spec.network.weights) if spec.network else {},
+        network=network,
         loss_buffer_kind=spec.loss_buffer.kind if spec.loss_buffer else None,
         weight_groups=spec.weights.groups, weight_ignore=spec.weights.ignore, weight_layouts=spec.weights.layouts,
         builtin_weights=spec.weights.builtin,

@@ -188,7 +188,7 @@ def explain(program: Program) -> str:
             if small:
                 lines.append("          then small work: " + ", ".join(f"{c} {lv}-level op(s)" for lv, c in small.items()))
             if plan.network_after == p.index:
-                lines.append(f"          then network {program.network_kind} over all tensors")
+                lines.append("          then the network over all tensors")
         if plan.calls_after:
             lines.append(f"  then tensor functions: {_call_names(plan.calls_after)}")
     return "\n".join(lines) + "\n"

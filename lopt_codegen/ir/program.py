@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .nodes import Level, Node
 from ..weights.layouts import Derived
+from .network import NetworkIR
 from .tensor_function import FunctionIR
 
 VARIANTS = ("factored", "unfactored")
@@ -64,8 +65,7 @@ class Program:
     tensor_functions: dict[str, FunctionIR]
     routes: tuple[tuple[str, Node | None], ...]   # (name, its `when`; None: always), in order; () no routes
     mlp: MlpInfo | None                      # None: no per-element network
-    network_kind: str | None
-    network_weights: dict[str, str]          # role -> weight group
+    network: NetworkIR | None                # the per-tensor network, if any
     loss_buffer_kind: str | None
     weight_groups: dict[str, dict[str, tuple[int, ...]]]
     weight_ignore: dict[str, tuple[str, ...]]

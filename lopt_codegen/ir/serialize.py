@@ -8,6 +8,7 @@ from typing import Any
 from .nodes import Graph, Level, Node, topo_order
 from .program import MlpInfo, Program, VariantGraph
 from ..weights.layouts import Derived
+from .network import NetworkIR
 from .tensor_function import FunctionIR
 
 FORMAT = 1
@@ -47,7 +48,10 @@ def program_to_json(program: Program) -> str:
             "sizes": list(program.mlp.sizes), "activation": program.mlp.activation,
             "outputs": list(program.mlp.outputs), "weight_group": program.mlp.weight_group,
             "layers": list(program.mlp.layers)},
-        "network_kind": program.network_kind, "network_weights": program.network_weights,
+        "network": None if program.network is None else {
+            "state": {n: {"init": _lists(init), "channels": ch} for n, (init, ch) in program.network.state.items()},
+            "body": _lists(program.network.body), "outputs": program.network.outputs,
+            "mlp": _lists(program.network.mlp), "groups": list(program.network.groups)},
         "loss_buffer_kind": program.loss_buffer_kind,
         "weight_groups": {g: {k: list(s) for k, s in keys.items()} for g, keys in program.weight_groups.items()},
         "weight_ignore": {g: list(p) for g, p in program.weight_ignore.items()},
@@ -60,6 +64,13 @@ def program_to_json(program: Program) -> str:
     text = json.dumps(doc, indent=1)
     node_lines = ",\n".join("  " + json.dumps(n) for n in nodes)
     return text[:-2] + ',\n "nodes": [\n' + node_lines + "\n ]\n}\n"
+
+
+def _network(doc: dict | None) -> NetworkIR | None:
+    if doc is None:
+        return None
+    return NetworkIR({n: (_tuples(s["init"]), s["channels"]) for n, s in doc["state"].items()}, _tuples(doc["body"]),
+                     dict(doc["outputs"]), _tuples(doc["mlp"]), tuple(doc["groups"]))
 
 
 def program_from_json(text: str) -> Program:
@@ -92,7 +103,7 @@ def program_from_json(text: str) -> Program:
         routes=tuple((name, get(i)) for name, i in doc.get("routes", [])),
         mlp=None if mlp is None else MlpInfo(tuple(mlp["sizes"]), mlp["activation"], tuple(mlp["outputs"]),
                                              mlp["weight_group"], tuple(mlp["layers"])),
-        network_kind=doc["network_kind"], network_weights=doc["network_weights"],
+        network=_network(doc["network"]),
         loss_buffer_kind=doc["loss_buffer_kind"],
         weight_groups={g: {k: tuple(s) for k, s in keys.items()} for g, keys in doc["weight_groups"].items()},
         weight_ignore={g: tuple(p) for g, p in doc["weight_ignore"].items()},

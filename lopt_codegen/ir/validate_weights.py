@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..networks import NETWORK_KINDS
 from ..spec.errors import SpecError
 from ..spec.model import Spec
 from ..weights.layouts import derived_shape
@@ -49,7 +48,6 @@ def check_weight_layout(spec: Spec) -> None:
         group_shapes(spec, group, weights_mark)
     if spec.mlp is not None:
         _check_mlp(spec)
-    _check_network(spec)
     _check_builtin(spec)
 
 
@@ -66,25 +64,8 @@ def _check_mlp(spec: Spec) -> None:
         for layer, n_in, n_out in zip(mlp.layers, mlp.sizes, mlp.sizes[1:]):
             _declared(spec, mlp.weight_group, f"{layer}.weight", (n_out, n_in), mlp.mark)
             _declared(spec, mlp.weight_group, f"{layer}.bias", (n_out,), mlp.mark)
-    else:
-        if spec.network is None:
-            raise SpecError(mlp.mark, "`weights: network` needs a `network` section")
-        kind = NETWORK_KINDS[spec.network.kind]
-        if tuple(mlp.sizes) != kind.mlp_sizes:
-            raise SpecError(mlp.mark, f"network '{kind.name}' produces an MLP of sizes {list(kind.mlp_sizes)}, "
-                            f"mlp.sizes is {list(mlp.sizes)}")
-
-
-def _check_network(spec: Spec) -> None:
-    if spec.network is not None:
-        kind = NETWORK_KINDS[spec.network.kind]
-        roles = spec.network.weights
-        if set(roles) != set(kind.roles):
-            raise SpecError(spec.network.mark, f"network '{kind.name}' needs weights for the roles "
-                            f"{sorted(kind.roles)}, got {sorted(roles)}")
-        for role, keys in kind.roles.items():
-            for key, shape in keys.items():
-                _declared(spec, roles[role], key, shape, spec.network.mark)
+    elif spec.network is None:
+        raise SpecError(mlp.mark, "`weights: network` needs a `network` section whose `mlp` gives them")
 
 
 def _check_builtin(spec: Spec) -> None:

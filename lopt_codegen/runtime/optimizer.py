@@ -16,7 +16,8 @@ from ..backends import select_backend
 from ..backends.base import StepBatch, TensorTask
 from ..ir.nodes import level_shape
 from ..ir.program import Program, is_scratch
-from ..networks import LOSS_BUFFER_KINDS, NETWORK_KINDS, NetworkKind
+from ..backends.network_program import SpecNetwork
+from ..networks import LOSS_BUFFER_KINDS
 from .axes import factored_axes
 from .routes import Router
 from .weights import resolve_weights
@@ -78,7 +79,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.backend = select_backend(program, backend)
         self._router = Router(program)
         self._kept = {v: [n for n, per in program.state_levels.items() if v in per] for v in program.variants}
-        self._networks: dict[torch.device, NetworkKind] = {}
+        self._networks: dict[torch.device, SpecNetwork] = {}
         self._mlp_cache: dict[torch.device, list[torch.Tensor]] = {}
 
     # --- checks ------------------------------------------------------------------------
@@ -119,15 +120,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
                                "after its first step (a flag or shape in its param group); keep a parameter's route")
         state.update({k: v for k, v in self._init_state(p, variant, axes).items() if is_scratch(k)})
 
-    def _network(self, device: torch.device) -> NetworkKind | None:
+    def _network(self, device: torch.device) -> SpecNetwork | None:
         """The spec's network with its weights on `device` (moved once, then cached)."""
         program = self.program
-        if program.network_kind is None:
+        if program.network is None:
             return None
         if device not in self._networks:
-            weights = {role: {k: v.to(device) for k, v in self._weights[group].items()}
-                       for role, group in program.network_weights.items()}
-            self._networks[device] = NETWORK_KINDS[program.network_kind](weights)
+            weights = {g: {k: v.to(device) for k, v in self._weights[g].items()} for g in program.network.groups}
+            per_tensor_mlp = program.mlp is not None and program.mlp.weight_group is None
+            self._networks[device] = SpecNetwork(program.network, weights,
+                                                 program.mlp.sizes if per_tensor_mlp else None)
         return self._networks[device]
 
     def _mlp_weights(self, device: torch.device) -> list[torch.Tensor] | None:
@@ -190,7 +192,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                                  "step(loss=loss) or step(closure)")
             loss_t = torch.as_tensor(loss, dtype=torch.float32, device=device).detach().reshape(())
             batch.loss_features = self._loss_features(loss_t, self.param_groups[0])
-        if program.network_kind is not None and len({t.param.device for t in tasks}) > 1:
+        if program.network is not None and len({t.param.device for t in tasks}) > 1:
             raise RuntimeError(f"{program.class_name} runs one network over all tensors: put all parameters "
                                "on one device")
         self.backend.step(batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import sys
 
+from ..ir.network import NETWORK_FUNCTIONS
 from ..ir.tensor_function import MATRIX_FUNCTIONS, MATRIX_MEANINGS
 from .names import BUILTIN_NAMES, FUNCTIONS
 from .schema import SPEC_SCHEMA, _describe
@@ -53,8 +54,11 @@ def tables() -> dict[str, str]:
     functions += [f"| `{n}({', '.join(f.args)})` | {_cell(f.meaning)} |" for n, f in FUNCTIONS.items()]
     matrix = ["| in a tensor function | meaning |", "|---|---|"]
     matrix += [f"| `{_signature(n)}` | {_cell(meaning)} |" for n, meaning in MATRIX_MEANINGS.items()]
+    network = ["| in a network body | meaning |", "|---|---|"]
+    network += [f"| `{n}` | {_cell(meaning)} |" for n, meaning in NETWORK_FUNCTIONS.items()]
     return {"keys": "\n".join(keys) + "\n", "names": "\n".join(names) + "\n",
-            "functions": "\n".join(functions) + "\n", "tensor_functions": "\n".join(matrix) + "\n"}
+            "functions": "\n".join(functions) + "\n", "tensor_functions": "\n".join(matrix) + "\n",
+            "network_functions": "\n".join(network) + "\n"}
 
 
 def _signature(name: str) -> str:

@@ -29,6 +29,13 @@ class Name(Expr):
 
 
 @dataclass(frozen=True)
+class Text(Expr):
+    """A quoted text: a weight reference "group:key" in a network body."""
+
+    value: str
+
+
+@dataclass(frozen=True)
 class Call(Expr):
     func: str  # a builtin (names.FUNCTIONS), an operator name, or a spec-defined function
     args: tuple[Expr, ...]
@@ -69,10 +76,12 @@ class Return:
 
 
 class _Converter:
-    def __init__(self, base: Mark, text: str, matmul: bool = False, indent: int | None = None):
+    def __init__(self, base: Mark, text: str, matmul: bool = False, indent: int | None = None,
+                 strings: bool = False):
         self.base = base
         self.text = text
         self.matmul = matmul     # `@` is allowed (tensor functions)
+        self.strings = strings   # quoted texts are allowed (weight references in networks)
         self.indent = indent     # a block's column: its lines map to base.line + lineno - 1
 
     def mark(self, node: ast.AST) -> Mark:
@@ -96,6 +105,8 @@ class _Converter:
     def convert(self, node: ast.AST) -> Expr:
         mark = self.mark(node)
         if isinstance(node, ast.Constant):
+            if self.strings and isinstance(node.value, str):
+                return Text(mark, node.value)
             if type(node.value) not in (int, float):
                 raise self.fail(node, f"expected a number, got {node.value!r}")
             return Num(mark, (float(node.value),))
@@ -145,7 +156,7 @@ class _Converter:
                         "(numbers, lists of numbers, names, + - * / **, comparisons, function calls)")
 
 
-def parse_expr(text: str, mark: Mark) -> Expr:
+def parse_expr(text: str, mark: Mark, strings: bool = False) -> Expr:
     """Parse one expression; `mark` is where its first character sits in the file."""
     stripped = text.strip()
     if not stripped:
@@ -155,7 +166,7 @@ def parse_expr(text: str, mark: Mark) -> Expr:
     except SyntaxError as exc:
         col = (exc.offset or 1) - 1
         raise SpecError(mark.shifted(0, col), f"syntax error in expression '{stripped}': {exc.msg}") from None
-    return _Converter(mark, stripped).convert(tree.body)
+    return _Converter(mark, stripped, strings=strings).convert(tree.body)
 
 
 class _BlockConverter(_Converter):
@@ -190,7 +201,7 @@ class _BlockConverter(_Converter):
                         "`for _ in range(n):`, `if`/`else`, `return`)")
 
 
-def parse_block(text: str, first_line: Mark, indent: int) -> tuple:
+def parse_block(text: str, first_line: Mark, indent: int, strings: bool = False) -> tuple:
     """Parse a tensor function's body: `first_line` is the mark of its first line, whose
     text starts at column `indent` + 1 in the file (YAML strips that indentation)."""
     if not text.strip():
@@ -200,4 +211,4 @@ def parse_block(text: str, first_line: Mark, indent: int) -> tuple:
     except SyntaxError as exc:
         where = Mark(first_line.file, first_line.line + (exc.lineno or 1) - 1, indent + (exc.offset or 1))
         raise SpecError(where, f"syntax error in tensor function: {exc.msg}") from None
-    return _BlockConverter(first_line, text, matmul=True, indent=indent).statements(tree.body)
+    return _BlockConverter(first_line, text, matmul=not strings, indent=indent, strings=strings).statements(tree.body)

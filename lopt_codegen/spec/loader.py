@@ -15,13 +15,13 @@ from .yaml_nodes import LDict, LScalar, LStr, load_located_yaml, mark_of, plain
 from .names import RESERVED
 
 
-def _expr(value: Any, fallback: Mark) -> Expr:
+def _expr(value: Any, fallback: Mark, strings: bool = False) -> Expr:
     mark = mark_of(value, fallback)
     if isinstance(value, LScalar):
         return Num(mark, (float(value.value),))
     # A quoted scalar's text starts one column after its opening quote.
     start = mark.shifted(0, 1) if getattr(value, "quoted", False) else mark
-    return parse_expr(str(value), start)
+    return parse_expr(str(value), start, strings=strings)
 
 
 def _number(value: Any, where: str, fallback: Mark) -> float:
@@ -65,13 +65,25 @@ def _accumulator(name: str, acc: LDict, mark: Mark) -> Accumulator:
     return Accumulator(name, None, (), _variants(acc["update"], mark), mark)
 
 
-def _block(value: LStr) -> tuple:
+def _block(value: LStr, strings: bool = False) -> tuple:
     if value.block is not None:
         first, indent = value.block
-        return parse_block(str(value), first, indent)
+        return parse_block(str(value), first, indent, strings)
     # A one-line body: its text starts where the scalar does (after a quote).
     start = value.mark.shifted(0, 1) if value.quoted else value.mark
-    return parse_block(str(value), start, start.col - 1)
+    return parse_block(str(value), start, start.col - 1, strings)
+
+
+def _network(net: LDict, taken: dict[str, Mark]) -> Network:
+    for out in net.get("outputs", []):
+        _check_name(str(out), mark_of(out, net.mark), taken)
+    state = {}
+    for name, value in net.get("state", {}).items():
+        mark = net["state"].key_marks[name]
+        state[name] = _expr(value["init"], mark, strings=True)
+    return Network(tuple(_expr(e, net.mark) for e in net["inputs"]), state,
+                   _block(net["body"], strings=True), tuple(str(o) for o in net.get("outputs", [])),
+                   tuple(_expr(e, net.mark, strings=True) for e in net.get("mlp", [])), net.mark)
 
 
 def _derived(value: Any) -> Derived:
@@ -135,8 +147,7 @@ def parse_spec(text: str, path: str) -> Spec:
     network = None
     if "network" in doc:
         net = doc["network"]
-        network = Network(str(net["kind"]), tuple(_expr(e, net.mark) for e in net["inputs"]),
-                          {k: str(v) for k, v in net["weights"].items()}, net.mark)
+        network = _network(net, taken)
 
     if ("features" in doc) != ("mlp" in doc):
         present, absent = ("features", "mlp") if "features" in doc else ("mlp", "features")

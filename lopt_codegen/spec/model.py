@@ -71,9 +71,15 @@ class Mlp:
 
 @dataclass(frozen=True)
 class Network:
-    kind: str
+    """A per-tensor network run once per step over all tensors: `x` is the concatenated
+    inputs, one row per tensor; the body (statements) updates the network state and
+    sets the outputs; `mlp` gives each tensor's MLP weights (w0, b0, w1, b1, ...)."""
+
     inputs: tuple[Expr, ...]
-    weights: dict[str, str]  # role -> group
+    state: dict[str, Expr]      # name -> initial value (a weight, numbers)
+    body: tuple
+    outputs: tuple[str, ...]
+    mlp: tuple[Expr, ...]
     mark: Mark
 
 

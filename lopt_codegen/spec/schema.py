@@ -81,14 +81,21 @@ SPEC_SCHEMA: dict = {
             "properties": {"kind": {"enum": ["velo"]}, "horizon": NUMBER_OR_EXPR},
             "description": "step-level loss statistics; makes `loss_features` available"},
         "network": {
-            "type": "object", "required": ["kind", "inputs", "weights"], "additionalProperties": False,
+            "type": "object", "required": ["inputs", "body"], "additionalProperties": False,
             "properties": {
-                "kind": {"enum": ["velo_lstm"]},
                 "inputs": {"type": "array", "minItems": 1, "items": EXPR,
-                           "description": "per-tensor (tensor- or step-level) inputs, concatenated"},
-                "weights": {"type": "object", "additionalProperties": {"type": "string"},
-                            "description": "the network's weight roles -> weight groups"}},
-            "description": "a per-tensor hypernetwork run once per step over all tensors"},
+                           "description": "per-tensor (tensor- or step-level) inputs, concatenated: `x`"},
+                "state": _names({"type": "object", "required": ["init"], "additionalProperties": False,
+                                 "properties": {"init": NUMBER_OR_EXPR}},
+                                "per-tensor network state and its value before the first step (a weight "
+                                "\"group:key\", numbers)"),
+                "body": {"type": "string", "description": "assignments over all tensors' rows: linear(v, "
+                         "\"group:layer\"), project, weight, concat, slice, max_over_tensors, element-wise functions"},
+                "outputs": {"type": "array", "items": {"type": "string", "pattern": IDENT},
+                            "description": "body variables the spec's expressions read, one value per tensor"},
+                "mlp": {"type": "array", "items": EXPR,
+                        "description": "each tensor's MLP weights w0, b0, w1, b1, ... (with mlp.weights: network)"}},
+            "description": "a per-tensor network run once per step over all tensors"},
         "features": {
             "description": "the MLP's input channels (with `mlp`)",
             "type": "object", "additionalProperties": False, "required": ["normalized"],

@@ -27,10 +27,10 @@ class CudaBackend(Backend):
         self._launches: dict[tuple, Launch] = {}   # (pass name, device) -> its kept launch
         self.plans = plans = plan_program(program)
         after = {plan.network_after for plan in plans.values()}
-        if program.network_kind is not None and len(after) != 1:
+        if program.network is not None and len(after) != 1:
             raise ValueError(f"cuda backend: the network of {program.name} runs after different passes per "
                              f"variant ({sorted(after)}); one step runs them together, so they must agree")
-        self.network_after = after.pop() if program.network_kind is not None else None
+        self.network_after = after.pop() if program.network is not None else None
 
     @cached_property
     def rendered(self) -> Rendered:

@@ -1,0 +1,67 @@
+"""Runs a spec's per-tensor network (ir/network.py) with torch, once per step over the
+rows of all tensors: the one implementation every backend calls (through run_network)."""
+from __future__ import annotations
+
+import torch
+
+from ..ir.network import NetworkIR
+from .torch_ops import BINARY, UNARY
+
+
+class SpecNetwork:
+    """A network with its weights on one device."""
+
+    def __init__(self, ir: NetworkIR, weights: dict[str, dict[str, torch.Tensor]], mlp_sizes: tuple[int, ...] | None):
+        self.ir, self.weights = ir, weights
+        self.device = next((w.device for g in weights.values() for w in g.values()), torch.device("cpu"))
+        self._consts: dict[tuple, torch.Tensor] = {}   # made once: a steady step copies nothing from the host
+        self.state_keys = tuple(ir.state)
+        self.mlp_shapes = [] if mlp_sizes is None else \
+            [s for n_in, n_out in zip(mlp_sizes, mlp_sizes[1:]) for s in ((n_out, n_in), (n_out,))]
+
+    def initial_state(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """One tensor's network state before its first step: each (channels,)."""
+        return {name: self._eval(init, {}).reshape(-1).to(device, copy=True) for name, (init, _) in self.ir.state.items()}
+
+    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]:
+        """x: (T, inputs); state: each (T, channels). Returns the outputs (T, channels), the
+        MLP weights [w0 (T, out, in), b0 (T, out), ...] and the new state."""
+        scope = {"x": x, **state}
+        for _, name, expr in self.ir.body:
+            scope[name] = self._eval(expr, scope)
+        count = x.shape[0]
+        rows = lambda v: v.expand(count, v.shape[1])  # noqa: E731  (a shared row for every tensor)
+        outputs = {name: rows(scope[name]) for name in self.ir.outputs}
+        mlp = [rows(self._eval(e, scope)).reshape(count, *shape) for e, shape in zip(self.ir.mlp, self.mlp_shapes)]
+        return outputs, mlp, {name: rows(scope[name]) for name in self.ir.state}
+
+    def _eval(self, e: tuple, scope: dict[str, torch.Tensor]) -> torch.Tensor:
+        kind = e[0]
+        if kind == "var":
+            return scope[e[1]]
+        if kind == "const":
+            if e[1] not in self._consts:
+                self._consts[e[1]] = torch.tensor(e[1], dtype=torch.float32, device=self.device).reshape(1, -1)
+            return self._consts[e[1]]
+        if kind == "weight":
+            return self.weights[e[1]][e[2]].reshape(1, -1)
+        if kind == "linear":
+            w = self.weights[e[2]]
+            return torch.nn.functional.linear(self._eval(e[1], scope), w[f"{e[3]}.weight"], w[f"{e[3]}.bias"])
+        if kind == "project":
+            w = self.weights[e[2]][e[3]]
+            return self._eval(e[1], scope) @ w.reshape(w.shape[0], -1)
+        if kind == "concat":
+            parts = [self._eval(a, scope) for a in e[1]]
+            count = max(p.shape[0] for p in parts)
+            return torch.cat([p.expand(count, p.shape[1]) for p in parts], dim=1)
+        if kind == "slice":
+            return self._eval(e[1], scope)[:, e[2]:e[2] + e[3]]
+        if kind == "over_tensors":
+            x = self._eval(e[2], scope)
+            return x.amax(0, keepdim=True) if e[1] == "max" else x.mean(0, keepdim=True)
+        args = [self._eval(a, scope) for a in e[2]]
+        if e[1] == "where":
+            return torch.where(args[0] != 0, args[1], args[2])
+        return UNARY[e[1]](args[0]) if e[1] in UNARY else BINARY[e[1]](args[0], args[1])
