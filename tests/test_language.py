@@ -652,3 +652,55 @@ def test_network_errors(old, new, message):
     assert old in GRU_SPEC
     err = error_of(GRU_SPEC.replace(old, new))
     assert message in str(err) and str(err).startswith("tiny.yaml:"), str(err)
+
+
+def test_a_flow_mapping_that_split_an_expression_says_to_quote_it():
+    text = GRU_SPEC.replace("""    h: {init: 'weight("gru:h0")'}""", "    h: {init: full(6, 0)}")
+    err = error_of(text)
+    assert "unknown key '0)'" in str(err) and "quote an expression that holds commas" in str(err), str(err)
+
+
+LOSS_SPEC = """\
+name: tiny
+class_name: Tiny
+hyperparameters:
+  lr: 0.1
+  horizon: 4
+loss_buffer:
+  state:
+    ema: {init: 0}
+  body: |
+    ema = (1 - 1 / horizon) * ema + loss / horizon
+    loss_features = loss - ema
+update:
+  step: g * (1 + loss_features)
+"""
+
+
+def test_loss_buffer_written_in_the_spec(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(LOSS_SPEC)
+    cls = compile_and_import(str(tmp_path), "lopt_loss", [str(tmp_path / "tiny.yaml")])["tiny"]
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = cls([p], horizon=5, backend="reference")
+    ema, expected = 0.0, torch.zeros(3)
+    for loss in (2.0, 1.0, 0.5):
+        p.grad = torch.ones(3)
+        opt.step(loss=loss)
+        ema = 0.8 * ema + loss / 5
+        expected -= 0.1 * (1 + loss - ema)
+        assert torch.allclose(p.detach(), expected), (loss, p, expected)
+    assert float(opt.state["loss_buffer"]["ema"].reshape(())) == pytest.approx(ema)
+    with pytest.raises(ValueError, match="needs the training loss"):
+        opt.step()
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("    loss_features = loss - ema\n", "", "the loss buffer's body must set `loss_features`"),
+    ("    ema = (1 - 1 / horizon) * ema + loss / horizon", "    ema = full(2, loss)", "state 'ema' has 1 channels"),
+    ("    ema = (1 - 1 / horizon) * ema + loss / horizon", "    loss = 1", "'loss' is the step's loss"),
+    ("    ema = (1 - 1 / horizon) * ema + loss / horizon", "    ema = g", "unknown name 'g' in the network"),
+])
+def test_loss_buffer_errors(old, new, message):
+    assert old in LOSS_SPEC
+    err = error_of(LOSS_SPEC.replace(old, new))
+    assert message in str(err) and str(err).startswith("tiny.yaml:"), str(err)

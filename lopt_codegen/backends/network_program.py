@@ -11,10 +11,11 @@ from .torch_ops import BINARY, UNARY
 class SpecNetwork:
     """A network with its weights on one device."""
 
-    def __init__(self, ir: NetworkIR, weights: dict[str, dict[str, torch.Tensor]], mlp_sizes: tuple[int, ...] | None):
-        self.ir, self.weights = ir, weights
-        self.device = next((w.device for g in weights.values() for w in g.values()), torch.device("cpu"))
+    def __init__(self, ir: NetworkIR, weights: dict[str, dict[str, torch.Tensor]], mlp_sizes: tuple[int, ...] | None,
+                 device: torch.device):
+        self.ir, self.weights, self.device = ir, weights, device
         self._consts: dict[tuple, torch.Tensor] = {}   # made once: a steady step copies nothing from the host
+        self._hyper: dict[str, float] = {}
         self.state_keys = tuple(ir.state)
         self.mlp_shapes = [] if mlp_sizes is None else \
             [s for n_in, n_out in zip(mlp_sizes, mlp_sizes[1:]) for s in ((n_out, n_in), (n_out,))]
@@ -27,17 +28,40 @@ class SpecNetwork:
                 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]:
         """x: (T, inputs); state: each (T, channels). Returns the outputs (T, channels), the
         MLP weights [w0 (T, out, in), b0 (T, out), ...] and the new state."""
-        scope = {"x": x, **state}
-        for _, name, expr in self.ir.body:
-            scope[name] = self._eval(expr, scope)
+        scope = self.run({"x": x, **state})
         count = x.shape[0]
         rows = lambda v: v.expand(count, v.shape[1])  # noqa: E731  (a shared row for every tensor)
         outputs = {name: rows(scope[name]) for name in self.ir.outputs}
         mlp = [rows(self._eval(e, scope)).reshape(count, *shape) for e, shape in zip(self.ir.mlp, self.mlp_shapes)]
         return outputs, mlp, {name: rows(scope[name]) for name in self.ir.state}
 
+    def run(self, scope: dict[str, torch.Tensor], hyper: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+        """The body's values from its inputs and state (scope), each (T or 1, channels)."""
+        self._hyper = hyper or {}
+        scope = dict(scope)
+        for _, name, expr in self.ir.body:
+            scope[name] = self._eval(expr, scope)
+        return scope
+
+    def _folded(self, e: tuple) -> torch.Tensor:
+        """Numbers and hyperparameters alone: float64 on the host, as Python computes them,
+        then float32 on the device; made once per hyperparameter values."""
+        key = (e, tuple(sorted(self._hyper.items())))
+        if key not in self._consts:
+            value = _host(e, self._hyper)
+            self._consts[key] = value.to(device=self.device, dtype=torch.float32).reshape(1, -1)
+        return self._consts[key]
+
     def _eval(self, e: tuple, scope: dict[str, torch.Tensor]) -> torch.Tensor:
         kind = e[0]
+        if kind == "fold":
+            return self._folded(e[1])
+        if kind == "hyper":
+            return self._folded(e)
+        if kind == "max_channels":
+            return self._eval(e[1], scope).amax(1, keepdim=True)
+        if kind == "full":
+            return self._eval(e[2], scope).expand(-1, e[1])
         if kind == "var":
             return scope[e[1]]
         if kind == "const":
@@ -65,3 +89,15 @@ class SpecNetwork:
         if e[1] == "where":
             return torch.where(args[0] != 0, args[1], args[2])
         return UNARY[e[1]](args[0]) if e[1] in UNARY else BINARY[e[1]](args[0], args[1])
+
+
+def _host(e: tuple, hyper: dict[str, float]) -> torch.Tensor:
+    """A folded subexpression in float64 on the CPU: (1, channels)."""
+    if e[0] == "const":
+        return torch.tensor(e[1], dtype=torch.float64).reshape(1, -1)
+    if e[0] == "hyper":
+        return torch.tensor([[float(hyper[e[1]])]], dtype=torch.float64)
+    args = [_host(a, hyper) for a in e[2]]
+    if e[1] == "where":
+        return torch.where(args[0] != 0, args[1], args[2])
+    return UNARY[e[1]](args[0]) if e[1] in UNARY else BINARY[e[1]](args[0], args[1])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 
-from ..networks import LOSS_BUFFER_KINDS
 from ..spec.errors import Mark, SpecError
 from ..spec.expr import Call, Expr, Name, Num
 from ..spec.model import Route, Spec, Variants
 from ..spec.names import BUILTIN_NAMES, FUNCTIONS, SHAPE_FACTS
 from .nodes import BINARY, REDUCE, UNARY, Graph, Level, Node, join, reduced_level, topo_order
 from .program import SCRATCH_PREFIX, VARIANTS, MlpInfo, Program, VariantGraph, variant_name
-from .network import NetworkIR, check_network
+from .network import NetworkIR, check_loss_buffer, check_network
 from .tensor_function import FunctionIR, check_call
 from .validate_weights import check_weight_layout, group_shapes
 
@@ -30,6 +29,7 @@ class _Lowerer:
         self.states: dict[str, Node] = {}
         self.tensor_functions: dict[str, FunctionIR] = {}
         self.network: NetworkIR | None = None
+        self.loss: NetworkIR | None = None
         self._network_inputs: list[Node] | None = None
         # Accumulators whose state layout a trial lowering is inferring (state_node):
         # their old value stands in as a step-level placeholder.
@@ -95,8 +95,7 @@ class _Lowerer:
         if n == "loss_features":
             if spec.loss_buffer is None:
                 raise SpecError(expr.mark, "loss_features needs a `loss_buffer` section")
-            kind = LOSS_BUFFER_KINDS[spec.loss_buffer.kind]
-            return self.g.make("loss_features", (), (), Level.STEP, kind.channels)
+            return self.g.make("loss_features", (), (), Level.STEP, self.loss_ir().outputs["loss_features"])
         if n in spec.hyperparameters:
             return self.g.make("hyper", (), (n,), Level.STEP, 1)
         if n in spec.accumulators:
@@ -300,13 +299,10 @@ class _Lowerer:
         if spec.network is not None:
             network_input = self.network_input()
             self.network_ir()
-        horizon = None
         if spec.loss_buffer is not None:
-            horizon = self.single(self.lower(spec.loss_buffer.horizon), spec.loss_buffer.mark, "loss_buffer.horizon")
-            if horizon.level != Level.STEP:
-                raise SpecError(spec.loss_buffer.mark, "loss_buffer.horizon must depend only on hyperparameters")
-        graph = VariantGraph(accs, new_p, network_input, horizon)
-        return VariantGraph({**accs, **_scratch(graph)}, new_p, network_input, horizon)
+            self.loss_ir()
+        graph = VariantGraph(accs, new_p, network_input)
+        return VariantGraph({**accs, **_scratch(graph)}, new_p, network_input)
 
     def network_input(self) -> Node:
         if self._network_inputs is None:
@@ -332,6 +328,12 @@ class _Lowerer:
             width = self.network_input().channels
             self.network = check_network(spec.network, width, self.weight_shapes, mlp_shapes)
         return self.network
+
+    def loss_ir(self) -> NetworkIR:
+        if self.loss is None:
+            lb = self.spec.loss_buffer
+            self.loss = check_loss_buffer(lb.state, lb.body, lb.mark, set(self.spec.hyperparameters))
+        return self.loss
 
     def weight_shapes(self, group: str, mark: Mark) -> dict[str, tuple[int, ...]]:
         if group not in self.spec.weights.groups:
@@ -380,7 +382,7 @@ def lower_spec(spec: Spec) -> Program:
     """Lower a validated spec to its Program, checking everything a spec can get wrong."""
     check_weight_layout(spec)
     variants, state_levels, tensor_functions = {}, {}, {}
-    network = None
+    network = loss = None
     graph = Graph()  # shared, so work common to variants and routes is one node
     for route in spec.routes or (None,):
         for v in VARIANTS:
@@ -394,6 +396,7 @@ def lower_spec(spec: Spec) -> Program:
                 raise SpecError(spec.network.mark, f"the network's inputs differ between kinds of tensors ({key} "
                                 "has other channels): every tensor gives the network the same row")
             network = network or lowerer.network
+            loss = loss or lowerer.loss
             for name, node in variant.accumulators.items():
                 state = lowerer.states.get(name, node)   # a scratch value's own layout
                 state_levels.setdefault(name, {})[key] = (state.level, state.channels)
@@ -406,7 +409,7 @@ def lower_spec(spec: Spec) -> Program:
         mlp=None if spec.mlp is None else MlpInfo(spec.mlp.sizes, spec.mlp.activation, spec.mlp.outputs,
                                                   spec.mlp.weight_group, spec.mlp.layers),
         network=network,
-        loss_buffer_kind=spec.loss_buffer.kind if spec.loss_buffer else None,
+        loss_buffer=loss,
         weight_groups=spec.weights.groups, weight_ignore=spec.weights.ignore, weight_layouts=spec.weights.layouts,
         builtin_weights=spec.weights.builtin,
     )

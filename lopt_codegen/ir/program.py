@@ -36,10 +36,9 @@ class VariantGraph:
     accumulators: dict[str, Node]   # name -> value after this step (stored in the state)
     new_param: Node                 # p after this step
     network_input: Node | None      # tensor-level inputs of the network, if any
-    loss_horizon: Node | None       # step-level horizon of the loss buffer, if any
 
     def roots(self) -> list[Node]:
-        extra = [n for n in (self.network_input, self.loss_horizon) if n is not None]
+        extra = [self.network_input] if self.network_input is not None else []
         return [*self.accumulators.values(), self.new_param, *extra]
 
 
@@ -66,7 +65,7 @@ class Program:
     routes: tuple[tuple[str, Node | None], ...]   # (name, its `when`; None: always), in order; () no routes
     mlp: MlpInfo | None                      # None: no per-element network
     network: NetworkIR | None                # the per-tensor network, if any
-    loss_buffer_kind: str | None
+    loss_buffer: NetworkIR | None            # the loss buffer's program, if any
     weight_groups: dict[str, dict[str, tuple[int, ...]]]
     weight_ignore: dict[str, tuple[str, ...]]
     weight_layouts: dict[str, dict[str, Derived]]   # keys derived from the files' on load
@@ -74,4 +73,4 @@ class Program:
 
     @property
     def needs_loss(self) -> bool:
-        return self.loss_buffer_kind is not None
+        return self.loss_buffer is not None

@@ -27,7 +27,7 @@ def program_to_json(program: Program) -> str:
     all_roots: list[Node] = []
     for v, graph in program.variants.items():
         named = {f"acc:{k}": n for k, n in graph.accumulators.items()}
-        named.update(new_param=graph.new_param, network_input=graph.network_input, loss_horizon=graph.loss_horizon)
+        named.update(new_param=graph.new_param, network_input=graph.network_input)
         roots[v] = named
         all_roots += [n for n in named.values() if n is not None]
     all_roots += [test for _, test in program.routes if test is not None]
@@ -48,11 +48,8 @@ def program_to_json(program: Program) -> str:
             "sizes": list(program.mlp.sizes), "activation": program.mlp.activation,
             "outputs": list(program.mlp.outputs), "weight_group": program.mlp.weight_group,
             "layers": list(program.mlp.layers)},
-        "network": None if program.network is None else {
-            "state": {n: {"init": _lists(init), "channels": ch} for n, (init, ch) in program.network.state.items()},
-            "body": _lists(program.network.body), "outputs": program.network.outputs,
-            "mlp": _lists(program.network.mlp), "groups": list(program.network.groups)},
-        "loss_buffer_kind": program.loss_buffer_kind,
+        "network": _network_doc(program.network),
+        "loss_buffer": _network_doc(program.loss_buffer),
         "weight_groups": {g: {k: list(s) for k, s in keys.items()} for g, keys in program.weight_groups.items()},
         "weight_ignore": {g: list(p) for g, p in program.weight_ignore.items()},
         "weight_layouts": {g: {k: {"from": list(d.sources), "axis": d.axis, "transpose": d.transpose}
@@ -64,6 +61,13 @@ def program_to_json(program: Program) -> str:
     text = json.dumps(doc, indent=1)
     node_lines = ",\n".join("  " + json.dumps(n) for n in nodes)
     return text[:-2] + ',\n "nodes": [\n' + node_lines + "\n ]\n}\n"
+
+
+def _network_doc(net: NetworkIR | None) -> dict | None:
+    if net is None:
+        return None
+    return {"state": {n: {"init": _lists(init), "channels": ch} for n, (init, ch) in net.state.items()},
+            "body": _lists(net.body), "outputs": net.outputs, "mlp": _lists(net.mlp), "groups": list(net.groups)}
 
 
 def _network(doc: dict | None) -> NetworkIR | None:
@@ -89,8 +93,7 @@ def program_from_json(text: str) -> Program:
     variants = {}
     for v, named in doc["variants"].items():
         accs = {k[4:]: nodes[i] for k, i in named.items() if k.startswith("acc:")}
-        variants[v] = VariantGraph(accs, nodes[named["new_param"]], get(named["network_input"]),
-                                   get(named["loss_horizon"]))
+        variants[v] = VariantGraph(accs, nodes[named["new_param"]], get(named["network_input"]))
     mlp = doc["mlp"]
     return Program(
         name=doc["name"], class_name=doc["class_name"], description=doc["description"],
@@ -104,7 +107,7 @@ def program_from_json(text: str) -> Program:
         mlp=None if mlp is None else MlpInfo(tuple(mlp["sizes"]), mlp["activation"], tuple(mlp["outputs"]),
                                              mlp["weight_group"], tuple(mlp["layers"])),
         network=_network(doc["network"]),
-        loss_buffer_kind=doc["loss_buffer_kind"],
+        loss_buffer=_network(doc["loss_buffer"]),
         weight_groups={g: {k: tuple(s) for k, s in keys.items()} for g, keys in doc["weight_groups"].items()},
         weight_ignore={g: tuple(p) for g, p in doc["weight_ignore"].items()},
         weight_layouts={g: {k: Derived(tuple(d["from"]), d["axis"], d["transpose"]) for k, d in keys.items()}

@@ -17,7 +17,6 @@ from ..backends.base import StepBatch, TensorTask
 from ..ir.nodes import level_shape
 from ..ir.program import Program, is_scratch
 from ..backends.network_program import SpecNetwork
-from ..networks import LOSS_BUFFER_KINDS
 from .axes import factored_axes
 from .routes import Router
 from .weights import resolve_weights
@@ -80,6 +79,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._router = Router(program)
         self._kept = {v: [n for n, per in program.state_levels.items() if v in per] for v in program.variants}
         self._networks: dict[torch.device, SpecNetwork] = {}
+        self._loss_buffers: dict[torch.device, SpecNetwork] = {}
         self._mlp_cache: dict[torch.device, list[torch.Tensor]] = {}
 
     # --- checks ------------------------------------------------------------------------
@@ -129,7 +129,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             weights = {g: {k: v.to(device) for k, v in self._weights[g].items()} for g in program.network.groups}
             per_tensor_mlp = program.mlp is not None and program.mlp.weight_group is None
             self._networks[device] = SpecNetwork(program.network, weights,
-                                                 program.mlp.sizes if per_tensor_mlp else None)
+                                                 program.mlp.sizes if per_tensor_mlp else None, device)
         return self._networks[device]
 
     def _mlp_weights(self, device: torch.device) -> list[torch.Tensor] | None:
@@ -143,13 +143,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return self._mlp_cache[device]
 
     def _loss_features(self, loss: torch.Tensor, group: dict) -> torch.Tensor:
-        kind = LOSS_BUFFER_KINDS[self.program.loss_buffer_kind]
-        # The buffer's decays depend on the horizon; it is one per optimizer, so the first
-        # group's hyperparameters define it.
-        buffer = kind(float(group["num_steps"]) if "num_steps" in group else 1.0)
-        state = self.state.setdefault("loss_buffer", buffer.initial_state(loss.device))
-        state.update(buffer.update(state, loss))
-        return buffer.features(state)
+        """The loss buffer's step (one per optimizer: the first group's hyperparameters, such
+        as VeLO's horizon num_steps, define it); its state is self.state["loss_buffer"]."""
+        device = loss.device
+        if device not in self._loss_buffers:
+            self._loss_buffers[device] = SpecNetwork(self.program.loss_buffer, {}, None, device)
+        buffer = self._loss_buffers[device]
+        hyper = {k: float(group[k]) for k in self.program.hyperparameters if group.get(k) is not None}
+        state = self.state.setdefault("loss_buffer", buffer.initial_state(device))
+        scope = buffer.run({"loss": loss.reshape(1, 1), **{k: v.reshape(1, -1) for k, v in state.items()}}, hyper)
+        for k in buffer.state_keys:   # new tensors, in the shapes kept (a 0-D count from older checkpoints)
+            state[k] = scope[k].reshape(state[k].shape)
+        return scope["loss_features"].reshape(-1)
 
     # --- the step ----------------------------------------------------------------------
     @torch.no_grad()

@@ -143,7 +143,9 @@ def parse_spec(text: str, path: str) -> Spec:
     loss_buffer = None
     if "loss_buffer" in doc:
         lb = doc["loss_buffer"]
-        loss_buffer = LossBuffer(str(lb["kind"]), _expr(lb["horizon"], lb.mark), lb.mark)
+        loss_buffer = LossBuffer({n: _expr(v["init"], lb["state"].key_marks[n], strings=True)
+                                  for n, v in lb.get("state", {}).items()},
+                                 _block(lb["body"], strings=True), lb.mark)
     network = None
     if "network" in doc:
         net = doc["network"]

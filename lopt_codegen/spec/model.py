@@ -85,8 +85,11 @@ class Network:
 
 @dataclass(frozen=True)
 class LossBuffer:
-    kind: str
-    horizon: Expr
+    """Step-level statistics of the training loss: state, and a body over `loss` (the
+    step's loss) that sets `loss_features`."""
+
+    state: dict[str, Expr]
+    body: tuple
     mark: Mark
 
 

@@ -77,9 +77,14 @@ SPEC_SCHEMA: dict = {
             "values kept in the optimizer state across steps, zero before the first step"),
         "derived": _names(EXPR_OR_VARIANTS, "named expressions"),
         "loss_buffer": {
-            "type": "object", "required": ["kind", "horizon"], "additionalProperties": False,
-            "properties": {"kind": {"enum": ["velo"]}, "horizon": NUMBER_OR_EXPR},
-            "description": "step-level loss statistics; makes `loss_features` available"},
+            "type": "object", "required": ["body"], "additionalProperties": False,
+            "properties": {
+                "state": _names({"type": "object", "required": ["init"], "additionalProperties": False,
+                                 "properties": {"init": NUMBER_OR_EXPR}},
+                                "the buffer's state and its value before the first step"),
+                "body": {"type": "string", "description": "assignments over `loss`, the state and hyperparameters "
+                         "that set `loss_features`"}},
+            "description": "step-level statistics of the training loss; makes `loss_features` available"},
         "network": {
             "type": "object", "required": ["inputs", "body"], "additionalProperties": False,
             "properties": {
@@ -232,6 +237,10 @@ def validate(value: Any, schema: dict, path: str, mark: Mark) -> None:
         _validate_object(value, schema, path, here)
 
 
+def _unbalanced(text: str) -> bool:
+    return text.count("(") != text.count(")") or text.count("[") != text.count("]")
+
+
 def _check_flow_split(value: LList, path: str) -> None:
     """An expression with commas in a flow list ([clip(g, -1, 1)]) reaches us split into
     items at its commas: say so, rather than that an item is not a text."""
@@ -239,7 +248,7 @@ def _check_flow_split(value: LList, path: str) -> None:
         return
     for i, item in enumerate(value):
         text = str(item) if isinstance(item, LStr) else ""
-        if text.count("(") != text.count(")") or text.count("[") != text.count("]"):
+        if _unbalanced(text):
             raise SpecError(mark_of(item, value.mark),
                             f"{path}[{i}]: '{text}' has unbalanced brackets: a YAML flow list [a, b] splits "
                             "at every comma, so quote each expression that holds commas, e.g. "
@@ -261,7 +270,11 @@ def _validate_object(value: LDict, schema: dict, path: str, here: Mark) -> None:
         if key in props:
             validate(item, props[key], sub, key_mark)
         elif extra is False:
-            raise SpecError(key_mark, f"{path or 'spec'}: unknown key '{key}'; expected one of: {', '.join(props)}")
+            hint = ""
+            if getattr(value, "flow", False) and _unbalanced(key):
+                hint = ("; a YAML flow mapping {a: b} splits at every comma: quote an expression that holds "
+                        "commas, e.g. {init: 'full(10, 0)'}")
+            raise SpecError(key_mark, f"{path or 'spec'}: unknown key '{key}'; expected one of: {', '.join(props)}{hint}")
         else:
             if name_rule and not re.match(name_rule, key):
                 raise SpecError(key_mark, f"{path}: '{key}' is not a valid name (letters, digits, _)")

@@ -15,6 +15,7 @@ from .errors import Mark, SpecError
 class LDict(dict):
     mark: Mark
     key_marks: dict[str, Mark]
+    flow: bool   # written inline, {a: b}: YAML splits it at every comma
 
 
 class LList(list):
@@ -65,6 +66,7 @@ def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader) -> Any:
     if isinstance(node, yaml.MappingNode):
         out = LDict()
         out.mark, out.key_marks = mark, {}
+        out.flow = bool(node.flow_style)
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node)
             if not isinstance(key, str):
