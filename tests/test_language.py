@@ -704,3 +704,16 @@ def test_loss_buffer_errors(old, new, message):
     assert old in LOSS_SPEC
     err = error_of(LOSS_SPEC.replace(old, new))
     assert message in str(err) and str(err).startswith("tiny.yaml:"), str(err)
+
+
+def test_the_language_references_whole_examples_compile():
+    """Every complete spec in docs/spec-language.md (a yaml block starting with `name:`)."""
+    import re
+
+    from conftest import ROOT
+
+    text = open(f"{ROOT}/docs/spec-language.md", encoding="utf-8").read()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if b.startswith("name:")]
+    assert blocks
+    for block in blocks:
+        assert lower_spec(parse_spec(block, "docs/spec-language.md")).variants
