@@ -717,3 +717,38 @@ def test_the_language_references_whole_examples_compile():
     assert blocks
     for block in blocks:
         assert lower_spec(parse_spec(block, "docs/spec-language.md")).variants
+
+
+def test_a_tensor_function_after_the_last_pass_reads_the_parameter_before_the_step(tmp_path):
+    """A call whose result only a tensor-level accumulator reads runs after the last pass,
+    which has updated p: it reads p as it was (a scratch copy), as the reference does."""
+    text = """\
+name: after
+class_name: After
+hyperparameters:
+  lr: 0.5
+tensor_functions:
+  fro:
+    args: [G]
+    body: "return norm(G)"
+accumulators:
+  pnorm: {update: "fro(p)"}
+update:
+  step: g
+"""
+    (tmp_path / "after.yaml").write_text(text)
+    cls = compile_and_import(str(tmp_path), "lopt_after", [str(tmp_path / "after.yaml")])["after"]
+    for backend in BACKENDS:
+        p = torch.nn.Parameter(torch.ones(4, 3))
+        opt = cls([p], backend="cuda" if backend == "simt" else backend)
+        if backend == "simt":
+            opt.backend = SimtBackend(cls.program)
+        p.grad = torch.ones(4, 3)
+        opt.step()
+        assert float(opt.state[p]["pnorm"].reshape(())) == pytest.approx(12 ** 0.5), backend
+        assert torch.allclose(p.detach(), torch.full((4, 3), 0.5)), backend
+
+
+def test_a_route_test_cannot_use_factored_axes():
+    err = error_of(ROUTED.replace("    when: ndim < 2 or flag", "    when: size_d0 > 3"))
+    assert "decided before a tensor is factored: use ndim, numel, size(k)" in str(err), str(err)

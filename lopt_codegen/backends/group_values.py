@@ -142,9 +142,8 @@ class GroupValues(SmallValues):
 
     def _full_size(self, node: Node, scratch: dict[int, str]) -> torch.Tensor:
         """An element value of every tensor as (T, *shape) float32."""
-        if node.op in ("grad", "param"):
-            return torch.stack([(t.grad if node.op == "grad" else t.param.detach()).to(torch.float32)
-                                for t in self.tasks])
+        if node.op == "grad":   # the only one read in place (lower.py: _scratch)
+            return torch.stack([t.grad.to(torch.float32) for t in self.tasks])
         return torch.stack([t.state[scratch[id(node)]][0] for t in self.tasks])
 
     def write_small_accumulators(self, accumulators: dict[str, Node]) -> None:

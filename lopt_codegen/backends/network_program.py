@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..ir.network import NetworkIR
+from ..ir.program import mlp_weight_shapes
 from .torch_ops import BINARY, UNARY
 
 
@@ -17,8 +18,7 @@ class SpecNetwork:
         self._consts: dict[tuple, torch.Tensor] = {}   # made once: a steady step copies nothing from the host
         self._hyper: dict[str, float] = {}
         self.state_keys = tuple(ir.state)
-        self.mlp_shapes = [] if mlp_sizes is None else \
-            [s for n_in, n_out in zip(mlp_sizes, mlp_sizes[1:]) for s in ((n_out, n_in), (n_out,))]
+        self.mlp_shapes = [] if mlp_sizes is None else mlp_weight_shapes(mlp_sizes)
 
     def initial_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         """One tensor's network state before its first step: each (channels,)."""
@@ -45,9 +45,11 @@ class SpecNetwork:
 
     def _folded(self, e: tuple) -> torch.Tensor:
         """Numbers and hyperparameters alone: float64 on the host, as Python computes them,
-        then float32 on the device; made once per hyperparameter values."""
-        key = (e, tuple(sorted(self._hyper.items())))
+        then float32 on the device; made once per values of the hyperparameters it reads."""
+        key = (e, tuple(float(self._hyper[n]) for n in _hyper_names(e)))
         if key not in self._consts:
+            if len(self._consts) >= _CONSTS_LIMIT:   # a schedule changing a value every step
+                self._consts.clear()
             value = _host(e, self._hyper)
             self._consts[key] = value.to(device=self.device, dtype=torch.float32).reshape(1, -1)
         return self._consts[key]
@@ -89,6 +91,15 @@ class SpecNetwork:
         if e[1] == "where":
             return torch.where(args[0] != 0, args[1], args[2])
         return UNARY[e[1]](args[0]) if e[1] in UNARY else BINARY[e[1]](args[0], args[1])
+
+
+_CONSTS_LIMIT = 4096
+
+
+def _hyper_names(e: tuple) -> list[str]:
+    if e[0] == "hyper":
+        return [e[1]]
+    return [n for a in e[2] for n in _hyper_names(a)] if e[0] == "op" else []
 
 
 def _host(e: tuple, hyper: dict[str, float]) -> torch.Tensor:

@@ -106,7 +106,7 @@ class TensorEvaluator:
 
     def call_env(self) -> GroupEnv:
         tasks, device = self.tensors, self.task.param.device
-        return GroupEnv(tuple(self.task.param.shape), self.task.axes,
+        return GroupEnv(tuple(self.task.param.shape), self.task.axes, len(tasks), device,
                         hyper=lambda n: torch.tensor([t.hyper[n] for t in tasks], dtype=torch.float32, device=device),
                         hyper_floats=lambda n: [float(t.hyper[n]) for t in tasks],
                         step=lambda: torch.stack([t.state["step"] for t in tasks]).to(device))

@@ -24,6 +24,8 @@ class GroupEnv:
 
     shape: tuple[int, ...]
     axes: tuple[int, int] | None
+    count: int                                  # T
+    device: torch.device
     hyper: Callable[[str], torch.Tensor]        # name -> (T,) float32 on the group's device
     hyper_floats: Callable[[str], list[float]]  # name -> the T values on the host
     step: Callable[[], torch.Tensor]            # t, (T,)
@@ -48,7 +50,6 @@ class _Runner:
     def __init__(self, fn: FunctionIR, args: list[torch.Tensor], env: GroupEnv):
         self.fn, self.args, self.env = fn, args, env
         self.vars: dict[str, Value] = {}
-        self.count = args[0].shape[0] if args else None
 
     def run(self) -> torch.Tensor:
         try:
@@ -69,7 +70,9 @@ class _Runner:
                 self.block(st[2] if self.expr(st[1]) != 0 else st[3])
             else:
                 value = self.expr(st[1])
-                raise _Return(value if isinstance(value, torch.Tensor) else torch.tensor(value))
+                if not isinstance(value, torch.Tensor):   # numbers and shape facts alone
+                    value = torch.full((self.env.count,), value, dtype=torch.float32, device=self.env.device)
+                raise _Return(value)
 
     def loop_count(self, count: tuple) -> int:
         if count[0] == "const":
@@ -104,7 +107,12 @@ class _Runner:
             rows = self.env.shape[0] if self.env.shape else 1
             return x.reshape(x.shape[0], rows, -1)
         if name == "unmatrix":
-            return args[0].reshape(args[0].shape[0], *self.env.shape)
+            x, rows = args[0], self.env.shape[0] if self.env.shape else 1
+            if tuple(x.shape[1:]) != (rows, math.prod(self.env.shape) // rows):
+                raise ValueError(f"tensor function {self.fn.name}: unmatrix() takes the {rows} x "
+                                 f"{math.prod(self.env.shape) // rows} matrix of a parameter of shape {self.env.shape}, "
+                                 f"got {tuple(x.shape[1:])} (a transpose not undone?)")
+            return x.reshape(x.shape[0], *self.env.shape)
         if name == "transpose":
             return args[0].transpose(-1, -2)
         if name == "matmul":
@@ -118,11 +126,9 @@ class _Runner:
             return torch.where(torch.as_tensor(c) != 0, a, b)
         if name in _UNARY:
             return _UNARY[name](args[0])
-        a, b = _aligned(*args)
-        if not isinstance(a, torch.Tensor):
-            a = torch.as_tensor(a, dtype=b.dtype, device=b.device)
-        if not isinstance(b, torch.Tensor):
-            b = torch.as_tensor(b, dtype=a.dtype, device=a.device)
+        # A number as a 0-D CPU tensor: torch passes it to a device's kernels as a scalar
+        # (no host-to-device copy).
+        a, b = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float32) for x in _aligned(*args))
         return _BINARY[name](a, b)
 
     @staticmethod
@@ -142,10 +148,6 @@ def run_tensor_function(fn: FunctionIR, args: list[torch.Tensor], env: GroupEnv)
     """The function's result for the group: (T, *shape) or (T,). args: parameter-shaped
     values as (T, *shape), single numbers as (T,)."""
     out = _Runner(fn, args, env).run()
-    count = args[0].shape[0] if args else 1
-    if out.dim() == 0 or out.shape[0] != count:   # a result built from numbers alone
-        out = out.reshape(1).expand(count)
-    if out.dim() > 1 and math.prod(out.shape[1:]) != math.prod(env.shape):
-        raise ValueError(f"tensor function {fn.name} returned shape {tuple(out.shape[1:])} for parameters of shape "
-                         f"{env.shape}")
+    if out.dim() == 1 and out.shape[0] == 1 and env.count > 1:   # shared by the group
+        out = out.expand(env.count)
     return out

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 
 from ..spec.errors import Mark, SpecError
-from ..spec.expr import Call, Expr, Name, Num
+from ..spec.expr import Call, Expr, Name, Num, whole_number
 from ..spec.model import Route, Spec, Variants
 from ..spec.names import BUILTIN_NAMES, FUNCTIONS, SHAPE_FACTS
 from .nodes import BINARY, REDUCE, UNARY, Graph, Level, Node, join, reduced_level, topo_order
-from .program import SCRATCH_PREFIX, VARIANTS, MlpInfo, Program, VariantGraph, variant_name
+from .program import VARIANTS, MlpInfo, Program, VariantGraph, mlp_weight_shapes, variant_name
+from .scratch import scratch_values
 from .network import NetworkIR, check_loss_buffer, check_network
 from .tensor_function import FunctionIR, check_call
 from .validate_weights import check_weight_layout, group_shapes
@@ -21,7 +22,8 @@ _SUMS = {"sum": ("mean", "numel"), "sum_d0": ("mean_d0", "size_d0"), "sum_d1": (
 class _Lowerer:
     """Lowers the expressions of one spec for one variant into one Graph."""
 
-    def __init__(self, spec: Spec, variant: str, graph: Graph, pending: frozenset[str] = frozenset()):
+    def __init__(self, spec: Spec, variant: str, graph: Graph, pending: frozenset[str] = frozenset(),
+                 layouts: dict[tuple, tuple[Level, int]] | None = None):
         self.spec, self.variant, self.g = spec, variant, graph
         self.resolved: dict[str, Node] = {}
         self.resolving: list[str] = []
@@ -34,6 +36,7 @@ class _Lowerer:
         # Accumulators whose state layout a trial lowering is inferring (state_node):
         # their old value stands in as a step-level placeholder.
         self.pending = pending
+        self.layouts = {} if layouts is None else layouts   # (name, pending) -> the state's (level, channels)
 
     # --- node construction with level/channel rules -------------------------------
     def const(self, values: tuple[float, ...]) -> Node:
@@ -143,12 +146,14 @@ class _Lowerer:
         if name in self.pending:
             return self.g.make("state", (), (name,), Level.STEP, 1)
         if name not in self.states:
-            acc = self.spec.accumulators[name]
-            trial = _Lowerer(self.spec, self.variant, Graph(), self.pending | {name})
-            rule = trial.lower(self.pick(acc.rule, name, mark))
-            channels = len(acc.decays) if acc.ema is not None else rule.channels
-            level = max(rule.level, Level.TENSOR)
-            self.states[name] = self.g.make("state", (), (name,), level, channels)
+            key = (name, self.pending)
+            if key not in self.layouts:   # shared by the trials: each (name, pending) once
+                acc = self.spec.accumulators[name]
+                trial = _Lowerer(self.spec, self.variant, Graph(), self.pending | {name}, self.layouts)
+                rule = trial.lower(self.pick(acc.rule, name, mark))
+                channels = len(acc.decays) if acc.ema is not None else rule.channels
+                self.layouts[key] = (max(rule.level, Level.TENSOR), channels)
+            self.states[name] = self.g.make("state", (), (name,), *self.layouts[key])
         return self.states[name]
 
     def accumulator(self, name: str, mark: Mark) -> Node:
@@ -266,12 +271,10 @@ class _Lowerer:
         return self.g.make("call", tuple(args), (fn.name,), level, 1)
 
     def axis_index(self, arg: Expr) -> int:
-        sign = 1
-        if isinstance(arg, Call) and arg.func == "neg":   # -1 parses as neg(1)
-            sign, arg = -1, arg.args[0]
-        if not (isinstance(arg, Num) and len(arg.values) == 1 and float(arg.values[0]).is_integer()):
+        axis = whole_number(arg)
+        if axis is None:
             raise SpecError(arg.mark, "size() takes an axis number, e.g. size(0) or size(-1)")
-        return sign * int(arg.values[0])
+        return axis
 
     def arity(self, expr: Call, n: int) -> None:
         if len(expr.args) != n:
@@ -302,7 +305,7 @@ class _Lowerer:
         if spec.loss_buffer is not None:
             self.loss_ir()
         graph = VariantGraph(accs, new_p, network_input)
-        return VariantGraph({**accs, **_scratch(graph)}, new_p, network_input)
+        return VariantGraph({**accs, **scratch_values(graph)}, new_p, network_input)
 
     def network_input(self) -> Node:
         if self._network_inputs is None:
@@ -323,8 +326,7 @@ class _Lowerer:
         if self.network is None:
             spec = self.spec
             mlp = spec.mlp
-            mlp_shapes = None if mlp is None or mlp.weight_group is not None else \
-                [s for n_in, n_out in zip(mlp.sizes, mlp.sizes[1:]) for s in ((n_out, n_in), (n_out,))]
+            mlp_shapes = None if mlp is None or mlp.weight_group is not None else mlp_weight_shapes(mlp.sizes)
             width = self.network_input().channels
             self.network = check_network(spec.network, width, self.weight_shapes, mlp_shapes)
         return self.network
@@ -342,25 +344,6 @@ class _Lowerer:
         return group_shapes(self.spec, group, self.spec.marks.get("weights", mark))
 
 
-def _scratch(graph: VariantGraph) -> dict[str, Node]:
-    """Full-size values that tensor functions read and write, kept like accumulators
-    (SCRATCH_PREFIX names, never saved): each element-level argument other than the
-    gradient and the parameter (written by the pass that computes it), and each
-    element-level result (written by the function; later passes read it)."""
-    out: dict[str, Node] = {}
-    seen: set[int] = set()
-    for node in topo_order(graph.roots()):
-        if node.op != "call":
-            continue
-        for arg in node.args:
-            if arg.level == Level.ELEMENT and arg.op not in ("grad", "param") and id(arg) not in seen:
-                seen.add(id(arg))
-                out[f"{SCRATCH_PREFIX}{len(out)}"] = arg
-        if node.level == Level.ELEMENT:
-            out[f"{SCRATCH_PREFIX}{len(out)}"] = node
-    return out
-
-
 _ROUTE_LEAVES = {"const", "hyper", "shape"}
 
 
@@ -369,7 +352,13 @@ def _route_test(spec: Spec, route: Route, graph: Graph) -> Node | None:
     if route.when is None:
         return None
     lowerer = _Lowerer(spec, "unfactored", graph)
-    node = lowerer.single(lowerer.lower(route.when), route.when.mark, f"routes.{route.name}.when")
+    try:
+        node = lowerer.single(lowerer.lower(route.when), route.when.mark, f"routes.{route.name}.when")
+    except SpecError as exc:   # said for expressions with variants, which a `when` has not
+        if "factored" in exc.message:
+            raise SpecError(exc.mark, f"routes.{route.name}.when is decided before a tensor is factored: use "
+                            "ndim, numel, size(k) instead of factored-axis values") from None
+        raise
     for n in topo_order([node]):
         if not n.args and n.op not in _ROUTE_LEAVES:
             raise SpecError(route.when.mark, f"routes.{route.name}.when decides by the shape (ndim, numel, "

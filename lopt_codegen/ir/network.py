@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..spec.errors import Mark, SpecError
-from ..spec.expr import Assign, Call, Expr, Name, Num, Text
+from ..spec.expr import Assign, Call, Expr, Name, Num, Text, whole_number
 from ..spec.model import Network
-from .tensor_function import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY
+from .tensor_function import ELEMENTWISE_BINARY, ELEMENTWISE_CALLS, ELEMENTWISE_UNARY
 
 # Functions of a network body beyond the element-wise ones (a table the language
 # reference prints).
@@ -140,8 +140,7 @@ class _Checker:
             return self.expr(Call(e.mark, "min", (lo, args[2])), scope)
         expected = 1 if f in ELEMENTWISE_UNARY else 2 if f in ELEMENTWISE_BINARY else 3 if f == "where" else None
         if expected is None:
-            known = sorted(ELEMENTWISE_UNARY - {"neg"} | ELEMENTWISE_BINARY | {"where", "clip"}
-                           | {n.split("(")[0] for n in NETWORK_FUNCTIONS})
+            known = sorted(ELEMENTWISE_CALLS | {n.split("(")[0] for n in NETWORK_FUNCTIONS})
             raise SpecError(e.mark, f"unknown function '{f}' in the network; known: {', '.join(known)}")
         self.arity(e, expected)
         parts = [self.expr(a, scope) for a in args]
@@ -168,9 +167,10 @@ def _constant(ir: tuple) -> bool:
 
 
 def _whole(e: Expr, message: str) -> int:
-    if not (isinstance(e, Num) and len(e.values) == 1 and float(e.values[0]).is_integer()):
+    n = whole_number(e)
+    if n is None:
         raise SpecError(e.mark, message)
-    return int(e.values[0])
+    return n
 
 
 def check_network(net: Network, x_channels: int, shapes: Shapes, mlp_shapes: list[tuple[int, ...]] | None) -> NetworkIR:

@@ -25,6 +25,11 @@ def variant_name(route: str | None, kind: str) -> str:
     return kind if route is None else f"{route}_{kind}"
 
 
+def mlp_weight_shapes(sizes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The MLP's weights in order, w0 (out, in), b0 (out,), w1, b1, ..."""
+    return [s for n_in, n_out in zip(sizes, sizes[1:]) for s in ((n_out, n_in), (n_out,))]
+
+
 def is_factored(variant: str) -> bool:
     return variant == "factored" or variant.endswith("_factored")
 

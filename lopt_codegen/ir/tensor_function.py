@@ -15,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..spec.errors import Mark, SpecError
-from ..spec.expr import Assign, Branch, Call, Expr, Loop, Name, Num, Return
+from ..spec.expr import Assign, Branch, Call, Expr, Loop, Name, Num, Return, whole_number
 from ..spec.model import TensorFunction
 from ..spec.names import SHAPE_FACTS
 
 ELEMENTWISE_UNARY = {"neg", "rsqrt", "sqrt", "exp", "log", "tanh", "abs", "sign", "relu", "sigmoid"}
 ELEMENTWISE_BINARY = {"add", "sub", "mul", "div", "pow", "min", "max", "lt", "le", "gt", "ge", "eq", "ne"}
+# The element-wise functions a body calls by name (operators such as + and < aside).
+ELEMENTWISE_CALLS = ELEMENTWISE_UNARY - {"neg"} | {"min", "max", "where", "clip"}
 REDUCTIONS = {"norm", "sum", "mean"}   # (x): over the whole value; (x, axis): along one axis of a matrix
 
 # What a tensor function body may call, beyond the element-wise functions (a table the
@@ -83,8 +85,8 @@ class _Checker:
         arity = {"matrix": 1, "unmatrix": 1, "transpose": 1, "matmul": 2, "where": 3, "clip": 3}
         expected = 1 if f in ELEMENTWISE_UNARY else 2 if f in ELEMENTWISE_BINARY else arity.get(f)
         if expected is None:
-            raise SpecError(e.mark, f"unknown function '{f}' in a tensor function; known: "
-                            f"{', '.join(sorted(ELEMENTWISE_UNARY - {'neg'} | ELEMENTWISE_BINARY | set(arity) | REDUCTIONS | {'size'}))}")
+            known = sorted(ELEMENTWISE_CALLS | set(MATRIX_FUNCTIONS) | {"size"})
+            raise SpecError(e.mark, f"unknown function '{f}' in a tensor function; known: {', '.join(known)}")
         if len(args) != expected:
             raise SpecError(e.mark, f"{f}() takes {expected} argument{'s' if expected != 1 else ''}, got {len(args)}")
         if f == "matrix":
@@ -197,12 +199,10 @@ class _Checker:
 
 
 def _whole_number(e: Expr, message: str) -> int:
-    sign = 1
-    if isinstance(e, Call) and e.func == "neg" and len(e.args) == 1:
-        sign, e = -1, e.args[0]
-    if not (isinstance(e, Num) and len(e.values) == 1 and float(e.values[0]).is_integer()):
+    n = whole_number(e)
+    if n is None:
         raise SpecError(e.mark, message)
-    return sign * int(e.values[0])
+    return n
 
 
 def check_call(fn: TensorFunction, arg_kinds: tuple[str, ...], hyperparameters: set[str],

@@ -22,6 +22,7 @@ from .routes import Router
 from .weights import resolve_weights
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROUTE_KEY = "__route"   # in a routed optimizer's per-parameter state (spec names cannot start with __)
 
 
 _ALIGN_FLOATS = 16   # 64 bytes: compiled kernels take each channel as an aligned buffer
@@ -98,8 +99,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return grad
 
     # --- state -------------------------------------------------------------------------
-    def _init_state(self, p: torch.Tensor, variant: str, axes) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+    def _init_state(self, p: torch.Tensor, variant: str, axes: tuple[int, int] | None) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+        if self.program.routes:
+            state[ROUTE_KEY] = variant   # the graph this state belongs to (saved with it)
         for name, per_variant in self.program.state_levels.items():
             if variant in per_variant:
                 level, channels = per_variant[variant]
@@ -109,16 +112,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if network is not None:
             state.update(network.initial_state(p.device))
         return state
-
-    def _restore_scratch(self, state: dict[str, torch.Tensor], p: torch.Tensor, variant: str, axes) -> None:
-        """Scratch values after a load_state_dict (never saved); any other missing key means
-        the parameter's route changed."""
-        missing = [k for k in self._kept[variant] if k not in state and not is_scratch(k)]
-        if missing:
-            raise RuntimeError(f"{self.program.class_name}: a parameter of shape {tuple(p.shape)} now takes route "
-                               f"'{variant}', whose state ({', '.join(missing)}) it does not have: its route changed "
-                               "after its first step (a flag or shape in its param group); keep a parameter's route")
-        state.update({k: v for k, v in self._init_state(p, variant, axes).items() if is_scratch(k)})
 
     def _network(self, device: torch.device) -> SpecNetwork | None:
         """The spec's network with its weights on `device` (moved once, then cached)."""
@@ -183,8 +176,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, variant, axes))
-                elif any(k not in state for k in self._kept[variant]):
-                    self._restore_scratch(state, p, variant, axes)
+                elif state.get(ROUTE_KEY, variant) != variant:
+                    raise RuntimeError(f"{program.class_name}: a parameter of shape {tuple(p.shape)} now takes "
+                                       f"'{variant}', but its state belongs to '{state[ROUTE_KEY]}': its route "
+                                       "changed after its first step (a flag in its param group); keep a "
+                                       "parameter's route")
+                elif any(k not in state for k in self._kept[variant]):   # after load_state_dict
+                    state.update({k: v for k, v in self._init_state(p, variant, axes).items() if is_scratch(k)})
                 tasks.append(TensorTask(p, grad, state, hyper, variant, axes))
                 device = device or p.device
         if not tasks:

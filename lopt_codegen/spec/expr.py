@@ -156,6 +156,16 @@ class _Converter:
                         "(numbers, lists of numbers, names, + - * / **, comparisons, function calls)")
 
 
+def whole_number(e: Expr) -> int | None:
+    """The value of a literal whole number (-1 parses as neg(1)), else None."""
+    sign = 1
+    if isinstance(e, Call) and e.func == "neg" and len(e.args) == 1:
+        sign, e = -1, e.args[0]
+    if isinstance(e, Num) and len(e.values) == 1 and float(e.values[0]).is_integer():
+        return sign * int(e.values[0])
+    return None
+
+
 def parse_expr(text: str, mark: Mark, strings: bool = False) -> Expr:
     """Parse one expression; `mark` is where its first character sits in the file."""
     stripped = text.strip()

@@ -14,6 +14,7 @@ from typing import Callable, ContextManager
 
 import torch
 
+from ...ir.nodes import topo_order
 from ...ir.plan import plan_program
 from ...ir.program import Program, is_factored
 from ..base import Backend, StepBatch, TensorTask
@@ -91,6 +92,8 @@ class TvmBackend(Backend):
         self.target = llvm_target()
         self.cache = cache
         self.plans = plan_program(program)
+        self._with_calls = {v for v, graph in program.variants.items()
+                            if any(n.op == "call" for n in topo_order(graph.roots()))}
         self.fallback = ReferenceBackend(program)
         self._kernels: dict[tuple, list[_Kernel]] = {}
         self._small: dict[tuple, dict[str, SmallKernel]] = {}
@@ -121,7 +124,7 @@ class TvmBackend(Backend):
     def small_kernels(self, task: TensorTask, sigs: list[PassSignature]) -> dict[str, SmallKernel] | None:
         """The compiled small work of a tensor kind (shape-generic), by consumer; None for
         the GPU kernels (their sums have the GPU layout; the small work runs in torch)."""
-        if sigs[0].view.gpu or not self.compiled_small_work or self.program.tensor_functions:
+        if sigs[0].view.gpu or not self.compiled_small_work or task.variant in self._with_calls:
             return None   # (tensor functions run in torch: so does the small work around them)
         key = (task.variant, sigs[0].view.x_axis)
         if key not in self._small:
