@@ -146,6 +146,8 @@ SMALL_FC_SHAPES = {
 
 
 class SmallFcLoptOracle:
+    decays = (SMALL_FC_MOM, SMALL_FC_RMS, SMALL_FC_FAC)   # momentum, rms, adafactor
+
     def __init__(self, weights: dict[str, Array], lr: float = 1.0, weight_decay: float = 0.0):
         self.w = _as_f32(weights, SMALL_FC_SHAPES)
         self.lr, self.weight_decay = lr, weight_decay
@@ -154,7 +156,7 @@ class SmallFcLoptOracle:
 
     def features(self, p: Array, g: Array, st: TensorState) -> Array:
         """The 39 MLP inputs (last axis); updates st."""
-        a = accumulate(st, g, SMALL_FC_MOM, SMALL_FC_RMS, SMALL_FC_FAC, fac_mom_eps=1e-6)
+        a = accumulate(st, g, *self.decays, fac_mom_eps=1e-6)
         chans = [g, p, *a["m"], *a["v"], *[m * a["rsq"][0] for m in a["m"]], *a["rsq"], *a["fac_g"],
                  *a["row_feat"], *a["col_feat"], *[_rsqrt(r + F32(1e-8)) for r in a["row_feat"]],
                  *[_rsqrt(c + F32(1e-8)) for c in a["col_feat"]], *a["fac_mom"]]
@@ -175,14 +177,16 @@ class SmallFcLoptOracle:
             h = relu(_linear(x, w["network.input.weight"], w["network.input.bias"]))  # 39 -> 32
             h = relu(_linear(h, w["network.linear_0.weight"], w["network.linear_0.bias"]))  # 32 -> 32
             y = _linear(h, w["network.output.weight"], w["network.output.bias"])  # 32 -> 2
-            direction, magnitude = y[..., 0], y[..., 1]
-            step = direction * np.exp(magnitude * F32(0.001)) * F32(0.01)
-            new_p = p - F32(self.lr) * step
-            if self.weight_decay > 0:  # doc: on the updated p
-                new_p = new_p - F32(self.lr * self.weight_decay) * new_p
-            out.append(np.asarray(new_p, F32))
+            out.append(np.asarray(self.new_param(p, y[..., 0], y[..., 1]), F32))
         self.t += 1
         return out
+
+    def new_param(self, p: Array, direction: Array, magnitude: Array) -> Array:
+        step = direction * np.exp(magnitude * F32(0.001)) * F32(0.01)
+        new_p = p - F32(self.lr) * step
+        if self.weight_decay > 0:  # doc: on the updated p
+            new_p = new_p - F32(self.lr * self.weight_decay) * new_p
+        return new_p
 
 
 # ---------------------------------------------------------------------------------------------
