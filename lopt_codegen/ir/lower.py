@@ -7,7 +7,7 @@ import hashlib
 from ..spec.errors import Mark, SpecError
 from ..spec.expr import Call, Expr, Name, Num, whole_number
 from ..spec.model import Route, Spec, Variants
-from ..spec.names import BUILTIN_NAMES, FUNCTIONS, SHAPE_FACTS
+from ..spec.names import BUILTIN_NAMES, FUNCTIONS, PARAMETER_VALUES, SHAPE_FACTS
 from .nodes import BINARY, REDUCE, UNARY, Graph, Level, Node, join, reduced_level, topo_order
 from .program import VARIANTS, MlpInfo, Program, VariantGraph, mlp_weight_shapes, variant_name
 from .scratch import scratch_values
@@ -95,6 +95,8 @@ class _Lowerer:
                 raise SpecError(expr.mark, f"{n} is the size of a factored axis, but this expression is also "
                                 "used for unfactored tensors; give it `factored:` and `unfactored:` variants")
             return self.shape_fact((n,))
+        if n in PARAMETER_VALUES:   # per tensor, filled in by the runtime like a group value
+            return self.g.make("hyper", (), (n,), Level.STEP, 1)
         if n == "loss_features":
             if spec.loss_buffer is None:
                 raise SpecError(expr.mark, "loss_features needs a `loss_buffer` section")
@@ -291,6 +293,11 @@ class _Lowerer:
         step = self.single(self.lower(spec.step), spec.step.mark, "update.step")
         p, lr, wd = (self.name(Name(spec.step.mark, n), {}) for n in ("p", "lr", "weight_decay"))
         m = spec.step.mark
+        if spec.lr_scale is not None:   # this tensor's learning rate, for the step and the decay
+            scale = self.single(self.lower(spec.lr_scale), spec.lr_scale.mark, "update.lr_scale")
+            if scale.level > Level.TENSOR:
+                raise SpecError(spec.lr_scale.mark, "update.lr_scale is one value per tensor; reduce it with mean()")
+            lr = self.op("mul", (lr, scale), m)
         if spec.weight_decay == "after_step":
             p1 = self.op("sub", (p, self.op("mul", (lr, step), m)), m)
             new_p = self.op("sub", (p1, self.op("mul", (self.op("mul", (lr, wd), m), p1), m)), m)

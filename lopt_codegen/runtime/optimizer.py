@@ -14,7 +14,8 @@ import torch
 
 from ..backends import select_backend
 from ..backends.base import StepBatch, TensorTask
-from ..ir.nodes import level_shape
+from ..ir.nodes import level_shape, topo_order
+from ..spec.names import PARAMETER_VALUES
 from ..ir.program import Program, is_scratch
 from ..backends.network_program import SpecNetwork
 from .axes import factored_axes
@@ -58,6 +59,24 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
+def _parameter_values_used(program: Program) -> list[str]:
+    """The per-parameter values (names.PARAMETER_VALUES) the program reads."""
+    roots = [n for g in program.variants.values() for n in g.roots()]
+    roots += [t for _, t in program.routes if t is not None]
+    return sorted({n.attrs[0] for n in topo_order(roots) if n.op == "hyper" and n.attrs[0] in PARAMETER_VALUES})
+
+
+def _parameter_values(p: torch.Tensor, group: dict, names: list[str]) -> dict[str, float]:
+    """μP's values of a parameter: from mup's infshape (mup.set_base_shapes) when it has
+    one, else from its param group, else the defaults."""
+    infshape = getattr(p, "infshape", None)
+    if infshape is not None:
+        found = {"width_mult": infshape.width_mult(), "inf_dims": infshape.ninf()}
+    else:
+        found = {n: group.get(n, PARAMETER_VALUES[n]) for n in names}
+    return {n: float(found[n]) for n in names}
+
+
 class LearnedOptimizer(torch.optim.Optimizer):
     program: ClassVar[Program]
 
@@ -78,6 +97,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._weights = resolve_weights(program, weights, seed)
         self.backend = select_backend(program, backend)
         self._router = Router(program)
+        self._parameter_values = _parameter_values_used(program)
         self._kept = {v: [n for n, per in program.state_levels.items() if v in per] for v in program.variants}
         self._networks: dict[torch.device, SpecNetwork] = {}
         self._loss_buffers: dict[torch.device, SpecNetwork] = {}
@@ -172,7 +192,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._check_param(p)
                 grad = self._grad(p)
                 axes = factored_axes(tuple(p.shape), program.factored_axes)
-                variant = self._router.variant(tuple(p.shape), axes is not None, hyper)
+                task_hyper = {**hyper, **_parameter_values(p, group, self._parameter_values)} \
+                    if self._parameter_values else hyper
+                variant = self._router.variant(tuple(p.shape), axes is not None, task_hyper)
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, variant, axes))
@@ -183,7 +205,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                                        "parameter's route")
                 elif any(k not in state for k in self._kept[variant]):   # after load_state_dict
                     state.update({k: v for k, v in self._init_state(p, variant, axes).items() if is_scratch(k)})
-                tasks.append(TensorTask(p, grad, state, hyper, variant, axes))
+                tasks.append(TensorTask(p, grad, state, task_hyper, variant, axes))
                 device = device or p.device
         if not tasks:
             return loss

@@ -218,8 +218,9 @@ def _rule(doc: LDict, taken: dict[str, Mark], top: Mark, inherited: Spec | None 
         update = doc["update"]
         out["step"] = _expr(update["step"], update.mark)
         out["weight_decay"] = str(update.get("weight_decay", "after_step"))
+        out["lr_scale"] = _expr(update["lr_scale"], update.mark) if "lr_scale" in update else None
     elif inherited is None:
-        out["step"], out["weight_decay"] = None, "after_step"
+        out["step"], out["weight_decay"], out["lr_scale"] = None, "after_step", None
     return out
 
 

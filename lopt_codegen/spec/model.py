@@ -126,6 +126,7 @@ class Spec:
     step: Expr | None   # None only in a spec whose routes each have their own
     weight_decay: str
     marks: dict[str, Mark] = field(default_factory=dict)  # section name -> position
+    lr_scale: Expr | None = None   # this tensor's learning rate is lr * lr_scale
     routes: tuple["Route", ...] = ()
 
 

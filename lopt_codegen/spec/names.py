@@ -27,10 +27,16 @@ BUILTIN_NAMES: dict[str, Builtin] = {
     "size_d0": Builtin("tensor", "the size of the factored axis d0 (factored tensors only)"),
     "size_d1": Builtin("tensor", "the size of the factored axis d1 (factored tensors only)"),
     "loss_features": Builtin("step", "the loss buffer's features (needs `loss_buffer`)"),
+    "width_mult": Builtin("tensor", "μP: the parameter's `infshape.width_mult()` (mup.set_base_shapes) if it "
+                          "has one, else its param group's `width_mult`, else 1"),
+    "inf_dims": Builtin("tensor", "μP: the parameter's `infshape.ninf()` (its axes that grow with the width: 2 "
+                        "for hidden matrices) if it has one, else its param group's `inf_dims`, else 0"),
 }
 
 # The shape facts among the names: tensor-level values known from the shape alone.
 SHAPE_FACTS = ("rank", "ndim", "numel", "fan_in", "fan_out", "size_d0", "size_d1")
+# Per-parameter values the runtime reads from the parameter (mup's infshape) or its group.
+PARAMETER_VALUES = {"width_mult": 1.0, "inf_dims": 0.0}   # name -> the value without either
 
 
 @dataclass(frozen=True)

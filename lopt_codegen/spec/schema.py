@@ -144,6 +144,8 @@ SPEC_SCHEMA: dict = {
             "type": "object", "required": ["step"], "additionalProperties": False,
             "properties": {
                 "step": {**EXPR, "description": "p <- p - lr * step"},
+                "lr_scale": {**NUMBER_OR_EXPR, "description": "this tensor's learning rate is lr * lr_scale, "
+                             "for the step and the weight decay (one value per tensor, e.g. μP's 1 / width_mult)"},
                 "weight_decay": {"enum": ["after_step", "decoupled", "none"],
                                  "description": "after_step: p <- p - lr wd p on the updated p; "
                                  "decoupled: on p before the step"}}},
