@@ -142,9 +142,11 @@ class GroupValues(SmallValues):
 
     def _full_size(self, node: Node, scratch: dict[int, str]) -> torch.Tensor:
         """An element value of every tensor as (T, *shape) float32."""
-        if node.op == "grad":   # the only one read in place (lower.py: _scratch)
-            return torch.stack([t.grad.to(torch.float32) for t in self.tasks])
-        return torch.stack([t.state[scratch[id(node)]][0] for t in self.tasks])
+        if node.op == "grad":   # the only one read in place (ir/scratch.py)
+            values = [t.grad.to(torch.float32) for t in self.tasks]
+        else:
+            values = [t.state[scratch[id(node)]][0] for t in self.tasks]
+        return values[0].unsqueeze(0) if len(values) == 1 else torch.stack(values)   # one tensor: no copy
 
     def write_small_accumulators(self, accumulators: dict[str, Node]) -> None:
         """Row/col/tensor-level accumulators, after everything that reads their old value."""

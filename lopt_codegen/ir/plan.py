@@ -87,23 +87,21 @@ def plan_variant(variant: str, graph: VariantGraph) -> Plan:
         roots += [n for name, n in element_accs.items() if write_pass[name] == k]
         return roots + ([graph.new_param] if k == last else [])
 
+    def stored_in(k: int) -> dict[int, str]:
+        out = {id(n): name for name, n in element_accs.items() if write_pass[name] < k}
+        out.update({id(n): name for name, n in results.items() if phase[id(n)] <= k})
+        return out
+
     # Delay each accumulator's write to the last pass that reads its previous value.
     while True:
         changed = False
         for k in range(last + 1):
-            stored = {id(n): name for name, n in element_accs.items() if write_pass[name] < k}
-            stored.update({id(n): name for name, n in results.items() if phase[id(n)] <= k})
-            for n in _needed(pass_roots(k), stored):
+            for n in _needed(pass_roots(k), stored_in(k)):
                 if n.op == "state" and n.attrs[0] in write_pass and write_pass[n.attrs[0]] < k:
                     write_pass[n.attrs[0]] = k
                     changed = True
         if not changed:
             break
-
-    def stored_in(k: int) -> dict[int, str]:
-        out = {id(n): name for name, n in element_accs.items() if write_pass[name] < k}
-        out.update({id(n): name for name, n in results.items() if phase[id(n)] <= k})
-        return out
 
     passes: list[Pass] = []
     between: list[dict[str, int]] = []

@@ -98,7 +98,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.backend = select_backend(program, backend)
         self._router = Router(program)
         self._parameter_values = _parameter_values_used(program)
-        self._kept = {v: [n for n, per in program.state_levels.items() if v in per] for v in program.variants}
+        # Scratch values per graph: never saved, so made again after a load_state_dict.
+        self._scratch = {v: [n for n, per in program.state_levels.items() if v in per and is_scratch(n)]
+                         for v in program.variants}
         self._networks: dict[torch.device, SpecNetwork] = {}
         self._loss_buffers: dict[torch.device, SpecNetwork] = {}
         self._mlp_cache: dict[torch.device, list[torch.Tensor]] = {}
@@ -203,7 +205,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                                        f"'{variant}', but its state belongs to '{state[ROUTE_KEY]}': its route "
                                        "changed after its first step (a flag in its param group); keep a "
                                        "parameter's route")
-                elif any(k not in state for k in self._kept[variant]):   # after load_state_dict
+                elif self._scratch[variant] and self._scratch[variant][0] not in state:   # after load_state_dict
                     state.update({k: v for k, v in self._init_state(p, variant, axes).items() if is_scratch(k)})
                 tasks.append(TensorTask(p, grad, state, task_hyper, variant, axes))
                 device = device or p.device
