@@ -332,3 +332,142 @@ class VeLOOracle:
             out.append(np.asarray(new_p, F32))
         self.t += 1
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CELO2 and ELO-CELO2 (PyLO's CELO2_naive / ELO_CELO2_naive at inference; specs/celo2.yaml
+# says where the matrices of a rank >= 3 tensor follow the JAX original instead)
+#
+# In float64, the exact math: Newton-Schulz amplifies rounding of its input by up to
+# a^5 ~ 490 along small singular values, so a float32 transcription is itself off by more
+# than 1e-5 on some 3 x 3 matrices. The float32 implementations are checked against this.
+# ---------------------------------------------------------------------------------------------
+F64 = np.float64
+CELO2_FEATURE_DIMS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
+CELO2_SHAPES = {**{f"w0.{i}": (d, 8) for i, d in enumerate(CELO2_FEATURE_DIMS)}, "b0": (8,),
+                "dense_w.0": (8, 8), "dense_b.0": (8,), "dense_w.1": (8, 3), "dense_b.1": (3,)}
+
+
+def rms_normalize(x: Array, axes: tuple[int, ...]) -> Array:
+    """PyLO's second_moment_normalizer: x * rsqrt(1e-9 + mean(x^2)) over `axes`."""
+    return x * _rsqrt(F64(1e-9) + np.mean(x * x, axis=axes, keepdims=True))
+
+
+def newton_schulz(x: Array, axes: tuple[int, int], coeffs: tuple[float, float, float], iters: int,
+                  eps: float) -> Array:
+    """PyLO's orthogonalize_via_newton_schulz over the matrices spanned by `axes` (the
+    lower axis the rows), one per index of the other axes."""
+    lo, hi = sorted(axes)
+    m = np.moveaxis(x, (lo, hi), (-2, -1))
+    transposed = m.shape[-2] > m.shape[-1]
+    if transposed:
+        m = np.swapaxes(m, -1, -2)
+    m = m / (np.sqrt(np.sum(m * m, axis=(-2, -1), keepdims=True)) + F64(eps))
+    a, b, c = (F64(k) for k in coeffs)
+    for _ in range(iters):
+        gram = m @ np.swapaxes(m, -1, -2)
+        m = a * m + (b * gram + c * (gram @ gram)) @ m
+    if transposed:
+        m = np.swapaxes(m, -1, -2)
+    return np.moveaxis(m, (-2, -1), (lo, hi))
+
+
+class CELO2Oracle:
+    """CELO2 (shared_adam=False) and ELO-CELO2 (shared_adam=True) over a list of tensors:
+    `embedding` holds the indices of parameters in an is_embedding group."""
+
+    def __init__(self, weights: dict[str, Array], lr: float, weight_decay: float, *, embedding: frozenset[int] = frozenset(),
+                 shared_adam: bool = False, adam_lr_mult: float = 1.0, adam_weight_decay: float | None = None,
+                 adam_betas: tuple[float, float] = (0.9, 0.95), adam_eps: float = 1e-8, use_adamw_for_1d: bool = True,
+                 orthogonalize: bool = True, clip_grad: bool = False, clip_norm: float = 1.0, exp_mult: float = 0.0,
+                 rmsmult: float = 1.0, param_scale_mult: bool = False, grad_clip_val: float = 1000.0,
+                 ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315), ns_iters: int = 5,
+                 ns_eps: float = 1e-8):
+        self.w = _as_f32(weights, CELO2_SHAPES)
+        self.lr, self.weight_decay, self.embedding = F64(lr), F64(weight_decay), embedding
+        self.shared_adam, self.adam_lr = shared_adam, F64(adam_lr_mult * lr)
+        self.adam_wd = F64(weight_decay if adam_weight_decay is None else adam_weight_decay)
+        # ELO-CELO2's AdamW reads momentum[0] and rms[-1]: betas (0.9, 0.95), eps 1e-8
+        self.betas = (0.9, 0.95) if shared_adam else adam_betas
+        self.adam_eps = F64(1e-8 if shared_adam else adam_eps)
+        self.use_adamw_for_1d, self.orthogonalize = use_adamw_for_1d, orthogonalize
+        self.clip_grad, self.clip_norm, self.grad_clip_val = clip_grad, F64(clip_norm), F64(grad_clip_val)
+        self.exp_mult, self.rmsmult, self.param_scale_mult = F64(exp_mult), F64(rmsmult), param_scale_mult
+        self.ns = (ns_coeffs, ns_iters, ns_eps)
+        self.b_mom = np.array([0.9, 0.99, 0.999], F64)
+        self.b_rms = F64(0.95)
+        self.b_fac = np.array([0.9, 0.99, 0.999], F64)
+        self.states: dict[int, dict[str, Array]] = {}
+
+    def mlp(self, inputs: list[Array]) -> Array:
+        """CELO2MLP: a split first layer (x_i @ w0_i summed), relu, then dense (in, out) layers."""
+        w = self.w
+        o = sum(x @ w[f"w0.{i}"] for i, x in enumerate(inputs)) + w["b0"]
+        o = relu(o)
+        o = relu(o @ w["dense_w.0"] + w["dense_b.0"])
+        return o @ w["dense_w.1"] + w["dense_b.1"]
+
+    def adam(self, i: int, p: Array, g: Array) -> Array:
+        st = self.states.setdefault(i, {"m": np.zeros_like(p), "v": np.zeros_like(p), "t": 0})
+        st["t"] += 1
+        b1, b2 = (F64(b) for b in self.betas)
+        st["m"] = b1 * st["m"] + (F64(1) - b1) * g
+        st["v"] = b2 * st["v"] + (F64(1) - b2) * g * g
+        m_hat = st["m"] / (F64(1) - b1 ** F64(st["t"]))
+        v_hat = st["v"] / (F64(1) - b2 ** F64(st["t"]))
+        return p - self.adam_lr * (m_hat / (np.sqrt(v_hat) + self.adam_eps) + self.adam_wd * p)
+
+    def celo2(self, i: int, p: Array, g: Array) -> Array:
+        axes = factored_axes(p.shape, velo_tie_rule=False)
+        shape = p.shape
+        gc = g[..., None]
+        st = self.states.get(i)
+        if st is None:
+            st = self.states[i] = {"mom": np.zeros(shape + (3,), F64), "rms": np.zeros(shape + (1,), F64)}
+            if axes is None:
+                st["v"] = np.zeros(shape + (3,), F64)
+            else:
+                st["row"] = np.zeros_like(np.mean(st["mom"], axis=axes[0], keepdims=True))
+                st["col"] = np.zeros_like(np.mean(st["mom"], axis=axes[1], keepdims=True))
+        st["mom"] = self.b_mom * st["mom"] + (F64(1) - self.b_mom) * gc
+        st["rms"] = self.b_rms * st["rms"] + (F64(1) - self.b_rms) * gc * gc
+        grad_sqr = gc * gc + F64(1e-30)   # broadcast to the 3 Adafactor channels
+        if axes is None:
+            st["v"] = self.b_fac * st["v"] + (F64(1) - self.b_fac) * grad_sqr
+            fac_g = gc * safe_rsqrt(st["v"] + F64(1e-9))
+        else:
+            d0, d1 = axes
+            st["row"] = self.b_fac * st["row"] + (F64(1) - self.b_fac) * np.mean(grad_sqr, axis=d0, keepdims=True)
+            st["col"] = self.b_fac * st["col"] + (F64(1) - self.b_fac) * np.mean(grad_sqr, axis=d1, keepdims=True)
+            row_factor = safe_rsqrt(st["row"] / (np.mean(st["row"], axis=d1, keepdims=True) + F64(1e-9)))
+            factor = row_factor * safe_rsqrt(st["col"])
+            fac_g = gc * factor
+        mom, rms = st["mom"], st["rms"]
+        rsq = _rsqrt(rms + F64(1e-8))
+        inputs = [gc, np.clip(gc, F64(-0.1), F64(0.1)), p[..., None], mom, rms, mom * rsq, rsq, fac_g, gc * rsq]
+        if axes is not None:
+            full = shape + (3,)
+            row, col = np.broadcast_to(st["row"], full), np.broadcast_to(st["col"], full)
+            inputs += [row, col, _rsqrt(row + F64(1e-8)), _rsqrt(col + F64(1e-8)), mom * factor]
+        # the matrices: the factored axes; a vector or scalar: the whole tensor
+        matrix_axes = tuple(axes) if axes is not None else tuple(range(len(shape)))
+        out = self.mlp([rms_normalize(x, matrix_axes) for x in inputs])
+        step = out[..., 0] * np.exp(out[..., 1] * self.exp_mult)
+        if self.param_scale_mult:
+            step = step * np.sqrt(np.mean(p * p) + F64(1e-9))
+        if self.orthogonalize and axes is not None:
+            step = newton_schulz(step, axes, *self.ns)
+        step = rms_normalize(step, matrix_axes) * self.rmsmult
+        return p - self.lr * (step + self.weight_decay * p)
+
+    def step(self, params: list[Array], grads: list[Array]) -> list[Array]:
+        grads = [np.asarray(g, F64) for g in grads]
+        if self.clip_grad:   # optax.clip_by_global_norm over every tensor
+            norm = np.sqrt(sum(np.sum(g * g) for g in grads), dtype=F64)
+            grads = [g * (self.clip_norm / max(norm, self.clip_norm)) for g in grads]
+        out = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p, g = np.asarray(p, F64), np.clip(g, -self.grad_clip_val, self.grad_clip_val)
+            to_adam = self.use_adamw_for_1d and (p.ndim <= 1 or i in self.embedding)
+            out.append(self.adam(i, p, g) if to_adam else self.celo2(i, p, g))
+        return out

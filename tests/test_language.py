@@ -340,8 +340,11 @@ update:
 
 
 @pytest.mark.parametrize("body_line, where, message", [
-    ("      Y = X @ G", "tiny.yaml:10:11", "@ multiplies two matrices, got a matrix and a element"),
-    ("      Y = X + G", "tiny.yaml:10:11", "mixes a parameter-shaped value with a matrix"),
+    ("      Y = X @ G", "tiny.yaml:10:11", "@ multiplies two matrices (or two batches), got a matrix and a element"),
+    ("      Y = X + G", "tiny.yaml:10:11", "mixes values of different kinds (element, matrix)"),
+    ("      Y = matrices(G)", "tiny.yaml:10:11", "matrices() needs a factored tensor"),
+    ("      Y = rows(G)", "tiny.yaml:10:11", "rows() takes a matrix, got a element"),
+    ("      n = rows(X)\n      n = norm(X)", "tiny.yaml:11:7", "'n' holds a number known from the shape"),
     ("      Y = transpose(G)", "tiny.yaml:10:11", "transpose() takes a matrix"),
     ("      Y = q", "tiny.yaml:10:11", "unknown name 'q' in tensor function 'f'"),
     ("      Y = mean_d0(X)", "tiny.yaml:10:11", "unknown function 'mean_d0' in a tensor function"),

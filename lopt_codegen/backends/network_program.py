@@ -86,7 +86,8 @@ class SpecNetwork:
             return self._eval(e[1], scope)[:, e[2]:e[2] + e[3]]
         if kind == "over_tensors":
             x = self._eval(e[2], scope)
-            return x.amax(0, keepdim=True) if e[1] == "max" else x.mean(0, keepdim=True)
+            reduce = {"max": torch.amax, "mean": torch.mean, "sum": torch.sum}[e[1]]
+            return reduce(x, 0, keepdim=True)
         args = [self._eval(a, scope) for a in e[2]]
         if e[1] == "where":
             return torch.where(args[0] != 0, args[1], args[2])

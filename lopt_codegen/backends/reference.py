@@ -44,7 +44,8 @@ class TensorEvaluator:
     def take_network(self, outputs: dict[str, torch.Tensor], mlp: list[torch.Tensor], index: int | slice) -> None:
         """This tensor's row (`index`) of the network's outputs and MLP weights."""
         self.net_out = {name: out[index] for name, out in outputs.items()}
-        self.mlp_weights = [w[index] for w in mlp]
+        if mlp:   # else the MLP's weights are the shared ones of its weight group
+            self.mlp_weights = [w[index] for w in mlp]
 
     def scalar(self, values: torch.Tensor) -> torch.Tensor:
         """A (channels,) vector as a broadcastable value."""

@@ -100,8 +100,14 @@ class _Runner:
         return self.op(e[1], [self.expr(a) for a in e[2]])
 
     def op(self, name: str, args: list[Value]) -> Value:
+        if name in ("rows", "cols"):   # from the shape: no host read
+            return float(args[0].shape[-2 if name == "rows" else -1])
         if not any(isinstance(a, torch.Tensor) for a in args):   # numbers and shape facts: on the host
             return float(self.op(name, [torch.tensor(a, dtype=torch.float64) for a in args]))
+        if name == "matrices":
+            return self.matrices(args[0])
+        if name == "unmatrices":
+            return self.unmatrices(args[0])
         if name == "matrix":
             x = args[0]
             rows = self.env.shape[0] if self.env.shape else 1
@@ -119,6 +125,11 @@ class _Runner:
             return torch.matmul(args[0], args[1])
         if name in ("norm", "sum", "mean"):
             return self.reduce(name, *args)
+        if name in ("norm_each", "sum_each", "mean_each"):   # per matrix of a batch
+            x, kind = args[0], name[:-len("_each")]
+            if kind == "norm":
+                return torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+            return x.sum((-2, -1), keepdim=True) if kind == "sum" else x.mean((-2, -1), keepdim=True)
         if name == "where":
             c, a = _aligned(args[0], args[1])
             c, b = _aligned(c, args[2])
@@ -131,6 +142,28 @@ class _Runner:
         a, b = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float32) for x in _aligned(*args))
         return _BINARY[name](a, b)
 
+    def _matrix_axes(self) -> tuple[int, int]:
+        """The factored axes of the group's tensors, lower first, counting the leading T."""
+        lo, hi = sorted(self.env.axes)
+        return lo + 1, hi + 1
+
+    def matrices(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, *shape) -> (T, B, R, C): the matrices over the factored axes (R the lower-
+        numbered one), one per index of the other axes."""
+        lo, hi = self._matrix_axes()
+        moved = x.movedim((lo, hi), (-2, -1))
+        return moved.reshape(x.shape[0], -1, *moved.shape[-2:])
+
+    def unmatrices(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self._matrix_axes()
+        shape = self.env.shape
+        rest = [n for i, n in enumerate(shape) if i + 1 not in (lo, hi)]
+        if tuple(x.shape[-2:]) != (shape[lo - 1], shape[hi - 1]):
+            raise ValueError(f"tensor function {self.fn.name}: unmatrices() takes the {shape[lo - 1]} x "
+                             f"{shape[hi - 1]} matrices of a parameter of shape {shape}, got "
+                             f"{tuple(x.shape[-2:])} (a transpose not undone?)")
+        return x.reshape(x.shape[0], *rest, *x.shape[-2:]).movedim((-2, -1), (lo, hi))
+
     @staticmethod
     def reduce(name: str, x: torch.Tensor, axis: float | None = None) -> torch.Tensor:
         if axis is None:
@@ -138,7 +171,7 @@ class _Runner:
             if name == "norm":
                 return torch.linalg.vector_norm(flat, dim=1)
             return flat.sum(1) if name == "sum" else flat.mean(1)
-        dim = 1 + int(axis) % 2
+        dim = x.dim() - 2 + int(axis) % 2
         if name == "norm":
             return torch.linalg.vector_norm(x, dim=dim, keepdim=True)
         return x.sum(dim, keepdim=True) if name == "sum" else x.mean(dim, keepdim=True)

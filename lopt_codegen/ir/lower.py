@@ -197,7 +197,11 @@ class _Lowerer:
             eps = self.const((spec.norm_eps,))
             for e in spec.normalized:
                 x = self.lower(e)
-                second_moment = self.reduce("mean", self.op("mul", (x, x), e.mark), e.mark)
+                square = self.op("mul", (x, x), e.mark)
+                if spec.normalize_over == "factored_axes" and self.variant == "factored":
+                    second_moment = self.reduce("mean_d0", self.reduce("mean_d1", square, e.mark), e.mark)
+                else:
+                    second_moment = self.reduce("mean", square, e.mark)
                 feats.append(self.op("mul", (x, self.op("rsqrt", (self.op("add", (second_moment, eps), e.mark),),
                                                         e.mark)), e.mark))
             feats += [self.lower(e) for e in spec.raw_features]

@@ -12,7 +12,7 @@ Subexpressions of numbers and hyperparameters alone are folded in float64 on the
     expressions  ("var", name) | ("const", values) | ("weight", group, key)
                  | ("linear", expr, group, layer) | ("project", expr, group, key)
                  | ("concat", (exprs...)) | ("slice", expr, start, count)
-                 | ("over_tensors", "max" | "mean", expr) | ("max_channels", expr)
+                 | ("over_tensors", "max" | "mean" | "sum", expr) | ("max_channels", expr)
                  | ("full", count, expr) | ("hyper", name) | ("fold", expr) | ("op", name, (args...))
 """
 from __future__ import annotations
@@ -37,6 +37,8 @@ NETWORK_FUNCTIONS = {
     "slice(v, start, count)": "count channels from start",
     "max_over_tensors(v)": "the largest value of each channel over all tensors of the step: a shared row",
     "mean_over_tensors(v)": "the mean of each channel over all tensors of the step: a shared row",
+    "sum_over_tensors(v)": "the sum of each channel over all tensors of the step (a global gradient norm): "
+                           "a shared row",
     "max_channels(v)": "the largest of v's channels: one channel",
     "full(count, value)": "count channels of one value",
 }
@@ -119,7 +121,7 @@ class _Checker:
             if start < 0 or count < 1 or start + count > channels:
                 raise SpecError(e.mark, f"slice({start}, {count}) is outside the value's {channels} channels")
             return ("slice", x, start, count), kind, count
-        if f in ("max_over_tensors", "mean_over_tensors"):
+        if f in ("max_over_tensors", "mean_over_tensors", "sum_over_tensors"):
             self.arity(e, 1)
             x, _, channels = self.folded(args[0], scope)
             return ("over_tensors", f.split("_")[0], x), "shared", channels

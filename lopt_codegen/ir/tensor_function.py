@@ -3,7 +3,9 @@ nested tuples (JSON-able, in program.json) that backends/tensor_program.py runs 
 torch, once per group of same-shape tensors.
 
 Every value in a body has a kind: `element` (the parameter's shape), `matrix` (the
-2-D view `matrix(x)` and what is computed from it) or `scalar` (one value per tensor).
+2-D view `matrix(x)` and what is computed from it), `matrices` (the batch of matrices
+over the factored axes, `matrices(x)`, and what is computed from it) or `scalar` (one
+value per tensor).
 
     statements   ("set", var, expr) | ("loop", count, body) | ("if", test, body, orelse)
                  | ("return", expr)
@@ -24,20 +26,27 @@ ELEMENTWISE_BINARY = {"add", "sub", "mul", "div", "pow", "min", "max", "lt", "le
 # The element-wise functions a body calls by name (operators such as + and < aside).
 ELEMENTWISE_CALLS = ELEMENTWISE_UNARY - {"neg"} | {"min", "max", "where", "clip"}
 REDUCTIONS = {"norm", "sum", "mean"}   # (x): over the whole value; (x, axis): along one axis of a matrix
+MATRIX_KINDS = {"matrix", "matrices"}
 
 # What a tensor function body may call, beyond the element-wise functions (a table the
 # language reference prints).
 MATRIX_FUNCTIONS = {
-    "matrix": ("x",), "unmatrix": ("x",), "transpose": ("x",),
-    "norm": ("x", "[axis]"), "sum": ("x", "[axis]"), "mean": ("x", "[axis]"),
+    "matrix": ("x",), "unmatrix": ("x",), "matrices": ("x",), "unmatrices": ("x",), "transpose": ("x",),
+    "rows": ("x",), "cols": ("x",), "norm": ("x", "[axis]"), "sum": ("x", "[axis]"), "mean": ("x", "[axis]"),
 }
 MATRIX_MEANINGS = {
     "matrix": "the 2-D view of a parameter-shaped value: (size(0), numel / size(0)); a vector is a column",
     "unmatrix": "a matrix back to the parameter's shape (the same number of elements)",
-    "transpose": "a matrix's transpose",
-    "norm": "the Frobenius norm (one value per tensor); with an axis, the norms along it (kept as a row or column)",
-    "sum": "the sum (one value per tensor); with an axis, the sums along it",
-    "mean": "the mean (one value per tensor); with an axis, the means along it",
+    "matrices": "a factored tensor as a batch of matrices over its factored axes (rows: the lower-numbered axis), "
+                "one per index of the other axes; a 2-D tensor is one matrix",
+    "unmatrices": "a batch of matrices back to the parameter's shape",
+    "transpose": "a matrix's transpose (each matrix's, for a batch)",
+    "rows": "the number of rows of a matrix (a whole number; usable in a test)",
+    "cols": "the number of columns of a matrix (a whole number; usable in a test)",
+    "norm": "the Frobenius norm (one value per tensor; per matrix for a batch); with an axis, the norms along it "
+            "(kept as a row or column)",
+    "sum": "the sum (one value per tensor; per matrix for a batch); with an axis, the sums along it",
+    "mean": "the mean (one value per tensor; per matrix for a batch); with an axis, the means along it",
     "x @ y": "the matrix product",
 }
 
@@ -52,14 +61,15 @@ class FunctionIR:
 def _join(kinds: list[str], mark: Mark, what: str) -> str:
     shaped = {k for k in kinds if k != "scalar"}
     if len(shaped) > 1:
-        raise SpecError(mark, f"{what} mixes a parameter-shaped value with a matrix: convert with "
-                        "matrix(x) or unmatrix(x) first")
+        raise SpecError(mark, f"{what} mixes values of different kinds ({', '.join(sorted(shaped))}): convert with "
+                        "matrix(x) / unmatrix(x) or matrices(x) / unmatrices(x) first")
     return shaped.pop() if shaped else "scalar"
 
 
 class _Checker:
     def __init__(self, fn: TensorFunction, arg_kinds: tuple[str, ...], hyperparameters: set[str], factored: bool):
         self.fn, self.arg_kinds, self.hypers, self.factored = fn, arg_kinds, hyperparameters, factored
+        self.static_vars: set[str] = set()   # variables known on the host (from numbers and shape facts)
 
     def expr(self, e: Expr, scope: dict[str, str], static: bool = False) -> tuple[tuple, str]:
         """(IR, kind). static: only numbers and shape facts (a branch's test)."""
@@ -71,6 +81,13 @@ class _Checker:
             return self.name(e, scope, static)
         assert isinstance(e, Call)
         f = e.func
+        if f in ("rows", "cols"):   # static: from the value's shape, on the host
+            if len(e.args) != 1:
+                raise SpecError(e.mark, f"{f}() takes 1 argument, got {len(e.args)}")
+            x, kind = self.expr(e.args[0], scope)
+            if kind not in MATRIX_KINDS:
+                raise SpecError(e.mark, f"{f}() takes a matrix, got a {kind}")
+            return ("op", f, (x,)), "scalar"
         if f == "size":
             if len(e.args) != 1:
                 raise SpecError(e.mark, f"size() takes 1 argument, got {len(e.args)}")
@@ -82,7 +99,8 @@ class _Checker:
         args = [self.expr(a, scope, static) for a in e.args]
         kinds = [k for _, k in args]
         irs = tuple(ir for ir, _ in args)
-        arity = {"matrix": 1, "unmatrix": 1, "transpose": 1, "matmul": 2, "where": 3, "clip": 3}
+        arity = {"matrix": 1, "unmatrix": 1, "matrices": 1, "unmatrices": 1, "transpose": 1, "matmul": 2,
+                 "where": 3, "clip": 3}
         expected = 1 if f in ELEMENTWISE_UNARY else 2 if f in ELEMENTWISE_BINARY else arity.get(f)
         if expected is None:
             known = sorted(ELEMENTWISE_CALLS | set(MATRIX_FUNCTIONS) | {"size"})
@@ -97,15 +115,26 @@ class _Checker:
             if kinds[0] != "matrix":
                 raise SpecError(e.mark, f"unmatrix() takes a matrix, got a {kinds[0]}")
             return ("op", f, irs), "element"
+        if f == "matrices":
+            if kinds[0] != "element":
+                raise SpecError(e.mark, f"matrices() takes a parameter-shaped value, got a {kinds[0]}")
+            if not self.factored:
+                raise SpecError(e.mark, "matrices() needs a factored tensor (rank >= 2 under a factored_axes rule): "
+                                "call this function from a `factored:` variant only")
+            return ("op", f, irs), "matrices"
+        if f == "unmatrices":
+            if kinds[0] != "matrices":
+                raise SpecError(e.mark, f"unmatrices() takes a batch of matrices, got a {kinds[0]}")
+            return ("op", f, irs), "element"
         if f == "transpose":
-            if kinds[0] != "matrix":
+            if kinds[0] not in MATRIX_KINDS:
                 raise SpecError(e.mark, f"transpose() takes a matrix, got a {kinds[0]} (use matrix(x) first)")
-            return ("op", f, irs), "matrix"
+            return ("op", f, irs), kinds[0]
         if f == "matmul":
-            if kinds != ["matrix", "matrix"]:
-                raise SpecError(e.mark, f"@ multiplies two matrices, got a {kinds[0]} and a {kinds[1]} "
-                                "(use matrix(x) for a parameter-shaped value)")
-            return ("op", f, irs), "matrix"
+            if kinds[0] not in MATRIX_KINDS or kinds[0] != kinds[1]:
+                raise SpecError(e.mark, f"@ multiplies two matrices (or two batches), got a {kinds[0]} and a "
+                                f"{kinds[1]} (use matrix(x) for a parameter-shaped value)")
+            return ("op", f, irs), kinds[0]
         if f == "clip":
             inner = ("op", "max", irs[:2])
             return ("op", "min", (inner, irs[2])), _join(kinds, e.mark, "clip()")
@@ -118,13 +147,15 @@ class _Checker:
         if len(e.args) == 1:
             if kind == "scalar":
                 raise SpecError(e.mark, f"{e.func}() of a single number")
+            if kind == "matrices":   # one value per matrix, kept as a 1 x 1 matrix
+                return ("op", e.func + "_each", (x,)), "matrices"
             return ("op", e.func, (x,)), "scalar"
-        if kind != "matrix":
+        if kind not in MATRIX_KINDS:
             raise SpecError(e.mark, f"{e.func}(x, axis) takes a matrix, got a {kind}")
         axis = _whole_number(e.args[1], f"{e.func}(x, axis): the axis is 0 or 1 (-1, -2)")
         if axis not in (0, 1, -1, -2):
             raise SpecError(e.args[1].mark, f"{e.func}(x, axis): a matrix has axes 0 and 1 (or -2, -1), got {axis}")
-        return ("op", e.func, (x, ("const", float(axis)))), "matrix"
+        return ("op", e.func, (x, ("const", float(axis)))), kind
 
     def name(self, e: Name, scope: dict[str, str], static: bool) -> tuple[tuple, str]:
         n = e.name
@@ -133,6 +164,8 @@ class _Checker:
                 raise SpecError(e.mark, f"{n} is the size of a factored axis, but this call is for unfactored tensors")
             return ("shape", n), "scalar"
         if static:
+            if n in scope and n in self.static_vars:
+                return ("var", n), "scalar"
             raise SpecError(e.mark, f"a test may only compare numbers and shape facts; '{n}' is not one")
         if n in self.fn.args:
             i = self.fn.args.index(n)
@@ -160,6 +193,14 @@ class _Checker:
                 ir, kind = self.expr(st.value, scope)
                 if st.target in scope and scope[st.target] != kind:
                     raise SpecError(st.mark, f"'{st.target}' was a {scope[st.target]}, now a {kind}: use a new name")
+                if _static(ir, self.static_vars):
+                    if st.target in scope and st.target not in self.static_vars:
+                        raise SpecError(st.mark, f"'{st.target}' holds a computed value; a number known from the "
+                                        "shape (for a test) needs a new name")
+                    self.static_vars.add(st.target)
+                elif st.target in self.static_vars:
+                    raise SpecError(st.mark, f"'{st.target}' holds a number known from the shape (a test may read "
+                                    "it); assign a computed value to a new name")
                 scope[st.target] = kind
                 out.append(("set", st.target, ir))
             elif isinstance(st, Loop):
@@ -189,13 +230,27 @@ class _Checker:
                 if not top or i != len(body) - 1:
                     raise SpecError(st.mark, "a tensor function returns once, as its last statement")
                 ir, returned = self.expr(st.value, scope)
-                if returned == "matrix":
+                if returned in MATRIX_KINDS:
+                    undo = "unmatrix" if returned == "matrix" else "unmatrices"
                     raise SpecError(st.mark, "a tensor function returns a parameter-shaped value or a single "
-                                    "number per tensor: `return unmatrix(X)`")
+                                    f"number per tensor: `return {undo}(X)`")
                 out.append(("return", ir))
         if top and returned is None:
             raise SpecError(self.fn.mark, f"tensor function '{self.fn.name}' has no `return` at its end")
         return tuple(out), returned
+
+
+def _static(ir: tuple, static_vars: set[str]) -> bool:
+    """Whether an expression's value is known on the host: numbers, shape facts, a
+    matrix's rows or cols, and variables holding such values."""
+    kind = ir[0]
+    if kind in ("const", "shape"):
+        return True
+    if kind == "var":
+        return ir[1] in static_vars
+    if kind == "op":
+        return ir[1] in ("rows", "cols") or all(_static(a, static_vars) for a in ir[2])
+    return False
 
 
 def _whole_number(e: Expr, message: str) -> int:

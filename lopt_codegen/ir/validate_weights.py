@@ -56,15 +56,16 @@ def _check_mlp(spec: Spec) -> None:
     if len(mlp.outputs) != mlp.sizes[-1]:
         raise SpecError(mlp.mark, f"mlp.outputs names {len(mlp.outputs)} values but the last size is {mlp.sizes[-1]}")
     if mlp.weight_group is not None:
-        if spec.network is not None:
-            raise SpecError(mlp.mark, "with a network, the MLP's weights come from it: write `weights: network`")
+        if spec.network is not None and spec.network.mlp:
+            raise SpecError(mlp.mark, "the network gives each tensor's MLP weights (network.mlp): write "
+                            "`weights: network`")
         if len(mlp.layers) != len(mlp.sizes) - 1:
             raise SpecError(mlp.mark, f"mlp.weights.layers names {len(mlp.layers)} layers, "
                             f"mlp.sizes needs {len(mlp.sizes) - 1}")
         for layer, n_in, n_out in zip(mlp.layers, mlp.sizes, mlp.sizes[1:]):
             _declared(spec, mlp.weight_group, f"{layer}.weight", (n_out, n_in), mlp.mark)
             _declared(spec, mlp.weight_group, f"{layer}.bias", (n_out,), mlp.mark)
-    elif spec.network is None:
+    elif spec.network is None or not spec.network.mlp:
         raise SpecError(mlp.mark, "`weights: network` needs a `network` section whose `mlp` gives them")
 
 

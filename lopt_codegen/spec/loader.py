@@ -173,6 +173,9 @@ def parse_spec(text: str, path: str) -> Spec:
         builtin=plain(weights_doc["builtin"]) if "builtin" in weights_doc else None,
         layouts={g: {k: _derived(v) for k, v in keys_.items()} for g, keys_ in weights_doc.get("layouts", {}).items()},
     )
+    if feats.get("normalize_over") == "factored_axes" and "factored_axes" not in doc:
+        raise SpecError(feats.key_marks["normalize_over"], "features.normalize_over: factored_axes needs a "
+                        "`factored_axes` rule (adafactor, velo or last_two) to pick the axes")
     spec = Spec(
         path=path, source=text, name=str(doc["name"]), class_name=str(doc["class_name"]),
         description=str(doc.get("description", "")).strip(), hyperparameters=hypers,
@@ -180,6 +183,7 @@ def parse_spec(text: str, path: str) -> Spec:
         functions=functions, tensor_functions=tensor_functions, loss_buffer=loss_buffer, network=network,
         normalized=tuple(_expr(e, feats.mark) for e in feats.get("normalized", [])),
         norm_eps=_number(feats["eps"], "features.eps", feats.mark) if "eps" in feats else 1e-5,
+        normalize_over=str(feats.get("normalize_over", "tensor")),
         raw_features=tuple(_expr(e, feats.mark) for e in feats.get("raw", [])),
         mlp=mlp, weights=weights, marks={k: m for k, m in keys.items()}, **rule,
     )

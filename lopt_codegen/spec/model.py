@@ -120,6 +120,7 @@ class Spec:
     network: Network | None
     normalized: tuple[Expr, ...]
     norm_eps: float
+    normalize_over: str   # "tensor" or "factored_axes"
     raw_features: tuple[Expr, ...]
     mlp: Mlp | None   # None: a hand-designed rule, no meta-weights
     weights: Weights

@@ -95,7 +95,7 @@ SPEC_SCHEMA: dict = {
                                 "per-tensor network state and its value before the first step (a weight "
                                 "\"group:key\", numbers)"),
                 "body": {"type": "string", "description": "assignments over all tensors' rows: linear(v, "
-                         "\"group:layer\"), project, weight, concat, slice, max_over_tensors, element-wise functions"},
+                         "\"group:layer\"), project, weight, concat, slice, max_over_tensors, sum_over_tensors, element-wise functions"},
                 "outputs": {"type": "array", "items": {"type": "string", "pattern": IDENT},
                             "description": "body variables the spec's expressions read, one value per tensor"},
                 "mlp": {"type": "array", "items": EXPR,
@@ -108,6 +108,11 @@ SPEC_SCHEMA: dict = {
                 "normalized": {"type": "array", "items": EXPR,
                                "description": "channels scaled by rsqrt(mean(x^2) + eps) over the tensor"},
                 "eps": NUMBER,
+                "normalize_over": {"enum": ["tensor", "factored_axes"],
+                                   "description": "the mean(x^2) of `normalized` over the whole tensor (default), "
+                                                  "or over the two factored axes, per index of the others (a "
+                                                  "batch of matrices: CELO2's; unfactored tensors: the whole "
+                                                  "tensor)"},
                 "raw": {"type": "array", "items": EXPR,
                         "description": "channels appended without normalization"}}},
         "mlp": {
