@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SPECS := specs/small_fc_lopt.yaml specs/velo.yaml specs/adam.yaml specs/elo.yaml specs/mulo.yaml specs/celo2.yaml
+SPECS := specs/small_fc_lopt.yaml specs/velo.yaml specs/adam.yaml specs/elo.yaml specs/mulo.yaml specs/celo2.yaml specs/elo_celo2.yaml
 
 .PHONY: setup test demo bench generate check clean
 

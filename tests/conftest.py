@@ -23,4 +23,4 @@ SHAPES = [(), (1,), (7,), (5, 3), (3, 5), (4, 4), (1, 6), (6, 1), (2, 3, 4), (3,
 @pytest.fixture(scope="session")
 def programs():
     return {name: lower_spec(load_spec(os.path.join(SPECS, f"{name}.yaml")))
-            for name in ("small_fc_lopt", "velo", "adam", "elo", "mulo", "celo2")}
+            for name in ("small_fc_lopt", "velo", "adam", "elo", "mulo", "celo2", "elo_celo2")}

@@ -15,7 +15,7 @@ from lopt_codegen.ir.plan import plan_program
 
 from conftest import ROOT, SPECS
 
-BUILTIN = [os.path.join(SPECS, f"{n}.yaml") for n in ("small_fc_lopt", "velo", "adam", "elo", "mulo", "celo2")]
+BUILTIN = [os.path.join(SPECS, f"{n}.yaml") for n in ("small_fc_lopt", "velo", "adam", "elo", "mulo", "celo2", "elo_celo2")]
 
 
 def test_committed_generated_code_is_up_to_date(capsys):

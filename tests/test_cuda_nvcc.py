@@ -16,7 +16,7 @@ from lopt_codegen.backends.cuda.render import render_cuda
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
                                 reason="needs nvcc (the CUDA toolkit)")
-NAMES = ("small_fc_lopt", "velo", "adam", "elo", "mulo", "celo2")
+NAMES = ("small_fc_lopt", "velo", "adam", "elo", "mulo", "celo2", "elo_celo2")
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,17 @@ against the reference."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from conftest import SHAPES
 from lopt_codegen.ir import lower_spec
-from lopt_codegen.ir.nodes import Level
+from lopt_codegen.ir.nodes import Level, topo_order
 from lopt_codegen.ir.shape_facts import shape_fact
 from lopt_codegen.runtime.axes import factored_axes
-from lopt_codegen.spec import SpecError, parse_spec
+from lopt_codegen.spec import SpecError, load_spec, parse_spec
 from test_examples import BACKENDS, SimtBackend, assert_updates_match, compile_and_import, run_against_oracle
 
 # Every shape fact and sum in one rule; `count` is a tensor-level accumulator in the
@@ -171,6 +172,54 @@ def with_line(line_no: int, new: str) -> str:
 def test_errors_point_at_the_culprit(line_no, new, where, message):
     err = error_of(with_line(line_no, new))
     assert str(err).startswith(where) and message in str(err), str(err)
+
+
+def test_channel_picks_one_channel():
+    program = lower_spec(parse_spec(with_line(7, "  step: channel(m * [1, 2], 1)"), "tiny.yaml"))
+    step = [n for g in program.variants.values() for n in topo_order(g.roots()) if n.op == "channel"]
+    assert step and all(n.attrs == (1,) and n.channels == 1 for n in step)
+    for k in ("2", "-1", "0.5"):
+        err = error_of(with_line(7, f"  step: channel(m * [1, 2], {k})"))
+        assert str(err).startswith("tiny.yaml:7:29") and "k is a whole number from 0 to 1" in str(err), str(err)
+
+
+def extends_error(tmp_path, base: str, child: str) -> SpecError:
+    (tmp_path / "base.yaml").write_text(base)
+    (tmp_path / "child.yaml").write_text(child)
+    with pytest.raises(SpecError) as info:
+        lower_spec(load_spec(str(tmp_path / "child.yaml")))
+    return info.value
+
+
+def test_extends_merges_mappings_and_removes_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text(BASE + "hyperparameters:\n  beta: 0.5\n  gone: 1\n")
+    (tmp_path / "child.yaml").write_text(
+        "extends: base.yaml\nname: child\nclass_name: Child\nhyperparameters:\n  lr: 0.25\n  gone: !remove\n"
+        "accumulators:\n  m: {decays: [beta]}\n")
+    child, base = (lower_spec(load_spec(str(tmp_path / f"{n}.yaml"))) for n in ("child", "base"))
+    assert (child.name, child.class_name) == ("child", "Child")
+    assert child.hyperparameters == {**{k: v for k, v in base.hyperparameters.items() if k != "gone"}, "lr": 0.25}
+    assert list(child.hyperparameters) == [k for k in base.hyperparameters if k != "gone"]   # the base's order
+    decays = [n for g in child.variants.values() for n in topo_order(g.roots()) if n.op == "hyper"]
+    assert any(n.attrs == ("beta",) for n in decays)
+    assert child.spec_sha256 != base.spec_sha256
+    # a change to the base changes the child's hash (its generated code is then stale)
+    before = child.spec_sha256
+    (tmp_path / "base.yaml").write_text((tmp_path / "base.yaml").read_text() + "# edited\n")
+    assert lower_spec(load_spec(str(tmp_path / "child.yaml"))).spec_sha256 != before
+
+
+@pytest.mark.parametrize("base, child, where, message", [
+    (BASE, "extends: nothere.yaml\n", "child.yaml:1:1", "extends: cannot read"),
+    ("extends: child.yaml\n", "extends: base.yaml\n", "base.yaml:1:1", "extends this spec back (a cycle)"),
+    (BASE, "extends: base.yaml\nfunctions: !remove\n", "child.yaml:2:12", "'functions' is not in the spec"),
+    (BASE, "extends: base.yaml\nupdate:\n  step: !remove\n", "child.yaml:", "step"),
+    (BASE + "hyperparameters:\n  lr: !remove\n", "extends: base.yaml\n", "base.yaml:9:7", "there is none here"),
+    (BASE, "extends: 3\n", "child.yaml:1:1", "extends: the path of the spec"),
+])
+def test_extends_errors(tmp_path, base, child, where, message):
+    err = extends_error(tmp_path, base, child)
+    assert str(err).startswith(str(tmp_path / where)) and message in str(err), str(err)
 
 
 def test_mlp_and_features_go_together():
@@ -710,16 +759,17 @@ def test_loss_buffer_errors(old, new, message):
 
 
 def test_the_language_references_whole_examples_compile():
-    """Every complete spec in docs/spec-language.md (a yaml block starting with `name:`)."""
+    """Every complete spec in docs/spec-language.md (a yaml block starting with `name:`, or
+    with `extends:` a built-in spec, as if it were in specs/)."""
     import re
 
-    from conftest import ROOT
+    from conftest import ROOT, SPECS
 
     text = open(f"{ROOT}/docs/spec-language.md", encoding="utf-8").read()
-    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if b.startswith("name:")]
-    assert blocks
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if b.startswith(("name:", "extends:"))]
+    assert any(b.startswith("extends:") for b in blocks) and any(b.startswith("name:") for b in blocks)
     for block in blocks:
-        assert lower_spec(parse_spec(block, "docs/spec-language.md")).variants
+        assert lower_spec(parse_spec(block, os.path.join(SPECS, "docs_example.yaml"))).variants
 
 
 def test_a_tensor_function_after_the_last_pass_reads_the_parameter_before_the_step(tmp_path):

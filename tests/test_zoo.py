@@ -8,6 +8,7 @@ import pytest
 from conftest import SHAPES
 from generated.celo2 import CELO2
 from generated.elo import ELO
+from generated.elo_celo2 import ELO_CELO2
 from oracle import CELO2_SHAPES, F32, SMALL_FC_SHAPES, Array, CELO2Oracle, SmallFcLoptOracle
 from test_cuda_simt import SimtBackend
 from test_reference_vs_oracle import RTOL, as_torch, compare, seeded_weights
@@ -21,23 +22,32 @@ class ELOOracle(SmallFcLoptOracle):
 
     decays = (np.array([0.9, 0.99, 0.999], F32), F32(0.999), np.array([0.9, 0.99, 0.999], F32))
 
-    def __init__(self, weights: dict[str, Array], lr: float, weight_decay: float, exp_mult: float = 0.001):
+    def __init__(self, weights: dict[str, Array], lr: float, weight_decay: float, exp_mult: float = 0.001,
+                 clip_norm: float | None = None):
         super().__init__(weights, lr, weight_decay)
-        self.exp_mult = exp_mult
+        self.exp_mult, self.clip_norm = exp_mult, clip_norm
+
+    def step(self, params: list[Array], grads: list[Array]) -> list[Array]:
+        if self.clip_norm is not None:   # optax.clip_by_global_norm over every tensor
+            norm = F32(np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads)))
+            grads = [np.asarray(g, F32) * (F32(self.clip_norm) / max(norm, F32(self.clip_norm))) for g in grads]
+        return super().step(params, grads)
 
     def new_param(self, p: Array, direction: Array, magnitude: Array) -> Array:
         step = direction * np.exp(magnitude * F32(self.exp_mult))
         return p - F32(self.lr) * (step + F32(self.weight_decay) * p)
 
 
-@pytest.mark.parametrize("backend", ["reference", "tvm", "cuda"])
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_elo_matches_pylo(weight_decay, backend):
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("weight_decay, clip_norm", [(0.0, None), (0.1, None), (0.1, 0.5)])
+def test_elo_matches_pylo(weight_decay, clip_norm, backend):
     weights = seeded_weights(SMALL_FC_SHAPES, seed=7)
     lr = 0.3   # the update is ~lr * |direction|: as large as p, so an error of RTOL is not hidden
-    oracle = ELOOracle(weights, lr=lr, weight_decay=weight_decay, exp_mult=0.01)
-    worst = compare(lambda ps: ELO(ps, lr=lr, weight_decay=weight_decay, exp_mult=0.01, weights={"mlp": as_torch(weights)},
-                                   backend=backend),
+    oracle = ELOOracle(weights, lr=lr, weight_decay=weight_decay, exp_mult=0.01, clip_norm=clip_norm)
+    clip = {} if clip_norm is None else {"clip_grad": True, "clip_norm": clip_norm}
+    worst = compare(lambda ps: on_backend(ELO(ps, lr=lr, weight_decay=weight_decay, exp_mult=0.01, **clip,
+                                              weights={"mlp": as_torch(weights)},
+                                              backend="cuda" if backend == "simt" else backend), backend),
                     lambda params, grads, loss: oracle.step(params, grads), seed=8)
     assert worst <= RTOL
 
@@ -46,7 +56,8 @@ def test_elo_defaults_are_pylos():
     import inspect
 
     defaults = {k: v.default for k, v in inspect.signature(ELO.__init__).parameters.items()}
-    assert (defaults["lr"], defaults["exp_mult"], defaults["weight_decay"]) == (0.001, 0.001, 0.0)
+    assert (defaults["lr"], defaults["exp_mult"], defaults["weight_decay"], defaults["clip_grad"],
+            defaults["clip_norm"]) == (0.001, 0.001, 0.0, 0, 1.0)
 
 
 class InfShape:
@@ -166,21 +177,53 @@ def celo2_hyper(case: dict) -> dict:
     return out
 
 
+# Clipped gradients are tiny, so the epsilons dominate the features and the MLP's step
+# is nearly the same for every element: a matrix of rank about one, the worst case of
+# Newton-Schulz's amplification. Clipping is checked without orthogonalization.
+ELO_CELO2_CASES = {
+    "clipped_adamw_options": {"orthogonalize": False, "adam_lr_mult": 2.0, "adam_weight_decay": 0.0},
+    "orthogonalized_unclipped": {"ns_iters": 2, "clip_grad": False},
+    "vectors_by_celo2": {"ns_iters": 2, "clip_grad": False, "use_adamw_for_1d": False, "weight_decay": 0.0},
+}
+# name -> (class, the oracle's arguments for the class's defaults, cases)
+CELO2_FAMILY = {
+    "celo2": (CELO2, {}, CELO2_CASES),
+    "elo_celo2": (ELO_CELO2, {"shared_adam": True, "weight_decay": 0.1, "clip_grad": True}, ELO_CELO2_CASES),
+}
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("case", list(CELO2_CASES))
-def test_celo2_matches_pylo(case, backend):
+@pytest.mark.parametrize("name, case", [(n, c) for n, (_, _, cases) in CELO2_FAMILY.items() for c in cases])
+def test_celo2_family_matches_pylo(name, case, backend):
+    cls, oracle_defaults, cases = CELO2_FAMILY[name]
     weights = seeded_weights(CELO2_SHAPES, seed=3)
     lr = 0.3   # the step has a root mean square of 1 per matrix: lr * 1 is as large as p
     oracle = CELO2Oracle(weights, lr=lr, embedding=frozenset({EMBEDDING}),
-                         **{"weight_decay": 0.0, **CELO2_CASES[case]})
+                         **{"weight_decay": 0.0, **oracle_defaults, **cases[case]})
 
     def make(ps):
         groups = [{"params": ps[:EMBEDDING] + ps[EMBEDDING + 1:]}, {"params": [ps[EMBEDDING]], "is_embedding": True}]
-        return on_backend(CELO2(groups, lr=lr, weights={"mlp": as_torch(weights)},
-                                backend="cuda" if backend == "simt" else backend, **celo2_hyper(CELO2_CASES[case])),
-                          backend)
+        return on_backend(cls(groups, lr=lr, weights={"mlp": as_torch(weights)},
+                              backend="cuda" if backend == "simt" else backend, **celo2_hyper(cases[case])), backend)
 
     assert compare_per_step(make, oracle.step, seed=5) <= RTOL
+
+
+def test_celo2_family_defaults_are_pylos():
+    import inspect
+
+    def defaults(cls) -> dict:
+        return {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
+
+    celo2, elo_celo2 = defaults(CELO2), defaults(ELO_CELO2)
+    shared = {"lr": 1e-3, "adam_lr_mult": 1.0, "use_adamw_for_1d": 1, "orthogonalize": 1, "clip_norm": 1.0,
+              "exp_mult": 0.0, "rmsmult": 1.0, "param_scale_mult": 0, "ns_a": 3.4445, "ns_b": -4.775,
+              "ns_c": 2.0315, "ns_iters": 5, "ns_eps": 1e-8, "grad_clip_val": 1000.0, "is_embedding": 0}
+    assert {k: celo2[k] for k in shared} == shared == {k: elo_celo2[k] for k in shared}
+    assert (celo2["weight_decay"], celo2["clip_grad"], celo2["adam_beta1"], celo2["adam_beta2"],
+            celo2["adam_eps"]) == (0.0, 0, 0.9, 0.95, 1e-8)
+    assert (elo_celo2["weight_decay"], elo_celo2["clip_grad"]) == (0.1, 1)
+    assert not {"adam_beta1", "adam_beta2", "adam_eps"} & set(elo_celo2)   # its AdamW reads CELO2's accumulators
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (3, 5), (4, 4), (2, 3, 4), (3, 3, 2, 2), (4, 2, 3, 3)])

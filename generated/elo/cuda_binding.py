@@ -14,8 +14,8 @@ SOURCE = Path(__file__).with_name("elo.cu")
 # variant -> pass function names, in order; `<name>_host(table)` runs on CPU tensors,
 # `<name>_cuda(table, total_blocks)` on CUDA tensors (nvcc build).
 PASSES = {
-    "factored": ["factored_pass1", "factored_pass2", "factored_pass3"],
-    "unfactored": ["unfactored_pass1", "unfactored_pass2"],
+    "factored": ["factored_pass1", "factored_pass2", "factored_pass3", "factored_pass4"],
+    "unfactored": ["unfactored_pass1", "unfactored_pass2", "unfactored_pass3"],
 }
 
 

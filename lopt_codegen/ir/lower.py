@@ -247,6 +247,12 @@ class _Lowerer:
             return self.state_node(arg.name, arg.mark)
         if f == "size":
             return self.shape_fact(("size", self.axis_index(expr.args[0])))
+        if f == "channel":
+            x, k = self.lower(expr.args[0], scope), whole_number(expr.args[1])
+            if k is None or not 0 <= k < x.channels:
+                raise SpecError(expr.args[1].mark, f"channel(x, k): k is a whole number from 0 to {x.channels - 1} "
+                                f"(x has {x.channels} channel{'s' if x.channels != 1 else ''})")
+            return x if x.channels == 1 else self.g.make("channel", (x,), (k,), x.level, 1)
         args = tuple(self.lower(a, scope) for a in expr.args)
         if f in REDUCE:
             return self.reduce(f, args[0], expr.mark)

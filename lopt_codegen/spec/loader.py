@@ -10,7 +10,7 @@ from .expr import Expr, Num, parse_block, parse_expr
 from .model import Accumulator, Function, LossBuffer, Mlp, Network, Route, Spec, TensorFunction, Variants, Weights
 from ..weights.layouts import Derived
 from .schema import SPEC_SCHEMA, validate
-from .yaml_nodes import LDict, LScalar, LStr, load_located_yaml, mark_of, plain
+from .yaml_nodes import LDict, LScalar, LStr, Removed, load_located_yaml, mark_of, plain
 
 from .names import RESERVED
 
@@ -114,8 +114,64 @@ def load_spec(path: str | os.PathLike) -> Spec:
     return parse_spec(text, path)
 
 
-def parse_spec(text: str, path: str) -> Spec:
+def _document(text: str, path: str, chain: tuple[str, ...] = ()) -> tuple[Any, str]:
+    """The spec's YAML with the spec it `extends` merged under it, and the text of both
+    (the program's hash covers the base too)."""
     doc = load_located_yaml(text, path)
+    if not isinstance(doc, LDict) or "extends" not in doc:
+        _no_removals(doc)
+        return doc, text
+    ref, mark = doc["extends"], doc.key_marks["extends"]
+    if not isinstance(ref, LStr):
+        raise SpecError(mark, "extends: the path of the spec this one builds on, relative to this file")
+    base_path = os.path.join(os.path.dirname(path), str(ref))
+    here = os.path.abspath(path)
+    if os.path.abspath(base_path) in (*chain, here):
+        raise SpecError(mark, f"extends: {ref} extends this spec back (a cycle)")
+    try:
+        with open(base_path, encoding="utf-8") as f:
+            base_text = f.read()
+    except OSError as exc:
+        raise SpecError(mark, f"extends: cannot read {base_path}: {exc.strerror}") from None
+    base, base_source = _document(base_text, base_path, (*chain, here))
+    child = LDict((k, v) for k, v in doc.items() if k != "extends")
+    child.mark, child.flow = doc.mark, doc.flow
+    child.key_marks = {k: m for k, m in doc.key_marks.items() if k != "extends"}
+    return _merged(base, child), f"{text}\n# extends {ref}:\n{base_source}"
+
+
+def _merged(base: Any, child: Any) -> Any:
+    """Mappings merged key by key (the child's values win, `!remove` drops a key); any
+    other value replaced whole. Keys keep the base's order; new ones follow."""
+    if not (isinstance(base, LDict) and isinstance(child, LDict)):
+        _no_removals(child)
+        return child
+    out = LDict(base)
+    out.mark, out.flow, out.key_marks = child.mark, child.flow, dict(base.key_marks)
+    for key, value in child.items():
+        if isinstance(value, Removed):
+            if key not in out:
+                raise SpecError(value.mark, f"!remove: '{key}' is not in the spec this one extends")
+            del out[key], out.key_marks[key]
+            continue
+        out[key] = _merged(out[key], value) if key in out else _merged(None, value)
+        out.key_marks[key] = child.key_marks[key]
+    return out
+
+
+def _no_removals(value: Any) -> None:
+    if isinstance(value, Removed):
+        raise SpecError(value.mark, "!remove drops a key inherited through `extends:`; there is none here")
+    if isinstance(value, dict):
+        for v in value.values():
+            _no_removals(v)
+    elif isinstance(value, list):
+        for v in value:
+            _no_removals(v)
+
+
+def parse_spec(text: str, path: str) -> Spec:
+    doc, text = _document(text, path)
     top = Mark(path, 1, 1)
     validate(doc, SPEC_SCHEMA, "", top)
     keys = doc.key_marks

@@ -71,6 +71,7 @@ FUNCTIONS: dict[str, BuiltinFunction] = {
     "sum_d1": BuiltinFunction(("x",), "the sum over d1: mean_d1(x) * size_d1"),
     "size": BuiltinFunction(("k",), "the size of axis k (a whole number; negative counts from the last "
                             "axis); 1 where the tensor has no axis k"),
+    "channel": BuiltinFunction(("x", "k"), "channel k of x (a whole number from 0): one channel"),
     "prev": BuiltinFunction(("acc",), "an accumulator's value before this step"),
 }
 

@@ -36,6 +36,9 @@ SPEC_SCHEMA: dict = {
     "required": ["name", "class_name"],
     "additionalProperties": False,
     "properties": {
+        "extends": {"type": "string",
+                    "description": "a spec this one builds on (a path relative to this file): its keys are "
+                                   "merged under this one's, mapping by mapping; `!remove` drops one"},
         "name": {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$",
                  "description": "package name under generated/"},
         "class_name": {"type": "string", "pattern": IDENT, "description": "the optimizer class"},

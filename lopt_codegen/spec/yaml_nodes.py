@@ -40,6 +40,13 @@ class LScalar:
         return f"LScalar({self.value!r})"
 
 
+class Removed:
+    """`!remove`: in a spec that extends another, the key goes (it is not inherited)."""
+
+    def __init__(self, mark: Mark):
+        self.mark = mark
+
+
 def mark_of(value: Any, default: Mark | None = None) -> Mark | None:
     return getattr(value, "mark", default)
 
@@ -81,6 +88,8 @@ def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader) -> Any:
         out_list.mark = mark
         out_list.flow = bool(node.flow_style)
         return out_list
+    if node.tag == "!remove":
+        return Removed(mark)
     value = loader.construct_object(node)
     if isinstance(value, str):
         s = LStr(value)
