@@ -182,8 +182,15 @@ def test_velo_closure_supplies_the_loss():
 
 
 def test_learned_optimizer_without_weights_says_how_to_get_them():
+    """A spec that names no published repository has no default weights (the built-in
+    ones default to weights="pretrained": tests/test_hub.py)."""
+    from dataclasses import replace
+
+    unpublished = type("Unpublished", (SmallFcLopt,), {"program": replace(SmallFcLopt.program, weight_hub={})})
     with pytest.raises(ValueError, match=r"needs meta-weights: weights=<path>.*weights='random'"):
-        SmallFcLopt(make_params())
+        unpublished(make_params())
+    with pytest.raises(ValueError, match=r"has no published weights for group\(s\) mlp .*pass weights=<path>"):
+        unpublished(make_params(), weights="pretrained")
 
 
 def test_unknown_backend_and_bad_hyperparameters():

@@ -417,5 +417,5 @@ def lower_spec(spec: Spec) -> Program:
         network=network,
         loss_buffer=loss,
         weight_groups=spec.weights.groups, weight_ignore=spec.weights.ignore, weight_layouts=spec.weights.layouts,
-        builtin_weights=spec.weights.builtin,
+        builtin_weights=spec.weights.builtin, weight_hub=dict(spec.weights.hub),
     )

@@ -2,7 +2,7 @@
 bind them (hyperparameters, state layout, MLP and network weights)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .nodes import Level, Node
 from ..weights.layouts import Derived
@@ -75,6 +75,7 @@ class Program:
     weight_ignore: dict[str, tuple[str, ...]]
     weight_layouts: dict[str, dict[str, Derived]]   # keys derived from the files' on load
     builtin_weights: dict[str, dict[str, list]] | None
+    weight_hub: dict[str, str] = field(default_factory=dict)   # group -> its Hugging Face Hub repository
 
     @property
     def needs_loss(self) -> bool:

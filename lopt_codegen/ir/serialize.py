@@ -55,6 +55,7 @@ def program_to_json(program: Program) -> str:
         "weight_layouts": {g: {k: {"from": list(d.sources), "axis": d.axis, "transpose": d.transpose}
                                for k, d in keys.items()} for g, keys in program.weight_layouts.items()},
         "builtin_weights": program.builtin_weights,
+        "weight_hub": program.weight_hub,
     }
     # One node per line keeps the file diffable and reviewable.
     nodes = doc.pop("nodes")
@@ -112,5 +113,5 @@ def program_from_json(text: str) -> Program:
         weight_ignore={g: tuple(p) for g, p in doc["weight_ignore"].items()},
         weight_layouts={g: {k: Derived(tuple(d["from"]), d["axis"], d["transpose"]) for k, d in keys.items()}
                         for g, keys in doc.get("weight_layouts", {}).items()},
-        builtin_weights=doc["builtin_weights"],
+        builtin_weights=doc["builtin_weights"], weight_hub=doc.get("weight_hub", {}),
     )

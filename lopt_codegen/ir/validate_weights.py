@@ -46,6 +46,10 @@ def check_weight_layout(spec: Spec) -> None:
             raise SpecError(weights_mark, f"weights.layouts.{group}: no such weight group "
                             f"(declared: {', '.join(spec.weights.groups) or 'none'})")
         group_shapes(spec, group, weights_mark)
+    for group in spec.weights.hub:
+        if group not in spec.weights.groups:
+            raise SpecError(weights_mark, f"weights.hub.{group}: no such weight group "
+                            f"(declared: {', '.join(spec.weights.groups) or 'none'})")
     if spec.mlp is not None:
         _check_mlp(spec)
     _check_builtin(spec)

@@ -7,6 +7,7 @@ import torch
 
 from ..ir.program import Program
 from ..weights import check_weights, load_weights, random_weights
+from ..weights.hub import pretrained_folders
 from ..weights.layouts import apply_layouts
 
 
@@ -22,6 +23,9 @@ def _file_weights(program: Program, weights: Any, seed: int) -> dict[str, dict[s
             raise ValueError(f"{program.class_name} has no meta-weights (its spec declares no weight groups): "
                              f"remove weights={weights!r}")
         return {}
+    ignore = {g: list(p) for g, p in program.weight_ignore.items()}
+    if weights is None and set(program.weight_hub) == set(groups):
+        weights = "pretrained"   # the default where the spec names every group's repository
     if weights is None:
         if program.builtin_weights is None:
             raise ValueError(
@@ -34,4 +38,10 @@ def _file_weights(program: Program, weights: Any, seed: int) -> dict[str, dict[s
         return check_weights(builtin, groups, f"the built-in weights of {program.name}")
     if isinstance(weights, str) and weights == "random":
         return random_weights(groups, seed)
-    return load_weights(weights, groups, {g: list(p) for g, p in program.weight_ignore.items()})
+    if isinstance(weights, str) and weights == "pretrained":
+        missing = [g for g in groups if g not in program.weight_hub]
+        if missing:
+            raise ValueError(f"{program.class_name} has no published weights for group(s) {', '.join(missing)} "
+                             "(its spec's weights.hub names none): pass weights=<path>")
+        return load_weights(pretrained_folders(program.weight_hub), groups, ignore)
+    return load_weights(weights, groups, ignore)

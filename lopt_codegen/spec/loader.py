@@ -228,6 +228,7 @@ def parse_spec(text: str, path: str) -> Spec:
         ignore={g: tuple(plain(p)) for g, p in weights_doc.get("ignore", {}).items()},
         builtin=plain(weights_doc["builtin"]) if "builtin" in weights_doc else None,
         layouts={g: {k: _derived(v) for k, v in keys_.items()} for g, keys_ in weights_doc.get("layouts", {}).items()},
+        hub={str(g): str(repo) for g, repo in weights_doc.get("hub", {}).items()},
     )
     if feats.get("normalize_over") == "factored_axes" and "factored_axes" not in doc:
         raise SpecError(feats.key_marks["normalize_over"], "features.normalize_over: factored_axes needs a "

@@ -99,6 +99,7 @@ class Weights:
     ignore: dict[str, tuple[str, ...]]
     builtin: dict[str, dict[str, list]] | None
     layouts: dict[str, dict[str, Derived]] = field(default_factory=dict)   # keys derived on load
+    hub: dict[str, str] = field(default_factory=dict)   # group -> its Hugging Face Hub repository
 
 
 @dataclass(frozen=True)

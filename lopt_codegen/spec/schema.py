@@ -137,6 +137,10 @@ SPEC_SCHEMA: dict = {
                 "ignore": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}},
                 "builtin": {"type": "object", "additionalProperties": {"type": "object"},
                             "description": "analytic weights used when the user gives none"},
+                "hub": {"type": "object",
+                        "additionalProperties": {"type": "string", "pattern": r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"},
+                        "description": "each group's published Hugging Face Hub repository (owner/name, a PyLO "
+                                       "hub folder): weights='pretrained', the default when every group has one"},
                 "layouts": {"type": "object", "description": "keys derived from a group's file keys on load",
                             "additionalProperties": {"type": "object", "additionalProperties": {"anyOf": [
                                 {"type": "string"},
