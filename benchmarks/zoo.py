@@ -27,15 +27,19 @@ from benchmarks.step_time import clone_params, make_tensors, step_fn, time_inter
 
 LR = 1e-4
 
-# name -> (class, paper, the route each kind of parameter takes, extra constructor arguments)
+# name -> (class, paper, the rule each kind of parameter takes, its network over all tensors,
+# extra constructor arguments)
 ZOO = {
-    "adam": ("Adam", "Kingma & Ba 2015 (torch.optim.Adam)", "one rule", {}),
-    "small_fc_lopt": ("SmallFcLopt", "Metz et al. 2022 (AdafacLO)", "one rule", {}),
-    "mulo": ("MuLO", "Therien et al. 2024 (μLO)", "one rule, lr / width_mult for hidden matrices", {}),
-    "elo": ("ELO", "PyLO's ELO", "one rule", {}),
-    "velo": ("VeLO", "Metz et al. 2022 (VeLO)", "one rule, per-tensor LSTM", {"num_steps": 10_000}),
-    "celo2": ("CELO2", "arXiv 2602.19142 (CELO2)", "matrices: MLP + Newton-Schulz; 1-D, embeddings: AdamW", {}),
-    "elo_celo2": ("ELO_CELO2", "arXiv 2602.19142 (ELO-CELO2)", "as CELO2, AdamW on CELO2's accumulators", {}),
+    "adam": ("Adam", "Kingma & Ba 2015 (torch.optim.Adam)", "one rule", "-", {}),
+    "small_fc_lopt": ("SmallFcLopt", "Metz et al. 2022 (AdafacLO)", "one rule", "-", {}),
+    "mulo": ("MuLO", "Therien et al. 2024 (μLO)", "one rule, lr / width_mult for hidden matrices", "-", {}),
+    "elo": ("ELO", "PyLO's ELO", "one rule", "global grad norm (clipping)", {}),
+    "velo": ("VeLO", "Metz et al. 2022 (VeLO)", "one rule", "LSTM: each tensor's MLP weights",
+             {"num_steps": 10_000}),
+    "celo2": ("CELO2", "arXiv 2602.19142 (CELO2)", "matrices: MLP, Newton-Schulz; 1-D, embeddings: AdamW",
+              "global grad norm (clipping)", {}),
+    "elo_celo2": ("ELO_CELO2", "arXiv 2602.19142 (ELO-CELO2)", "as CELO2; AdamW on CELO2's accumulators",
+                  "global grad norm (clipping)", {}),
 }
 
 
@@ -54,7 +58,7 @@ def groups_of(params: list, embedding: int) -> list[dict]:
 
 
 def make(name: str, params: list, embedding: int):
-    cls, extra = make_class(name), ZOO[name][3]
+    cls, extra = make_class(name), ZOO[name][4]
     groups = groups_of(params, embedding) if "is_embedding" in cls.program.hyperparameters else params
     weights = {} if not cls.program.weight_groups else {"weights": "random"}
     return cls(groups, lr=LR, **weights, **extra)
@@ -69,16 +73,42 @@ def state_bytes_per_param(opt, params: list) -> float:
     return total / sum(p.numel() for p in params)
 
 
-def describe(name: str) -> tuple[str, str]:
-    """(features and MLP sizes, its per-tensor network) from the compiled program."""
+def mlp_sizes(name: str) -> str:
     program = make_class(name).program
-    mlp = "-" if program.mlp is None else " -> ".join(str(s) for s in program.mlp.sizes)
-    return mlp, "yes" if program.network is not None else "-"
+    if program.mlp is None:
+        return "-"
+    return " -> ".join(str(s) for s in program.mlp.sizes) + (" (analytic)" if program.builtin_weights else "")
+
+
+def newton_schulz_ms(all_shapes: list[tuple[int, ...]], embedding: int, steps: int) -> float:
+    """CELO2's 5 Newton-Schulz iterations on its matrices (2-D, not the embedding) with
+    plain torch matmuls: the floor of its tensor function on this machine."""
+    import statistics
+    import time
+
+    mats = [torch.randn(s) for s in all_shapes[embedding:] if len(s) == 2]
+    mats = [m.T if m.shape[0] > m.shape[1] else m for m in mats]
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        for x in mats:
+            x = x / (x.norm() + 1e-8)
+            for _ in range(5):
+                a = x @ x.T
+                x = 3.4445 * x + (-4.775 * a + 2.0315 * a @ a) @ x
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def make_class(name: str):
     cls_name = ZOO[name][0]
     return getattr(__import__(f"generated.{name}", fromlist=[cls_name]), cls_name)
+
+
+def statistics_of(rows: list) -> float:
+    import statistics
+
+    return statistics.median(r[-1] for r in rows)
 
 
 def main(argv=None) -> None:
@@ -97,17 +127,18 @@ def main(argv=None) -> None:
         medians, errors = time_interleaved({"ours": step_fn(opt), "adamw": adamw.step}, args.warmup, args.steps, "cpu")
         if errors:
             raise RuntimeError(f"{name}: {errors}")
-        mlp, network = describe(name)
-        rows.append((name, *ZOO[name][1:3], mlp, network, state_bytes_per_param(opt, ours_params),
+        rows.append((name, *ZOO[name][1:4], mlp_sizes(name), state_bytes_per_param(opt, ours_params),
                      medians["ours"] * 1e3, medians["adamw"] * 1e3))
     n = sum(torch.Size(s).numel() for s in all_shapes)
     print(f"{len(all_shapes)} tensors, {n / 1e6:.2f}M parameters, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}\n")
-    print("| optimizer | paper | parameter kinds | MLP (features -> ... -> outputs) | per-tensor network "
+    print("| optimizer | paper | parameter kinds | network over all tensors | MLP (features -> ... -> outputs) "
           "| state B/param | step ms | x fused AdamW |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, paper, kinds, mlp, network, state, ms, adamw_ms in rows:
-        print(f"| {name} | {paper} | {kinds} | {mlp} | {network} | {state:.1f} | {ms:.2f} | {ms / adamw_ms:.1f} |")
+    for name, paper, kinds, network, mlp, state, ms, adamw_ms in rows:
+        print(f"| {name} | {paper} | {kinds} | {network} | {mlp} | {state:.1f} | {ms:.2f} | {ms / adamw_ms:.1f} |")
+    print(f"\nfused AdamW: {statistics_of(rows):.2f} ms per step (median over the runs above); CELO2's "
+          f"Newton-Schulz alone, as plain torch matmuls on its matrices: {newton_schulz_ms(all_shapes, embedding, args.steps):.1f} ms")
 
 
 if __name__ == "__main__":

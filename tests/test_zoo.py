@@ -73,45 +73,45 @@ class InfShape:
         return self._width_mult
 
 
-@pytest.mark.parametrize("backend", ["reference", "tvm", "cuda"])
-def test_mulo_is_small_fc_lopt_with_pylos_mup_groups(backend):
-    """PyLO's MuLO_naive regroups the parameters by infshape and divides the learning rate
-    of matrix-like ones (ninf == 2) by their width multiplier: MuLO on the parameters
-    equals SmallFcLopt on those regrouped param groups, step for step."""
-    import torch
+class MuLOOracle:
+    """PyLO's MuLO_naive: small_fc_lopt (the oracle) with each tensor's learning rate
+    divided by its width multiplier when it has two infinite axes, as MuLO_naive's
+    regrouped param groups do; tensors do not interact, so one oracle per tensor."""
 
+    def __init__(self, weights: dict[str, Array], lr: float, weight_decay: float, scales: list[float]):
+        self.per_tensor = [SmallFcLoptOracle(weights, lr=lr / s, weight_decay=weight_decay) for s in scales]
+
+    def step(self, params: list[Array], grads: list[Array]) -> list[Array]:
+        return [o.step([p], [g])[0] for o, p, g in zip(self.per_tensor, params, grads)]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_mulo_matches_pylo_on_mup_shapes(backend):
+    """Infshapes as mup.set_base_shapes attaches them (matrix-like: two infinite axes,
+    vector-like: one), a param group's width_mult / inf_dims without mup, and defaults."""
     from generated.mulo import MuLO
-    from generated.small_fc_lopt import SmallFcLopt
 
-    weights = {"mlp": as_torch(seeded_weights(SMALL_FC_SHAPES, seed=9))}
-    gen = torch.Generator().manual_seed(3)
-    # (shape, infshape or a group's values or nothing)
-    layout = [((8, 6), InfShape(2, 4.0)), ((6, 8), InfShape(2, 2.0)), ((8,), InfShape(1, 4.0)),
-              ((5, 3), InfShape(1, 4.0)), ((4, 4), None), ((3, 5), "group")]
-    start = [torch.randn(s, generator=gen) for s, _ in layout]
-    ours = [torch.nn.Parameter(x.clone()) for x in start]
-    theirs = [torch.nn.Parameter(x.clone()) for x in start]
-    for p, (_, info) in zip(ours, layout):
-        if isinstance(info, InfShape):
-            p.infshape = info
-    lr, wd = 20.0, 0.01
-    mulo = MuLO([{"params": ours[:5]}, {"params": ours[5:], "width_mult": 8.0, "inf_dims": 2}],
-                lr=lr, weight_decay=wd, weights=weights, backend=backend)
-    scale = [4.0, 2.0, 1.0, 1.0, 1.0, 8.0]
-    regrouped = SmallFcLopt([{"params": [q], "lr": lr / s} for q, s in zip(theirs, scale)], lr=lr, weight_decay=wd,
-                            weights=weights, backend="reference")
-    for step in range(6):
-        for p, q in zip(ours, theirs):
-            g = torch.randn(p.shape, generator=gen)
-            p.grad, q.grad = g.clone(), g.clone()
-        before = [q.detach().clone() for q in theirs]
-        mulo.step()
-        regrouped.step()
-        for p, q, b in zip(ours, theirs, before):
-            d_ours, d_ref = p.detach() - b, q.detach() - b
-            rounding = 2 * float(np.finfo(np.float32).eps) * float(b.abs().max())
-            assert float((d_ours - d_ref).abs().max()) <= RTOL * float(d_ref.abs().max()) + rounding, (p.shape, step)
-            p.data.copy_(q.data)
+    weights = seeded_weights(SMALL_FC_SHAPES, seed=9)
+    # per tensor of SHAPES: an infshape, "group" (the second param group's values) or None
+    info = [None, InfShape(1, 4.0), InfShape(1, 4.0), InfShape(2, 4.0), InfShape(2, 2.0), "group", None,
+            InfShape(2, 3.0), InfShape(2, 8.0), InfShape(2, 2.0), InfShape(1, 2.0)]
+    assert len(info) == len(SHAPES)
+    scales = [s.width_mult() if isinstance(s, InfShape) and s.ninf() == 2 else 8.0 if s == "group" else 1.0
+              for s in info]
+    lr, wd = 20.0, 0.01   # small_fc_lopt's step is ~0.01 lr: as large as p, so RTOL is not hidden
+    oracle = MuLOOracle(weights, lr, wd, scales)
+
+    def make(ps):
+        for p, s in zip(ps, info):
+            if isinstance(s, InfShape):
+                p.infshape = s
+        grouped = [p for p, s in zip(ps, info) if s == "group"]
+        rest = [p for p, s in zip(ps, info) if s != "group"]
+        return on_backend(MuLO([{"params": rest}, {"params": grouped, "width_mult": 8.0, "inf_dims": 2}],
+                               lr=lr, weight_decay=wd, weights={"mlp": as_torch(weights)},
+                               backend="cuda" if backend == "simt" else backend), backend)
+
+    assert compare(make, lambda params, grads, loss: oracle.step(params, grads), seed=10) <= RTOL
 
 
 def compare_per_step(make_opt, oracle_step, seed: int, steps: int = 10) -> float:
