@@ -374,7 +374,8 @@ def newton_schulz(x: Array, axes: tuple[int, int], coeffs: tuple[float, float, f
 
 class CELO2Oracle:
     """CELO2 (shared_adam=False) and ELO-CELO2 (shared_adam=True) over a list of tensors:
-    `embedding` holds the indices of parameters in an is_embedding group."""
+    `embedding` holds the indices of parameters in an is_embedding group, `unorthogonalized`
+    those in a group with orthogonalize off."""
 
     def __init__(self, weights: dict[str, Array], lr: float, weight_decay: float, *, embedding: frozenset[int] = frozenset(),
                  shared_adam: bool = False, adam_lr_mult: float = 1.0, adam_weight_decay: float | None = None,
@@ -382,7 +383,7 @@ class CELO2Oracle:
                  orthogonalize: bool = True, clip_grad: bool = False, clip_norm: float = 1.0, exp_mult: float = 0.0,
                  rmsmult: float = 1.0, param_scale_mult: bool = False, grad_clip_val: float = 1000.0,
                  ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315), ns_iters: int = 5,
-                 ns_eps: float = 1e-8):
+                 ns_eps: float = 1e-8, unorthogonalized: frozenset[int] = frozenset()):
         self.w = _as_f32(weights, CELO2_SHAPES)
         self.lr, self.weight_decay, self.embedding = F64(lr), F64(weight_decay), embedding
         self.shared_adam, self.adam_lr = shared_adam, F64(adam_lr_mult * lr)
@@ -393,7 +394,7 @@ class CELO2Oracle:
         self.use_adamw_for_1d, self.orthogonalize = use_adamw_for_1d, orthogonalize
         self.clip_grad, self.clip_norm, self.grad_clip_val = clip_grad, F64(clip_norm), F64(grad_clip_val)
         self.exp_mult, self.rmsmult, self.param_scale_mult = F64(exp_mult), F64(rmsmult), param_scale_mult
-        self.ns = (ns_coeffs, ns_iters, ns_eps)
+        self.ns, self.unorthogonalized = (ns_coeffs, ns_iters, ns_eps), unorthogonalized
         self.b_mom = np.array([0.9, 0.99, 0.999], F64)
         self.b_rms = F64(0.95)
         self.b_fac = np.array([0.9, 0.99, 0.999], F64)
@@ -455,7 +456,7 @@ class CELO2Oracle:
         step = out[..., 0] * np.exp(out[..., 1] * self.exp_mult)
         if self.param_scale_mult:
             step = step * np.sqrt(np.mean(p * p) + F64(1e-9))
-        if self.orthogonalize and axes is not None:
+        if self.orthogonalize and i not in self.unorthogonalized and axes is not None:
             step = newton_schulz(step, axes, *self.ns)
         step = rms_normalize(step, matrix_axes) * self.rmsmult
         return p - self.lr * (step + self.weight_decay * p)

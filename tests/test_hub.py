@@ -200,3 +200,14 @@ def test_without_huggingface_hub_the_error_says_how_to_install_it(hub_env):
     got = run_probe("small_fc_lopt", "SmallFcLopt", env, hide_hub=True)
     assert got["error"] == "WeightsError" and "pip install 'lopt_codegen[hub]'" in got["message"]
     assert "btherien/mulo" in got["message"]
+
+
+def test_a_repository_with_pytorch_model_bin(hub_env):
+    import io
+
+    weights, _ = celo2_files(seed=8)
+    buffer = io.BytesIO()
+    torch.save(weights["mlp"], buffer)
+    hub, env = hub_env({"DiamondXL/celo2": {"pytorch_model.bin": buffer.getvalue()}})   # and no config.json
+    assert run_probe("celo2", "CELO2", env) == checksums(weights)
+    assert ("GET", "/DiamondXL/celo2/resolve/main/pytorch_model.bin") in hub.requests

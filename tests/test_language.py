@@ -210,12 +210,20 @@ def test_extends_merges_mappings_and_removes_keys(tmp_path):
 
 
 @pytest.mark.parametrize("base, child, where, message", [
-    (BASE, "extends: nothere.yaml\n", "child.yaml:1:1", "extends: cannot read"),
-    ("extends: child.yaml\n", "extends: base.yaml\n", "base.yaml:1:1", "extends this spec back (a cycle)"),
-    (BASE, "extends: base.yaml\nfunctions: !remove\n", "child.yaml:2:12", "'functions' is not in the spec"),
-    (BASE, "extends: base.yaml\nupdate:\n  step: !remove\n", "child.yaml:", "step"),
-    (BASE + "hyperparameters:\n  lr: !remove\n", "extends: base.yaml\n", "base.yaml:9:7", "there is none here"),
+    (BASE, "extends: nothere.yaml\nname: c\nclass_name: C\n", "child.yaml:1:1", "extends: cannot read"),
+    ("extends: child.yaml\nname: b\nclass_name: B\n", "extends: base.yaml\nname: c\nclass_name: C\n",
+     "base.yaml:1:1", "extends this spec back (a cycle)"),
+    (BASE, "extends: base.yaml\nname: c\nclass_name: C\nfunctions: !remove\n", "child.yaml:4:12",
+     "'functions' is not in the spec"),
+    (BASE, "extends: base.yaml\nname: c\nclass_name: C\nupdate:\n  step: !remove\n", "child.yaml:", "step"),
+    (BASE + "hyperparameters:\n  lr: !remove\n", "extends: base.yaml\nname: c\nclass_name: C\n", "base.yaml:9:7",
+     "there is none here"),
     (BASE, "extends: 3\n", "child.yaml:1:1", "extends: the path of the spec"),
+    (BASE, "extends: base.yaml\nname: c\n", "child.yaml:1:1", "needs its own `class_name`"),
+    (BASE, "extends: base.yaml\nname: c\nclass_name: C\nupdate: !remove {step: m}\n", "child.yaml:4:9",
+     "!remove stands alone"),
+    (BASE, "extends: base.yaml\nname: c\nclass_name: C\nupdate: !remove m\n", "child.yaml:4:9",
+     "!remove stands alone"),
 ])
 def test_extends_errors(tmp_path, base, child, where, message):
     err = extends_error(tmp_path, base, child)
@@ -388,6 +396,15 @@ update:
 """
 
 
+def test_a_number_known_from_the_shape_ends_with_its_branch():
+    """`n` set from rows() inside a branch does not outlive it: a later `n` is a new name."""
+    body = "      if size(0) > 1:\n          n = rows(X)\n          X = X / n\n      n = norm(X)\n      X = X / n\n"
+    lines = FUNCTION_BASE.splitlines()
+    lines.insert(9, body.rstrip("\n"))
+    program = lower_spec(parse_spec("\n".join(lines) + "\n", "tiny.yaml"))
+    assert [st[0] for st in program.tensor_functions["f"].body] == ["set", "if", "set", "set", "return"]
+
+
 @pytest.mark.parametrize("body_line, where, message", [
     ("      Y = X @ G", "tiny.yaml:10:11", "@ multiplies two matrices (or two batches), got a matrix and a element"),
     ("      Y = X + G", "tiny.yaml:10:11", "mixes values of different kinds (element, matrix)"),
@@ -547,6 +564,12 @@ def test_weight_layouts_read_a_split_haiku_mlp(tmp_path):
     ("  layouts:\n    mlp:", "  layouts:\n    mlpp:", "weights.layouts.mlpp: no such weight group"),
     ("transpose: true}\n      layer0.bias", "transpose: yes please}\n      layer0.bias",
      "expected true or false"),
+    ("weights:\n  groups:", "weights:\n  hub: {other: a/b}\n  groups:", "weights.hub.other: no such weight group"),
+    ("weights:\n  groups:", "weights:\n  hub: {mlp: not-a-repo}\n  groups:",
+     "weights.hub.mlp: 'not-a-repo' is not a Hugging Face repository id (owner/name)"),
+    ("weights:\n  groups:\n    mlp: {w0.0: [1, 5], w0.1: [3, 5], b0: [5], dense_w.0: [5, 2], dense_b.0: [2]}",
+     "weights:\n  hub: {mlp: a/b}\n  groups:\n    mlp: {w0.0: [1, 5], w0.1: [3, 5], b0: [5], dense_w.0: [5, 2], "
+     "dense_b.0: [2]}\n    spare: {x: [1]}", "weights.hub names no repository for group(s) spare"),
 ])
 def test_weight_layout_errors(old, new, message):
     assert old in SPLIT_MLP

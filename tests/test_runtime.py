@@ -189,7 +189,7 @@ def test_learned_optimizer_without_weights_says_how_to_get_them():
     unpublished = type("Unpublished", (SmallFcLopt,), {"program": replace(SmallFcLopt.program, weight_hub={})})
     with pytest.raises(ValueError, match=r"needs meta-weights: weights=<path>.*weights='random'"):
         unpublished(make_params())
-    with pytest.raises(ValueError, match=r"has no published weights for group\(s\) mlp .*pass weights=<path>"):
+    with pytest.raises(ValueError, match=r"has no published weights \(its spec.s weights.hub names no repository\): pass weights=<path>"):
         unpublished(make_params(), weights="pretrained")
 
 

@@ -114,7 +114,7 @@ def test_mulo_matches_pylo_on_mup_shapes(backend):
     assert compare(make, lambda params, grads, loss: oracle.step(params, grads), seed=10) <= RTOL
 
 
-def compare_per_step(make_opt, oracle_step, seed: int, steps: int = 10) -> float:
+def compare_per_step(make_opt, oracle_step, seed: int, steps: int = 10, shapes: list[tuple] = SHAPES) -> float:
     """Ours against the oracle on the shape matrix, each step from the oracle's parameters:
     Newton-Schulz iterations amplify float32 rounding, so two trajectories left to drift
     apart would be compared on different inputs. Returns the worst relative error of an
@@ -122,18 +122,18 @@ def compare_per_step(make_opt, oracle_step, seed: int, steps: int = 10) -> float
     import torch
 
     rng = np.random.default_rng(seed)
-    expected = [np.asarray(rng.standard_normal(s), dtype=np.float32) for s in SHAPES]
+    expected = [np.asarray(rng.standard_normal(s), dtype=np.float32) for s in shapes]
     params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in expected]
     opt = make_opt(params)
     worst = 0.0
     for step in range(steps):
-        grads = [np.asarray(rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 0), dtype=np.float32) for s in SHAPES]
+        grads = [np.asarray(rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 0), dtype=np.float32) for s in shapes]
         for p, e, g in zip(params, expected, grads):
             p.data.copy_(torch.from_numpy(np.asarray(e, np.float32)))
             p.grad = torch.from_numpy(g.copy())
         opt.step()
         new = [np.asarray(x, np.float32) for x in oracle_step(expected, grads)]
-        for shape, p, before, after in zip(SHAPES, params, expected, new):
+        for shape, p, before, after in zip(shapes, params, expected, new):
             d_ours, d_ref = p.detach().numpy() - before, after - before
             scale = float(np.abs(d_ref).max())
             rounding = 2 * float(np.finfo(np.float32).eps) * max(float(np.abs(after).max()), float(np.abs(before).max()))
@@ -262,3 +262,22 @@ def test_celo2_newton_schulz(shape):
         expected = rms_normalize(newton_schulz(x[i].astype(np.float64), axes, (3.4445, -4.7750, 2.0315), 5, 1e-8), axes)
         assert ours[i].shape == shape
         assert np.abs(ours[i] - expected).max() <= RTOL * np.abs(expected).max(), shape
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_celo2_groups_of_same_shape_tensors(backend):
+    """Same-shape tensors run each tensor function as one batch: two (5, 3) matrices from
+    param groups with orthogonalize on and off, and three (2, 3, 4) tensors, one of them
+    in the other group."""
+    shapes = [(5, 3), (5, 3), (2, 3, 4), (2, 3, 4), (2, 3, 4), (7,)]
+    off = frozenset({1, 3})
+    weights = seeded_weights(CELO2_SHAPES, seed=11)
+    oracle = CELO2Oracle(weights, lr=0.3, weight_decay=0.05, ns_iters=2, unorthogonalized=off)
+
+    def make(ps):
+        groups = [{"params": [p for i, p in enumerate(ps) if i not in off]},
+                  {"params": [p for i, p in enumerate(ps) if i in off], "orthogonalize": False}]
+        return on_backend(CELO2(groups, lr=0.3, weight_decay=0.05, ns_iters=2, weights={"mlp": as_torch(weights)},
+                                backend="cuda" if backend == "simt" else backend), backend)
+
+    assert compare_per_step(make, oracle.step, seed=12, shapes=shapes) <= RTOL

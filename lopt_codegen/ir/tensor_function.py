@@ -215,6 +215,7 @@ class _Checker:
                 inner = dict(scope)
                 ir, _ = self.block(st.body, inner, top=False)
                 out.append(("loop", count_ir, ir))   # names first set inside do not outlive it
+                self.static_vars &= set(scope)
             elif isinstance(st, Branch):
                 test, _ = self.expr(st.test, scope, static=True)
                 yes, no = dict(scope), dict(scope)
@@ -224,6 +225,7 @@ class _Checker:
                     if yes[n] != no[n]:
                         raise SpecError(st.mark, f"'{n}' is a {yes[n]} in one branch and a {no[n]} in the other")
                     scope[n] = yes[n]
+                self.static_vars &= set(scope)
                 out.append(("if", test, body_ir, else_ir))
             else:
                 assert isinstance(st, Return)

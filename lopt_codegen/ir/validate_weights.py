@@ -50,6 +50,10 @@ def check_weight_layout(spec: Spec) -> None:
         if group not in spec.weights.groups:
             raise SpecError(weights_mark, f"weights.hub.{group}: no such weight group "
                             f"(declared: {', '.join(spec.weights.groups) or 'none'})")
+    unnamed = [g for g in spec.weights.groups if spec.weights.hub and g not in spec.weights.hub]
+    if unnamed:   # weights="pretrained" would fetch some groups and not others
+        raise SpecError(weights_mark, f"weights.hub names no repository for group(s) {', '.join(unnamed)}: "
+                        "name every group's, or none")
     if spec.mlp is not None:
         _check_mlp(spec)
     _check_builtin(spec)

@@ -24,8 +24,8 @@ def _file_weights(program: Program, weights: Any, seed: int) -> dict[str, dict[s
                              f"remove weights={weights!r}")
         return {}
     ignore = {g: list(p) for g, p in program.weight_ignore.items()}
-    if weights is None and set(program.weight_hub) == set(groups):
-        weights = "pretrained"   # the default where the spec names every group's repository
+    if weights is None and program.weight_hub:
+        weights = "pretrained"   # the default where the spec names the repositories (of every group)
     if weights is None:
         if program.builtin_weights is None:
             raise ValueError(
@@ -39,9 +39,8 @@ def _file_weights(program: Program, weights: Any, seed: int) -> dict[str, dict[s
     if isinstance(weights, str) and weights == "random":
         return random_weights(groups, seed)
     if isinstance(weights, str) and weights == "pretrained":
-        missing = [g for g in groups if g not in program.weight_hub]
-        if missing:
-            raise ValueError(f"{program.class_name} has no published weights for group(s) {', '.join(missing)} "
-                             "(its spec's weights.hub names none): pass weights=<path>")
+        if not program.weight_hub:
+            raise ValueError(f"{program.class_name} has no published weights (its spec's weights.hub names no "
+                             "repository): pass weights=<path>")
         return load_weights(pretrained_folders(program.weight_hub), groups, ignore)
     return load_weights(weights, groups, ignore)

@@ -124,6 +124,9 @@ def _document(text: str, path: str, chain: tuple[str, ...] = ()) -> tuple[Any, s
     ref, mark = doc["extends"], doc.key_marks["extends"]
     if not isinstance(ref, LStr):
         raise SpecError(mark, "extends: the path of the spec this one builds on, relative to this file")
+    for key in ("name", "class_name"):   # else it would be compiled over the base's package
+        if key not in doc:
+            raise SpecError(doc.mark, f"a spec that extends another needs its own `{key}`")
     base_path = os.path.join(os.path.dirname(path), str(ref))
     here = os.path.abspath(path)
     if os.path.abspath(base_path) in (*chain, here):

@@ -138,7 +138,8 @@ SPEC_SCHEMA: dict = {
                 "builtin": {"type": "object", "additionalProperties": {"type": "object"},
                             "description": "analytic weights used when the user gives none"},
                 "hub": {"type": "object",
-                        "additionalProperties": {"type": "string", "pattern": r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"},
+                        "additionalProperties": {"type": "string", "pattern": r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+                                                 "patternMessage": "a Hugging Face repository id (owner/name)"},
                         "description": "each group's published Hugging Face Hub repository (owner/name, a PyLO "
                                        "hub folder): weights='pretrained', the default when every group has one"},
                 "layouts": {"type": "object", "description": "keys derived from a group's file keys on load",
@@ -237,8 +238,9 @@ def validate(value: Any, schema: dict, path: str, mark: Mark) -> None:
         return
     if not _matches_type(value, schema["type"]):
         raise SpecError(here, f"{path}: expected {_describe(schema)}, got {_type_name(value)}")
-    if "pattern" in schema and not re.match(schema["pattern"], value):
-        raise SpecError(here, f"{path}: '{value}' is not a valid name (letters, digits, _)")
+    if "pattern" in schema and not re.fullmatch(schema["pattern"], value):
+        what = schema.get("patternMessage", "a valid name (letters, digits, _)")
+        raise SpecError(here, f"{path}: {str(value)!r} is not {what}")
     if "minimum" in schema and value.value < schema["minimum"]:
         raise SpecError(here, f"{path}: expected at least {schema['minimum']}, got {value.value}")
     if schema["type"] == "array":

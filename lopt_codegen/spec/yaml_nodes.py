@@ -70,6 +70,10 @@ def _mark(node: yaml.Node, file: str) -> Mark:
 
 def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader) -> Any:
     mark = _mark(node, file)
+    if node.tag == "!remove":
+        if not isinstance(node, yaml.ScalarNode) or node.value:
+            raise SpecError(mark, "!remove stands alone: `key: !remove` drops an inherited key")
+        return Removed(mark)
     if isinstance(node, yaml.MappingNode):
         out = LDict()
         out.mark, out.key_marks = mark, {}
@@ -88,8 +92,6 @@ def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader) -> Any:
         out_list.mark = mark
         out_list.flow = bool(node.flow_style)
         return out_list
-    if node.tag == "!remove":
-        return Removed(mark)
     value = loader.construct_object(node)
     if isinstance(value, str):
         s = LStr(value)

@@ -1,7 +1,7 @@
 """weights="pretrained": a spec's published weight repositories, from the Hugging Face
 cache when they are there, downloaded otherwise (huggingface_hub, the optional extra
 `lopt_codegen[hub]`). Each repository is a PyLO hub folder: config.json and
-model.safetensors, read and checked like any local folder."""
+model.safetensors (or pytorch_model.bin), read and checked like any local folder."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from .errors import WeightsError
 
-WEIGHTS_FILE = "model.safetensors"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")   # what a hub folder may hold, in that order
 CONFIG_FILE = "config.json"
 
 
@@ -28,24 +28,20 @@ def _folder(group: str, repo: str, repos: Mapping[str, str]) -> str:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
-    try:   # the cache first: no network when the files are there
-        path = hf_hub_download(repo, WEIGHTS_FILE, local_files_only=True)
-        return os.path.dirname(path)
-    except LocalEntryNotFoundError:
-        pass
+    for name in WEIGHT_FILES:   # the cache first: no network when the files are there
+        try:
+            return os.path.dirname(hf_hub_download(repo, name, local_files_only=True))
+        except LocalEntryNotFoundError:
+            pass
     if constants.HF_HUB_OFFLINE:
         raise _unavailable(group, repo, repos, "they are not in the Hugging Face cache and HF_HUB_OFFLINE is set")
     try:
-        path = hf_hub_download(repo, WEIGHTS_FILE)
-        try:
-            hf_hub_download(repo, CONFIG_FILE)   # the folder as PyLO publishes it; the weights need only the tensors
-        except EntryNotFoundError:
-            pass
+        path = _download_weights(repo)
     except LocalEntryNotFoundError:   # the hub could not be reached, and the cache has nothing
         raise _unavailable(group, repo, repos, f"they are not in the Hugging Face cache and {constants.ENDPOINT} "
                            "cannot be reached") from None
     except EntryNotFoundError:
-        raise _unavailable(group, repo, repos, f"the repository has no {WEIGHTS_FILE}") from None
+        raise _unavailable(group, repo, repos, f"the repository has no {' or '.join(WEIGHT_FILES)}") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "an error"
         what = "the repository is not there (or private)" if status in (401, 403, 404) else \
@@ -53,7 +49,25 @@ def _folder(group: str, repo: str, repos: Mapping[str, str]) -> str:
         raise _unavailable(group, repo, repos, what) from None
     except OSError as exc:   # a network error the library did not turn into its own
         raise _unavailable(group, repo, repos, f"the download failed ({type(exc).__name__}: {exc})") from None
+    try:   # the folder as PyLO publishes it; loading needs only the tensors
+        hf_hub_download(repo, CONFIG_FILE)
+    except Exception:  # noqa: BLE001 - config.json is optional: its absence or a failure must not lose the weights
+        pass
     return os.path.dirname(path)
+
+
+def _download_weights(repo: str) -> str:
+    """The path of the repository's weight file, downloaded (the first of WEIGHT_FILES it has)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    for name in WEIGHT_FILES[:-1]:
+        try:
+            return hf_hub_download(repo, name)
+        except EntryNotFoundError as exc:
+            if isinstance(exc, LocalEntryNotFoundError):   # unreachable, not missing: do not try again
+                raise
+    return hf_hub_download(repo, WEIGHT_FILES[-1])
 
 
 def _unavailable(group: str, repo: str, repos: Mapping[str, str], reason: str) -> WeightsError:
