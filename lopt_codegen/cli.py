@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-from .emit import render_package, stale_files, write_package
+from .emit import render_package, stale_files, write_packages
 from .ir import lower_spec
 from .ir.plan import explain
 from .spec import SPEC_SCHEMA, SpecError, load_spec
@@ -59,21 +59,35 @@ def run(argv: list[str]) -> int:
     except SpecError as exc:
         print(f"lopt-compile: error: {exc}", file=sys.stderr)
         return 2
-    status = 0
-    for path, program in programs:
-        if args.explain:
+    names = [program.name for _, program in programs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice and not (args.explain or args.check):
+        print(f"lopt-compile: error: two specs are named {twice[0]}: they would write the same package",
+              file=sys.stderr)
+        return 2
+    if args.explain:
+        for _, program in programs:
             print(explain(program))
-            continue
-        files = render_package(program, _spec_path(path), args.backend)
-        if args.check:
+        return 0
+    rendered = [(path, program, render_package(program, _spec_path(path), args.backend)) for path, program in programs]
+    if args.check:
+        status = 0
+        for path, program, files in rendered:
             stale = stale_files(files, args.out, program.name)
             if stale:
                 print(f"stale: {', '.join(stale)} (run: lopt-compile {path})", file=sys.stderr)
                 status = 1
             else:
                 print(f"up to date: {os.path.join(args.out, program.name)}")
-            continue
-        target = write_package(files, args.out, program.name)
+        return status
+    try:   # all packages or none
+        targets = write_packages([(files, program.name) for _, program, files in rendered], args.out)
+    except OSError as exc:
+        print(f"lopt-compile: error: cannot write under --out {args.out}: {exc.strerror or exc} "
+              f"({exc.filename or args.out}); nothing was written", file=sys.stderr)
+        return 2
+    status = 0
+    for (path, program, _), target in zip(rendered, targets):
         print(f"{path} -> {target}/ ({program.class_name})")
         if args.backend == "tvm":
             status = max(status, _prebuild(program, args.target, tuple(args.arch or ("sm_80", "sm_90"))))

@@ -24,8 +24,30 @@ HYPER_DOC = {"lr": "learning rate; p <- p - lr * step", "weight_decay": "weight 
 
 
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
-                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env.filters["pydoc"] = docstring_text
+    env.filters["comment"] = comment_text
+    return env
+
+
+def docstring_text(text: str) -> str:
+    """Text from a spec as the inside of a Python triple-quoted string: the docstring's
+    value is the text itself, and nothing in it can end the string or escape from it."""
+    out = []
+    for ch in str(text):
+        if ch == "\\" or ch == '"':
+            out.append("\\" + ch)
+        elif ch != "\n" and (ord(ch) < 32 or ord(ch) == 127 or ch in "\u2028\u2029\x85"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def comment_text(text: str) -> str:
+    """Text from a spec as one line of a C++ `//` comment: ASCII, escaped, no line breaks."""
+    return str(text).encode("unicode_escape").decode("ascii")
 
 
 def templates_sha256() -> str:
@@ -67,19 +89,30 @@ def render_package(program: Program, spec_path: str, backend: str = "auto") -> d
             "manifest.json": json.dumps(manifest, indent=1) + "\n"}
 
 
-def write_package(files: dict[str, str], out_dir: str, name: str) -> str:
-    """Write atomically: the package appears whole or not at all."""
+def write_packages(packages: list[tuple[dict[str, str], str]], out_dir: str) -> list[str]:
+    """Write several packages all or none: each is written whole into a temporary folder
+    first; only when all are written do they replace the old ones (renames). An OSError
+    (a read-only or missing place, a full disk) leaves out_dir as it was."""
     os.makedirs(out_dir, exist_ok=True)
-    marker = os.path.join(out_dir, "__init__.py")
-    if not os.path.exists(marker):
-        with open(marker, "w") as f:
-            f.write('"""Optimizers emitted by lopt-compile, one package per spec."""\n')
-    target = os.path.join(out_dir, name)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir)
+    staged: list[tuple[str, str]] = []
     try:
-        for fname, content in files.items():
-            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
-                f.write(content)
+        for files, name in packages:
+            tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir)
+            staged.append((tmp, name))
+            for fname, content in files.items():
+                with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
+                    f.write(content)
+        marker = os.path.join(out_dir, "__init__.py")
+        if not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write('"""Optimizers emitted by lopt-compile, one package per spec."""\n')
+    except BaseException:
+        for tmp, _ in staged:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    targets = []
+    for tmp, name in staged:
+        target = os.path.join(out_dir, name)
         old = None
         if os.path.exists(target):
             old = tempfile.mkdtemp(prefix=f".{name}.old.", dir=out_dir)
@@ -87,11 +120,9 @@ def write_package(files: dict[str, str], out_dir: str, name: str) -> str:
             os.rename(target, old)
         os.rename(tmp, target)
         if old:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+        targets.append(target)
+    return targets
 
 
 def stale_files(files: dict[str, str], out_dir: str, name: str) -> list[str]:

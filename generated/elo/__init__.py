@@ -16,7 +16,7 @@ class ELO(LearnedOptimizer):
     """ELO, the Adafactor-MLP learned optimizer as PyLO runs it at inference. Meta-weights:
     by default the published ones (DiamondXL/elo from the Hugging Face Hub, or its
     cache), or a PyLO hub folder (config.json + model.safetensors), a .safetensors /
-    torch state-dict file, or "random".
+    torch state-dict file, or \"random\".
 
     Args:
         params: parameters or param groups, as for any torch.optim.Optimizer.

@@ -18,7 +18,7 @@ class ELO_CELO2(LearnedOptimizer):
     PyLO runs it at inference. Meta-weights: by default the published ones
     (DiamondXL/elo-celo2 from the Hugging Face Hub, or its cache), or a PyLO hub folder
     (config.json + model.safetensors), a .safetensors / torch state-dict file, or
-    "random".
+    \"random\".
 
     Args:
         params: parameters or param groups, as for any torch.optim.Optimizer.

@@ -17,7 +17,7 @@ class MuLO(LearnedOptimizer):
     with two infinite axes) step with lr / width_mult. Call mup.set_base_shapes(model,
     base) first, or set width_mult and inf_dims in param groups. Meta-weights: by
     default the published ones (btherien/mulo from the Hugging Face Hub, or its cache),
-    or a PyLO hub folder, a .safetensors / torch state-dict file, or "random".
+    or a PyLO hub folder, a .safetensors / torch state-dict file, or \"random\".
 
     Args:
         params: parameters or param groups, as for any torch.optim.Optimizer.

@@ -16,7 +16,7 @@ class SmallFcLopt(LearnedOptimizer):
     """The small_fc_lopt learned optimizer (AdafacLO). Meta-weights: by default the
     published ones (btherien/mulo from the Hugging Face Hub, or its cache), or a PyLO
     hub folder (config.json + model.safetensors), a .safetensors / torch state-dict
-    file, or "random".
+    file, or \"random\".
 
     Args:
         params: parameters or param groups, as for any torch.optim.Optimizer.

@@ -16,8 +16,8 @@ class VeLO(LearnedOptimizer):
     """VeLO (versatile learned optimizer). Needs the training horizon `num_steps` and the
     loss at every step: `opt.step(loss=loss)` or a closure. Meta-weights: by default the
     published ones (Pauljanson002/VeLO_MLP and VeLO_RNN from the Hugging Face Hub, or
-    its cache), or a folder holding those two PyLO hub folders, a dict {"mlp": dir,
-    "rnn": dir}, or "random" for tests.
+    its cache), or a folder holding those two PyLO hub folders, a dict {\"mlp\": dir,
+    \"rnn\": dir}, or \"random\" for tests.
 
     Args:
         params: parameters or param groups, as for any torch.optim.Optimizer.

@@ -5,22 +5,32 @@ spec hash, shapes, dtypes, target, compiler versions). It holds the artifact and
 `meta.json` with the artifact's sha256, written last: an entry without a matching
 meta.json (a crash mid-write, a truncated or edited file) is rebuilt, never trusted.
 Builders write into a temporary folder renamed into place, and a per-key file lock makes
-concurrent processes that need the same key build it once.
+concurrent processes that need the same key build it once; a build removes the temporary
+folders that killed builds of its key left (and any a day old).
+
+A cache folder that cannot be used (read-only, a file, under /proc) does not stop
+training: the process warns once, naming LOPT_CACHE_DIR, and caches in a private
+temporary folder removed at exit.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 _VERSION = 1   # bump when the entry layout changes
+_STALE_TEMP_S = 24 * 3600   # a temporary folder this old is a dead build's, whatever its key
+_usable: dict[Path, Path] = {}   # a configured cache folder -> the folder used for it
 
 
 def cache_dir() -> Path:
@@ -65,8 +75,43 @@ def _valid_artifact(entry: Path, filename: str) -> Path | None:
         return None
 
 
+def usable_dir(root: Path) -> Path:
+    """`root` if this process can create and write files there, else (with one warning
+    naming LOPT_CACHE_DIR) a private temporary folder removed at exit."""
+    if root not in _usable:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=root):
+                pass
+            _usable[root] = root
+        except OSError as exc:
+            private = Path(tempfile.mkdtemp(prefix="lopt_codegen_cache_"))
+            atexit.register(shutil.rmtree, private, ignore_errors=True)
+            warnings.warn(f"the kernel cache {root} (LOPT_CACHE_DIR, else $XDG_CACHE_HOME/lopt_codegen or "
+                          f"~/.cache/lopt_codegen) cannot be used ({exc.strerror or exc}); this process caches "
+                          f"compiled kernels in {private}, removed at exit. Set LOPT_CACHE_DIR to a writable "
+                          "folder to keep them across runs.", RuntimeWarning, stacklevel=3)
+            _usable[root] = private
+    return _usable[root]
+
+
+def _remove_dead_temps(entry: Path) -> None:
+    """Temporary folders of builds that died: this key's (its lock is held, so no live
+    build of it has one) and any over a day old."""
+    now = time.time()
+    for tmp in entry.parent.glob(".*"):
+        if not tmp.is_dir():
+            continue
+        try:
+            if tmp.name.startswith(f".{entry.name}.") or now - tmp.stat().st_mtime > _STALE_TEMP_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _build_entry(entry: Path, key: dict, filename: str, build: Callable[[Path], None]) -> Path:
     entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(entry)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
         build(tmp / filename)
@@ -90,7 +135,7 @@ class BuildCache:
 
     @property
     def path(self) -> Path:
-        return self.root or cache_dir()
+        return usable_dir(self.root or cache_dir())
 
     def get(self, kind: str, key: dict, filename: str, build: Callable[[Path], None],
             load: Callable[[Path], T]) -> T:

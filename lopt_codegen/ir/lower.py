@@ -27,6 +27,7 @@ class _Lowerer:
         self.spec, self.variant, self.g = spec, variant, graph
         self.resolved: dict[str, Node] = {}
         self.resolving: list[str] = []
+        self.inlining: list[str] = []   # the spec's functions being inlined, outermost first
         self.mlp_outputs: dict[str, Node] | None = None
         self.states: dict[str, Node] = {}
         self.tensor_functions: dict[str, FunctionIR] = {}
@@ -179,6 +180,9 @@ class _Lowerer:
             node = self.single(self.lower(d), d.mark, "a decay")
             if node.level != Level.STEP:
                 raise SpecError(d.mark, "a decay must be a number or depend only on hyperparameters and t")
+            value = _constant(node)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise SpecError(d.mark, f"a decay is between 0 and 1 (acc <- b acc + (1 - b) x); this one is {value:g}")
             decays.append(node)
         k = len(decays)
         if x.channels not in (1, k):
@@ -231,7 +235,15 @@ class _Lowerer:
             fn = self.spec.functions[f]
             self.arity(expr, len(fn.args))
             args = {a: self.lower(x, scope) for a, x in zip(fn.args, expr.args)}
-            return self.lower(fn.body, args)
+            if f in self.inlining:
+                chain = " -> ".join([*self.inlining[self.inlining.index(f):], f])
+                raise SpecError(expr.mark, f"function '{f}' calls itself ({chain}): functions are inlined where "
+                                "they are called, so they cannot recurse")
+            self.inlining.append(f)
+            try:
+                return self.lower(fn.body, args)
+            finally:
+                self.inlining.pop()
         if f in self.spec.tensor_functions:
             return self.tensor_call(expr, scope)
         if f not in FUNCTIONS and f not in UNARY | BINARY:
@@ -362,6 +374,26 @@ class _Lowerer:
 
 
 _ROUTE_LEAVES = {"const", "hyper", "shape"}
+
+
+_FOLD = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+         "div": lambda a, b: a / b, "pow": lambda a, b: a ** b, "min": min, "max": max}
+
+
+def _constant(node: Node) -> float | None:
+    """The value of a one-channel node built from numbers and arithmetic alone, else None."""
+    try:
+        if node.op == "const" and node.channels == 1:
+            return float(node.attrs[0])
+        if node.op == "neg":
+            value = _constant(node.args[0])
+            return None if value is None else -value
+        if node.op in _FOLD:
+            a, b = (_constant(x) for x in node.args)
+            return None if a is None or b is None else float(_FOLD[node.op](a, b))
+    except (ArithmeticError, ValueError, TypeError):
+        return None
+    return None
 
 
 def _route_test(spec: Spec, route: Route, graph: Graph) -> Node | None:

@@ -6,12 +6,19 @@ so that later checks (unknown names, arity, channels, cycles) can point at the c
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass
 
 from .errors import Mark, SpecError
 
 BINARY_OPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.Pow: "pow"}
 COMPARE_OPS = {ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge", ast.Eq: "eq", ast.NotEq: "ne"}
+FLOAT32_MAX = 3.4028234663852886e38
+# Limits on one expression (or tensor function body): far beyond any optimizer's, and
+# small enough that parsing, checking and lowering never exhaust the stack or memory.
+MAX_TEXT = 20_000    # characters
+MAX_DEPTH = 200      # nested operations
+MAX_NODES = 5_000    # operations and leaves
 
 @dataclass(frozen=True)
 class Expr:
@@ -99,8 +106,18 @@ class _Converter:
             value = self.number(node.operand)
             return -value if isinstance(node.op, ast.USub) else value
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return float(node.value)
+            return self.finite(node)
         raise self.fail(node, "a list may hold only numbers (it makes one channel per number)")
+
+    def finite(self, node: ast.Constant) -> float:
+        """A literal as a float32 value: finite, within float32's range."""
+        try:
+            value = float(node.value)
+        except OverflowError:
+            value = math.inf
+        if not abs(value) <= FLOAT32_MAX:
+            raise self.fail(node, f"the number {node.value} is not a finite float32 (at most {FLOAT32_MAX:.4g})")
+        return value
 
     def convert(self, node: ast.AST) -> Expr:
         mark = self.mark(node)
@@ -109,7 +126,7 @@ class _Converter:
                 return Text(mark, node.value)
             if type(node.value) not in (int, float):
                 raise self.fail(node, f"expected a number, got {node.value!r}")
-            return Num(mark, (float(node.value),))
+            return Num(mark, (self.finite(node),))
         if isinstance(node, (ast.List, ast.Tuple)):
             if not node.elts:
                 raise self.fail(node, "an empty list has no channels")
@@ -171,12 +188,43 @@ def parse_expr(text: str, mark: Mark, strings: bool = False) -> Expr:
     stripped = text.strip()
     if not stripped:
         raise SpecError(mark, "empty expression")
+    tree = _parse(stripped, mark, "eval", "expression")
+    return _Converter(mark, stripped, strings=strings).convert(tree.body)
+
+
+def _parse(text: str, mark: Mark, mode: str, what: str) -> ast.AST:
+    """ast.parse within the limits: a clean error for text too long or nested too deep."""
+    if len(text) > MAX_TEXT:
+        raise SpecError(mark, f"the {what} is {len(text)} characters long; the limit is {MAX_TEXT} "
+                        "(split it into named derived values)")
     try:
-        tree = ast.parse(stripped, mode="eval")
+        tree = ast.parse(text, mode=mode)
     except SyntaxError as exc:
         col = (exc.offset or 1) - 1
-        raise SpecError(mark.shifted(0, col), f"syntax error in expression '{stripped}': {exc.msg}") from None
-    return _Converter(mark, stripped, strings=strings).convert(tree.body)
+        raise SpecError(mark.shifted(0, col), f"syntax error in {what} '{_short(text)}': {exc.msg}") from None
+    except (RecursionError, MemoryError):
+        raise SpecError(mark, f"the {what} nests too deeply to parse (limit {MAX_DEPTH} levels)") from None
+    _check_size(tree, mark, what)
+    return tree
+
+
+def _check_size(tree: ast.AST, mark: Mark, what: str) -> None:
+    """At most MAX_NODES nodes and MAX_DEPTH levels (iteratively: no recursion here)."""
+    count, stack = 0, [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise SpecError(mark, f"the {what} nests {MAX_DEPTH}+ operations deep; split it into named derived "
+                            "values")
+        if count > MAX_NODES:
+            raise SpecError(mark, f"the {what} has over {MAX_NODES} operations and values; split it into named "
+                            "derived values")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _BlockConverter(_Converter):
@@ -216,9 +264,14 @@ def parse_block(text: str, first_line: Mark, indent: int, strings: bool = False)
     text starts at column `indent` + 1 in the file (YAML strips that indentation)."""
     if not text.strip():
         raise SpecError(first_line, "empty tensor function body")
+    if len(text) > MAX_TEXT:
+        raise SpecError(first_line, f"the body is {len(text)} characters long; the limit is {MAX_TEXT}")
     try:
         tree = ast.parse(text, mode="exec")
     except SyntaxError as exc:
         where = Mark(first_line.file, first_line.line + (exc.lineno or 1) - 1, indent + (exc.offset or 1))
         raise SpecError(where, f"syntax error in tensor function: {exc.msg}") from None
+    except (RecursionError, MemoryError):
+        raise SpecError(first_line, f"the body nests too deeply to parse (limit {MAX_DEPTH} levels)") from None
+    _check_size(tree, first_line, "body")
     return _BlockConverter(first_line, text, matmul=not strings, indent=indent, strings=strings).statements(tree.body)

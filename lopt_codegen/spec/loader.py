@@ -1,24 +1,29 @@
 """Read a spec file: YAML -> schema check -> parsed expressions -> `Spec`."""
 from __future__ import annotations
 
+import keyword
+import math
 import os
 from dataclasses import replace
 from typing import Any
 
 from .errors import Mark, SpecError
-from .expr import Expr, Num, parse_block, parse_expr
+from .expr import FLOAT32_MAX, Expr, Num, parse_block, parse_expr
 from .model import Accumulator, Function, LossBuffer, Mlp, Network, Route, Spec, TensorFunction, Variants, Weights
 from ..weights.layouts import Derived
 from .schema import SPEC_SCHEMA, validate
 from .yaml_nodes import LDict, LScalar, LStr, Removed, load_located_yaml, mark_of, plain
 
-from .names import RESERVED
+from .names import CONSTRUCTOR_NAMES, MODULE_NAMES, RESERVED
 
 
 def _expr(value: Any, fallback: Mark, strings: bool = False) -> Expr:
     mark = mark_of(value, fallback)
     if isinstance(value, LScalar):
-        return Num(mark, (float(value.value),))
+        number = _number(value, "expression", mark)
+        if abs(number) > FLOAT32_MAX:
+            raise SpecError(mark, f"the number {value.value} is not a finite float32 (at most {FLOAT32_MAX:.4g})")
+        return Num(mark, (number,))
     # A quoted scalar's text starts one column after its opening quote.
     start = mark.shifted(0, 1) if getattr(value, "quoted", False) else mark
     return parse_expr(str(value), start, strings=strings)
@@ -27,9 +32,12 @@ def _expr(value: Any, fallback: Mark, strings: bool = False) -> Expr:
 def _number(value: Any, where: str, fallback: Mark) -> float:
     raw = value.value if isinstance(value, LScalar) else value
     try:
-        return float(raw)
-    except (TypeError, ValueError):
+        number = float(raw)
+    except (TypeError, ValueError, OverflowError):
         raise SpecError(mark_of(value, fallback), f"{where}: expected a number, got {raw!r}") from None
+    if not math.isfinite(number):
+        raise SpecError(mark_of(value, fallback), f"{where}: expected a finite number, got {raw!r}")
+    return number
 
 
 def _variants(value: Any, fallback: Mark) -> Variants:
@@ -41,6 +49,8 @@ def _variants(value: Any, fallback: Mark) -> Variants:
 
 
 def _check_name(name: str, mark: Mark, taken: dict[str, Mark]) -> None:
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name):
+        raise SpecError(mark, f"'{name}' is a Python keyword; choose another name")
     if name in RESERVED:
         raise SpecError(mark, f"'{name}' is a built-in name ({', '.join(sorted(RESERVED))}); choose another")
     if name.startswith("__"):
@@ -106,12 +116,23 @@ def _mlp(doc: LDict) -> Mlp:
 
 def load_spec(path: str | os.PathLike) -> Spec:
     path = os.fspath(path)
+    return parse_spec(_read(path, None), path)
+
+
+def _read(path: str, mark: Mark | None) -> str:
+    """A spec file's text; an unreadable or non-UTF-8 file is a SpecError (at `mark`, the
+    `extends:` that names it, if any)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
-        raise SpecError(None, f"cannot read spec {path}: {exc.strerror}") from None
-    return parse_spec(text, path)
+        where = f"extends: cannot read {path}" if mark else f"cannot read spec {path}"
+        raise SpecError(mark, f"{where}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(mark or Mark(path, 1, 1), f"{path} is not UTF-8 text (byte {data[exc.start]:#04x} at offset "
+                        f"{exc.start}): a spec is a YAML text file") from None
 
 
 def _document(text: str, path: str, chain: tuple[str, ...] = ()) -> tuple[Any, str]:
@@ -131,12 +152,7 @@ def _document(text: str, path: str, chain: tuple[str, ...] = ()) -> tuple[Any, s
     here = os.path.abspath(path)
     if os.path.abspath(base_path) in (*chain, here):
         raise SpecError(mark, f"extends: {ref} extends this spec back (a cycle)")
-    try:
-        with open(base_path, encoding="utf-8") as f:
-            base_text = f.read()
-    except OSError as exc:
-        raise SpecError(mark, f"extends: cannot read {base_path}: {exc.strerror}") from None
-    base, base_source = _document(base_text, base_path, (*chain, here))
+    base, base_source = _document(_read(base_path, mark), base_path, (*chain, here))
     child = LDict((k, v) for k, v in doc.items() if k != "extends")
     child.mark, child.flow = doc.mark, doc.flow
     child.key_marks = {k: m for k, m in doc.key_marks.items() if k != "extends"}
@@ -179,11 +195,19 @@ def parse_spec(text: str, path: str) -> Spec:
     validate(doc, SPEC_SCHEMA, "", top)
     keys = doc.key_marks
     taken: dict[str, Mark] = {}
+    for key, reserved in (("name", set()), ("class_name", MODULE_NAMES)):
+        value = str(doc[key])
+        if keyword.iskeyword(value) or keyword.issoftkeyword(value) or value in reserved:
+            raise SpecError(mark_of(doc[key], keys[key]), f"{key}: '{value}' is a Python keyword or a name the "
+                            "generated module uses; choose another")
 
     hypers: dict[str, float | None] = {"lr": 1.0, "weight_decay": 0.0}
     for name, value in doc.get("hyperparameters", {}).items():
         mark = doc["hyperparameters"].key_marks[name]
         _check_name(name, mark, taken)
+        if name in CONSTRUCTOR_NAMES:
+            raise SpecError(mark, f"hyperparameter '{name}' would clash with the optimizer's own "
+                            f"{', '.join(sorted(CONSTRUCTOR_NAMES))}; choose another name")
         is_null = isinstance(value, LScalar) and value.value is None
         hypers[name] = None if is_null else _number(value, f"hyperparameters.{name}", mark)
 

@@ -21,7 +21,8 @@ VARIANTS = {
 }
 EXPR_OR_VARIANTS = {"anyOf": [NUMBER_OR_EXPR, VARIANTS]}
 SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 1}}
-WEIGHT_GROUPS = {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": SHAPE}}
+WEIGHT_GROUPS = {"type": "object", "propertyNames": {"pattern": IDENT},
+                 "additionalProperties": {"type": "object", "additionalProperties": SHAPE}}
 
 
 def _names(values: Any, description: str) -> dict:

@@ -68,27 +68,63 @@ def _mark(node: yaml.Node, file: str) -> Mark:
     return Mark(file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader) -> Any:
+# Limits on a spec's YAML: far beyond any optimizer's, and small enough that alias
+# expansion ("billion laughs") or deep nesting fail fast with a clean error.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "int", "float", "bool", "null")}
+
+
+class _Budget:
+    """What converting one document may still spend, and the aliases being expanded."""
+
+    def __init__(self) -> None:
+        self.nodes = 0
+        self.open: set[int] = set()   # ids of the collection nodes being converted (a cycle check)
+
+
+def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader, budget: _Budget | None = None,
+             depth: int = 0) -> Any:
     mark = _mark(node, file)
+    budget = budget or _Budget()
+    budget.nodes += 1
+    if budget.nodes > MAX_YAML_NODES:
+        raise SpecError(mark, f"the spec expands to over {MAX_YAML_NODES} YAML values (aliases repeated inside "
+                        "aliases?)")
+    if depth > MAX_YAML_DEPTH:
+        raise SpecError(mark, f"the spec nests deeper than {MAX_YAML_DEPTH} levels")
+    if id(node) in budget.open:
+        raise SpecError(mark, "a YAML alias refers to a value that contains it (a recursive alias)")
     if node.tag == "!remove":
         if not isinstance(node, yaml.ScalarNode) or node.value:
             raise SpecError(mark, "!remove stands alone: `key: !remove` drops an inherited key")
         return Removed(mark)
+    if node.tag not in _PLAIN_TAGS:   # e.g. !!python/object: never constructed, refused outright
+        raise SpecError(mark, f"YAML tag not allowed: {node.tag} (a spec holds plain mappings, lists, text "
+                        "and numbers)")
     if isinstance(node, yaml.MappingNode):
         out = LDict()
         out.mark, out.key_marks = mark, {}
         out.flow = bool(node.flow_style)
+        budget.open.add(id(node))
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError(_mark(key_node, file), "keys must be names, not mappings or lists")
             key = loader.construct_object(key_node)
             if not isinstance(key, str):
                 raise SpecError(_mark(key_node, file), f"keys must be names, got {key!r}")
             if key in out:
                 raise SpecError(_mark(key_node, file), f"duplicate key '{key}'")
             out.key_marks[key] = _mark(key_node, file)
-            out[key] = _convert(value_node, file, loader)
+            out[key] = _convert(value_node, file, loader, budget, depth + 1)
+        budget.open.discard(id(node))
         return out
     if isinstance(node, yaml.SequenceNode):
-        out_list = LList(_convert(item, file, loader) for item in node.value)
+        budget.open.add(id(node))
+        out_list = LList(_convert(item, file, loader, budget, depth + 1) for item in node.value)
+        budget.open.discard(id(node))
         out_list.mark = mark
         out_list.flow = bool(node.flow_style)
         return out_list
@@ -116,15 +152,25 @@ def _block_start(node: yaml.ScalarNode, file: str) -> tuple[Mark, int] | None:
 
 def load_located_yaml(text: str, file: str) -> Any:
     """Parse YAML text; syntax errors become SpecError with the position PyYAML reports."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)   # its reader refuses control characters (a binary file) here
         node = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
+        if node is None:
+            raise SpecError(Mark(file, 1, 1), "the spec is empty; expected a mapping with name, accumulators, "
+                            "features, mlp, update")
+        return _convert(node, file, yaml.SafeLoader(""))
+    except yaml.MarkedYAMLError as exc:   # syntax, or a tag SafeLoader does not construct (!!python/...)
         m = exc.problem_mark or exc.context_mark
         where = Mark(file, m.line + 1, m.column + 1) if m else Mark(file, 1, 1)
-        raise SpecError(where, f"YAML syntax error: {exc.problem or exc.context}") from None
+        kind = "YAML tag not allowed" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise SpecError(where, f"{kind}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        position = getattr(exc, "position", None)
+        where = "" if position is None else f" at character {position}"
+        raise SpecError(Mark(file, 1, 1), f"not a YAML text{where}: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise SpecError(Mark(file, 1, 1), f"the spec nests deeper than {MAX_YAML_DEPTH} levels") from None
     finally:
-        loader.dispose()
-    if node is None:
-        raise SpecError(Mark(file, 1, 1), "the spec is empty; expected a mapping with name, accumulators, features, mlp, update")
-    return _convert(node, file, yaml.SafeLoader(""))
+        if loader is not None:
+            loader.dispose()
