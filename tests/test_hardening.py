@@ -183,3 +183,39 @@ def test_builds_remove_the_temporary_folders_of_killed_builds(tmp_path):
     os.utime(other_old, (two_days, two_days))
     assert cache.get("k", {"x": 2}, "a.txt", lambda p: p.write_text("ok"), lambda p: p.read_text()) == "ok"
     assert not killed.exists() and not other_old.exists() and other_new.exists()
+
+
+def test_a_parameter_twice_in_a_group_is_an_error():
+    import torch
+
+    from generated.adam import Adam
+
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="a parameter appears twice in one param group"):
+        Adam([p, p])
+    opt = Adam([p])
+    with pytest.raises(ValueError, match="appears twice"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))] * 2})
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        opt.add_param_group({"params": [p]})   # torch's own check, across groups
+
+
+def test_one_cycle_lr_needs_cycle_momentum_off_for_a_spec_without_momentum():
+    """torch's OneCycleLR cycles `momentum` or `betas` by default; a learned optimizer has
+    neither: torch says so, and cycle_momentum=False schedules lr alone."""
+    import torch
+
+    from generated.small_fc_lopt import SmallFcLopt
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = SmallFcLopt([p], weights="random")
+    with pytest.raises(ValueError, match="momentum"):
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=4, cycle_momentum=False)
+    lrs = []
+    for _ in range(4):
+        p.grad = torch.ones(3)
+        opt.step()
+        schedule.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert len(set(lrs)) == 4 and torch.isfinite(p).all()

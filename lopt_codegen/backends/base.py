@@ -43,6 +43,7 @@ class StepBatch:
     mlp_weights: list[torch.Tensor] | None = None  # [w0, b0, w1, b1, ...] shared by all tensors
     network: SpecNetwork | None = None
     loss_features: torch.Tensor | None = None      # (channels,) from the loss buffer
+    skip_step: torch.Tensor | None = None          # (1,): 1.0 when this step is skipped (grad.nonfinite: skip)
     tensor_functions: dict[str, FunctionIR] = field(default_factory=dict)   # the program's, by name
 
 

@@ -18,7 +18,7 @@ from .small_values import SmallValues
 from .tensor_program import GroupEnv, run_tensor_function
 
 # Leaves with one value for the whole group (the loss is the step's; shape facts the shape's).
-_GROUP_LEAVES = {"const", "loss_features", "shape"}
+_GROUP_LEAVES = {"const", "loss_features", "skip_step", "shape"}
 # Host values on a device (constants, shape facts, hyperparameters), made once, so that a
 # steady-state step copies nothing from the host: a CUDA graph cannot capture such a
 # copy. Never written in place. Emptied when full (a schedule changing lr every step).

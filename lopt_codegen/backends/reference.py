@@ -69,6 +69,8 @@ class TensorEvaluator:
             return task.state[node.attrs[0]]
         if op == "loss_features":
             return self.scalar(self.batch.loss_features)
+        if op == "skip_step":
+            return self.scalar(self.batch.skip_step)
         if op == "net_out":
             return self.scalar(self.net_out[node.attrs[0]])
         raise ValueError(f"reference backend: unknown leaf op {op}")
@@ -200,6 +202,9 @@ def run_network(batch: StepBatch, tasks: list[TensorTask], x: torch.Tensor
     net = batch.network
     state = {k: torch.stack([t.state[k] for t in tasks]) for k in net.state_keys}
     outputs, mlp, new_state = net.forward(x, state)
+    if batch.skip_step is not None:   # a skipped step leaves the network's state too
+        keep = batch.skip_step.reshape(()) != 0
+        new_state = {k: torch.where(keep, state[k], new_state[k]) for k in net.state_keys}
     for k in net.state_keys:   # one call per key, not one per tensor
         torch._foreach_copy_([t.state[k] for t in tasks], list(new_state[k].unbind(0)))
     return outputs, mlp

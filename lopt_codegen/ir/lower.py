@@ -84,7 +84,8 @@ class _Lowerer:
         n, spec = expr.name, self.spec
         if n == "grad":
             raw = self.g.make("grad", (), (), Level.ELEMENT, 1)
-            return self.op("zero_nonfinite", (raw,), expr.mark) if spec.nonfinite == "zero" else raw
+            # Under `skip` the values of a skipped step are thrown away; zeroed, they stay finite.
+            return self.op("zero_nonfinite", (raw,), expr.mark) if spec.nonfinite in ("zero", "skip") else raw
         if n == "g":
             return self.single(self.lower(spec.grad), spec.grad.mark, "the gradient expression")
         if n == "p":
@@ -160,11 +161,20 @@ class _Lowerer:
         return self.states[name]
 
     def accumulator(self, name: str, mark: Mark) -> Node:
-        """The accumulator's value after this step."""
-        acc = self.spec.accumulators[name]
+        """The accumulator's value after this step (its old value on a skipped step)."""
         state = self.state_node(name, mark)
         if name in self.pending:
             return state
+        return self.unless_skipped(state, self.updated(name, state, mark), mark)
+
+    def unless_skipped(self, old: Node, new: Node, mark: Mark) -> Node:
+        """`new`, or under grad.nonfinite: skip, `old` on a step that is skipped."""
+        if self.spec.nonfinite != "skip":
+            return new
+        return self.op("where", (self.g.make("skip_step", (), (), Level.STEP, 1), old, new), mark)
+
+    def updated(self, name: str, state: Node, mark: Mark) -> Node:
+        acc = self.spec.accumulators[name]
         if acc.update is not None:
             new = self.lower(self.pick(acc.update, name, mark))
             if new is state:
@@ -327,6 +337,7 @@ class _Lowerer:
             new_p = self.op("sub", (p, self.op("mul", (lr, self.op("add", (step, self.op("mul", (wd, p), m)), m)), m)), m)
         else:
             new_p = self.op("sub", (p, self.op("mul", (lr, step), m)), m)
+        new_p = self.unless_skipped(p, new_p, m)
         network_input = None
         if spec.network is not None:
             network_input = self.network_input()

@@ -47,6 +47,7 @@ LEAVES = {
     "shape",          # attrs: a shape fact (shape_facts.py), e.g. ("numel",) or ("size", k)
     "state",          # attrs: (accumulator,) its value before this step
     "loss_features",  # the loss buffer's features
+    "skip_step",      # 1 when this step is skipped (grad.nonfinite: skip), else 0
     "net_out",        # attrs: (name,) a per-tensor output of the network
 }
 UNARY = {"neg", "exp", "log", "sqrt", "rsqrt", "tanh", "abs", "sign", "relu", "sigmoid", "zero_nonfinite"}

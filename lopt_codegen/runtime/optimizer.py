@@ -77,6 +77,27 @@ def _parameter_values(p: torch.Tensor, group: dict, names: list[str]) -> dict[st
     return {n: float(found[n]) for n in names}
 
 
+def _nonfinite_flag(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(1,) on `device`: 1.0 if any gradient holds a NaN or an inf, else 0.0, with no host
+    read (a CUDA graph captures it): a max-norm is finite exactly when its tensor is."""
+    norms = torch._foreach_norm(grads, float("inf"))
+    return (~torch.isfinite(torch.stack([n.float().to(device) for n in norms]))).any().float().reshape(1)
+
+
+def _opaque_to_dynamo(cls: type) -> None:
+    """Inside a torch.compile'd function, a step runs eagerly as one opaque call: one graph
+    break for the whole step on every backend (dynamo would trace into the kernels'
+    bindings). torch.optim wraps `step` with its hooks on the first construction; the
+    wrapper itself is made opaque, so its frame is not compiled either."""
+    step = cls.step
+    if getattr(step, "opaque_to_dynamo", False):
+        return
+    opaque = torch.compiler.disable(step)
+    opaque.hooked = getattr(step, "hooked", False)   # torch.optim's mark: its hooks are inside
+    opaque.opaque_to_dynamo = True
+    cls.step = opaque
+
+
 class LearnedOptimizer(torch.optim.Optimizer):
     program: ClassVar[Program]
 
@@ -91,6 +112,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if name in ("lr", "weight_decay") and value < 0:
                 raise ValueError(f"{program.class_name}(): invalid {name} {value}: must be >= 0")
         super().__init__(params, dict(hyper))
+        _opaque_to_dynamo(type(self))
         for group in self.param_groups:
             for p in group["params"]:
                 self._check_param(p)
@@ -98,6 +120,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.backend = select_backend(program, backend)
         self._router = Router(program)
         self._parameter_values = _parameter_values_used(program)
+        self._skips_nonfinite = any(n.op == "skip_step" for g in program.variants.values() for n in topo_order(g.roots()))
         # Scratch values per graph: never saved, so made again after a load_state_dict.
         self._scratch = {v: [n for n, per in program.state_levels.items() if v in per and is_scratch(n)]
                          for v in program.variants}
@@ -106,6 +129,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._mlp_cache: dict[torch.device, list[torch.Tensor]] = {}
 
     # --- checks ------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, but a parameter listed twice in a group is an error (torch warns and
+        would step it twice)."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError(f"{type(self).__name__}: a parameter appears twice in one param group; list each "
+                             "parameter once (model.parameters() does)")
+        super().add_param_group({**param_group, "params": params})
+
     def _check_param(self, p: torch.Tensor) -> None:
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{self.program.class_name} supports float32, bfloat16 and float16 parameters "
@@ -157,7 +190,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                                        for part in ("weight", "bias")]
         return self._mlp_cache[device]
 
-    def _loss_features(self, loss: torch.Tensor, group: dict) -> torch.Tensor:
+    def _loss_features(self, loss: torch.Tensor, group: dict, skip: torch.Tensor | None = None) -> torch.Tensor:
         """The loss buffer's step (one per optimizer: the first group's hyperparameters, such
         as VeLO's horizon num_steps, define it); its state is self.state["loss_buffer"]."""
         device = loss.device
@@ -168,7 +201,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         state = self.state.setdefault("loss_buffer", buffer.initial_state(device))
         scope = buffer.run({"loss": loss.reshape(1, 1), **{k: v.reshape(1, -1) for k, v in state.items()}}, hyper)
         for k in buffer.state_keys:   # new tensors, in the shapes kept (a 0-D count from older checkpoints)
-            state[k] = scope[k].reshape(state[k].shape)
+            new = scope[k].reshape(state[k].shape)
+            state[k] = new if skip is None else torch.where(skip.reshape(()) != 0, state[k], new)
         return scope["loss_features"].reshape(-1)
 
     # --- the step ----------------------------------------------------------------------
@@ -213,17 +247,29 @@ class LearnedOptimizer(torch.optim.Optimizer):
             return loss
         batch = StepBatch(tasks, mlp_weights=self._mlp_weights(device), network=self._network(device),
                           tensor_functions=program.tensor_functions)
+        if self._skips_nonfinite:
+            batch.skip_step = _nonfinite_flag([t.grad for t in tasks], device)
         if program.needs_loss:
             if loss is None:
                 raise ValueError(f"{program.class_name}.step() needs the training loss: call "
                                  "step(loss=loss) or step(closure)")
             loss_t = torch.as_tensor(loss, dtype=torch.float32, device=device).detach().reshape(())
-            batch.loss_features = self._loss_features(loss_t, self.param_groups[0])
+            batch.loss_features = self._loss_features(loss_t, self.param_groups[0], batch.skip_step)
         if program.network is not None and len({t.param.device for t in tasks}) > 1:
             raise RuntimeError(f"{program.class_name} runs one network over all tensors: put all parameters "
                                "on one device")
         self.backend.step(batch)
-        torch._foreach_add_([task.state["step"] for task in tasks], 1.0)
+        steps = [task.state["step"] for task in tasks]
+        if batch.skip_step is None:
+            torch._foreach_add_(steps, 1.0)
+        else:   # a skipped step counts as no step (bias corrections, schedules by t)
+            taken = 1.0 - batch.skip_step.reshape(())
+            torch._foreach_add_(steps, [taken.to(s.device) for s in steps])
+            skipped = self.state.get("skipped_steps")
+            if skipped is None or skipped.device != device:   # the first, or a loaded checkpoint's
+                skipped = torch.zeros((), device=device) if skipped is None else skipped.to(device, torch.float32)
+                self.state["skipped_steps"] = skipped
+            skipped.add_(batch.skip_step.reshape(()))
         return loss
 
     # --- state_dict --------------------------------------------------------------------
@@ -231,7 +277,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """torch's, less the scratch values of tensor functions (recomputed every step)."""
         out = super().state_dict()
         if self.program.tensor_functions:
-            out["state"] = {k: {n: v for n, v in s.items() if not is_scratch(n)} for k, s in out["state"].items()}
+            out["state"] = {k: {n: v for n, v in s.items() if not is_scratch(n)} if isinstance(s, dict) else s
+                            for k, s in out["state"].items()}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

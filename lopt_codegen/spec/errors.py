@@ -24,5 +24,12 @@ class SpecError(Exception):
 
     def __init__(self, mark: Mark | None, message: str):
         self.mark = mark
-        self.message = message
-        super().__init__(f"{mark}: {message}" if mark else message)
+        self.message = one_line(message)
+        super().__init__(f"{one_line(str(mark))}: {self.message}" if mark else self.message)
+
+
+def one_line(text: str) -> str:
+    """Text quoted from a spec (or its file name) made printable on one line: control
+    characters, line breaks and lone surrogates written as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)

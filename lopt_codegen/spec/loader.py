@@ -289,7 +289,10 @@ def _rule(doc: LDict, taken: dict[str, Mark], top: Mark, inherited: Spec | None 
     if "grad" in doc or inherited is None:
         grad = doc.get("grad", LDict())
         out["grad"] = _expr(grad["expr"], grad.mark) if "expr" in grad else parse_expr("grad", top)
-        out["nonfinite"] = str(grad.get("nonfinite", "keep"))
+        out["nonfinite"] = str(grad.get("nonfinite", "keep" if inherited is None else inherited.nonfinite))
+        if inherited is not None and (out["nonfinite"] == "skip") != (inherited.nonfinite == "skip"):
+            raise SpecError(mark_of(grad.get("nonfinite"), grad.mark), "grad.nonfinite: skip decides for the "
+                            "whole step: set it in the spec's own `grad`, and not otherwise in a route's")
     if "accumulators" in doc or inherited is None:
         out["accumulators"] = {}
         for name, acc in doc.get("accumulators", {}).items():

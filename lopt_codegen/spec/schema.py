@@ -66,8 +66,10 @@ SPEC_SCHEMA: dict = {
             "type": "object", "additionalProperties": False,
             "properties": {
                 "expr": {**EXPR, "description": "g from the raw gradient `grad` (clipping, L2 decay...)"},
-                "nonfinite": {"enum": ["keep", "zero"],
-                              "description": "keep NaN/inf, or replace them by 0 before `expr`"}}},
+                "nonfinite": {"enum": ["keep", "zero", "skip"],
+                              "description": "keep NaN/inf (IEEE arithmetic, alike on every backend), zero: "
+                                             "replace them by 0 before `expr`, skip: a step whose gradients "
+                                             "hold any changes nothing (counted in state['skipped_steps'])"}}},
         "accumulators": _names({
             "type": "object", "additionalProperties": False,
             "description": "either `ema` with `decays`, or `update`",

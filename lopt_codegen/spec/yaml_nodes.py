@@ -77,6 +77,13 @@ MAX_YAML_DEPTH = 64
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "int", "float", "bool", "null")}
 
 
+def _check_unicode(text: str, mark: Mark) -> None:
+    """A YAML escape such as "\\ud800" makes a lone surrogate, which no file can hold."""
+    for ch in text:
+        if "\ud800" <= ch <= "\udfff":
+            raise SpecError(mark, f"the text holds a lone surrogate (\\u{ord(ch):04x}), which is not valid Unicode")
+
+
 class _Budget:
     """What converting one document may still spend, and the aliases being expanded."""
 
@@ -115,6 +122,7 @@ def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader, budget: _Budge
             key = loader.construct_object(key_node)
             if not isinstance(key, str):
                 raise SpecError(_mark(key_node, file), f"keys must be names, got {key!r}")
+            _check_unicode(key, _mark(key_node, file))
             if key in out:
                 raise SpecError(_mark(key_node, file), f"duplicate key '{key}'")
             out.key_marks[key] = _mark(key_node, file)
@@ -130,6 +138,7 @@ def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader, budget: _Budge
         return out_list
     value = loader.construct_object(node)
     if isinstance(value, str):
+        _check_unicode(value, mark)
         s = LStr(value)
         s.mark = mark
         s.quoted = node.style in ("'", '"')

@@ -131,7 +131,8 @@ def _ptxas_log(source: str, archs: tuple[str, ...], path: Path) -> None:
                "-Xptxas", "-v", *gencode, *(f"-I{p}" for p in _tvm_ffi_includes())]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+        errors = [line for line in proc.stderr.splitlines() if ": error" in line]   # warnings can bury them
+        raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n" + "\n".join(errors[:20]) + f"\n...\n{proc.stderr[-2000:]}")
     path.write_text(proc.stderr)
 
 

@@ -53,7 +53,7 @@ def _exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
 
     out = _let(tirx.max(tirx.min(x, _f(_EXP_HI)), _f(_EXP_LO)), scaled)
     out = tirx.Select(x > _f(_EXP_HI), _f(float("inf")), tirx.Select(x < _f(_EXP_LO), _f(0), out))
-    return tirx.Select(tirx.isnan(x), x, out)
+    return tirx.Select(_is_nan(x), x, out)
 
 
 def _taylor(r: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -70,6 +70,25 @@ def _times_pow2(value: tirx.PrimExpr, n: tirx.PrimExpr) -> tirx.PrimExpr:
     return value * _pow2(half.astype("int32")) * _pow2((n - half).astype("int32"))
 
 
+def _nan_first(a: tirx.PrimExpr, b: tirx.PrimExpr, op: Callable) -> tirx.PrimExpr:
+    """op(a, b), or the NaN among a and b, as torch. Tested on the operands' bits: TVM's simplifier
+    folds a Select on a > b and b >= a as if no value were NaN, and tirx.isnan inside
+    the vectorized specialized kernels gave wrong values (small_fc_lopt on (48,))."""
+    if isinstance(a, tirx.FloatImm):
+        a, b = b, a
+    if isinstance(b, tirx.FloatImm):   # a constant is never NaN here (the spec's are finite)
+        return _let(a, lambda va: tirx.Select(_is_nan(va), va, op(va, b)))
+    # Bound to variables: CUDA C reads a float's bits through its address.
+    return _let(a, lambda va: _let(b, lambda vb: tirx.Select(
+        _is_nan(va), va, tirx.Select(_is_nan(vb), vb, op(va, vb)))))
+
+
+def _is_nan(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """From the bits (exponent all ones, mantissa not zero)."""
+    return tirx.bitwise_and(tirx.reinterpret("int32", x), tirx.const(0x7FFFFFFF, "int32")) > \
+        tirx.const(0x7F800000, "int32")
+
+
 _UNARY: dict[str, Callable] = {
     "neg": lambda x: -x,
     "exp": _exp, "log": tirx.log, "sqrt": tirx.sqrt,
@@ -77,14 +96,17 @@ _UNARY: dict[str, Callable] = {
     "rsqrt": lambda x: _f(1) / tirx.sqrt(x),
     "tanh": tirx.tanh,
     "abs": tirx.abs,
-    "sign": lambda x: tirx.Select(x > _f(0), _f(1), tirx.Select(x < _f(0), _f(-1), _f(0))),
-    "relu": lambda x: tirx.max(x, _f(0)),
+    # NaN in, NaN out, as torch (LLVM's min/max return the other operand of a NaN)
+    "sign": lambda x: tirx.Select(x > _f(0), _f(1), tirx.Select(x < _f(0), _f(-1), x)),
+    "relu": lambda x: _nan_first(x, _f(0), tirx.max),
     "sigmoid": lambda x: _f(1) / (_f(1) + _exp(-x)),
     "zero_nonfinite": lambda x: tirx.Select(tirx.isfinite(x), x, _f(0)),
 }
 _BINARY: dict[str, Callable] = {
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-    "div": lambda a, b: a / b, "pow": tirx.power, "min": tirx.min, "max": tirx.max,
+    "div": lambda a, b: a / b, "pow": tirx.power,
+    "min": lambda a, b: _nan_first(a, b, tirx.min),
+    "max": lambda a, b: _nan_first(a, b, tirx.max),
     "lt": lambda a, b: _flag(a < b), "le": lambda a, b: _flag(a <= b),
     "gt": lambda a, b: _flag(a > b), "ge": lambda a, b: _flag(a >= b),
     "eq": lambda a, b: _flag(a == b), "ne": lambda a, b: _flag(a != b),

@@ -37,7 +37,7 @@ from .signature import PassSignature
 from .stages import _as_list, _reduce
 from .view import View
 
-COLUMN_LEAVES = ("hyper", "step", "shape", "loss_features", "net_out")   # one value per tensor
+COLUMN_LEAVES = ("hyper", "step", "shape", "loss_features", "skip_step", "net_out")   # one value per tensor
 
 Channel = Callable[[tuple], "tirx.PrimExpr"]   # one channel of a value, at a 5-D index
 
