@@ -6,6 +6,7 @@ the closing note).
 
     python benchmarks/gpu_check.py                               # on a CUDA machine
     python benchmarks/gpu_check.py --device cpu --sizes 64K --steps 2   # dry run, no GPU
+    python benchmarks/gpu_check.py --prebuild-only   # fill the kernel cache (nvcc, parallel)
 
 Backends: "cuda" (Jinja-templated kernels) and "tvm" (TVM's CUDA kernels, built with nvcc).
 """
@@ -26,14 +27,58 @@ import torch  # noqa: E402
 
 from benchmarks.step_time import import_spec, parse_count  # noqa: E402
 
-SPECS = ("small_fc_lopt", "velo", "adam")
+SPECS = ("small_fc_lopt", "velo", "adam", "mulo", "elo", "celo2", "elo_celo2")
 PARITY_SHAPES = [(), (7,), (5, 3), (3, 5), (4, 2, 3, 3), (257, 129)]
 
 
 def optimizer(spec: str, params, backend: str, lr: float):
+    cls = import_spec(spec)
     extra = {"num_steps": 1000} if spec == "velo" else {}
-    weights = {} if spec == "adam" else {"weights": "random"}
-    return import_spec(spec)(params, lr=lr, backend=backend, **weights, **extra)
+    weights = {"weights": "random"} if cls.program.weight_groups else {}
+    return cls(params, lr=lr, backend=backend, **weights, **extra)
+
+
+def _prebuild_job(job: tuple[str, str, str, str, str]) -> str:
+    """One build into the kernel cache: ("cuda", spec, arch, "", "") or
+    ("tvm", spec, arch, dtype, tensor kind)."""
+    backend, spec, arch, dtype, kind = job
+    start = time.perf_counter()
+    program = import_spec(spec).program
+    if backend == "cuda":
+        from lopt_codegen.backends.cuda.backend import CudaBackend
+        from lopt_codegen.backends.cuda.build import build_cuda
+
+        build_cuda(CudaBackend(program).rendered.source, f"lopt_{program.name}", (arch,))
+    else:
+        from lopt_codegen.backends.tvm.backend import generic_signatures
+        from lopt_codegen.backends.tvm.build import cuda_kernels_path
+
+        sigs = generic_signatures(program, dtype, gpu=True)[kind]
+        cuda_kernels_path(program, kind.split("-")[0], sigs, arch)
+    return f"{backend} {spec} {dtype} {kind} {arch}: {time.perf_counter() - start:.0f} s"
+
+
+def prebuild(specs: list[str], backends: list[str], arch: str, workers: int) -> None:
+    """Every kernel the check runs, built in parallel processes (nvcc per spec and tensor
+    kind) before anything is timed: one cold build at a time would take minutes."""
+    import concurrent.futures
+    import multiprocessing
+
+    jobs = [("cuda", s, arch, "", "") for s in specs if "cuda" in backends]
+    if "tvm" in backends:
+        from lopt_codegen.backends.tvm.backend import generic_signatures
+
+        jobs += [("tvm", s, arch, d, kind) for s in specs for d in ("float32", "bfloat16")
+                 for kind in generic_signatures(import_spec(s).program, d, gpu=True)]
+    start = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_prebuild_job, job): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                print("prebuilt", future.result(), flush=True)
+            except Exception as exc:  # noqa: BLE001 - the check itself reports the broken case
+                print("prebuild failed", futures[future], f"{type(exc).__name__}: {exc}"[:300], flush=True)
+    print(f"prebuild: {len(jobs)} builds in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def sync(device: str) -> None:
@@ -45,7 +90,7 @@ def parity(spec: str, backend: str, device: str, steps: int) -> str:
     """Largest error of a step's update against the reference, relative to the update."""
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(s, generator=gen) for s in PARITY_SHAPES]
-    lr = {"adam": 1.0, "small_fc_lopt": 30.0, "velo": 300.0}[spec]
+    lr = {"adam": 1.0, "velo": 300.0}.get(spec, 30.0)
     ref_p = [torch.nn.Parameter(p.clone().to(device)) for p in start]
     our_p = [torch.nn.Parameter(p.clone().to(device)) for p in start]
     ref, ours = optimizer(spec, ref_p, "reference", lr), optimizer(spec, our_p, backend, lr)
@@ -63,7 +108,8 @@ def parity(spec: str, backend: str, device: str, steps: int) -> str:
             worst = max(worst, (float((d_ref - d_ours).abs().max()) - rounding) / float(d_ref.abs().max()))
             q.data.copy_(p.data)
             for key, value in ref.state[p].items():
-                ours.state[q][key].copy_(value)
+                if isinstance(value, torch.Tensor):
+                    ours.state[q][key].copy_(value)
     fallback = getattr(ours.backend, "_warned", None)   # tvm sends what it cannot run to the reference
     if fallback:
         return f"FAIL (ran on the reference: {sorted(fallback)[0][:80]})"
@@ -153,7 +199,7 @@ def pass_bandwidth(spec: str, count: int, device: str, reps: int) -> list[tuple[
     opt = optimizer(spec, [p], "cuda", 1e-4)
     for _ in range(2):
         opt.step(loss=1.0)
-    backend, dev = opt.backend, torch.device(device)
+    backend, dev = opt.backend, p.device   # cuda:0, as the launches are keyed
     module, copy = backend.module(dev), copy_bandwidth(n * n, device, reps)
     rows = []
     ran = [L for ls in backend.rendered.layouts.values() for L in ls if (L.name, dev) in backend._launches]
@@ -170,12 +216,43 @@ def pass_bandwidth(spec: str, count: int, device: str, reps: int) -> list[tuple[
     return [row + (f"{copy:.0f}",) for row in rows]
 
 
+def profile(spec: str, count: int, device: str, steps: int = 3) -> tuple[str, ...]:
+    """Where a steady cuda-backend step's time goes (torch.profiler over `steps` steps on one
+    square matrix): wall ms, GPU busy ms and kernel launches per step, the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    n = int(count ** 0.5)
+    p = torch.nn.Parameter(torch.randn(n, n, device=device))
+    p.grad = torch.randn_like(p) * 1e-3
+    opt = optimizer(spec, [p], "cuda", 1e-4)
+    for _ in range(3):
+        opt.step(loss=1.0)
+    sync(device)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step(loss=1.0)
+        sync(device)
+        wall = (time.perf_counter() - t0) / steps
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / steps / 1e3
+    launches = sum(e.count for e in kernels) / steps
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]
+    costliest = "; ".join(f"{e.key[:40]} {e.self_device_time_total / steps / 1e3:.3f}" for e in top)
+    return spec, f"{n}x{n}", f"{wall * 1e3:.3f}", f"{busy:.3f}", f"{launches:g}", costliest
+
+
 def mlp_multiply_adds(spec: str) -> int:
-    """Per element, of the factored variant's (folded) MLP: the compute a step cannot avoid."""
+    """Per element, of the (folded) MLP of the first variant that has one (0: none): the
+    compute a step cannot avoid."""
     from lopt_codegen.backends.cuda.render import render_cuda
 
-    program = optimizer(spec, [torch.nn.Parameter(torch.zeros(2, 2))], "reference", 1e-3).program
-    L = next(L for L in render_cuda(program, spec).layouts["factored"] if L.mlp is not None)
+    program = import_spec(spec).program
+    if program.mlp is None:
+        return 0
+    L = next((L for ls in render_cuda(program, spec).layouts.values() for L in ls if L.mlp is not None), None)
+    if L is None:
+        return 0
     dims = (L.fold.features, *L.mlp.attrs[0][1:])
     return sum(a * b for a, b in zip(dims, dims[1:]))
 
@@ -190,10 +267,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bandwidth", default="velo,small_fc_lopt",
                     help="specs whose cuda-backend passes are rated against a device copy ('' skips)")
     ap.add_argument("--bandwidth-size", default=None, help="default: the largest of --sizes")
+    ap.add_argument("--profile", default="",
+                    help="specs whose steady cuda-backend step is profiled at --bandwidth-size ('' skips)")
+    ap.add_argument("--prebuild", action="store_true",
+                    help="first build every kernel of --specs and --backends in parallel processes")
+    ap.add_argument("--prebuild-only", action="store_true", help="fill the kernel cache and stop")
+    ap.add_argument("--arch", default=None, help="CUDA arch to prebuild for (default: the device's)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel prebuild processes")
     args = ap.parse_args(argv)
     args.bandwidth_size = args.bandwidth_size or max(args.sizes.split(","), key=parse_count)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here; use --device cpu for a dry run")
+    if args.prebuild or args.prebuild_only:
+        arch = args.arch or "sm_{}{}".format(*torch.cuda.get_device_capability())
+        prebuild(args.specs.split(","), args.backends.split(","), arch, args.workers)
+    if args.prebuild_only:
+        return
     rows = []
     for spec in args.specs.split(","):
         for backend in args.backends.split(","):
@@ -215,6 +304,13 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
             bandwidth.append((spec, "-", args.bandwidth_size, "n/a", "n/a", "n/a", "n/a",
                               f"error: {type(exc).__name__}"[:80]))
+    profiles = []
+    for spec in filter(None, args.profile.split(",")):
+        try:
+            profiles.append(profile(spec, parse_count(args.bandwidth_size), args.device))
+        except Exception as exc:  # noqa: BLE001 - reported, the other tables still print
+            traceback.print_exc()
+            profiles.append((spec, "-", "n/a", "n/a", "n/a", f"error: {type(exc).__name__}"[:80]))
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (dry run)"
     print(f"\n## gpu_check on {name}, torch {torch.__version__}\n")
     if bandwidth:
@@ -229,6 +325,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"a step takes at least {total / ADAMW_BYTES:.2f}x AdamW's. Its MLP runs {macs} float32 "
                   f"multiply-adds per element: {2 * macs * parse_count(args.bandwidth_size) / 1e12:.2f} TFLOP "
                   f"per step at {args.bandwidth_size}.")
+        print()
+    if profiles:
+        print("| spec (cuda backend) | tensor | step wall (ms) | GPU busy (ms) | launches | costliest kernels (ms) |")
+        print("|---|---:|---:|---:|---:|---|")
+        for row in profiles:
+            print("| " + " | ".join(row) + " |")
         print()
     print("| spec | backend | params | step (ms) | AdamW fused (ms) | x AdamW | checks |")
     print("|---|---|---:|---:|---:|---:|---|")

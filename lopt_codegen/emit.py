@@ -61,8 +61,8 @@ def templates_sha256() -> str:
     return digest.hexdigest()
 
 
-_TARGETS = {"auto": "TVM LLVM kernels on CPU, the reference (eager torch) elsewhere",
-            "tvm": "TVM LLVM kernels on CPU, the reference (eager torch) elsewhere",
+_TARGETS = {"auto": "TVM LLVM kernels for CPU tensors, the cuda backend's CUDA kernels (nvcc) for CUDA tensors",
+            "tvm": "TVM kernels: LLVM for CPU tensors, CUDA (nvcc) for CUDA tensors",
             "reference": "torch (eager, any device)",
             "cuda": "CUDA C++ (nvcc) for CUDA tensors, its host C++ build for CPU tensors (tvm_ffi.cpp)"}
 

@@ -16,7 +16,6 @@ from conftest import SHAPES
 from generated.adam import Adam
 from generated.small_fc_lopt import SmallFcLopt
 from generated.velo import VeLO
-from lopt_codegen.backends import select_backend
 from lopt_codegen.backends.base import TensorTask
 from lopt_codegen.backends.tvm import TvmBackend, unsupported_reason
 from lopt_codegen.backends.tvm.build import llvm_target
@@ -196,18 +195,10 @@ def test_unsupported_tensors_say_why():
     assert "empty" in unsupported_reason(TensorTask(empty, empty, {}, {}, "unfactored", None))
 
 
-def test_auto_picks_tvm():
-    assert select_backend(Adam.program, "auto").name == "tvm"
-
-
-def test_cuda_tensors_take_tvm_cuda_kernels_only_when_asked_for():
-    """backend="tvm" runs CUDA tensors on TVM's CUDA kernels (given nvcc); "auto" keeps
-    them on the reference until those kernels have passed on a GPU."""
+def test_cuda_tensors_take_tvm_cuda_kernels_given_nvcc():
     cuda = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32, numel=lambda: 4,
                            is_contiguous=lambda: True)   # stands in for a CUDA tensor on this CPU build
-    task = TensorTask(cuda, cuda, {}, {}, "unfactored", None)
-    assert "pass backend='tvm'" in select_backend(Adam.program, "auto")._unsupported_reason(task)
-    reason = select_backend(Adam.program, "tvm")._unsupported_reason(task)
+    reason = unsupported_reason(TensorTask(cuda, cuda, {}, {}, "unfactored", None))
     assert reason is None if shutil.which("nvcc") else "nvcc" in reason
 
 

@@ -1,10 +1,9 @@
 """Backends turn a Program into a step: `reference` (eager torch, any device, the oracle),
 `tvm` (compiled TensorIR kernels) and `cuda` (Jinja-templated CUDA C++, whose host build
-runs CPU tensors). `auto` picks tvm for CPU tensors when it imports, and says why when
-it falls back to the reference."""
+runs CPU tensors). `auto` (auto.py) runs CPU tensors on tvm and CUDA tensors on cuda,
+and says why when it falls back to the reference."""
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 from ..ir.program import Program
@@ -31,12 +30,8 @@ def select_backend(program: Program, name: str) -> Backend:
         raise ValueError(f"unknown backend '{name}'; available: auto, {', '.join(BACKENDS)}")
     if name != "auto":
         return BACKENDS[name]()(program)
-    try:
-        return _tvm()(program, cuda=False)
-    except ImportError as e:
-        warnings.warn(f"{program.class_name}: the TVM backend is unavailable ({e}); using the slow reference "
-                      "backend. Install apache-tvm (pip install -e .) for compiled kernels.", RuntimeWarning, stacklevel=3)
-        return ReferenceBackend(program)
+    from .auto import AutoBackend
+    return AutoBackend(program)
 
 
 __all__ = ["Backend", "BACKENDS", "StepBatch", "TensorTask", "select_backend"]

@@ -75,11 +75,8 @@ class TvmBackend(Backend):
     name = "tvm"
 
     def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE, specialize_from: int = SYMBOLIC_BELOW,
-                 cuda: bool = True, parallel_within_from: int = PARALLEL_WITHIN_FROM, compiled_small_work: bool = True):
+                 parallel_within_from: int = PARALLEL_WITHIN_FROM, compiled_small_work: bool = True):
         super().__init__(program)
-        # cuda=False (backend="auto") leaves CUDA tensors to the reference: TVM's CUDA
-        # kernels have not yet passed the GPU parity test on a real device.
-        self.cuda = cuda
         # Tensors with fewer elements share shape-generic kernels (one build for all
         # sizes, not vectorized); larger ones get kernels built for their shape.
         self.specialize_from = specialize_from
@@ -140,7 +137,7 @@ class TvmBackend(Backend):
         return [load_pass_kernel(self.program, variant, s, self.target, self.cache) for s in sigs]
 
     def step(self, batch: StepBatch) -> None:
-        reasons = {id(t): self._unsupported_reason(t) for t in batch.tasks}
+        reasons = {id(t): unsupported_reason(t) for t in batch.tasks}
         rest = [t for t in batch.tasks if reasons[id(t)] is not None]
         for t in rest:
             self._warn_once(reasons[id(t)])
@@ -211,12 +208,6 @@ class TvmBackend(Backend):
         for original, copy in write_back:
             original.copy_(copy)
         group.finish_sums(sig, p, q)
-
-    def _unsupported_reason(self, task: TensorTask) -> str | None:
-        if task.param.device.type == "cuda" and not self.cuda:
-            return ("backend='auto' keeps CUDA tensors on the reference until TVM's CUDA kernels pass the GPU "
-                    "parity test (tests/test_gpu_backends.py); pass backend='tvm' to use them")
-        return unsupported_reason(task)
 
     def _warn_once(self, reason: str) -> None:
         if reason not in self._warned:
