@@ -226,3 +226,38 @@ def test_generated_binding_loads_the_committed_source():
     for names in cuda_binding.PASSES.values():
         for name in names:
             assert getattr(module, f"{name}_host") is not None
+
+
+def test_fast_division_is_exact_below_2_pow_31():
+    """runtime.cuh's quotient (multiply-high, add, shift), which line_index uses for
+    tensors under 2^31 elements, against integer division: every divisor up to 300 with
+    numerators at both ends, powers of two and their neighbours, and random pairs."""
+    from lopt_codegen.backends.cuda.build import build_host
+    from lopt_codegen.emit import _env
+
+    source = _env().get_template("cuda/runtime.cuh.j2").render() + """
+void quotients(tvm::ffi::TensorView n, tvm::ffi::TensorView d, tvm::ffi::TensorView q) {
+  const int64_t* ns = static_cast<const int64_t*>(n.data_ptr());
+  const int64_t* ds = static_cast<const int64_t*>(d.data_ptr());
+  int64_t* qs = static_cast<int64_t*>(q.data_ptr());
+  for (int64_t k = 0; k < n.size(0); ++k) qs[k] = lopt::quotient(static_cast<uint32_t>(ns[k]), lopt::fast_div(ds[k]));
+}
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(quotients, quotients);
+"""
+    module = build_host(source, "lopt_fast_division_test")
+    top = 2**31 - 1
+    rng = np.random.default_rng(3)
+    small = np.arange(1, 301)
+    ends = np.concatenate([np.arange(0, 2000), top - np.arange(0, 2000)])
+    powers = np.array([2**b + e for b in range(31) for e in (-2, -1, 0, 1, 2) if 1 <= 2**b + e <= top])
+    pairs = [(np.repeat(ends, len(small)), np.tile(small, len(ends))),
+             (rng.integers(0, top + 1, 200_000), np.repeat(powers, 200_000 // len(powers) + 1)[:200_000]),
+             (rng.integers(0, top + 1, 500_000), rng.integers(1, top + 1, 500_000))]
+    d_big = rng.integers(1, top + 1, 100_000)
+    multiples = (rng.integers(0, top + 1, 100_000) // d_big) * d_big   # exact multiples and one below
+    pairs += [(multiples, d_big), (np.maximum(multiples - 1, 0), d_big)]
+    for n, d in pairs:
+        n, d = torch.from_numpy(n.astype(np.int64)), torch.from_numpy(d.astype(np.int64))
+        q = torch.empty_like(n)
+        module.quotients(n, d, q)
+        assert torch.equal(q, n // d), (n[q != n // d][:5], d[q != n // d][:5])

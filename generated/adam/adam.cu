@@ -103,10 +103,50 @@ LOPT_HD void store(void* p, int64_t dtype, int64_t i, float v) {
   static_cast<uint16_t*>(p)[i] = h;
 }
 
+// Division by a divisor fixed per tensor as a multiply-high, an add and a shift (Granlund
+// and Montgomery's round-up method): exact for 0 <= n < 2^31 and 1 <= d < 2^31. On a GPU a
+// 64-bit division is a subroutine of about 70 instructions; element indices need four.
+struct FastDiv { uint32_t d, m, s; };
+LOPT_HD FastDiv fast_div(int64_t divisor) {
+  const uint32_t d = divisor < 1 ? 1u : static_cast<uint32_t>(divisor);   // (an empty tensor's sizes)
+#ifdef __CUDA_ARCH__
+  const uint32_t s = d > 1 ? 32 - __clz(d - 1) : 0;   // ceil(log2 d)
+#else
+  const uint32_t s = d > 1 ? 32 - __builtin_clz(d - 1) : 0;
+#endif
+  const uint64_t m = ((uint64_t(1) << 32) * ((uint64_t(1) << s) - d)) / d + 1;   // < 2^32
+  return FastDiv{d, static_cast<uint32_t>(m), s};
+}
+LOPT_HD uint32_t quotient(uint32_t n, const FastDiv& f) {
+#ifdef __CUDA_ARCH__
+  const uint32_t high = __umulhi(n, f.m);
+#else
+  const uint32_t high = static_cast<uint32_t>((static_cast<uint64_t>(n) * f.m) >> 32);
+#endif
+  return (high + n) >> f.s;   // high <= n < 2^31: no overflow
+}
+// line_index's divisors for one tensor, made once per thread (narrow: under 2^31
+// elements, where FastDiv is exact; wider tensors divide in 64 bits).
+struct LineDivs { FastDiv C, Y, B, X; bool narrow; };
+LOPT_HD LineDivs line_divs(const int64_t* t) {
+  return LineDivs{fast_div(t[kC]), fast_div(t[kY]), fast_div(t[kB]), fast_div(t[kX]),
+                  t[kN] < (int64_t(1) << 31)};
+}
 // Offsets of element i in the row- (all axes but d0), col- (all but d1) and
 // batch-level (all but both) arrays of its tensor.
 struct LineIndex { int64_t row, col, batch; };
-LOPT_HD LineIndex line_index(const int64_t* t, int64_t i) {
+LOPT_HD LineIndex line_index(const int64_t* t, const LineDivs& dv, int64_t i) {
+  if (dv.narrow) {
+    const uint32_t X = dv.X.d, B = dv.B.d, Y = dv.Y.d, C = dv.C.d;
+    const uint32_t cy = quotient(static_cast<uint32_t>(i), dv.C), c = static_cast<uint32_t>(i) - cy * C;
+    const uint32_t yb = quotient(cy, dv.Y), y = cy - yb * Y;
+    const uint32_t bx = quotient(yb, dv.B), b = yb - bx * B;
+    const uint32_t a = quotient(bx, dv.X), x = bx - a * X;
+    const uint32_t no_x = ((a * B + b) * Y + y) * C + c;   // each < N < 2^31
+    const uint32_t no_y = ((a * X + x) * B + b) * C + c;
+    const uint32_t batch = (a * B + b) * C + c;
+    return t[kD0IsX] ? LineIndex{no_x, no_y, batch} : LineIndex{no_y, no_x, batch};
+  }
   const int64_t X = t[kX], B = t[kB], Y = t[kY], C = t[kC];
   const int64_t c = i % C, y = (i / C) % Y, b = (i / (C * Y)) % B, x = (i / (C * Y * B)) % X;
   const int64_t a = i / (C * Y * B * X);
@@ -294,6 +334,7 @@ constexpr int unfactored_pass1_fields = kHead + 2 * 2 + 9;
 constexpr int unfactored_pass1_reductions = 0;
 constexpr int unfactored_pass1_weights = 13;
 constexpr int unfactored_pass1_line_args = 0;
+constexpr int unfactored_pass1_tensor_inputs = 9 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void unfactored_pass1_element(const float* in, const float* w, float* out) {
   const float t0 = (in[4] * in[2]);  // mul
@@ -343,26 +384,44 @@ LOPT_HD void unfactored_pass1_element(const float* in, const float* w, float* ou
   out[2] = t15;  // new p
 }
 
-LOPT_HD void unfactored_pass1_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void unfactored_pass1_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper beta1[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 5]];  // hyper beta2[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper eps[0] (step)
+  tv[3] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // hyper lr[0] (step)
+  tv[4] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // hyper weight_decay[0] (step)
+  tv[5] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // sqrt[0] (step)
+  tv[6] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // sub[0] (step)
+  tv[7] = as_ptr<const float>(t[kSmall])[t[kHead + 11]];  // sub[0] (step)
+  tv[8] = as_ptr<const float>(t[kSmall])[t[kHead + 12]];  // sub[0] (step)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void unfactored_pass1_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                  float* red, float* line) {
   float in[13];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
   in[2] = as_ptr<const float>(t[kHead + 0])[i];  // m[0]
   in[3] = as_ptr<const float>(t[kHead + 1])[i];  // v[0]
-  in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper beta1[0] (step)
-  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 5]];  // hyper beta2[0] (step)
-  in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper eps[0] (step)
-  in[7] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // hyper lr[0] (step)
-  in[8] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // hyper weight_decay[0] (step)
-  in[9] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // sqrt[0] (step)
-  in[10] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // sub[0] (step)
-  in[11] = as_ptr<const float>(t[kSmall])[t[kHead + 11]];  // sub[0] (step)
-  in[12] = as_ptr<const float>(t[kSmall])[t[kHead + 12]];  // sub[0] (step)
+  in[4] = tv[0];  // hyper beta1[0] (step)
+  in[5] = tv[1];  // hyper beta2[0] (step)
+  in[6] = tv[2];  // hyper eps[0] (step)
+  in[7] = tv[3];  // hyper lr[0] (step)
+  in[8] = tv[4];  // hyper weight_decay[0] (step)
+  in[9] = tv[5];  // sqrt[0] (step)
+  in[10] = tv[6];  // sub[0] (step)
+  in[11] = tv[7];  // sub[0] (step)
+  in[12] = tv[8];  // sub[0] (step)
   float out[3];
   unfactored_pass1_element(in, w, out);
   as_ptr<float>(t[kHead + 0])[i] = out[0];
   as_ptr<float>(t[kHead + 1])[i] = out[1];
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[2]);
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -372,12 +431,15 @@ void unfactored_pass1_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * unfactored_pass1_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[unfactored_pass1_tensor_inputs];
+    unfactored_pass1_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[unfactored_pass1_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass1_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass1_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * unfactored_pass1_reductions;
       for (int j = 0; j < unfactored_pass1_reductions; ++j) partial[j] = red[j];
     }
@@ -387,6 +449,9 @@ void unfactored_pass1_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) unfactored_pass1_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, unfactored_pass1_fields, blockIdx.x) * unfactored_pass1_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[unfactored_pass1_tensor_inputs];
+  unfactored_pass1_tensor_values(t, tv);
   // This tensor's MLP weights, staged once per block.
   LOPT_DYNAMIC_SHARED(float, w);
   const float* global_w = as_ptr<const float>(t[kWeights]);
@@ -396,7 +461,7 @@ __global__ void __launch_bounds__(kThreads) unfactored_pass1_kernel(const int64_
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    unfactored_pass1_at(t, w, i, red, nullptr);
+    unfactored_pass1_at(t, dv, tv, w, i, red, nullptr);
 }
 #endif
 

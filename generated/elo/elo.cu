@@ -103,10 +103,50 @@ LOPT_HD void store(void* p, int64_t dtype, int64_t i, float v) {
   static_cast<uint16_t*>(p)[i] = h;
 }
 
+// Division by a divisor fixed per tensor as a multiply-high, an add and a shift (Granlund
+// and Montgomery's round-up method): exact for 0 <= n < 2^31 and 1 <= d < 2^31. On a GPU a
+// 64-bit division is a subroutine of about 70 instructions; element indices need four.
+struct FastDiv { uint32_t d, m, s; };
+LOPT_HD FastDiv fast_div(int64_t divisor) {
+  const uint32_t d = divisor < 1 ? 1u : static_cast<uint32_t>(divisor);   // (an empty tensor's sizes)
+#ifdef __CUDA_ARCH__
+  const uint32_t s = d > 1 ? 32 - __clz(d - 1) : 0;   // ceil(log2 d)
+#else
+  const uint32_t s = d > 1 ? 32 - __builtin_clz(d - 1) : 0;
+#endif
+  const uint64_t m = ((uint64_t(1) << 32) * ((uint64_t(1) << s) - d)) / d + 1;   // < 2^32
+  return FastDiv{d, static_cast<uint32_t>(m), s};
+}
+LOPT_HD uint32_t quotient(uint32_t n, const FastDiv& f) {
+#ifdef __CUDA_ARCH__
+  const uint32_t high = __umulhi(n, f.m);
+#else
+  const uint32_t high = static_cast<uint32_t>((static_cast<uint64_t>(n) * f.m) >> 32);
+#endif
+  return (high + n) >> f.s;   // high <= n < 2^31: no overflow
+}
+// line_index's divisors for one tensor, made once per thread (narrow: under 2^31
+// elements, where FastDiv is exact; wider tensors divide in 64 bits).
+struct LineDivs { FastDiv C, Y, B, X; bool narrow; };
+LOPT_HD LineDivs line_divs(const int64_t* t) {
+  return LineDivs{fast_div(t[kC]), fast_div(t[kY]), fast_div(t[kB]), fast_div(t[kX]),
+                  t[kN] < (int64_t(1) << 31)};
+}
 // Offsets of element i in the row- (all axes but d0), col- (all but d1) and
 // batch-level (all but both) arrays of its tensor.
 struct LineIndex { int64_t row, col, batch; };
-LOPT_HD LineIndex line_index(const int64_t* t, int64_t i) {
+LOPT_HD LineIndex line_index(const int64_t* t, const LineDivs& dv, int64_t i) {
+  if (dv.narrow) {
+    const uint32_t X = dv.X.d, B = dv.B.d, Y = dv.Y.d, C = dv.C.d;
+    const uint32_t cy = quotient(static_cast<uint32_t>(i), dv.C), c = static_cast<uint32_t>(i) - cy * C;
+    const uint32_t yb = quotient(cy, dv.Y), y = cy - yb * Y;
+    const uint32_t bx = quotient(yb, dv.B), b = yb - bx * B;
+    const uint32_t a = quotient(bx, dv.X), x = bx - a * X;
+    const uint32_t no_x = ((a * B + b) * Y + y) * C + c;   // each < N < 2^31
+    const uint32_t no_y = ((a * X + x) * B + b) * C + c;
+    const uint32_t batch = (a * B + b) * C + c;
+    return t[kD0IsX] ? LineIndex{no_x, no_y, batch} : LineIndex{no_y, no_x, batch};
+  }
   const int64_t X = t[kX], B = t[kB], Y = t[kY], C = t[kC];
   const int64_t c = i % C, y = (i / C) % Y, b = (i / (C * Y)) % B, x = (i / (C * Y * B)) % X;
   const int64_t a = i / (C * Y * B * X);
@@ -294,6 +334,7 @@ constexpr int factored_pass1_fields = kHead + 2 * 0 + 0;
 constexpr int factored_pass1_reductions = 2;
 constexpr int factored_pass1_weights = 0;
 constexpr int factored_pass1_line_args = 0;
+constexpr int factored_pass1_tensor_inputs = 0 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void factored_pass1_element(const float* in, const float* w, float* out) {
   const float t0 = (in[1] * in[1]);  // mul
@@ -303,7 +344,14 @@ LOPT_HD void factored_pass1_element(const float* in, const float* w, float* out)
   out[1] = t2;  // mean arg 1[0]
 }
 
-LOPT_HD void factored_pass1_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void factored_pass1_tensor_values(const int64_t* t, float* tv) {
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void factored_pass1_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                float* red, float* line) {
   float in[2];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
@@ -311,6 +359,8 @@ LOPT_HD void factored_pass1_at(const int64_t* t, const float* w, int64_t i, floa
   factored_pass1_element(in, w, out);
   red[0] += out[0];
   red[1] += out[1];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -320,12 +370,15 @@ void factored_pass1_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * factored_pass1_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[factored_pass1_tensor_inputs];
+    factored_pass1_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[factored_pass1_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) factored_pass1_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) factored_pass1_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * factored_pass1_reductions;
       for (int j = 0; j < factored_pass1_reductions; ++j) partial[j] = red[j];
     }
@@ -335,12 +388,15 @@ void factored_pass1_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) factored_pass1_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, factored_pass1_fields, blockIdx.x) * factored_pass1_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[factored_pass1_tensor_inputs];
+  factored_pass1_tensor_values(t, tv);
   const float* w = nullptr;
   float red[factored_pass1_reductions + 1] = {};
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    factored_pass1_at(t, w, i, red, nullptr);
+    factored_pass1_at(t, dv, tv, w, i, red, nullptr);
   block_sum<factored_pass1_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * factored_pass1_reductions);
 }
 #endif
@@ -364,6 +420,7 @@ constexpr int factored_pass2_fields = kHead + 2 * 2 + 1;
 constexpr int factored_pass2_reductions = 9;
 constexpr int factored_pass2_weights = 0;
 constexpr int factored_pass2_line_args = 1;
+constexpr int factored_pass2_tensor_inputs = 1 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void factored_pass2_element(const float* in, const float* w, float* out) {
   const float t0_0 = (0.9f * in[1]);  // mul
@@ -411,14 +468,22 @@ LOPT_HD void factored_pass2_element(const float* in, const float* w, float* out)
   out[13] = t16;  // line mean arg 0[0]
 }
 
-LOPT_HD void factored_pass2_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void factored_pass2_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void factored_pass2_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                float* red, float* line) {
   float in[6];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = as_ptr<const float>(t[kHead + 0])[i];  // m[0]
   in[2] = as_ptr<const float>(t[kHead + 0])[1 * t[kHead + 2] + i];  // m[1]
   in[3] = as_ptr<const float>(t[kHead + 0])[2 * t[kHead + 2] + i];  // m[2]
   in[4] = as_ptr<const float>(t[kHead + 1])[i];  // v[0]
-  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // where[0] (tensor)
+  in[5] = tv[0];  // where[0] (tensor)
   float out[14];
   factored_pass2_element(in, w, out);
   as_ptr<float>(t[kHead + 0])[i] = out[0];
@@ -435,6 +500,8 @@ LOPT_HD void factored_pass2_at(const int64_t* t, const float* w, int64_t i, floa
   red[7] += out[11];
   red[8] += out[12];
   line[0] = out[13];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -444,6 +511,9 @@ void factored_pass2_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * factored_pass2_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[factored_pass2_tensor_inputs];
+    factored_pass2_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const LineTiles g = line_tiles(t);
     const int64_t blocks = t[kBlocks], chunk = (g.tiles + blocks - 1) / blocks;
@@ -451,7 +521,7 @@ void factored_pass2_host(tvm::ffi::TensorView table) {
       float red[factored_pass2_reductions + 1] = {};
       const int64_t stop = g.tiles < (b + 1) * chunk ? g.tiles : (b + 1) * chunk;
       for (int64_t tile = b * chunk; tile < stop; ++tile)
-        line_tile_host<factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { factored_pass2_at(t, w, i, red, v); });
+        line_tile_host<factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { factored_pass2_at(t, dv, tv, w, i, red, v); });
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * factored_pass2_reductions;
       for (int j = 0; j < factored_pass2_reductions; ++j) partial[j] = red[j];
     }
@@ -461,13 +531,16 @@ void factored_pass2_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) factored_pass2_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, factored_pass2_fields, blockIdx.x) * factored_pass2_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[factored_pass2_tensor_inputs];
+  factored_pass2_tensor_values(t, tv);
   const float* w = nullptr;
   float red[factored_pass2_reductions + 1] = {};
   // Whole tiles per warp (warp-uniform loop: every lane reaches every shuffle).
   const LineTiles g = line_tiles(t);
   const int64_t stride = t[kBlocks] * kWarps;
   for (int64_t tile = (blockIdx.x - t[kBlock0]) * kWarps + threadIdx.x / 32; tile < g.tiles; tile += stride)
-    line_tile_warp<factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { factored_pass2_at(t, w, i, red, v); });
+    line_tile_warp<factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { factored_pass2_at(t, dv, tv, w, i, red, v); });
   block_sum<factored_pass2_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * factored_pass2_reductions);
 }
 #endif
@@ -491,6 +564,7 @@ constexpr int factored_pass3_fields = kHead + 2 * 1 + 7;
 constexpr int factored_pass3_reductions = 6;
 constexpr int factored_pass3_weights = 0;
 constexpr int factored_pass3_line_args = 0;
+constexpr int factored_pass3_tensor_inputs = 1 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void factored_pass3_element(const float* in, const float* w, float* out) {
   const float t0 = lopt_zero_nonfinite(in[0]);  // zero_nonfinite
@@ -518,11 +592,19 @@ LOPT_HD void factored_pass3_element(const float* in, const float* w, float* out)
   out[5] = t6_2;  // mean arg 1[2]
 }
 
-LOPT_HD void factored_pass3_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
-  const LineIndex ix = line_index(t, i);
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void factored_pass3_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 2]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void factored_pass3_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                float* red, float* line) {
+  const LineIndex ix = line_index(t, dv, i);
   float in[11];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
-  in[1] = as_ptr<const float>(t[kSmall])[t[kHead + 2]];  // where[0] (tensor)
+  in[1] = tv[0];  // where[0] (tensor)
   in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 3] + ix.row];  // rsqrt[0] (row)
   in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 4] + ix.row];  // rsqrt[1] (row)
   in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 5] + ix.row];  // rsqrt[2] (row)
@@ -540,6 +622,8 @@ LOPT_HD void factored_pass3_at(const int64_t* t, const float* w, int64_t i, floa
   red[3] += out[3];
   red[4] += out[4];
   red[5] += out[5];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -549,12 +633,15 @@ void factored_pass3_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * factored_pass3_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[factored_pass3_tensor_inputs];
+    factored_pass3_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[factored_pass3_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) factored_pass3_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) factored_pass3_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * factored_pass3_reductions;
       for (int j = 0; j < factored_pass3_reductions; ++j) partial[j] = red[j];
     }
@@ -564,12 +651,15 @@ void factored_pass3_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) factored_pass3_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, factored_pass3_fields, blockIdx.x) * factored_pass3_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[factored_pass3_tensor_inputs];
+  factored_pass3_tensor_values(t, tv);
   const float* w = nullptr;
   float red[factored_pass3_reductions + 1] = {};
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    factored_pass3_at(t, w, i, red, nullptr);
+    factored_pass3_at(t, dv, tv, w, i, red, nullptr);
   block_sum<factored_pass3_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * factored_pass3_reductions);
 }
 #endif
@@ -593,6 +683,7 @@ constexpr int factored_pass4_fields = kHead + 2 * 2 + 22;
 constexpr int factored_pass4_reductions = 0;
 constexpr int factored_pass4_weights = 2050;
 constexpr int factored_pass4_line_args = 0;
+constexpr int factored_pass4_tensor_inputs = 4 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void factored_pass4_element(const float* in, const float* w, float* out) {
   const float t0 = lopt_zero_nonfinite(in[0]);  // zero_nonfinite
@@ -647,15 +738,26 @@ LOPT_HD void factored_pass4_element(const float* in, const float* w, float* out)
   out[0] = t14;  // new p
 }
 
-LOPT_HD void factored_pass4_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
-  const LineIndex ix = line_index(t, i);
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void factored_pass4_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper exp_mult[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 5]];  // hyper lr[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper weight_decay[0] (step)
+  tv[3] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void factored_pass4_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                float* red, float* line) {
+  const LineIndex ix = line_index(t, dv, i);
   float in[28];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
-  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper exp_mult[0] (step)
-  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 5]];  // hyper lr[0] (step)
-  in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper weight_decay[0] (step)
-  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // where[0] (tensor)
+  in[2] = tv[0];  // hyper exp_mult[0] (step)
+  in[3] = tv[1];  // hyper lr[0] (step)
+  in[4] = tv[2];  // hyper weight_decay[0] (step)
+  in[5] = tv[3];  // where[0] (tensor)
   in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 8] + ix.row];  // add[0] (row)
   in[7] = as_ptr<const float>(t[kSmall])[t[kHead + 9] + ix.row];  // add[1] (row)
   in[8] = as_ptr<const float>(t[kSmall])[t[kHead + 10] + ix.row];  // add[2] (row)
@@ -681,6 +783,8 @@ LOPT_HD void factored_pass4_at(const int64_t* t, const float* w, int64_t i, floa
   float out[1];
   factored_pass4_element(in, w, out);
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[0]);
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -690,12 +794,15 @@ void factored_pass4_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * factored_pass4_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[factored_pass4_tensor_inputs];
+    factored_pass4_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[factored_pass4_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) factored_pass4_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) factored_pass4_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * factored_pass4_reductions;
       for (int j = 0; j < factored_pass4_reductions; ++j) partial[j] = red[j];
     }
@@ -705,6 +812,9 @@ void factored_pass4_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) factored_pass4_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, factored_pass4_fields, blockIdx.x) * factored_pass4_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[factored_pass4_tensor_inputs];
+  factored_pass4_tensor_values(t, tv);
   // This tensor's MLP weights, staged once per block.
   LOPT_DYNAMIC_SHARED(float, w);
   const float* global_w = as_ptr<const float>(t[kWeights]);
@@ -714,7 +824,7 @@ __global__ void __launch_bounds__(kThreads) factored_pass4_kernel(const int64_t*
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    factored_pass4_at(t, w, i, red, nullptr);
+    factored_pass4_at(t, dv, tv, w, i, red, nullptr);
 }
 #endif
 
@@ -737,6 +847,7 @@ constexpr int unfactored_pass1_fields = kHead + 2 * 0 + 0;
 constexpr int unfactored_pass1_reductions = 2;
 constexpr int unfactored_pass1_weights = 0;
 constexpr int unfactored_pass1_line_args = 0;
+constexpr int unfactored_pass1_tensor_inputs = 0 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void unfactored_pass1_element(const float* in, const float* w, float* out) {
   const float t0 = (in[1] * in[1]);  // mul
@@ -746,7 +857,14 @@ LOPT_HD void unfactored_pass1_element(const float* in, const float* w, float* ou
   out[1] = t2;  // mean arg 1[0]
 }
 
-LOPT_HD void unfactored_pass1_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void unfactored_pass1_tensor_values(const int64_t* t, float* tv) {
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void unfactored_pass1_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                  float* red, float* line) {
   float in[2];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
@@ -754,6 +872,8 @@ LOPT_HD void unfactored_pass1_at(const int64_t* t, const float* w, int64_t i, fl
   unfactored_pass1_element(in, w, out);
   red[0] += out[0];
   red[1] += out[1];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -763,12 +883,15 @@ void unfactored_pass1_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * unfactored_pass1_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[unfactored_pass1_tensor_inputs];
+    unfactored_pass1_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[unfactored_pass1_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass1_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass1_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * unfactored_pass1_reductions;
       for (int j = 0; j < unfactored_pass1_reductions; ++j) partial[j] = red[j];
     }
@@ -778,12 +901,15 @@ void unfactored_pass1_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) unfactored_pass1_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, unfactored_pass1_fields, blockIdx.x) * unfactored_pass1_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[unfactored_pass1_tensor_inputs];
+  unfactored_pass1_tensor_values(t, tv);
   const float* w = nullptr;
   float red[unfactored_pass1_reductions + 1] = {};
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    unfactored_pass1_at(t, w, i, red, nullptr);
+    unfactored_pass1_at(t, dv, tv, w, i, red, nullptr);
   block_sum<unfactored_pass1_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * unfactored_pass1_reductions);
 }
 #endif
@@ -807,6 +933,7 @@ constexpr int unfactored_pass2_fields = kHead + 2 * 3 + 1;
 constexpr int unfactored_pass2_reductions = 21;
 constexpr int unfactored_pass2_weights = 0;
 constexpr int unfactored_pass2_line_args = 0;
+constexpr int unfactored_pass2_tensor_inputs = 1 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void unfactored_pass2_element(const float* in, const float* w, float* out) {
   const float t0_0 = (0.9f * in[4]);  // mul
@@ -916,7 +1043,15 @@ LOPT_HD void unfactored_pass2_element(const float* in, const float* w, float* ou
   out[27] = t32_2;  // mean arg 8[2]
 }
 
-LOPT_HD void unfactored_pass2_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void unfactored_pass2_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void unfactored_pass2_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                  float* red, float* line) {
   float in[9];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = as_ptr<const float>(t[kHead + 2])[i];  // fr[0]
@@ -926,7 +1061,7 @@ LOPT_HD void unfactored_pass2_at(const int64_t* t, const float* w, int64_t i, fl
   in[5] = as_ptr<const float>(t[kHead + 0])[1 * t[kHead + 3] + i];  // m[1]
   in[6] = as_ptr<const float>(t[kHead + 0])[2 * t[kHead + 3] + i];  // m[2]
   in[7] = as_ptr<const float>(t[kHead + 1])[i];  // v[0]
-  in[8] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // where[0] (tensor)
+  in[8] = tv[0];  // where[0] (tensor)
   float out[28];
   unfactored_pass2_element(in, w, out);
   as_ptr<float>(t[kHead + 0])[i] = out[0];
@@ -957,6 +1092,8 @@ LOPT_HD void unfactored_pass2_at(const int64_t* t, const float* w, int64_t i, fl
   red[18] += out[25];
   red[19] += out[26];
   red[20] += out[27];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -966,12 +1103,15 @@ void unfactored_pass2_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * unfactored_pass2_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[unfactored_pass2_tensor_inputs];
+    unfactored_pass2_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[unfactored_pass2_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass2_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass2_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * unfactored_pass2_reductions;
       for (int j = 0; j < unfactored_pass2_reductions; ++j) partial[j] = red[j];
     }
@@ -981,12 +1121,15 @@ void unfactored_pass2_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) unfactored_pass2_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, unfactored_pass2_fields, blockIdx.x) * unfactored_pass2_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[unfactored_pass2_tensor_inputs];
+  unfactored_pass2_tensor_values(t, tv);
   const float* w = nullptr;
   float red[unfactored_pass2_reductions + 1] = {};
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    unfactored_pass2_at(t, w, i, red, nullptr);
+    unfactored_pass2_at(t, dv, tv, w, i, red, nullptr);
   block_sum<unfactored_pass2_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * unfactored_pass2_reductions);
 }
 #endif
@@ -1010,6 +1153,7 @@ constexpr int unfactored_pass3_fields = kHead + 2 * 3 + 4;
 constexpr int unfactored_pass3_reductions = 0;
 constexpr int unfactored_pass3_weights = 2050;
 constexpr int unfactored_pass3_line_args = 0;
+constexpr int unfactored_pass3_tensor_inputs = 4 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void unfactored_pass3_element(const float* in, const float* w, float* out) {
   const float t0 = lopt_zero_nonfinite(in[0]);  // zero_nonfinite
@@ -1082,14 +1226,25 @@ LOPT_HD void unfactored_pass3_element(const float* in, const float* w, float* ou
   out[0] = t20;  // new p
 }
 
-LOPT_HD void unfactored_pass3_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void unfactored_pass3_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper exp_mult[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // hyper lr[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // hyper weight_decay[0] (step)
+  tv[3] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void unfactored_pass3_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                  float* red, float* line) {
   float in[13];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
-  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper exp_mult[0] (step)
-  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // hyper lr[0] (step)
-  in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // hyper weight_decay[0] (step)
-  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // where[0] (tensor)
+  in[2] = tv[0];  // hyper exp_mult[0] (step)
+  in[3] = tv[1];  // hyper lr[0] (step)
+  in[4] = tv[2];  // hyper weight_decay[0] (step)
+  in[5] = tv[3];  // where[0] (tensor)
   in[6] = as_ptr<const float>(t[kHead + 1])[i];  // new v[0]
   in[7] = as_ptr<const float>(t[kHead + 2])[i];  // new fr[0]
   in[8] = as_ptr<const float>(t[kHead + 2])[1 * t[kHead + 5] + i];  // new fr[1]
@@ -1100,6 +1255,8 @@ LOPT_HD void unfactored_pass3_at(const int64_t* t, const float* w, int64_t i, fl
   float out[1];
   unfactored_pass3_element(in, w, out);
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[0]);
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -1109,12 +1266,15 @@ void unfactored_pass3_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * unfactored_pass3_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[unfactored_pass3_tensor_inputs];
+    unfactored_pass3_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[unfactored_pass3_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass3_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) unfactored_pass3_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * unfactored_pass3_reductions;
       for (int j = 0; j < unfactored_pass3_reductions; ++j) partial[j] = red[j];
     }
@@ -1124,6 +1284,9 @@ void unfactored_pass3_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) unfactored_pass3_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, unfactored_pass3_fields, blockIdx.x) * unfactored_pass3_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[unfactored_pass3_tensor_inputs];
+  unfactored_pass3_tensor_values(t, tv);
   // This tensor's MLP weights, staged once per block.
   LOPT_DYNAMIC_SHARED(float, w);
   const float* global_w = as_ptr<const float>(t[kWeights]);
@@ -1133,7 +1296,7 @@ __global__ void __launch_bounds__(kThreads) unfactored_pass3_kernel(const int64_
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    unfactored_pass3_at(t, w, i, red, nullptr);
+    unfactored_pass3_at(t, dv, tv, w, i, red, nullptr);
 }
 #endif
 

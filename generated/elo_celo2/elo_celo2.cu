@@ -103,10 +103,50 @@ LOPT_HD void store(void* p, int64_t dtype, int64_t i, float v) {
   static_cast<uint16_t*>(p)[i] = h;
 }
 
+// Division by a divisor fixed per tensor as a multiply-high, an add and a shift (Granlund
+// and Montgomery's round-up method): exact for 0 <= n < 2^31 and 1 <= d < 2^31. On a GPU a
+// 64-bit division is a subroutine of about 70 instructions; element indices need four.
+struct FastDiv { uint32_t d, m, s; };
+LOPT_HD FastDiv fast_div(int64_t divisor) {
+  const uint32_t d = divisor < 1 ? 1u : static_cast<uint32_t>(divisor);   // (an empty tensor's sizes)
+#ifdef __CUDA_ARCH__
+  const uint32_t s = d > 1 ? 32 - __clz(d - 1) : 0;   // ceil(log2 d)
+#else
+  const uint32_t s = d > 1 ? 32 - __builtin_clz(d - 1) : 0;
+#endif
+  const uint64_t m = ((uint64_t(1) << 32) * ((uint64_t(1) << s) - d)) / d + 1;   // < 2^32
+  return FastDiv{d, static_cast<uint32_t>(m), s};
+}
+LOPT_HD uint32_t quotient(uint32_t n, const FastDiv& f) {
+#ifdef __CUDA_ARCH__
+  const uint32_t high = __umulhi(n, f.m);
+#else
+  const uint32_t high = static_cast<uint32_t>((static_cast<uint64_t>(n) * f.m) >> 32);
+#endif
+  return (high + n) >> f.s;   // high <= n < 2^31: no overflow
+}
+// line_index's divisors for one tensor, made once per thread (narrow: under 2^31
+// elements, where FastDiv is exact; wider tensors divide in 64 bits).
+struct LineDivs { FastDiv C, Y, B, X; bool narrow; };
+LOPT_HD LineDivs line_divs(const int64_t* t) {
+  return LineDivs{fast_div(t[kC]), fast_div(t[kY]), fast_div(t[kB]), fast_div(t[kX]),
+                  t[kN] < (int64_t(1) << 31)};
+}
 // Offsets of element i in the row- (all axes but d0), col- (all but d1) and
 // batch-level (all but both) arrays of its tensor.
 struct LineIndex { int64_t row, col, batch; };
-LOPT_HD LineIndex line_index(const int64_t* t, int64_t i) {
+LOPT_HD LineIndex line_index(const int64_t* t, const LineDivs& dv, int64_t i) {
+  if (dv.narrow) {
+    const uint32_t X = dv.X.d, B = dv.B.d, Y = dv.Y.d, C = dv.C.d;
+    const uint32_t cy = quotient(static_cast<uint32_t>(i), dv.C), c = static_cast<uint32_t>(i) - cy * C;
+    const uint32_t yb = quotient(cy, dv.Y), y = cy - yb * Y;
+    const uint32_t bx = quotient(yb, dv.B), b = yb - bx * B;
+    const uint32_t a = quotient(bx, dv.X), x = bx - a * X;
+    const uint32_t no_x = ((a * B + b) * Y + y) * C + c;   // each < N < 2^31
+    const uint32_t no_y = ((a * X + x) * B + b) * C + c;
+    const uint32_t batch = (a * B + b) * C + c;
+    return t[kD0IsX] ? LineIndex{no_x, no_y, batch} : LineIndex{no_y, no_x, batch};
+  }
   const int64_t X = t[kX], B = t[kB], Y = t[kY], C = t[kC];
   const int64_t c = i % C, y = (i / C) % Y, b = (i / (C * Y)) % B, x = (i / (C * Y * B)) % X;
   const int64_t a = i / (C * Y * B * X);
@@ -294,18 +334,28 @@ constexpr int adamw_factored_pass1_fields = kHead + 2 * 0 + 0;
 constexpr int adamw_factored_pass1_reductions = 1;
 constexpr int adamw_factored_pass1_weights = 0;
 constexpr int adamw_factored_pass1_line_args = 0;
+constexpr int adamw_factored_pass1_tensor_inputs = 0 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void adamw_factored_pass1_element(const float* in, const float* w, float* out) {
   const float t0 = (in[0] * in[0]);  // mul
   out[0] = t0;  // mean arg 0[0]
 }
 
-LOPT_HD void adamw_factored_pass1_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void adamw_factored_pass1_tensor_values(const int64_t* t, float* tv) {
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void adamw_factored_pass1_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                      float* red, float* line) {
   float in[1];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   float out[1];
   adamw_factored_pass1_element(in, w, out);
   red[0] += out[0];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -315,12 +365,15 @@ void adamw_factored_pass1_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * adamw_factored_pass1_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[adamw_factored_pass1_tensor_inputs];
+    adamw_factored_pass1_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[adamw_factored_pass1_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) adamw_factored_pass1_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) adamw_factored_pass1_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * adamw_factored_pass1_reductions;
       for (int j = 0; j < adamw_factored_pass1_reductions; ++j) partial[j] = red[j];
     }
@@ -330,12 +383,15 @@ void adamw_factored_pass1_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) adamw_factored_pass1_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, adamw_factored_pass1_fields, blockIdx.x) * adamw_factored_pass1_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[adamw_factored_pass1_tensor_inputs];
+  adamw_factored_pass1_tensor_values(t, tv);
   const float* w = nullptr;
   float red[adamw_factored_pass1_reductions + 1] = {};
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    adamw_factored_pass1_at(t, w, i, red, nullptr);
+    adamw_factored_pass1_at(t, dv, tv, w, i, red, nullptr);
   block_sum<adamw_factored_pass1_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * adamw_factored_pass1_reductions);
 }
 #endif
@@ -359,6 +415,7 @@ constexpr int adamw_factored_pass2_fields = kHead + 2 * 2 + 7;
 constexpr int adamw_factored_pass2_reductions = 0;
 constexpr int adamw_factored_pass2_weights = 0;
 constexpr int adamw_factored_pass2_line_args = 1;
+constexpr int adamw_factored_pass2_tensor_inputs = 7 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void adamw_factored_pass2_element(const float* in, const float* w, float* out) {
   const float t0_0 = (0.9f * in[2]);  // mul
@@ -395,7 +452,21 @@ LOPT_HD void adamw_factored_pass2_element(const float* in, const float* w, float
   out[5] = t19;  // new p
 }
 
-LOPT_HD void adamw_factored_pass2_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void adamw_factored_pass2_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper grad_clip_val[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 5]];  // mul[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // neg[0] (step)
+  tv[3] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // sub[0] (step)
+  tv[4] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // sub[0] (step)
+  tv[5] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // where[0] (step)
+  tv[6] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void adamw_factored_pass2_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                      float* red, float* line) {
   float in[13];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
@@ -403,13 +474,13 @@ LOPT_HD void adamw_factored_pass2_at(const int64_t* t, const float* w, int64_t i
   in[3] = as_ptr<const float>(t[kHead + 0])[1 * t[kHead + 2] + i];  // mom[1]
   in[4] = as_ptr<const float>(t[kHead + 0])[2 * t[kHead + 2] + i];  // mom[2]
   in[5] = as_ptr<const float>(t[kHead + 1])[i];  // rms[0]
-  in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper grad_clip_val[0] (step)
-  in[7] = as_ptr<const float>(t[kSmall])[t[kHead + 5]];  // mul[0] (step)
-  in[8] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // neg[0] (step)
-  in[9] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // sub[0] (step)
-  in[10] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // sub[0] (step)
-  in[11] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // where[0] (step)
-  in[12] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // where[0] (tensor)
+  in[6] = tv[0];  // hyper grad_clip_val[0] (step)
+  in[7] = tv[1];  // mul[0] (step)
+  in[8] = tv[2];  // neg[0] (step)
+  in[9] = tv[3];  // sub[0] (step)
+  in[10] = tv[4];  // sub[0] (step)
+  in[11] = tv[5];  // where[0] (step)
+  in[12] = tv[6];  // where[0] (tensor)
   float out[6];
   adamw_factored_pass2_element(in, w, out);
   as_ptr<float>(t[kHead + 0])[i] = out[0];
@@ -418,6 +489,8 @@ LOPT_HD void adamw_factored_pass2_at(const int64_t* t, const float* w, int64_t i
   as_ptr<float>(t[kHead + 1])[i] = out[3];
   line[0] = out[4];
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[5]);
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -427,6 +500,9 @@ void adamw_factored_pass2_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * adamw_factored_pass2_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[adamw_factored_pass2_tensor_inputs];
+    adamw_factored_pass2_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const LineTiles g = line_tiles(t);
     const int64_t blocks = t[kBlocks], chunk = (g.tiles + blocks - 1) / blocks;
@@ -434,7 +510,7 @@ void adamw_factored_pass2_host(tvm::ffi::TensorView table) {
       float red[adamw_factored_pass2_reductions + 1] = {};
       const int64_t stop = g.tiles < (b + 1) * chunk ? g.tiles : (b + 1) * chunk;
       for (int64_t tile = b * chunk; tile < stop; ++tile)
-        line_tile_host<adamw_factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { adamw_factored_pass2_at(t, w, i, red, v); });
+        line_tile_host<adamw_factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { adamw_factored_pass2_at(t, dv, tv, w, i, red, v); });
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * adamw_factored_pass2_reductions;
       for (int j = 0; j < adamw_factored_pass2_reductions; ++j) partial[j] = red[j];
     }
@@ -444,13 +520,16 @@ void adamw_factored_pass2_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) adamw_factored_pass2_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, adamw_factored_pass2_fields, blockIdx.x) * adamw_factored_pass2_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[adamw_factored_pass2_tensor_inputs];
+  adamw_factored_pass2_tensor_values(t, tv);
   const float* w = nullptr;
   float red[adamw_factored_pass2_reductions + 1] = {};
   // Whole tiles per warp (warp-uniform loop: every lane reaches every shuffle).
   const LineTiles g = line_tiles(t);
   const int64_t stride = t[kBlocks] * kWarps;
   for (int64_t tile = (blockIdx.x - t[kBlock0]) * kWarps + threadIdx.x / 32; tile < g.tiles; tile += stride)
-    line_tile_warp<adamw_factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { adamw_factored_pass2_at(t, w, i, red, v); });
+    line_tile_warp<adamw_factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { adamw_factored_pass2_at(t, dv, tv, w, i, red, v); });
 }
 #endif
 
@@ -473,18 +552,28 @@ constexpr int adamw_unfactored_pass1_fields = kHead + 2 * 0 + 0;
 constexpr int adamw_unfactored_pass1_reductions = 1;
 constexpr int adamw_unfactored_pass1_weights = 0;
 constexpr int adamw_unfactored_pass1_line_args = 0;
+constexpr int adamw_unfactored_pass1_tensor_inputs = 0 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void adamw_unfactored_pass1_element(const float* in, const float* w, float* out) {
   const float t0 = (in[0] * in[0]);  // mul
   out[0] = t0;  // mean arg 0[0]
 }
 
-LOPT_HD void adamw_unfactored_pass1_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void adamw_unfactored_pass1_tensor_values(const int64_t* t, float* tv) {
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void adamw_unfactored_pass1_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                        float* red, float* line) {
   float in[1];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   float out[1];
   adamw_unfactored_pass1_element(in, w, out);
   red[0] += out[0];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -494,12 +583,15 @@ void adamw_unfactored_pass1_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * adamw_unfactored_pass1_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[adamw_unfactored_pass1_tensor_inputs];
+    adamw_unfactored_pass1_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[adamw_unfactored_pass1_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) adamw_unfactored_pass1_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) adamw_unfactored_pass1_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * adamw_unfactored_pass1_reductions;
       for (int j = 0; j < adamw_unfactored_pass1_reductions; ++j) partial[j] = red[j];
     }
@@ -509,12 +601,15 @@ void adamw_unfactored_pass1_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) adamw_unfactored_pass1_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, adamw_unfactored_pass1_fields, blockIdx.x) * adamw_unfactored_pass1_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[adamw_unfactored_pass1_tensor_inputs];
+  adamw_unfactored_pass1_tensor_values(t, tv);
   const float* w = nullptr;
   float red[adamw_unfactored_pass1_reductions + 1] = {};
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    adamw_unfactored_pass1_at(t, w, i, red, nullptr);
+    adamw_unfactored_pass1_at(t, dv, tv, w, i, red, nullptr);
   block_sum<adamw_unfactored_pass1_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * adamw_unfactored_pass1_reductions);
 }
 #endif
@@ -538,6 +633,7 @@ constexpr int adamw_unfactored_pass2_fields = kHead + 2 * 3 + 7;
 constexpr int adamw_unfactored_pass2_reductions = 0;
 constexpr int adamw_unfactored_pass2_weights = 0;
 constexpr int adamw_unfactored_pass2_line_args = 0;
+constexpr int adamw_unfactored_pass2_tensor_inputs = 7 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void adamw_unfactored_pass2_element(const float* in, const float* w, float* out) {
   const float t0_0 = (0.9f * in[5]);  // mul
@@ -585,7 +681,21 @@ LOPT_HD void adamw_unfactored_pass2_element(const float* in, const float* w, flo
   out[7] = t22;  // new p
 }
 
-LOPT_HD void adamw_unfactored_pass2_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void adamw_unfactored_pass2_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper grad_clip_val[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // mul[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // neg[0] (step)
+  tv[3] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // sub[0] (step)
+  tv[4] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // sub[0] (step)
+  tv[5] = as_ptr<const float>(t[kSmall])[t[kHead + 11]];  // where[0] (step)
+  tv[6] = as_ptr<const float>(t[kSmall])[t[kHead + 12]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void adamw_unfactored_pass2_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                        float* red, float* line) {
   float in[16];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
@@ -596,13 +706,13 @@ LOPT_HD void adamw_unfactored_pass2_at(const int64_t* t, const float* w, int64_t
   in[6] = as_ptr<const float>(t[kHead + 0])[1 * t[kHead + 3] + i];  // mom[1]
   in[7] = as_ptr<const float>(t[kHead + 0])[2 * t[kHead + 3] + i];  // mom[2]
   in[8] = as_ptr<const float>(t[kHead + 1])[i];  // rms[0]
-  in[9] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper grad_clip_val[0] (step)
-  in[10] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // mul[0] (step)
-  in[11] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // neg[0] (step)
-  in[12] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // sub[0] (step)
-  in[13] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // sub[0] (step)
-  in[14] = as_ptr<const float>(t[kSmall])[t[kHead + 11]];  // where[0] (step)
-  in[15] = as_ptr<const float>(t[kSmall])[t[kHead + 12]];  // where[0] (tensor)
+  in[9] = tv[0];  // hyper grad_clip_val[0] (step)
+  in[10] = tv[1];  // mul[0] (step)
+  in[11] = tv[2];  // neg[0] (step)
+  in[12] = tv[3];  // sub[0] (step)
+  in[13] = tv[4];  // sub[0] (step)
+  in[14] = tv[5];  // where[0] (step)
+  in[15] = tv[6];  // where[0] (tensor)
   float out[8];
   adamw_unfactored_pass2_element(in, w, out);
   as_ptr<float>(t[kHead + 0])[i] = out[0];
@@ -613,6 +723,8 @@ LOPT_HD void adamw_unfactored_pass2_at(const int64_t* t, const float* w, int64_t
   as_ptr<float>(t[kHead + 2])[1 * t[kHead + 5] + i] = out[5];
   as_ptr<float>(t[kHead + 2])[2 * t[kHead + 5] + i] = out[6];
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[7]);
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -622,12 +734,15 @@ void adamw_unfactored_pass2_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * adamw_unfactored_pass2_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[adamw_unfactored_pass2_tensor_inputs];
+    adamw_unfactored_pass2_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[adamw_unfactored_pass2_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) adamw_unfactored_pass2_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) adamw_unfactored_pass2_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * adamw_unfactored_pass2_reductions;
       for (int j = 0; j < adamw_unfactored_pass2_reductions; ++j) partial[j] = red[j];
     }
@@ -637,12 +752,15 @@ void adamw_unfactored_pass2_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) adamw_unfactored_pass2_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, adamw_unfactored_pass2_fields, blockIdx.x) * adamw_unfactored_pass2_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[adamw_unfactored_pass2_tensor_inputs];
+  adamw_unfactored_pass2_tensor_values(t, tv);
   const float* w = nullptr;
   float red[adamw_unfactored_pass2_reductions + 1] = {};
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    adamw_unfactored_pass2_at(t, w, i, red, nullptr);
+    adamw_unfactored_pass2_at(t, dv, tv, w, i, red, nullptr);
 }
 #endif
 
@@ -665,6 +783,7 @@ constexpr int celo2_factored_pass1_fields = kHead + 2 * 0 + 0;
 constexpr int celo2_factored_pass1_reductions = 2;
 constexpr int celo2_factored_pass1_weights = 0;
 constexpr int celo2_factored_pass1_line_args = 1;
+constexpr int celo2_factored_pass1_tensor_inputs = 0 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void celo2_factored_pass1_element(const float* in, const float* w, float* out) {
   const float t0 = (in[1] * in[1]);  // mul
@@ -674,7 +793,14 @@ LOPT_HD void celo2_factored_pass1_element(const float* in, const float* w, float
   out[2] = t0;  // line mean arg 0[0]
 }
 
-LOPT_HD void celo2_factored_pass1_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void celo2_factored_pass1_tensor_values(const int64_t* t, float* tv) {
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void celo2_factored_pass1_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                      float* red, float* line) {
   float in[2];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
@@ -683,6 +809,8 @@ LOPT_HD void celo2_factored_pass1_at(const int64_t* t, const float* w, int64_t i
   red[0] += out[0];
   red[1] += out[1];
   line[0] = out[2];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -692,6 +820,9 @@ void celo2_factored_pass1_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * celo2_factored_pass1_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[celo2_factored_pass1_tensor_inputs];
+    celo2_factored_pass1_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const LineTiles g = line_tiles(t);
     const int64_t blocks = t[kBlocks], chunk = (g.tiles + blocks - 1) / blocks;
@@ -699,7 +830,7 @@ void celo2_factored_pass1_host(tvm::ffi::TensorView table) {
       float red[celo2_factored_pass1_reductions + 1] = {};
       const int64_t stop = g.tiles < (b + 1) * chunk ? g.tiles : (b + 1) * chunk;
       for (int64_t tile = b * chunk; tile < stop; ++tile)
-        line_tile_host<celo2_factored_pass1_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass1_at(t, w, i, red, v); });
+        line_tile_host<celo2_factored_pass1_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass1_at(t, dv, tv, w, i, red, v); });
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * celo2_factored_pass1_reductions;
       for (int j = 0; j < celo2_factored_pass1_reductions; ++j) partial[j] = red[j];
     }
@@ -709,13 +840,16 @@ void celo2_factored_pass1_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) celo2_factored_pass1_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, celo2_factored_pass1_fields, blockIdx.x) * celo2_factored_pass1_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[celo2_factored_pass1_tensor_inputs];
+  celo2_factored_pass1_tensor_values(t, tv);
   const float* w = nullptr;
   float red[celo2_factored_pass1_reductions + 1] = {};
   // Whole tiles per warp (warp-uniform loop: every lane reaches every shuffle).
   const LineTiles g = line_tiles(t);
   const int64_t stride = t[kBlocks] * kWarps;
   for (int64_t tile = (blockIdx.x - t[kBlock0]) * kWarps + threadIdx.x / 32; tile < g.tiles; tile += stride)
-    line_tile_warp<celo2_factored_pass1_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass1_at(t, w, i, red, v); });
+    line_tile_warp<celo2_factored_pass1_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass1_at(t, dv, tv, w, i, red, v); });
   block_sum<celo2_factored_pass1_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * celo2_factored_pass1_reductions);
 }
 #endif
@@ -739,6 +873,7 @@ constexpr int celo2_factored_pass2_fields = kHead + 2 * 2 + 3;
 constexpr int celo2_factored_pass2_reductions = 0;
 constexpr int celo2_factored_pass2_weights = 0;
 constexpr int celo2_factored_pass2_line_args = 12;
+constexpr int celo2_factored_pass2_tensor_inputs = 3 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void celo2_factored_pass2_element(const float* in, const float* w, float* out) {
   const float t0_0 = (0.9f * in[1]);  // mul
@@ -794,16 +929,26 @@ LOPT_HD void celo2_factored_pass2_element(const float* in, const float* w, float
   out[15] = t22;  // line mean arg 7[0]
 }
 
-LOPT_HD void celo2_factored_pass2_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void celo2_factored_pass2_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper grad_clip_val[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 5]];  // neg[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void celo2_factored_pass2_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                      float* red, float* line) {
   float in[8];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = as_ptr<const float>(t[kHead + 0])[i];  // mom[0]
   in[2] = as_ptr<const float>(t[kHead + 0])[1 * t[kHead + 2] + i];  // mom[1]
   in[3] = as_ptr<const float>(t[kHead + 0])[2 * t[kHead + 2] + i];  // mom[2]
   in[4] = as_ptr<const float>(t[kHead + 1])[i];  // rms[0]
-  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper grad_clip_val[0] (step)
-  in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 5]];  // neg[0] (step)
-  in[7] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // where[0] (tensor)
+  in[5] = tv[0];  // hyper grad_clip_val[0] (step)
+  in[6] = tv[1];  // neg[0] (step)
+  in[7] = tv[2];  // where[0] (tensor)
   float out[16];
   celo2_factored_pass2_element(in, w, out);
   as_ptr<float>(t[kHead + 0])[i] = out[0];
@@ -822,6 +967,8 @@ LOPT_HD void celo2_factored_pass2_at(const int64_t* t, const float* w, int64_t i
   line[9] = out[13];
   line[10] = out[14];
   line[11] = out[15];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -831,6 +978,9 @@ void celo2_factored_pass2_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * celo2_factored_pass2_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[celo2_factored_pass2_tensor_inputs];
+    celo2_factored_pass2_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const LineTiles g = line_tiles(t);
     const int64_t blocks = t[kBlocks], chunk = (g.tiles + blocks - 1) / blocks;
@@ -838,7 +988,7 @@ void celo2_factored_pass2_host(tvm::ffi::TensorView table) {
       float red[celo2_factored_pass2_reductions + 1] = {};
       const int64_t stop = g.tiles < (b + 1) * chunk ? g.tiles : (b + 1) * chunk;
       for (int64_t tile = b * chunk; tile < stop; ++tile)
-        line_tile_host<celo2_factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass2_at(t, w, i, red, v); });
+        line_tile_host<celo2_factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass2_at(t, dv, tv, w, i, red, v); });
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * celo2_factored_pass2_reductions;
       for (int j = 0; j < celo2_factored_pass2_reductions; ++j) partial[j] = red[j];
     }
@@ -848,13 +998,16 @@ void celo2_factored_pass2_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) celo2_factored_pass2_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, celo2_factored_pass2_fields, blockIdx.x) * celo2_factored_pass2_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[celo2_factored_pass2_tensor_inputs];
+  celo2_factored_pass2_tensor_values(t, tv);
   const float* w = nullptr;
   float red[celo2_factored_pass2_reductions + 1] = {};
   // Whole tiles per warp (warp-uniform loop: every lane reaches every shuffle).
   const LineTiles g = line_tiles(t);
   const int64_t stride = t[kBlocks] * kWarps;
   for (int64_t tile = (blockIdx.x - t[kBlock0]) * kWarps + threadIdx.x / 32; tile < g.tiles; tile += stride)
-    line_tile_warp<celo2_factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass2_at(t, w, i, red, v); });
+    line_tile_warp<celo2_factored_pass2_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass2_at(t, dv, tv, w, i, red, v); });
 }
 #endif
 
@@ -877,6 +1030,7 @@ constexpr int celo2_factored_pass3_fields = kHead + 2 * 1 + 9;
 constexpr int celo2_factored_pass3_reductions = 0;
 constexpr int celo2_factored_pass3_weights = 0;
 constexpr int celo2_factored_pass3_line_args = 6;
+constexpr int celo2_factored_pass3_tensor_inputs = 3 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void celo2_factored_pass3_element(const float* in, const float* w, float* out) {
   const float t0 = (in[0] * in[3]);  // mul
@@ -905,13 +1059,23 @@ LOPT_HD void celo2_factored_pass3_element(const float* in, const float* w, float
   out[5] = t7_2;  // line mean arg 1[2]
 }
 
-LOPT_HD void celo2_factored_pass3_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
-  const LineIndex ix = line_index(t, i);
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void celo2_factored_pass3_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 2]];  // hyper grad_clip_val[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 3]];  // neg[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void celo2_factored_pass3_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                      float* red, float* line) {
+  const LineIndex ix = line_index(t, dv, i);
   float in[13];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
-  in[1] = as_ptr<const float>(t[kSmall])[t[kHead + 2]];  // hyper grad_clip_val[0] (step)
-  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 3]];  // neg[0] (step)
-  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // where[0] (tensor)
+  in[1] = tv[0];  // hyper grad_clip_val[0] (step)
+  in[2] = tv[1];  // neg[0] (step)
+  in[3] = tv[2];  // where[0] (tensor)
   in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 5] + ix.row];  // rsqrt[0] (row)
   in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 6] + ix.row];  // rsqrt[1] (row)
   in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 7] + ix.row];  // rsqrt[2] (row)
@@ -929,6 +1093,8 @@ LOPT_HD void celo2_factored_pass3_at(const int64_t* t, const float* w, int64_t i
   line[3] = out[3];
   line[4] = out[4];
   line[5] = out[5];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -938,6 +1104,9 @@ void celo2_factored_pass3_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * celo2_factored_pass3_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[celo2_factored_pass3_tensor_inputs];
+    celo2_factored_pass3_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const LineTiles g = line_tiles(t);
     const int64_t blocks = t[kBlocks], chunk = (g.tiles + blocks - 1) / blocks;
@@ -945,7 +1114,7 @@ void celo2_factored_pass3_host(tvm::ffi::TensorView table) {
       float red[celo2_factored_pass3_reductions + 1] = {};
       const int64_t stop = g.tiles < (b + 1) * chunk ? g.tiles : (b + 1) * chunk;
       for (int64_t tile = b * chunk; tile < stop; ++tile)
-        line_tile_host<celo2_factored_pass3_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass3_at(t, w, i, red, v); });
+        line_tile_host<celo2_factored_pass3_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass3_at(t, dv, tv, w, i, red, v); });
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * celo2_factored_pass3_reductions;
       for (int j = 0; j < celo2_factored_pass3_reductions; ++j) partial[j] = red[j];
     }
@@ -955,13 +1124,16 @@ void celo2_factored_pass3_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) celo2_factored_pass3_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, celo2_factored_pass3_fields, blockIdx.x) * celo2_factored_pass3_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[celo2_factored_pass3_tensor_inputs];
+  celo2_factored_pass3_tensor_values(t, tv);
   const float* w = nullptr;
   float red[celo2_factored_pass3_reductions + 1] = {};
   // Whole tiles per warp (warp-uniform loop: every lane reaches every shuffle).
   const LineTiles g = line_tiles(t);
   const int64_t stride = t[kBlocks] * kWarps;
   for (int64_t tile = (blockIdx.x - t[kBlock0]) * kWarps + threadIdx.x / 32; tile < g.tiles; tile += stride)
-    line_tile_warp<celo2_factored_pass3_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass3_at(t, w, i, red, v); });
+    line_tile_warp<celo2_factored_pass3_line_args>(t, g, tile, [&](int64_t i, float* v) { celo2_factored_pass3_at(t, dv, tv, w, i, red, v); });
 }
 #endif
 
@@ -984,6 +1156,7 @@ constexpr int celo2_factored_pass4_fields = kHead + 2 * 3 + 41;
 constexpr int celo2_factored_pass4_reductions = 0;
 constexpr int celo2_factored_pass4_weights = 347;
 constexpr int celo2_factored_pass4_line_args = 0;
+constexpr int celo2_factored_pass4_tensor_inputs = 5 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void celo2_factored_pass4_element(const float* in, const float* w, float* out) {
   const float t0 = (in[0] * in[5]);  // mul
@@ -1057,16 +1230,28 @@ LOPT_HD void celo2_factored_pass4_element(const float* in, const float* w, float
   out[0] = t25;  // __scratch0[0]
 }
 
-LOPT_HD void celo2_factored_pass4_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
-  const LineIndex ix = line_index(t, i);
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void celo2_factored_pass4_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper exp_mult[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // hyper grad_clip_val[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // neg[0] (step)
+  tv[3] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // where[0] (tensor)
+  tv[4] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void celo2_factored_pass4_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                      float* red, float* line) {
+  const LineIndex ix = line_index(t, dv, i);
   float in[47];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
-  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper exp_mult[0] (step)
-  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // hyper grad_clip_val[0] (step)
-  in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // neg[0] (step)
-  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // where[0] (tensor)
-  in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // where[0] (tensor)
+  in[2] = tv[0];  // hyper exp_mult[0] (step)
+  in[3] = tv[1];  // hyper grad_clip_val[0] (step)
+  in[4] = tv[2];  // neg[0] (step)
+  in[5] = tv[3];  // where[0] (tensor)
+  in[6] = tv[4];  // where[0] (tensor)
   in[7] = as_ptr<const float>(t[kSmall])[t[kHead + 11] + ix.batch];  // rsqrt[0] (batch)
   in[8] = as_ptr<const float>(t[kSmall])[t[kHead + 12] + ix.batch];  // rsqrt[0] (batch)
   in[9] = as_ptr<const float>(t[kSmall])[t[kHead + 13] + ix.batch];  // rsqrt[0] (batch)
@@ -1110,6 +1295,8 @@ LOPT_HD void celo2_factored_pass4_at(const int64_t* t, const float* w, int64_t i
   float out[1];
   celo2_factored_pass4_element(in, w, out);
   as_ptr<float>(t[kHead + 2])[i] = out[0];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -1119,12 +1306,15 @@ void celo2_factored_pass4_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * celo2_factored_pass4_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[celo2_factored_pass4_tensor_inputs];
+    celo2_factored_pass4_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[celo2_factored_pass4_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) celo2_factored_pass4_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) celo2_factored_pass4_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * celo2_factored_pass4_reductions;
       for (int j = 0; j < celo2_factored_pass4_reductions; ++j) partial[j] = red[j];
     }
@@ -1134,6 +1324,9 @@ void celo2_factored_pass4_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) celo2_factored_pass4_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, celo2_factored_pass4_fields, blockIdx.x) * celo2_factored_pass4_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[celo2_factored_pass4_tensor_inputs];
+  celo2_factored_pass4_tensor_values(t, tv);
   // This tensor's MLP weights, staged once per block.
   LOPT_DYNAMIC_SHARED(float, w);
   const float* global_w = as_ptr<const float>(t[kWeights]);
@@ -1143,7 +1336,7 @@ __global__ void __launch_bounds__(kThreads) celo2_factored_pass4_kernel(const in
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    celo2_factored_pass4_at(t, w, i, red, nullptr);
+    celo2_factored_pass4_at(t, dv, tv, w, i, red, nullptr);
 }
 #endif
 
@@ -1166,6 +1359,7 @@ constexpr int celo2_factored_pass5_fields = kHead + 2 * 1 + 3;
 constexpr int celo2_factored_pass5_reductions = 0;
 constexpr int celo2_factored_pass5_weights = 0;
 constexpr int celo2_factored_pass5_line_args = 0;
+constexpr int celo2_factored_pass5_tensor_inputs = 3 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void celo2_factored_pass5_element(const float* in, const float* w, float* out) {
   const float t0 = (in[2] * in[4]);  // mul
@@ -1176,16 +1370,28 @@ LOPT_HD void celo2_factored_pass5_element(const float* in, const float* w, float
   out[0] = t4;  // new p
 }
 
-LOPT_HD void celo2_factored_pass5_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void celo2_factored_pass5_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 2]];  // hyper lr[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 3]];  // hyper rmsmult[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper weight_decay[0] (step)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void celo2_factored_pass5_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                      float* red, float* line) {
   float in[5];
   in[0] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
-  in[1] = as_ptr<const float>(t[kSmall])[t[kHead + 2]];  // hyper lr[0] (step)
-  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 3]];  // hyper rmsmult[0] (step)
-  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper weight_decay[0] (step)
+  in[1] = tv[0];  // hyper lr[0] (step)
+  in[2] = tv[1];  // hyper rmsmult[0] (step)
+  in[3] = tv[2];  // hyper weight_decay[0] (step)
   in[4] = as_ptr<const float>(t[kHead + 0])[i];  // new __scratch1[0]
   float out[1];
   celo2_factored_pass5_element(in, w, out);
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[0]);
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -1195,12 +1401,15 @@ void celo2_factored_pass5_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * celo2_factored_pass5_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[celo2_factored_pass5_tensor_inputs];
+    celo2_factored_pass5_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[celo2_factored_pass5_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) celo2_factored_pass5_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) celo2_factored_pass5_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * celo2_factored_pass5_reductions;
       for (int j = 0; j < celo2_factored_pass5_reductions; ++j) partial[j] = red[j];
     }
@@ -1210,12 +1419,15 @@ void celo2_factored_pass5_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) celo2_factored_pass5_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, celo2_factored_pass5_fields, blockIdx.x) * celo2_factored_pass5_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[celo2_factored_pass5_tensor_inputs];
+  celo2_factored_pass5_tensor_values(t, tv);
   const float* w = nullptr;
   float red[celo2_factored_pass5_reductions + 1] = {};
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    celo2_factored_pass5_at(t, w, i, red, nullptr);
+    celo2_factored_pass5_at(t, dv, tv, w, i, red, nullptr);
 }
 #endif
 
@@ -1238,6 +1450,7 @@ constexpr int celo2_unfactored_pass1_fields = kHead + 2 * 0 + 0;
 constexpr int celo2_unfactored_pass1_reductions = 2;
 constexpr int celo2_unfactored_pass1_weights = 0;
 constexpr int celo2_unfactored_pass1_line_args = 0;
+constexpr int celo2_unfactored_pass1_tensor_inputs = 0 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void celo2_unfactored_pass1_element(const float* in, const float* w, float* out) {
   const float t0 = (in[1] * in[1]);  // mul
@@ -1246,7 +1459,14 @@ LOPT_HD void celo2_unfactored_pass1_element(const float* in, const float* w, flo
   out[1] = t1;  // mean arg 1[0]
 }
 
-LOPT_HD void celo2_unfactored_pass1_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void celo2_unfactored_pass1_tensor_values(const int64_t* t, float* tv) {
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void celo2_unfactored_pass1_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                        float* red, float* line) {
   float in[2];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
@@ -1254,6 +1474,8 @@ LOPT_HD void celo2_unfactored_pass1_at(const int64_t* t, const float* w, int64_t
   celo2_unfactored_pass1_element(in, w, out);
   red[0] += out[0];
   red[1] += out[1];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -1263,12 +1485,15 @@ void celo2_unfactored_pass1_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * celo2_unfactored_pass1_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[celo2_unfactored_pass1_tensor_inputs];
+    celo2_unfactored_pass1_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[celo2_unfactored_pass1_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) celo2_unfactored_pass1_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) celo2_unfactored_pass1_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * celo2_unfactored_pass1_reductions;
       for (int j = 0; j < celo2_unfactored_pass1_reductions; ++j) partial[j] = red[j];
     }
@@ -1278,12 +1503,15 @@ void celo2_unfactored_pass1_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) celo2_unfactored_pass1_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, celo2_unfactored_pass1_fields, blockIdx.x) * celo2_unfactored_pass1_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[celo2_unfactored_pass1_tensor_inputs];
+  celo2_unfactored_pass1_tensor_values(t, tv);
   const float* w = nullptr;
   float red[celo2_unfactored_pass1_reductions + 1] = {};
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    celo2_unfactored_pass1_at(t, w, i, red, nullptr);
+    celo2_unfactored_pass1_at(t, dv, tv, w, i, red, nullptr);
   block_sum<celo2_unfactored_pass1_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * celo2_unfactored_pass1_reductions);
 }
 #endif
@@ -1307,6 +1535,7 @@ constexpr int celo2_unfactored_pass2_fields = kHead + 2 * 3 + 3;
 constexpr int celo2_unfactored_pass2_reductions = 14;
 constexpr int celo2_unfactored_pass2_weights = 0;
 constexpr int celo2_unfactored_pass2_line_args = 0;
+constexpr int celo2_unfactored_pass2_tensor_inputs = 3 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void celo2_unfactored_pass2_element(const float* in, const float* w, float* out) {
   const float t0_0 = (0.9f * in[4]);  // mul
@@ -1391,7 +1620,17 @@ LOPT_HD void celo2_unfactored_pass2_element(const float* in, const float* w, flo
   out[20] = t30;  // mean arg 7[0]
 }
 
-LOPT_HD void celo2_unfactored_pass2_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void celo2_unfactored_pass2_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper grad_clip_val[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // neg[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void celo2_unfactored_pass2_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                        float* red, float* line) {
   float in[11];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = as_ptr<const float>(t[kHead + 2])[i];  // fr[0]
@@ -1401,9 +1640,9 @@ LOPT_HD void celo2_unfactored_pass2_at(const int64_t* t, const float* w, int64_t
   in[5] = as_ptr<const float>(t[kHead + 0])[1 * t[kHead + 3] + i];  // mom[1]
   in[6] = as_ptr<const float>(t[kHead + 0])[2 * t[kHead + 3] + i];  // mom[2]
   in[7] = as_ptr<const float>(t[kHead + 1])[i];  // rms[0]
-  in[8] = as_ptr<const float>(t[kSmall])[t[kHead + 6]];  // hyper grad_clip_val[0] (step)
-  in[9] = as_ptr<const float>(t[kSmall])[t[kHead + 7]];  // neg[0] (step)
-  in[10] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // where[0] (tensor)
+  in[8] = tv[0];  // hyper grad_clip_val[0] (step)
+  in[9] = tv[1];  // neg[0] (step)
+  in[10] = tv[2];  // where[0] (tensor)
   float out[21];
   celo2_unfactored_pass2_element(in, w, out);
   as_ptr<float>(t[kHead + 0])[i] = out[0];
@@ -1427,6 +1666,8 @@ LOPT_HD void celo2_unfactored_pass2_at(const int64_t* t, const float* w, int64_t
   red[11] += out[18];
   red[12] += out[19];
   red[13] += out[20];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -1436,12 +1677,15 @@ void celo2_unfactored_pass2_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * celo2_unfactored_pass2_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[celo2_unfactored_pass2_tensor_inputs];
+    celo2_unfactored_pass2_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[celo2_unfactored_pass2_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) celo2_unfactored_pass2_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) celo2_unfactored_pass2_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * celo2_unfactored_pass2_reductions;
       for (int j = 0; j < celo2_unfactored_pass2_reductions; ++j) partial[j] = red[j];
     }
@@ -1451,12 +1695,15 @@ void celo2_unfactored_pass2_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) celo2_unfactored_pass2_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, celo2_unfactored_pass2_fields, blockIdx.x) * celo2_unfactored_pass2_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[celo2_unfactored_pass2_tensor_inputs];
+  celo2_unfactored_pass2_tensor_values(t, tv);
   const float* w = nullptr;
   float red[celo2_unfactored_pass2_reductions + 1] = {};
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    celo2_unfactored_pass2_at(t, w, i, red, nullptr);
+    celo2_unfactored_pass2_at(t, dv, tv, w, i, red, nullptr);
   block_sum<celo2_unfactored_pass2_reductions>(red, as_ptr<float>(t[kPartial]) + blockIdx.x * celo2_unfactored_pass2_reductions);
 }
 #endif
@@ -1480,6 +1727,7 @@ constexpr int celo2_unfactored_pass3_fields = kHead + 2 * 4 + 5;
 constexpr int celo2_unfactored_pass3_reductions = 0;
 constexpr int celo2_unfactored_pass3_weights = 227;
 constexpr int celo2_unfactored_pass3_line_args = 0;
+constexpr int celo2_unfactored_pass3_tensor_inputs = 5 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void celo2_unfactored_pass3_element(const float* in, const float* w, float* out) {
   const float t0 = (in[0] * in[5]);  // mul
@@ -1538,15 +1786,27 @@ LOPT_HD void celo2_unfactored_pass3_element(const float* in, const float* w, flo
   out[0] = t16;  // __scratch0[0]
 }
 
-LOPT_HD void celo2_unfactored_pass3_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void celo2_unfactored_pass3_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // hyper exp_mult[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // hyper grad_clip_val[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // neg[0] (step)
+  tv[3] = as_ptr<const float>(t[kSmall])[t[kHead + 11]];  // where[0] (tensor)
+  tv[4] = as_ptr<const float>(t[kSmall])[t[kHead + 12]];  // where[0] (tensor)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void celo2_unfactored_pass3_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                        float* red, float* line) {
   float in[14];
   in[0] = load(as_ptr<const void>(t[kGrad]), t[kGradDtype], i);  // grad
   in[1] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
-  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 8]];  // hyper exp_mult[0] (step)
-  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 9]];  // hyper grad_clip_val[0] (step)
-  in[4] = as_ptr<const float>(t[kSmall])[t[kHead + 10]];  // neg[0] (step)
-  in[5] = as_ptr<const float>(t[kSmall])[t[kHead + 11]];  // where[0] (tensor)
-  in[6] = as_ptr<const float>(t[kSmall])[t[kHead + 12]];  // where[0] (tensor)
+  in[2] = tv[0];  // hyper exp_mult[0] (step)
+  in[3] = tv[1];  // hyper grad_clip_val[0] (step)
+  in[4] = tv[2];  // neg[0] (step)
+  in[5] = tv[3];  // where[0] (tensor)
+  in[6] = tv[4];  // where[0] (tensor)
   in[7] = as_ptr<const float>(t[kHead + 1])[i];  // new rms[0]
   in[8] = as_ptr<const float>(t[kHead + 2])[i];  // new fr[0]
   in[9] = as_ptr<const float>(t[kHead + 2])[1 * t[kHead + 6] + i];  // new fr[1]
@@ -1557,6 +1817,8 @@ LOPT_HD void celo2_unfactored_pass3_at(const int64_t* t, const float* w, int64_t
   float out[1];
   celo2_unfactored_pass3_element(in, w, out);
   as_ptr<float>(t[kHead + 3])[i] = out[0];
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -1566,12 +1828,15 @@ void celo2_unfactored_pass3_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * celo2_unfactored_pass3_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[celo2_unfactored_pass3_tensor_inputs];
+    celo2_unfactored_pass3_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[celo2_unfactored_pass3_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) celo2_unfactored_pass3_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) celo2_unfactored_pass3_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * celo2_unfactored_pass3_reductions;
       for (int j = 0; j < celo2_unfactored_pass3_reductions; ++j) partial[j] = red[j];
     }
@@ -1581,6 +1846,9 @@ void celo2_unfactored_pass3_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) celo2_unfactored_pass3_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, celo2_unfactored_pass3_fields, blockIdx.x) * celo2_unfactored_pass3_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[celo2_unfactored_pass3_tensor_inputs];
+  celo2_unfactored_pass3_tensor_values(t, tv);
   // This tensor's MLP weights, staged once per block.
   LOPT_DYNAMIC_SHARED(float, w);
   const float* global_w = as_ptr<const float>(t[kWeights]);
@@ -1590,7 +1858,7 @@ __global__ void __launch_bounds__(kThreads) celo2_unfactored_pass3_kernel(const 
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    celo2_unfactored_pass3_at(t, w, i, red, nullptr);
+    celo2_unfactored_pass3_at(t, dv, tv, w, i, red, nullptr);
 }
 #endif
 
@@ -1613,6 +1881,7 @@ constexpr int celo2_unfactored_pass4_fields = kHead + 2 * 1 + 3;
 constexpr int celo2_unfactored_pass4_reductions = 0;
 constexpr int celo2_unfactored_pass4_weights = 0;
 constexpr int celo2_unfactored_pass4_line_args = 0;
+constexpr int celo2_unfactored_pass4_tensor_inputs = 3 + 1;   // (+ 1: never a zero-size array)
 
 LOPT_HD void celo2_unfactored_pass4_element(const float* in, const float* w, float* out) {
   const float t0 = (in[2] * in[4]);  // mul
@@ -1623,16 +1892,28 @@ LOPT_HD void celo2_unfactored_pass4_element(const float* in, const float* w, flo
   out[0] = t4;  // new p
 }
 
-LOPT_HD void celo2_unfactored_pass4_at(const int64_t* t, const float* w, int64_t i, float* red, float* line) {
+// The inputs that are the same for every element of the tensor, read once.
+LOPT_HD void celo2_unfactored_pass4_tensor_values(const int64_t* t, float* tv) {
+  tv[0] = as_ptr<const float>(t[kSmall])[t[kHead + 2]];  // hyper lr[0] (step)
+  tv[1] = as_ptr<const float>(t[kSmall])[t[kHead + 3]];  // hyper rmsmult[0] (step)
+  tv[2] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper weight_decay[0] (step)
+  (void)t;
+  (void)tv;
+}
+
+LOPT_HD void celo2_unfactored_pass4_at(const int64_t* t, const LineDivs& dv, const float* tv, const float* w, int64_t i,
+                                        float* red, float* line) {
   float in[5];
   in[0] = load(as_ptr<const void>(t[kParam]), t[kParamDtype], i);  // param
-  in[1] = as_ptr<const float>(t[kSmall])[t[kHead + 2]];  // hyper lr[0] (step)
-  in[2] = as_ptr<const float>(t[kSmall])[t[kHead + 3]];  // hyper rmsmult[0] (step)
-  in[3] = as_ptr<const float>(t[kSmall])[t[kHead + 4]];  // hyper weight_decay[0] (step)
+  in[1] = tv[0];  // hyper lr[0] (step)
+  in[2] = tv[1];  // hyper rmsmult[0] (step)
+  in[3] = tv[2];  // hyper weight_decay[0] (step)
   in[4] = as_ptr<const float>(t[kHead + 0])[i];  // new __scratch1[0]
   float out[1];
   celo2_unfactored_pass4_element(in, w, out);
   store(as_ptr<void>(t[kParam]), t[kParamDtype], i, out[0]);
+  (void)dv;
+  (void)tv;
   (void)red;
   (void)line;
 }
@@ -1642,12 +1923,15 @@ void celo2_unfactored_pass4_host(tvm::ffi::TensorView table) {
   const int64_t* tab = static_cast<const int64_t*>(table.data_ptr());
   for (int64_t row = 0; row < table.size(0); ++row) {
     const int64_t* t = tab + row * celo2_unfactored_pass4_fields;
+    const LineDivs dv = line_divs(t);
+    float tv[celo2_unfactored_pass4_tensor_inputs];
+    celo2_unfactored_pass4_tensor_values(t, tv);
     const float* w = as_ptr<const float>(t[kWeights]);
     const int64_t n = t[kN], blocks = t[kBlocks], chunk = (n + blocks - 1) / blocks;
     for (int64_t b = 0; b < blocks; ++b) {
       float red[celo2_unfactored_pass4_reductions + 1] = {};
       const int64_t stop = n < (b + 1) * chunk ? n : (b + 1) * chunk;
-      for (int64_t i = b * chunk; i < stop; ++i) celo2_unfactored_pass4_at(t, w, i, red, nullptr);
+      for (int64_t i = b * chunk; i < stop; ++i) celo2_unfactored_pass4_at(t, dv, tv, w, i, red, nullptr);
       float* partial = as_ptr<float>(t[kPartial]) + (t[kBlock0] + b) * celo2_unfactored_pass4_reductions;
       for (int j = 0; j < celo2_unfactored_pass4_reductions; ++j) partial[j] = red[j];
     }
@@ -1657,12 +1941,15 @@ void celo2_unfactored_pass4_host(tvm::ffi::TensorView table) {
 #ifdef LOPT_KERNELS
 __global__ void __launch_bounds__(kThreads) celo2_unfactored_pass4_kernel(const int64_t* __restrict__ tab, int64_t rows) {
   const int64_t* t = tab + find_row(tab, rows, celo2_unfactored_pass4_fields, blockIdx.x) * celo2_unfactored_pass4_fields;
+  const LineDivs dv = line_divs(t);
+  float tv[celo2_unfactored_pass4_tensor_inputs];
+  celo2_unfactored_pass4_tensor_values(t, tv);
   const float* w = nullptr;
   float red[celo2_unfactored_pass4_reductions + 1] = {};
   const int64_t n = t[kN];
   const int64_t stride = t[kBlocks] * static_cast<int64_t>(blockDim.x);
   for (int64_t i = (blockIdx.x - t[kBlock0]) * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    celo2_unfactored_pass4_at(t, w, i, red, nullptr);
+    celo2_unfactored_pass4_at(t, dv, tv, w, i, red, nullptr);
 }
 #endif
 

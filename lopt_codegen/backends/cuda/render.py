@@ -43,9 +43,12 @@ def _channel(L: PassLayout, name: str, channel: int) -> str:
     return "" if channel == 0 else f"{channel} * t[kHead + {len(L.accs) + L.accs.index(name)}] + "
 
 
-def _loads(L: PassLayout) -> list[tuple[str, str]]:
-    """(C++ expression, what it is) per input slot."""
-    loads, smalls = [], 0
+def _loads(L: PassLayout) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(C++ expression, what it is) per input slot, and per value that is the same for
+    every element of a tensor (step and tensor level): those are read once per thread
+    into `tv` before the element loop, where the compiler could not hoist them (the
+    element stores might alias them)."""
+    loads, hoisted, smalls = [], [], 0
     for slot in L.inputs:
         if slot.kind in ("grad", "param"):
             field = "kGrad" if slot.kind == "grad" else "kParam"
@@ -55,9 +58,13 @@ def _loads(L: PassLayout) -> list[tuple[str, str]]:
                           describe(slot)))
         else:
             column = f"t[kHead + {2 * len(L.accs) + smalls}]"
-            loads.append((f"as_ptr<const float>(t[kSmall])[{column}{_INDEX[slot.node.level]}]", describe(slot)))
+            if slot.node.level in (Level.STEP, Level.TENSOR):
+                loads.append((f"tv[{len(hoisted)}]", describe(slot)))
+                hoisted.append((f"as_ptr<const float>(t[kSmall])[{column}]", describe(slot)))
+            else:
+                loads.append((f"as_ptr<const float>(t[kSmall])[{column}{_INDEX[slot.node.level]}]", describe(slot)))
             smalls += 1
-    return loads
+    return loads, hoisted
 
 
 def _stores(L: PassLayout) -> list[str]:
@@ -99,9 +106,10 @@ def _summary(L: PassLayout) -> str:
 def pass_context(L: PassLayout) -> dict:
     body, outputs = print_element_function(L)
     n_weights = mlp_weight_count((L.fold.features, *L.mlp.attrs[0][1:])) if L.mlp is not None else 0
+    loads, hoisted = _loads(L)
     return {
         "name": L.name, "summary": _summary(L), "body": body, "outputs": outputs,
-        "inputs": L.inputs, "loads": _loads(L), "stores": _stores(L), "needs_index": L.needs_index,
+        "inputs": L.inputs, "loads": loads, "hoisted": hoisted, "stores": _stores(L), "needs_index": L.needs_index,
         "n_accs": len(L.accs), "n_smalls": len(L.small_slots), "n_weights": n_weights,
         "n_tensor_red": sum(n.channels for n in L.tensor_reductions),
         "n_line": sum(n.channels for n in L.line_reductions),
