@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lopt_codegen.cli import run as lopt_compile
+from test_nonfinite import assert_same_nonfinite
 
 def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, derandomize=True, deadline=None, database=None,
@@ -117,8 +118,6 @@ def random_spec(name: str, step: str, accumulate: str, factored: bool) -> str:
 @given(step=expressions(3), accumulate=expressions(2, OLD_LEAVES).map(lambda e: f"0.5 * prev(v) + 0.1 * tanh({e})"),
        factored=st.booleans(), poison=st.booleans())
 def test_random_specs_agree_on_every_backend(tmp_path_factory, step, accumulate, factored, poison):
-    from test_nonfinite import assert_same_nonfinite
-
     root = tmp_path_factory.mktemp("random")
     name = f"random{next(_counter)}"
     (root / f"{name}.yaml").write_text(random_spec(name, step, accumulate, factored))

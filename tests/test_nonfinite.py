@@ -132,8 +132,14 @@ def run_steps(cls: type, backend: str, poison_at: int | None, steps: int = 5):
     return params, opt
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["adam", "velo", "celo2"])
+# The skip decision and the gating of the network and loss buffer are the runtime's and
+# the shared executors'; the kernels only read skip_step. On tvm, Adam covers that read:
+# VeLO's and CELO2's skip variants would compile their TVM kernels cold (~6 min on 2 cores).
+SKIP_CASES = [(name, backend) for name in ("adam", "velo", "celo2") for backend in BACKENDS
+              if backend != "tvm" or name == "adam"]
+
+
+@pytest.mark.parametrize("name, backend", SKIP_CASES)
 def test_skip_leaves_parameters_and_state_as_if_the_step_never_happened(skipping, name, backend):
     cls = skipping[f"{name}_skip"]
     skipped_params, skipped = run_steps(cls, backend, poison_at=2)
