@@ -2,8 +2,8 @@
 - hostile text in every text field of a spec: `lopt-compile` either exits 2 with one
   `file:line:col` error, or writes a package that imports and steps; it writes nothing
   outside --out and runs nothing from the spec;
-- random valid specs built from the language's parts: every backend agrees with the
-  reference, NaN and inf in the same places."""
+- random valid specs built from the language's parts: tvm, the cuda host build and the
+  SIMT run of the CUDA kernels agree with the reference, NaN and inf in the same places."""
 from __future__ import annotations
 
 import importlib
@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lopt_codegen.cli import run as lopt_compile
+from test_cuda_simt import SimtBackend
 from test_nonfinite import assert_same_nonfinite
 
 def fuzz(examples: int) -> settings:
@@ -134,7 +135,9 @@ def test_random_specs_agree_on_every_backend(tmp_path_factory, step, accumulate,
     def run(backend: str) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(5)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-        opt = cls(params, lr=0.1, backend=backend)
+        opt = cls(params, lr=0.1, backend="cuda" if backend == "simt" else backend)
+        if backend == "simt":   # the CUDA kernels themselves, under the SIMT emulation
+            opt.backend = SimtBackend(cls.program)
         for step_index in range(3):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
@@ -149,5 +152,5 @@ def test_random_specs_agree_on_every_backend(tmp_path_factory, step, accumulate,
         return out
 
     ref = run("reference")
-    for backend in ("tvm", "cuda"):
+    for backend in ("tvm", "cuda", "simt"):
         assert_same_nonfinite(run(backend), ref, f"{step} / {accumulate} on {backend}")
