@@ -96,3 +96,11 @@ def test_cuda_tensors_without_nvcc_say_so(monkeypatch):
     with pytest.warns(RuntimeWarning, match="nvcc"):
         backend.step(StepBatch([fake_cuda()]))
     assert len(tasks_of(backend.reference)) == 1
+
+
+def test_cpu_training_never_makes_the_cuda_backend():
+    backend = select_backend(Adam.program, "auto")
+    p = torch.nn.Parameter(torch.randn(4))
+    backend.cpu = Recorder()
+    backend.step(StepBatch([TensorTask(p, torch.randn(4), {}, {}, "unfactored", None)]))
+    assert "cuda" not in vars(backend)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
+from functools import cached_property
 
 from ..ir.program import Program
 from .base import Backend, StepBatch, TensorTask
@@ -35,9 +36,13 @@ class AutoBackend(Backend):
     def __init__(self, program: Program):
         super().__init__(program)
         self.cpu = _cpu_backend(program)   # also sends what TVM cannot take to the reference
-        self.cuda = CudaBackend(program)
         self.reference = ReferenceBackend(program)
         self._warned: set[str] = set()
+
+    @cached_property
+    def cuda(self) -> Backend:
+        """Made at the first CUDA tensor: CPU-only training never plans or renders its kernels."""
+        return CudaBackend(self.program)
 
     def step(self, batch: StepBatch) -> None:
         parts: dict[str, list[TensorTask]] = {"cpu": [], "cuda": [], "reference": []}
