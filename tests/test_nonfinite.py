@@ -175,8 +175,9 @@ def test_the_count_of_skipped_steps_is_saved_and_keeps_counting(skipping):
                        min_size=1, max_size=4),
        policy=st.sampled_from(["keep", "skip"]))
 def test_fuzz_nonfinite_gradients_agree_across_backends(skipping, poison, policy):
-    """NaN and ±inf at random elements of random tensors at random steps: under `keep` and
-    under `skip`, every backend ends with the reference's parameters and state."""
+    """NaN and ±inf at random elements of random tensors at random steps: under `keep`
+    (small_fc_lopt) tvm, cuda and SIMT, under `skip` (CELO2) cuda and SIMT, end with the
+    reference's parameters and state."""
     from generated.small_fc_lopt import SmallFcLopt
 
     cls = SmallFcLopt if policy == "keep" else skipping["celo2_skip"]
@@ -203,5 +204,6 @@ def test_fuzz_nonfinite_gradients_agree_across_backends(skipping, poison, policy
         return out
 
     ref = run("reference")
-    for backend in ("tvm", "cuda"):
+    # skip on tvm: test_skip_leaves_... with Adam (CELO2's skip kernels would compile cold, ~90 s)
+    for backend in ("tvm", "cuda", "simt") if policy == "keep" else ("cuda", "simt"):
         assert_same_nonfinite(run(backend), ref, f"{policy} on {backend}, poison {poison}")
