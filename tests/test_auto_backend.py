@@ -91,7 +91,7 @@ def test_a_network_over_mixed_devices_runs_on_the_reference():
 def test_cuda_tensors_without_nvcc_say_so(monkeypatch):
     from lopt_codegen.backends.cuda import backend as cuda_backend
 
-    monkeypatch.setattr(cuda_backend, "_nvcc_missing", lambda: "CUDA parameters need ... nvcc: not found")
+    monkeypatch.setattr(cuda_backend, "nvcc_missing", lambda: "nvcc was not found")
     backend = recorded(Adam.program)
     with pytest.warns(RuntimeWarning, match="nvcc"):
         backend.step(StepBatch([fake_cuda()]))

@@ -5,14 +5,14 @@ and the network stay in torch.
 """
 from __future__ import annotations
 
-from functools import cached_property, lru_cache
+from functools import cached_property
 
 import torch
 
 from ...ir.plan import plan_program
 from ..base import Backend, StepBatch, TensorTask
 from ..group_values import GroupValues, group_key, run_network_over_groups
-from .build import ToolchainMissing, build_cuda, build_host, cuda_home
+from .build import ToolchainMissing, build_cuda, build_host, nvcc_missing
 from .passes import PassLayout
 from .render import Rendered, render_cuda
 from .tables import DTYPES, Launch, finish_reductions, update_launch
@@ -25,15 +25,8 @@ def unsupported_reason(task: TensorTask) -> str | None:
         return f"the cuda backend's kernels take float32, bfloat16 and float16 parameters, not {p.dtype}"
     if not p.is_contiguous():
         return "non-contiguous parameter (the kernels update it in place through a flat view)"
-    return _nvcc_missing()
-
-
-@lru_cache(maxsize=1)
-def _nvcc_missing() -> str | None:
-    try:
-        cuda_home()
-    except ToolchainMissing as exc:
-        return f"CUDA parameters need the cuda backend's kernels, which are built with nvcc: {exc}"
+    if (missing := nvcc_missing()) is not None:
+        return f"CUDA parameters need the cuda backend's kernels, which are built with nvcc: {missing}"
     return None
 
 

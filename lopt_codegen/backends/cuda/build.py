@@ -45,6 +45,16 @@ def cuda_home() -> str:
     return str(Path(match.group(1).strip()).resolve())
 
 
+@lru_cache(maxsize=1)
+def nvcc_missing() -> str | None:
+    """Why nothing can be built for CUDA here (None: nvcc was found)."""
+    try:
+        cuda_home()
+    except ToolchainMissing as exc:
+        return str(exc)
+    return None
+
+
 def _tvm_ffi_includes() -> list[str]:
     import tvm_ffi.libinfo as libinfo
 

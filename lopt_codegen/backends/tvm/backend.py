@@ -9,7 +9,6 @@ import contextlib
 import time
 import warnings
 from dataclasses import replace
-from functools import lru_cache
 from typing import Callable, ContextManager
 
 import torch
@@ -19,7 +18,7 @@ from ...ir.plan import plan_program
 from ...ir.program import Program, is_factored
 from ..base import Backend, StepBatch, TensorTask
 from ..build_cache import DEFAULT_CACHE, BuildCache
-from ..cuda.build import ToolchainMissing, cuda_home
+from ..cuda.build import nvcc_missing
 from ..group_values import group_key, run_network_over_groups
 from ..reference import ReferenceBackend
 from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_kernel, load_small_kernel
@@ -36,23 +35,14 @@ def unsupported_reason(task: TensorTask) -> str | None:
     p = task.param
     if p.device.type not in ("cpu", "cuda"):
         return f"the TVM backend has kernels for CPU and CUDA tensors, not {p.device.type}"
-    if p.device.type == "cuda" and (missing := _nvcc_missing()) is not None:
-        return missing
+    if p.device.type == "cuda" and (missing := nvcc_missing()) is not None:
+        return f"CUDA parameters need TVM's CUDA kernels, which are built with nvcc: {missing}"
     if p.dtype not in _DTYPES or task.grad.dtype not in _DTYPES:
         return f"unsupported dtype {p.dtype} / gradient {task.grad.dtype}"
     if p.numel() == 0:
         return "empty parameter"
     if not p.is_contiguous():
         return "non-contiguous parameter (the kernels update it in place through a flat view)"
-    return None
-
-
-@lru_cache(maxsize=1)
-def _nvcc_missing() -> str | None:
-    try:
-        cuda_home()
-    except ToolchainMissing as exc:
-        return f"CUDA parameters need TVM's CUDA kernels, which are built with nvcc: {exc}"
     return None
 
 
