@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Two workers: most of a run is compiling kernels, one core each (the build cache shares them).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 demo: setup
 	$(VENV)/bin/lopt-compile $(SPECS)

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -55,6 +57,19 @@ def test_gpu_check_dry_run_prints_its_table(capsys):
     assert {r.split(" | ")[1] for r in steps} == {"cuda", "tvm"}
     assert all("parity PASS" in r for r in steps)
     assert "velo: its passes move 88.25 B/element" in table
+
+
+def test_distributed_quick_run_writes_its_table(tmp_path):
+    """2 gloo processes end to end: every optimizer's row, with times, collectives and bytes."""
+    out = tmp_path / "distributed.md"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "distributed.py"), "--quick", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and " ms |" in line]
+    assert [r[0] for r in rows] == ["| AdamW (fused)"] + [f"| {o}" for o in ("Adam (ours, tvm)", "VeLO (tvm)",
+                                                                            "small_fc_lopt (tvm)") for _ in range(2)]
+    for r in rows:
+        assert float(r[2].split()[0]) > 0 and float(r[3].split()[0]) > 0 and int(r[6]) >= 1
+    assert [int(r[6]) for r in rows[1:3]] == [1, 2]   # Adam: the all-gather; + the reduce-scatter
 
 
 def test_demo_training_runs_with_finite_loss():

@@ -47,8 +47,14 @@ class CELO2(LearnedOptimizer):
             Hugging Face Hub, or its local cache; needs `pip install lopt_codegen[hub]`), a path,
             a dict of paths per weight group (mlp), or "random".
         seed: seed of weights="random".
-        backend: "auto" (compiled TVM kernels on CPU, the reference elsewhere), "tvm", "cuda"
-            (the Jinja-templated kernels: nvcc on CUDA tensors, their host C++ build on CPU) or "reference".
+        backend: "auto" (compiled TVM kernels on CPU, the cuda kernels on CUDA tensors), "tvm",
+            "cuda" (the Jinja-templated kernels: nvcc on CUDA tensors, their host C++ build on CPU) or
+            "reference".
+        shard: data-parallel training: True (the default process group) or a process group
+            shards the optimizer by tensor; each rank keeps the state of and steps its own
+            tensors, then the parameters are all-gathered. The same result as one process.
+        reduce_grads: with shard, average the gradients over the ranks first (one
+            reduce-scatter); leave False under DistributedDataParallel, which averages them.
     """
 
     program = load_program(__file__)
@@ -81,12 +87,16 @@ class CELO2(LearnedOptimizer):
         weights: Any = None,
         seed: int = 0,
         backend: str = "auto",
+        shard: Any = False,
+        reduce_grads: bool = False,
     ) -> None:
         super().__init__(
             params,
             weights=weights,
             seed=seed,
             backend=backend,
+            shard=shard,
+            reduce_grads=reduce_grads,
             lr=lr,
             weight_decay=weight_decay,
             adam_lr_mult=adam_lr_mult,

@@ -2,6 +2,8 @@
 rows of all tensors: the one implementation every backend calls (through run_network)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..ir.network import NetworkIR
@@ -19,6 +21,9 @@ class SpecNetwork:
         self._hyper: dict[str, float] = {}
         self.state_keys = tuple(ir.state)
         self.mlp_shapes = [] if mlp_sizes is None else mlp_weight_shapes(mlp_sizes)
+        # (kind, rows) -> the shared row; a sharded step (runtime/sharding.py) reduces over
+        # every rank's tensors.
+        self.over_tensors: Callable[[str, torch.Tensor], torch.Tensor] = _over_local_tensors
 
     def initial_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         """One tensor's network state before its first step: each (channels,)."""
@@ -80,14 +85,13 @@ class SpecNetwork:
             return self._eval(e[1], scope) @ w.reshape(w.shape[0], -1)
         if kind == "concat":
             parts = [self._eval(a, scope) for a in e[1]]
-            count = max(p.shape[0] for p in parts)
+            # A shared row (1, C) beside rows (T, C) takes T rows; T is 0 on a rank with no tensors.
+            count = 0 if any(p.shape[0] == 0 for p in parts) else max(p.shape[0] for p in parts)
             return torch.cat([p.expand(count, p.shape[1]) for p in parts], dim=1)
         if kind == "slice":
             return self._eval(e[1], scope)[:, e[2]:e[2] + e[3]]
         if kind == "over_tensors":
-            x = self._eval(e[2], scope)
-            reduce = {"max": torch.amax, "mean": torch.mean, "sum": torch.sum}[e[1]]
-            return reduce(x, 0, keepdim=True)
+            return self.over_tensors(e[1], self._eval(e[2], scope))
         args = [self._eval(a, scope) for a in e[2]]
         if e[1] == "where":
             return torch.where(args[0] != 0, args[1], args[2])
@@ -95,6 +99,10 @@ class SpecNetwork:
 
 
 _CONSTS_LIMIT = 4096
+
+
+def _over_local_tensors(kind: str, x: torch.Tensor) -> torch.Tensor:
+    return {"max": torch.amax, "mean": torch.mean, "sum": torch.sum}[kind](x, 0, keepdim=True)
 
 
 def _hyper_names(e: tuple) -> list[str]:

@@ -7,8 +7,9 @@ state_dict round trips — lives here once.
 from __future__ import annotations
 
 import gc
+import math
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -20,7 +21,11 @@ from ..ir.program import Program, is_scratch
 from ..backends.network_program import SpecNetwork
 from .axes import factored_axes
 from .routes import Router
+from .sharding import TensorSharding, is_dtensor
 from .weights import resolve_weights
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROUTE_KEY = "__route"   # in a routed optimizer's per-parameter state (spec names cannot start with __)
@@ -80,6 +85,8 @@ def _parameter_values(p: torch.Tensor, group: dict, names: list[str]) -> dict[st
 def _nonfinite_flag(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """(1,) on `device`: 1.0 if any gradient holds a NaN or an inf, else 0.0, with no host
     read (a CUDA graph captures it): a max-norm is finite exactly when its tensor is."""
+    if not grads:   # a rank of a sharded step without tensors
+        return torch.zeros(1, device=device)
     norms = torch._foreach_norm(grads, float("inf"))
     return (~torch.isfinite(torch.stack([n.float().to(device) for n in norms]))).any().float().reshape(1)
 
@@ -101,7 +108,8 @@ def _opaque_to_dynamo(cls: type) -> None:
 class LearnedOptimizer(torch.optim.Optimizer):
     program: ClassVar[Program]
 
-    def __init__(self, params, *, weights: Any = None, seed: int = 0, backend: str = "auto", **hyper: float):
+    def __init__(self, params, *, weights: Any = None, seed: int = 0, backend: str = "auto",
+                 shard: bool | ProcessGroup = False, reduce_grads: bool = False, **hyper: float):
         program = self.program
         for name, value in hyper.items():
             if value is None:
@@ -127,6 +135,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._networks: dict[torch.device, SpecNetwork] = {}
         self._loss_buffers: dict[torch.device, SpecNetwork] = {}
         self._mlp_cache: dict[torch.device, list[torch.Tensor]] = {}
+        if reduce_grads and shard is False:
+            raise ValueError(f"{program.class_name}(reduce_grads=True) averages gradients over the ranks of a "
+                             "sharded step: pass shard=True (or a process group) too")
+        self._sharding = None if shard is False else \
+            TensorSharding(None if shard is True else shard, reduce_grads, program.class_name)
 
     # --- checks ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -140,6 +153,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         super().add_param_group({**param_group, "params": params})
 
     def _check_param(self, p: torch.Tensor) -> None:
+        if is_dtensor(p):
+            raise TypeError(f"{self.program.class_name} does not step DTensor parameters (FSDP2's fully_shard, "
+                            "tensor parallelism) yet; for data-parallel training wrap the model in "
+                            "DistributedDataParallel and pass shard=True (README: Distributed training)")
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{self.program.class_name} supports float32, bfloat16 and float16 parameters "
                             f"(state and math are float32); got a {p.dtype} parameter of shape {tuple(p.shape)}")
@@ -176,8 +193,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if device not in self._networks:
             weights = {g: {k: v.to(device) for k, v in self._weights[g].items()} for g in program.network.groups}
             per_tensor_mlp = program.mlp is not None and program.mlp.weight_group is None
-            self._networks[device] = SpecNetwork(program.network, weights,
-                                                 program.mlp.sizes if per_tensor_mlp else None, device)
+            network = SpecNetwork(program.network, weights, program.mlp.sizes if per_tensor_mlp else None, device)
+            if self._sharding is not None:
+                network.over_tensors = self._sharding.over_tensors
+            self._networks[device] = network
         return self._networks[device]
 
     def _mlp_weights(self, device: torch.device) -> list[torch.Tensor] | None:
@@ -215,22 +234,57 @@ class LearnedOptimizer(torch.optim.Optimizer):
             return self._step(loss)
 
     def _step(self, loss: Any):
-        program = self.program
+        program, sharding = self.program, self._sharding
+        if sharding is not None:
+            sharding.assign([(p, g) for g in self.param_groups for p in g["params"]], self._state_floats)
+            stepped = [p for g in self.param_groups for p in g["params"] if p.grad is not None and p.numel()]
+            if sharding.reduce_grads:
+                sharding.average_grads(stepped)
+        tasks = self._tasks()
+        if not tasks and sharding is None:
+            return loss
+        # A rank of a sharded step that owns no tensor still joins its collectives.
+        device = tasks[0].param.device if tasks else self.param_groups[0]["params"][0].device
+        batch = StepBatch(tasks, mlp_weights=self._mlp_weights(device), network=self._network(device),
+                          tensor_functions=program.tensor_functions)
+        if self._skips_nonfinite:
+            batch.skip_step = _nonfinite_flag([t.grad for t in tasks], device)
+        loss_t = None
+        if program.needs_loss:
+            if loss is None:
+                raise ValueError(f"{program.class_name}.step() needs the training loss: call "
+                                 "step(loss=loss) or step(closure)")
+            loss_t = torch.as_tensor(loss, dtype=torch.float32, device=device).detach().reshape(())
+        if sharding is not None:
+            loss_t, batch.skip_step = sharding.agree(loss_t, batch.skip_step)
+        if loss_t is not None:
+            batch.loss_features = self._loss_features(loss_t, self.param_groups[0], batch.skip_step)
+        if program.network is not None and len({t.param.device for t in tasks}) > 1:
+            raise RuntimeError(f"{program.class_name} runs one network over all tensors: put all parameters "
+                               "on one device")
+        if tasks:
+            self.backend.step(batch)
+        elif batch.network is not None:
+            self._join_network(batch)
+        self._count_step([task.state["step"] for task in tasks], batch.skip_step, device)
+        if sharding is not None:
+            sharding.gather_params(stepped)
+        return loss
+
+    def _tasks(self) -> list[TensorTask]:
+        """This step's tensors (under shard=..., this rank's), their state made at their first step."""
+        program, sharding = self.program, self._sharding
         tasks: list[TensorTask] = []
-        device = None
         for group in self.param_groups:
             hyper = {k: float(group[k]) for k in program.hyperparameters}
             for p in group["params"]:
                 # An empty tensor has nothing to update, and its means (NaN) would reach the
                 # other tensors through cross-tensor network inputs (VeLO's max over tensors).
-                if p.grad is None or p.numel() == 0:
+                if p.grad is None or p.numel() == 0 or sharding is not None and not sharding.owns(p):
                     continue
                 self._check_param(p)
                 grad = self._grad(p)
-                axes = factored_axes(tuple(p.shape), program.factored_axes)
-                task_hyper = {**hyper, **_parameter_values(p, group, self._parameter_values)} \
-                    if self._parameter_values else hyper
-                variant = self._router.variant(tuple(p.shape), axes is not None, task_hyper)
+                axes, task_hyper, variant = self._route(p, group, hyper)
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, variant, axes))
@@ -242,35 +296,48 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 elif self._scratch[variant] and self._scratch[variant][0] not in state:   # after load_state_dict
                     state.update({k: v for k, v in self._init_state(p, variant, axes).items() if is_scratch(k)})
                 tasks.append(TensorTask(p, grad, state, task_hyper, variant, axes))
-                device = device or p.device
-        if not tasks:
-            return loss
-        batch = StepBatch(tasks, mlp_weights=self._mlp_weights(device), network=self._network(device),
-                          tensor_functions=program.tensor_functions)
-        if self._skips_nonfinite:
-            batch.skip_step = _nonfinite_flag([t.grad for t in tasks], device)
-        if program.needs_loss:
-            if loss is None:
-                raise ValueError(f"{program.class_name}.step() needs the training loss: call "
-                                 "step(loss=loss) or step(closure)")
-            loss_t = torch.as_tensor(loss, dtype=torch.float32, device=device).detach().reshape(())
-            batch.loss_features = self._loss_features(loss_t, self.param_groups[0], batch.skip_step)
-        if program.network is not None and len({t.param.device for t in tasks}) > 1:
-            raise RuntimeError(f"{program.class_name} runs one network over all tensors: put all parameters "
-                               "on one device")
-        self.backend.step(batch)
-        steps = [task.state["step"] for task in tasks]
-        if batch.skip_step is None:
-            torch._foreach_add_(steps, 1.0)
-        else:   # a skipped step counts as no step (bias corrections, schedules by t)
-            taken = 1.0 - batch.skip_step.reshape(())
+        return tasks
+
+    def _route(self, p: torch.Tensor, group: dict, hyper: dict[str, float]
+               ) -> tuple[tuple[int, int] | None, dict[str, float], str]:
+        """The tensor's factored axes, its hyperparameters and the graph it takes."""
+        program = self.program
+        axes = factored_axes(tuple(p.shape), program.factored_axes)
+        if self._parameter_values:
+            hyper = {**hyper, **_parameter_values(p, group, self._parameter_values)}
+        return axes, hyper, self._router.variant(tuple(p.shape), axes is not None, hyper)
+
+    def _state_floats(self, p: torch.Tensor, group: dict) -> int:
+        """The floats of state the tensor keeps: what a sharded step balances over the ranks."""
+        program = self.program
+        axes, _, variant = self._route(p, group, {k: float(group[k]) for k in program.hyperparameters})
+        floats = sum(channels * math.prod(level_shape(p.shape, level, axes))
+                     for per in program.state_levels.values() if variant in per for level, channels in [per[variant]])
+        return floats + (sum(c for _, c in program.network.state.values()) if program.network is not None else 0)
+
+    def _join_network(self, batch: StepBatch) -> None:
+        """The network over no rows: a rank of a sharded step without tensors takes part in
+        the network's reductions over tensors."""
+        channels = next(g.network_input.channels for g in self.program.variants.values() if g.network_input is not None)
+        network = batch.network
+        rows = torch.empty(0, channels, dtype=torch.float32, device=network.device)
+        network.forward(rows, {k: torch.empty(0, v.numel(), device=network.device)
+                               for k, v in network.initial_state(network.device).items()})
+
+    def _count_step(self, steps: list[torch.Tensor], skip: torch.Tensor | None, device: torch.device) -> None:
+        """Each tensor's t, and under grad.nonfinite: skip the count of skipped steps."""
+        if skip is None:
+            if steps:
+                torch._foreach_add_(steps, 1.0)
+            return
+        taken = 1.0 - skip.reshape(())   # a skipped step counts as no step (bias corrections, schedules by t)
+        if steps:
             torch._foreach_add_(steps, [taken.to(s.device) for s in steps])
-            skipped = self.state.get("skipped_steps")
-            if skipped is None or skipped.device != device:   # the first, or a loaded checkpoint's
-                skipped = torch.zeros((), device=device) if skipped is None else skipped.to(device, torch.float32)
-                self.state["skipped_steps"] = skipped
-            skipped.add_(batch.skip_step.reshape(()))
-        return loss
+        skipped = self.state.get("skipped_steps")
+        if skipped is None or skipped.device != device:   # the first, or a loaded checkpoint's
+            skipped = torch.zeros((), device=device) if skipped is None else skipped.to(device, torch.float32)
+            self.state["skipped_steps"] = skipped
+        skipped.add_(skip.reshape(()))
 
     # --- state_dict --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

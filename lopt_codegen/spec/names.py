@@ -79,6 +79,7 @@ FUNCTIONS: dict[str, BuiltinFunction] = {
 RESERVED = frozenset(BUILTIN_NAMES)
 # Names a hyperparameter may not take: the generated constructor's own arguments, what
 # its body calls, and the param-group keys torch.optim and its LR schedulers keep.
-CONSTRUCTOR_NAMES = frozenset({"self", "params", "weights", "seed", "backend", "super", "initial_lr"})
+CONSTRUCTOR_NAMES = frozenset({"self", "params", "weights", "seed", "backend", "shard", "reduce_grads", "super",
+                               "initial_lr"})
 # Names of the generated module that a class name would shadow.
 MODULE_NAMES = frozenset({"Any", "LearnedOptimizer", "load_program", "annotations"})

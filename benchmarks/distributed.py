@@ -1,0 +1,188 @@
+"""The sharded data-parallel step (`shard=True`) on 2 CPU processes (gloo, one thread
+each) against the same step in one process (one thread), and against AdamW sharded the
+same way (torch's ZeroRedundancyOptimizer) and unsharded.
+
+A GPT-2-shaped set of tensors (embeddings, 4 blocks of attention and MLP weights, biases
+and norm scales) gets fixed random gradients, set once: only `opt.step()` is timed, the
+median of --steps after a warm-up, each rank's time taken after a barrier (the slower
+rank's median is the step's). Bytes per step are the sizes of the buffers of the
+collectives one rank runs in one step (all-gather: the gathered buffer).
+
+    python benchmarks/distributed.py                 # writes benchmarks/distributed.md
+    python benchmarks/distributed.py --steps 5 --out /tmp/d.md
+    python benchmarks/distributed.py --quick --out /tmp/d.md   # a tiny smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+WORLD = 2
+# Each optimizer: (label, how to make it: "ours:<spec>:<backend>" or "adamw").
+OPTIMIZERS = [("AdamW (fused)", "adamw"), ("Adam (ours, tvm)", "ours:adam:tvm"),
+              ("VeLO (tvm)", "ours:velo:tvm"), ("small_fc_lopt (tvm)", "ours:small_fc_lopt:tvm")]
+CLASSES = {"adam": "Adam", "velo": "VeLO", "small_fc_lopt": "SmallFcLopt"}
+QUICK = {"vocab": 64, "width": 16, "context": 8, "blocks": 1}
+
+
+def gpt_shapes(vocab: int = 8192, width: int = 256, context: int = 256, blocks: int = 4) -> list[tuple[int, ...]]:
+    shapes: list[tuple[int, ...]] = [(vocab, width), (context, width)]
+    for _ in range(blocks):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,),
+                   (width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+def make_params(shapes: list[tuple[int, ...]]) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return params
+
+
+def make_optimizer(kind: str, params: list[torch.Tensor], sharded: bool, reduce_grads: bool = False):
+    if kind == "adamw":
+        if not sharded:
+            return torch.optim.AdamW(params, lr=1e-3, fused=True)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-3, fused=True)
+    _, spec, backend = kind.split(":")
+    module = __import__(f"generated.{spec}", fromlist=[CLASSES[spec]])
+    cls = getattr(module, CLASSES[spec])
+    kwargs = {"num_steps": 10_000} if spec == "velo" else {}
+    options = {"shard": True, "reduce_grads": reduce_grads} if sharded else {}
+    return cls(params, lr=1e-3, backend=backend, weights="random", **kwargs, **options) \
+        if cls.program.weight_groups else cls(params, lr=1e-3, backend=backend, **options)
+
+
+def _step(opt) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(loss=torch.tensor(1.0)) if getattr(opt, "program", None) is not None and opt.program.needs_loss \
+            else opt.step()
+
+
+class ByteCounter:
+    """Sizes of the buffers of the collectives run inside the block (one rank's view)."""
+
+    NAMES = ("all_reduce", "broadcast", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_single",
+             "reduce_scatter_tensor", "_broadcast_coalesced")
+
+    def __init__(self):
+        self.bytes, self.calls, self.saved = 0, 0, {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            if hasattr(dist, name):
+                self.saved[name] = original = getattr(dist, name)
+                setattr(dist, name, self._counted(original))
+        return self
+
+    def _counted(self, original):
+        def call(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+            self.bytes += max(t.numel() * t.element_size() for t in tensors)   # all-gather: its output
+            self.calls += 1
+            return original(*args, **kwargs)
+        return call
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(dist, name, original)
+        return False
+
+
+def time_steps(opt, steps: int, barrier: bool) -> float:
+    _step(opt)   # warm-up: kernels loaded, state made
+    times = []
+    for _ in range(steps):
+        if barrier:
+            dist.barrier()
+        start = time.perf_counter()
+        _step(opt)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rank_main(rank: int, port: int, steps: int, out: str, shapes: list[tuple[int, ...]]) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    rows = {}
+    try:
+        for label, kind in OPTIMIZERS:
+            modes = [("ddp", False)] + ([("reduce_grads", True)] if kind != "adamw" else [])
+            for mode, reduce_grads in modes:
+                opt = make_optimizer(kind, make_params(shapes), sharded=True, reduce_grads=reduce_grads)
+                seconds = time_steps(opt, steps, barrier=True)
+                with ByteCounter() as counter:
+                    _step(opt)
+                rows[(label, mode)] = (seconds, counter.bytes, counter.calls)
+        torch.save(rows, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run: 1 block of width 16, 2 steps")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "distributed.md"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = 2
+    torch.set_num_threads(1)   # as each rank
+    shapes = gpt_shapes(**QUICK) if args.quick else gpt_shapes()
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    single = {}
+    for label, kind in OPTIMIZERS:
+        single[label] = time_steps(make_optimizer(kind, make_params(shapes), sharded=False), args.steps, barrier=False)
+        print(f"one process: {label}: {single[label] * 1e3:.1f} ms", flush=True)
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(rank_main, args=(_free_port(), args.steps, out, shapes), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
+    adamw_sharded = max(r[("AdamW (fused)", "ddp")][0] for r in ranks)
+    lines = [f"# Sharded step on {WORLD} CPU processes (gloo, 1 thread each)", "",
+             f"{len(shapes)} tensors, {numel / 1e6:.2f}M parameters (GPT-2-shaped: embeddings and attention and MLP "
+             "blocks); "
+             f"median of {args.steps} steps; torch {torch.__version__}.", "",
+             "| optimizer | gradients | one process | sharded, 2 ranks | speed-up | vs sharded AdamW | "
+             "collectives | bytes/step/rank |", "|---|---|---|---|---|---|---|---|"]
+    for (label, mode) in ranks[0]:
+        seconds = max(r[(label, mode)][0] for r in ranks)
+        _, nbytes, calls = ranks[0][(label, mode)]
+        grads = "averaged by DDP" if mode == "ddp" else "reduce_grads=True"
+        if label.startswith("AdamW"):
+            grads = "averaged by DDP (ZeroRedundancyOptimizer)"
+        lines.append(f"| {label} | {grads} | {single[label] * 1e3:.1f} ms | {seconds * 1e3:.1f} ms | "
+                     f"{single[label] / seconds:.2f}x | {seconds / adamw_sharded:.1f}x | {calls} | "
+                     f"{nbytes / 2 ** 20:.1f} MiB |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

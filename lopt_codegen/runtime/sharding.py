@@ -1,0 +1,154 @@
+"""The sharded step of data-parallel training (`shard=True`): every rank of a process
+group owns whole parameter tensors, keeps only their optimizer state and steps only
+them (ZeRO stage 1 by tensor, as torch's ZeroRedundancyOptimizer), and the updated
+parameters are all-gathered after the step.
+
+Whatever a step needs from every tensor is one collective over all tensors together,
+never one per tensor:
+- the gradients, when the optimizer averages them (`reduce_grads=True`): one
+  reduce-scatter of a flat buffer laid out rank by rank;
+- the loss (mean over ranks) and the non-finite flag of `grad.nonfinite: skip`: one
+  all-reduce of a few numbers;
+- each reduction over tensors in the spec's network (max/mean/sum_over_tensors): one
+  all-reduce of a row of channels;
+- the updated parameters: one all-gather of a flat byte buffer.
+Everything else of a step (features, normalization over a tensor, the MLP, tensor
+functions) reads one tensor, so a rank computes it alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+_ALIGN_BYTES = 16   # each tensor's bytes in a flat buffer start here: any dtype views them
+
+
+def _collective(name: str):
+    """torch's newer name of a collective where it has one (all_gather_single, ...)."""
+    new = {"all_gather": "all_gather_single", "reduce_scatter": "reduce_scatter_single"}[name]
+    old = {"all_gather": "all_gather_into_tensor", "reduce_scatter": "reduce_scatter_tensor"}[name]
+    return getattr(dist, new, None) or getattr(dist, old)
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """A parameter sharded by FSDP2 (fully_shard) or tensor parallelism."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:   # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+@dataclass
+class _Layout:
+    """Where each rank's tensors lie in a flat buffer: one chunk per rank, as long as the
+    longest (collectives move equal chunks)."""
+
+    chunk: int
+    offsets: dict[int, int]   # id(param) -> offset in its owner's chunk
+
+
+class TensorSharding:
+    """Which rank owns which tensor, and the step's collectives over a process group."""
+
+    def __init__(self, group: dist.ProcessGroup | None, reduce_grads: bool, class_name: str):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(f"{class_name}(shard=...) shards the optimizer over a process group: call "
+                               "torch.distributed.init_process_group(...) before making the optimizer")
+        self.group, self.reduce_grads = group, reduce_grads
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self._owner: dict[int, int] = {}
+        self._load = [0] * self.world
+
+    # --- ownership ------------------------------------------------------------------
+    def assign(self, params: list[tuple[torch.Tensor, dict]], cost: Callable[[torch.Tensor, dict], int]) -> None:
+        """Owners for the params (with their param groups) not yet assigned, by cost (the
+        floats of their state): the costliest first to the least loaded rank (ties: the
+        earlier param, the lower rank). The same answer on every rank, and an owner never
+        changes, so state never moves between ranks."""
+        new = [(i, p, cost(p, group)) for i, (p, group) in enumerate(params) if id(p) not in self._owner]
+        for _, p, cost in sorted(new, key=lambda ipc: (-ipc[2], ipc[0])):
+            rank = min(range(self.world), key=lambda r: (self._load[r], r))
+            self._owner[id(p)] = rank
+            self._load[rank] += max(cost, 1)
+
+    def owns(self, p: torch.Tensor) -> bool:
+        return self._owner[id(p)] == self.rank
+
+    def _layout(self, params: list[torch.Tensor], nbytes: Callable[[torch.Tensor], int]) -> _Layout:
+        ends = [0] * self.world
+        offsets = {}
+        for p in params:
+            rank = self._owner[id(p)]
+            offsets[id(p)] = ends[rank]
+            ends[rank] += -(-nbytes(p) // _ALIGN_BYTES) * _ALIGN_BYTES
+        return _Layout(max(max(ends), _ALIGN_BYTES), offsets)
+
+    # --- the step's collectives -------------------------------------------------------
+    def average_grads(self, params: list[torch.Tensor]) -> None:
+        """Each owner's gradients become their mean over the ranks (one reduce-scatter of
+        float32 values); the other ranks' copies of those gradients are left as they were."""
+        if not params:
+            return
+        layout = self._layout(params, lambda p: 4 * p.numel())
+        words = layout.chunk // 4
+        flat = torch.zeros(self.world * words, dtype=torch.float32, device=params[0].device)
+        for p in params:
+            start = self._owner[id(p)] * words + layout.offsets[id(p)] // 4
+            flat[start:start + p.numel()].copy_(p.grad.reshape(-1))
+        mine = torch.empty(words, dtype=torch.float32, device=flat.device)
+        _collective("reduce_scatter")(mine, flat, group=self.group)
+        mine.div_(self.world)
+        for p in params:
+            if self.owns(p):
+                start = layout.offsets[id(p)] // 4
+                p.grad.copy_(mine[start:start + p.numel()].view(p.shape))
+
+    def agree(self, loss: torch.Tensor | None, skip: torch.Tensor | None
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The loss's mean over ranks and the skip flag of any rank, in one all-reduce on
+        the device (no host read)."""
+        parts = [v.reshape(1).float() for v in (loss, skip) if v is not None]
+        if not parts:
+            return loss, skip
+        values = torch.cat(parts)
+        dist.all_reduce(values, group=self.group)
+        if loss is not None:
+            loss, values = values[0] / self.world, values[1:]
+        if skip is not None:
+            skip = (values[:1] > 0).float()
+        return loss, skip
+
+    def over_tensors(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """A network's reduction over all tensors of the step from this rank's rows x (T, C),
+        which may be none: (1, C), the same on every rank."""
+        if kind == "max":
+            part = x.amax(0, keepdim=True) if x.shape[0] else torch.full((1, x.shape[1]), -torch.inf,
+                                                                          dtype=x.dtype, device=x.device)
+            dist.all_reduce(part, op=dist.ReduceOp.MAX, group=self.group)
+            return part
+        count = torch.full((1, 1), x.shape[0], dtype=x.dtype, device=x.device)
+        part = torch.cat([x.sum(0, keepdim=True), count], dim=1)
+        dist.all_reduce(part, group=self.group)
+        return part[:, :-1] if kind == "sum" else part[:, :-1] / part[:, -1:]
+
+    def gather_params(self, params: list[torch.Tensor]) -> None:
+        """Every rank's copy of every parameter becomes its owner's (one all-gather of bytes)."""
+        if not params:
+            return
+        layout = self._layout(params, lambda p: p.numel() * p.element_size())
+        mine = torch.zeros(layout.chunk, dtype=torch.uint8, device=params[0].device)
+        for p in params:
+            if self.owns(p):
+                data = p.detach().reshape(-1).view(torch.uint8)
+                mine[layout.offsets[id(p)]:layout.offsets[id(p)] + data.numel()].copy_(data)
+        everyone = torch.empty(self.world * layout.chunk, dtype=torch.uint8, device=mine.device)
+        _collective("all_gather")(everyone, mine, group=self.group)
+        for p in params:
+            if not self.owns(p):
+                start = self._owner[id(p)] * layout.chunk + layout.offsets[id(p)]
+                size = p.numel() * p.element_size()
+                p.detach().copy_(everyone[start:start + size].view(p.dtype).view(p.shape))

@@ -1,0 +1,235 @@
+"""Training runs for the distributed tests: the same run in one process (the oracle) and
+on the ranks of a gloo process group (torch.multiprocessing.spawn's workers, importable
+by module name)."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+STEPS = 10
+WORLD = 2
+CLASSES = {"adam": "Adam", "small_fc_lopt": "SmallFcLopt", "velo": "VeLO", "elo": "ELO", "celo2": "CELO2",
+           "elo_celo2": "ELO_CELO2", "mulo": "MuLO"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One distributed run: an optimizer class (a generated module, found under `path` when
+    not in generated/), a backend, and the model and gradients it steps."""
+
+    spec: str
+    backend: str = "reference"
+    reduce_grads: bool = False
+    model: str = "conv"                 # make_params' kind
+    poison_at: int | None = None        # a step whose rank-1 gradient holds a NaN
+    module: str = ""                    # default generated.<spec>
+    path: str = ""
+
+    @property
+    def name(self) -> str:
+        return "-".join([self.spec, self.backend, "reduce_grads" if self.reduce_grads else "ddp", self.model,
+                         *([f"nan@{self.poison_at}"] if self.poison_at is not None else [])])
+
+
+def make_params(kind: str = "conv") -> list[torch.nn.Parameter]:
+    """"conv": a small convolutional model's parameters: a conv kernel (4-D), 1-D biases and
+    a norm's scale, an odd linear layer, an embedding and a 0-D scale, split unevenly
+    between 2 ranks. "bf16": the same in bfloat16. "one": one tensor (a rank owns none)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 3, 3, 3), (6,), (6,), (10, 24), (10,), (40, 8), (), (7, 5), (5,), (1, 9), (3, 3), (2,)]
+    if kind == "one":
+        shapes = [(5, 7)]
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+
+
+def grads_of(case: Case, rank: int, step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Rank `rank`'s gradients at `step` (its own batch)."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+    if step == case.poison_at and rank == 1:
+        grads[-1].view(-1)[0] = float("nan")
+    return grads
+
+
+def loss_of(rank: int, step: int) -> torch.Tensor:
+    return torch.tensor(2.0 - 0.1 * step + 0.05 * rank)
+
+
+def optimizer_class(case: Case) -> type:
+    if case.path and case.path not in sys.path:
+        sys.path.insert(0, case.path)
+    module = importlib.import_module(case.module or f"generated.{case.spec}")
+    return getattr(module, CLASSES.get(case.spec) or module.__all__[0])
+
+
+def optimizer(case: Case, params: list[torch.Tensor], **options):
+    cls = optimizer_class(case)
+    kwargs = {"num_steps": 50} if "num_steps" in cls.program.hyperparameters else {}
+    if cls.program.weight_groups and not cls.program.builtin_weights:
+        kwargs["weights"] = "random"
+    return cls(params, lr=0.01, backend=case.backend, **kwargs, **options)
+
+
+def step(opt, loss: torch.Tensor) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # auto's reasons, hub notices
+        opt.step(loss=loss) if opt.program.needs_loss else opt.step()
+
+
+def single_process_run(case: Case) -> list[torch.Tensor]:
+    """The oracle: one process steps every tensor with the ranks' mean gradient and loss."""
+    params = make_params(case.model)
+    opt = optimizer(case, params)
+    for t in range(STEPS):
+        per_rank = [grads_of(case, r, t, params) for r in range(WORLD)]
+        for i, p in enumerate(params):
+            p.grad = _mean([g[i] for g in per_rank])
+        step(opt, sum(loss_of(r, t) for r in range(WORLD)) / WORLD)
+    return [p.detach().clone() for p in params]
+
+
+def _mean(grads: list[torch.Tensor]) -> torch.Tensor:
+    """As the sharded step averages: a float32 sum, divided by the ranks, in the grad's dtype."""
+    return (sum(g.float() for g in grads) / len(grads)).to(grads[0].dtype)
+
+
+def sharded_run(rank: int, case: Case) -> dict:
+    """One rank's run of the sharded step: its own gradients (averaged by the optimizer) under
+    reduce_grads, else the mean gradient (as DistributedDataParallel leaves it)."""
+    params = make_params(case.model)
+    opt = optimizer(case, params, shard=True, reduce_grads=case.reduce_grads)
+    calls: Counter = Counter()
+    for t in range(STEPS):
+        per_rank = [grads_of(case, r, t, params) for r in range(WORLD)]
+        for i, p in enumerate(params):
+            p.grad = per_rank[rank][i].clone() if case.reduce_grads else _mean([g[i] for g in per_rank])
+        with _counting(calls) if t == STEPS - 1 else _nothing():
+            step(opt, loss_of(rank, t))
+    return {"params": [p.detach().clone() for p in params], "collectives": dict(calls),
+            "state_numel": parameter_state_numel(opt),
+            "owned": sum(1 for p in params if p in opt.state and opt.state[p]),
+            "skipped": float(opt.state["skipped_steps"]) if "skipped_steps" in opt.state else None}
+
+
+def conv_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 4 * 4, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 1))
+
+
+def batch_of(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7000 + 100 * step + rank)
+    return torch.randn(8, 3, 6, 6, generator=gen), torch.randn(8, 1, generator=gen)
+
+
+def ddp_training(rank: int | None, spec: str = "velo") -> list[torch.Tensor]:
+    """Training under DistributedDataParallel with the optimizer adopted in one line
+    (shard=True); rank None: the oracle, one process averaging the ranks' gradients."""
+    model = conv_model()
+    net = model if rank is None else torch.nn.parallel.DistributedDataParallel(model)
+    opt = optimizer(Case(spec), model.parameters(), **({} if rank is None else {"shard": True}))
+    for t in range(STEPS):
+        if rank is None:
+            per_rank = []
+            for r in range(WORLD):
+                model.zero_grad()
+                x, y = batch_of(r, t)
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                per_rank.append(([p.grad.clone() for p in model.parameters()], loss.detach()))
+            for i, p in enumerate(model.parameters()):
+                p.grad = _mean([g[i] for g, _ in per_rank])
+            mean_loss = sum(loss for _, loss in per_rank) / WORLD
+        else:
+            opt.zero_grad()
+            x, y = batch_of(rank, t)
+            mean_loss = torch.nn.functional.mse_loss(net(x), y)
+            mean_loss.backward()
+            mean_loss = mean_loss.detach()   # the optimizer averages it over the ranks
+        step(opt, mean_loss)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def parameter_state_numel(opt) -> int:
+    """Floats of per-parameter state (global state, such as the loss buffer, is on every rank)."""
+    return sum(v.numel() for p, s in opt.state.items() if torch.is_tensor(p) for v in s.values() if torch.is_tensor(v))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _counting:
+    """Counts the collectives torch.distributed runs inside the block, by name."""
+
+    # torch's names (old and new) -> the collective's kind
+    NAMES = {"all_reduce": "all_reduce", "broadcast": "broadcast", "all_gather": "all_gather",
+             "all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
+             "reduce_scatter": "reduce_scatter", "reduce_scatter_single": "reduce_scatter",
+             "reduce_scatter_tensor": "reduce_scatter"}
+
+    def __init__(self, calls: Counter):
+        self.calls, self.saved = calls, {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            if hasattr(dist, name):
+                original = self.saved[name] = getattr(dist, name)
+                setattr(dist, name, self._counted(self.NAMES[name], original))
+        return self
+
+    def _counted(self, kind, original):
+        def call(*args, **kwargs):
+            self.calls[kind] += 1
+            return original(*args, **kwargs)
+        return call
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(dist, name, original)
+        return False
+
+
+def worker(rank: int, port: int, out_dir: str, cases: list[Case]) -> None:
+    """torch.multiprocessing.spawn's entry: every case on this rank, results saved per case."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for case in cases:
+            torch.save(sharded_run(rank, case), os.path.join(out_dir, f"{case.name}-{rank}.pt"))
+        torch.save(ddp_training(rank), os.path.join(out_dir, f"ddp-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp2_refused(rank: int, port: int, out_dir: str) -> None:
+    """fully_shard's DTensor parameters: the optimizer's construction says what to use instead."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = fully_shard(conv_model(), mesh=init_device_mesh("cpu", (WORLD,)))
+        try:
+            optimizer(Case("velo"), model.parameters())
+            message = "no error"
+        except TypeError as e:
+            message = str(e)
+        with open(os.path.join(out_dir, f"fsdp2-{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
