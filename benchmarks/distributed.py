@@ -1,6 +1,8 @@
-"""The sharded data-parallel step (`shard=True`) on 2 CPU processes (gloo, one thread
-each) against the same step in one process (one thread), and against AdamW sharded the
-same way (torch's ZeroRedundancyOptimizer) and unsharded.
+"""Distributed optimizer steps on 2 CPU processes (gloo, one thread each): `shard=True`
+(each rank steps its own whole tensors; gradients averaged by DDP, or by the optimizer
+with reduce_grads=True) and FSDP2 (fully_shard's DTensors, each rank its rows of every
+tensor), against the same step in one process (one thread), and against AdamW under the
+same sharding (torch's ZeroRedundancyOptimizer for shard=True).
 
 A GPT-2-shaped set of tensors (embeddings, 4 blocks of attention and MLP weights, biases
 and norm scales) gets fixed random gradients, set once: only `opt.step()` is timed, the
@@ -32,9 +34,15 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 WORLD = 2
-# Each optimizer: (label, how to make it: "ours:<spec>:<backend>" or "adamw").
-OPTIMIZERS = [("AdamW (fused)", "adamw"), ("Adam (ours, tvm)", "ours:adam:tvm"),
-              ("VeLO (tvm)", "ours:velo:tvm"), ("small_fc_lopt (tvm)", "ours:small_fc_lopt:tvm")]
+OURS = [("Adam (ours)", "adam"), ("VeLO", "velo"), ("small_fc_lopt", "small_fc_lopt")]
+# Rows: (optimizer, how it is made: "adamw" or "ours:<spec>:<backend>", sharding).
+# "zero": shard=True on gradients averaged by DDP (AdamW: ZeroRedundancyOptimizer);
+# "reduce_grads": shard=True, reduce_grads=True; "fsdp2": fully_shard's DTensors, the
+# optimizer unchanged (ours step them on the reference backend for now).
+ROWS = [("AdamW (fused)", "adamw", "zero")] + [(f"{name}, tvm", f"ours:{spec}:tvm", mode)
+                                              for mode in ("zero", "reduce_grads") for name, spec in OURS] + \
+    [("AdamW (foreach)", "adamw", "fsdp2")] + [(f"{name}, reference", f"ours:{spec}:reference", "fsdp2")
+                                               for name, spec in OURS]
 CLASSES = {"adam": "Adam", "velo": "VeLO", "small_fc_lopt": "SmallFcLopt"}
 QUICK = {"vocab": 64, "width": 16, "context": 8, "blocks": 1}
 
@@ -55,19 +63,40 @@ def make_params(shapes: list[tuple[int, ...]]) -> list[torch.nn.Parameter]:
     return params
 
 
-def make_optimizer(kind: str, params: list[torch.Tensor], sharded: bool, reduce_grads: bool = False):
+def make_optimizer(kind: str, params: list[torch.Tensor], mode: str, sharded: bool):
+    """A row's optimizer (mode: its sharding), on 2 ranks or (sharded False) in one process."""
     if kind == "adamw":
-        if not sharded:
-            return torch.optim.AdamW(params, lr=1e-3, fused=True)
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-3, fused=True)
+        if sharded and mode == "zero":
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-3, fused=True)
+        return torch.optim.AdamW(params, lr=1e-3, **({"foreach": True} if mode == "fsdp2" else {"fused": True}))
     _, spec, backend = kind.split(":")
     module = __import__(f"generated.{spec}", fromlist=[CLASSES[spec]])
     cls = getattr(module, CLASSES[spec])
     kwargs = {"num_steps": 10_000} if spec == "velo" else {}
-    options = {"shard": True, "reduce_grads": reduce_grads} if sharded else {}
-    return cls(params, lr=1e-3, backend=backend, weights="random", **kwargs, **options) \
-        if cls.program.weight_groups else cls(params, lr=1e-3, backend=backend, **options)
+    if cls.program.weight_groups:
+        kwargs["weights"] = "random"
+    if sharded and mode in ("zero", "reduce_grads"):
+        kwargs.update(shard=True, reduce_grads=mode == "reduce_grads")
+    return cls(params, lr=1e-3, backend=backend, **kwargs)
+
+
+def fsdp2_params(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """make_params' tensors sharded by fully_shard (DTensors), their gradients sharded alike."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    params = make_params(shapes)
+    grads = [p.grad for p in params]
+    module = torch.nn.ParameterList(params)
+    for p in module.parameters():
+        p.grad = None
+    fully_shard(module, mesh=init_device_mesh("cpu", (WORLD,)))
+    sharded = list(module.parameters())
+    for p, g in zip(sharded, grads):
+        p.grad = distribute_tensor(g, p.device_mesh, p.placements)
+    return sharded
 
 
 def _step(opt) -> None:
@@ -125,14 +154,13 @@ def rank_main(rank: int, port: int, steps: int, out: str, shapes: list[tuple[int
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     rows = {}
     try:
-        for label, kind in OPTIMIZERS:
-            modes = [("ddp", False)] + ([("reduce_grads", True)] if kind != "adamw" else [])
-            for mode, reduce_grads in modes:
-                opt = make_optimizer(kind, make_params(shapes), sharded=True, reduce_grads=reduce_grads)
-                seconds = time_steps(opt, steps, barrier=True)
-                with ByteCounter() as counter:
-                    _step(opt)
-                rows[(label, mode)] = (seconds, counter.bytes, counter.calls)
+        for label, kind, mode in ROWS:
+            params = fsdp2_params(shapes) if mode == "fsdp2" else make_params(shapes)
+            opt = make_optimizer(kind, params, mode, sharded=True)
+            seconds = time_steps(opt, steps, barrier=True)
+            with ByteCounter() as counter:
+                _step(opt)
+            rows[(label, mode)] = (seconds, counter.bytes, counter.calls)
         torch.save(rows, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -155,29 +183,34 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)   # as each rank
     shapes = gpt_shapes(**QUICK) if args.quick else gpt_shapes()
     numel = sum(torch.Size(s).numel() for s in shapes)
-    single = {}
-    for label, kind in OPTIMIZERS:
-        single[label] = time_steps(make_optimizer(kind, make_params(shapes), sharded=False), args.steps, barrier=False)
-        print(f"one process: {label}: {single[label] * 1e3:.1f} ms", flush=True)
+    single = {}   # (kind, AdamW's flavour) -> one process's step
+    for label, kind, mode in ROWS:
+        key = (kind, mode == "fsdp2" and kind == "adamw")
+        if key not in single:
+            opt = make_optimizer(kind, make_params(shapes), mode, sharded=False)
+            single[key] = time_steps(opt, args.steps, barrier=False)
+            print(f"one process: {label}: {single[key] * 1e3:.1f} ms", flush=True)
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(rank_main, args=(_free_port(), args.steps, out, shapes), nprocs=WORLD, join=True)
         ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
-    adamw_sharded = max(r[("AdamW (fused)", "ddp")][0] for r in ranks)
+    step = {key: max(r[key][0] for r in ranks) for key in ranks[0]}   # the slower rank's
+    adamw = {"zero": step[("AdamW (fused)", "zero")], "reduce_grads": step[("AdamW (fused)", "zero")],
+             "fsdp2": step[("AdamW (foreach)", "fsdp2")]}
+    sharding = {"zero": "shard=True, DDP's gradients", "reduce_grads": "shard=True, reduce_grads=True",
+                "fsdp2": "FSDP2 (fully_shard)"}
     lines = [f"# Sharded step on {WORLD} CPU processes (gloo, 1 thread each)", "",
              f"{len(shapes)} tensors, {numel / 1e6:.2f}M parameters (GPT-2-shaped: embeddings and attention and MLP "
-             "blocks); "
-             f"median of {args.steps} steps; torch {torch.__version__}.", "",
-             "| optimizer | gradients | one process | sharded, 2 ranks | speed-up | vs sharded AdamW | "
-             "collectives | bytes/step/rank |", "|---|---|---|---|---|---|---|---|"]
-    for (label, mode) in ranks[0]:
-        seconds = max(r[(label, mode)][0] for r in ranks)
+             f"blocks); median of {args.steps} steps; torch {torch.__version__}. AdamW under shard=True is "
+             "torch's ZeroRedundancyOptimizer; \"vs AdamW\" compares with AdamW under the same sharding.", "",
+             "| optimizer | sharding | one process | 2 ranks | speed-up | vs AdamW | collectives | bytes/step/rank |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, kind, mode in ROWS:
+        seconds = step[(label, mode)]
         _, nbytes, calls = ranks[0][(label, mode)]
-        grads = "averaged by DDP" if mode == "ddp" else "reduce_grads=True"
-        if label.startswith("AdamW"):
-            grads = "averaged by DDP (ZeroRedundancyOptimizer)"
-        lines.append(f"| {label} | {grads} | {single[label] * 1e3:.1f} ms | {seconds * 1e3:.1f} ms | "
-                     f"{single[label] / seconds:.2f}x | {seconds / adamw_sharded:.1f}x | {calls} | "
-                     f"{nbytes / 2 ** 20:.1f} MiB |")
+        one = single[(kind, mode == "fsdp2" and kind == "adamw")]
+        lines.append(f"| {label} | {sharding[mode]} | {one * 1e3:.1f} ms | {seconds * 1e3:.1f} ms | "
+                     f"{one / seconds:.2f}x | {seconds / adamw[mode]:.1f}x | {calls} | "
+                     f"{nbytes / 2 ** 20:.2f} MiB |")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(args.out, "w") as f:

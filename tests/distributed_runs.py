@@ -39,11 +39,12 @@ class Case:
 
 
 def make_params(kind: str = "conv") -> list[torch.nn.Parameter]:
-    """"conv": a small convolutional model's parameters: a conv kernel (4-D), 1-D biases and
-    a norm's scale, an odd linear layer, an embedding and a 0-D scale, split unevenly
-    between 2 ranks. "bf16": the same in bfloat16. "one": one tensor (a rank owns none)."""
+    """"conv": a small convolutional model's parameters: conv kernels (4-D), 1-D biases and
+    scales, odd linear layers, a 3-D one and a 0-D scale, split unevenly between 2 ranks;
+    the shapes of tests/conftest.py's SHAPES, whose tvm kernels other tests share. "bf16":
+    the same in bfloat16. "one": one tensor (a rank owns none)."""
     gen = torch.Generator().manual_seed(0)
-    shapes = [(6, 3, 3, 3), (6,), (6,), (10, 24), (10,), (40, 8), (), (7, 5), (5,), (1, 9), (3, 3), (2,)]
+    shapes = [(4, 2, 3, 3), (7,), (7,), (5, 3), (3, 5), (3, 3, 2, 2), (), (4, 4), (1,), (1, 6), (2, 3, 4), (6, 1)]
     if kind == "one":
         shapes = [(5, 7)]
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
@@ -84,9 +85,10 @@ def step(opt, loss: torch.Tensor) -> None:
         opt.step(loss=loss) if opt.program.needs_loss else opt.step()
 
 
-def single_process_run(case: Case) -> list[torch.Tensor]:
-    """The oracle: one process steps every tensor with the ranks' mean gradient and loss."""
-    params = make_params(case.model)
+def single_process_run(case: Case, params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The oracle: one process steps every tensor (of make_params, or `params`) with the
+    ranks' mean gradient and loss."""
+    params = make_params(case.model) if params is None else params
     opt = optimizer(case, params)
     for t in range(STEPS):
         per_rank = [grads_of(case, r, t, params) for r in range(WORLD)]
@@ -119,10 +121,13 @@ def sharded_run(rank: int, case: Case) -> dict:
             "skipped": float(opt.state["skipped_steps"]) if "skipped_steps" in opt.state else None}
 
 
-def conv_model() -> torch.nn.Module:
+def conv_model(blocks: int = 0) -> torch.nn.Module:
+    """A conv layer, an odd linear layer, a norm, `blocks` more linear + norm pairs, and a
+    1-output layer (under FSDP2 on 2 ranks: rows split 3 + 2, and 1 + 0)."""
     torch.manual_seed(0)
+    extra = [m for _ in range(blocks) for m in (torch.nn.Linear(5, 5), torch.nn.LayerNorm(5))]
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                               torch.nn.Linear(4 * 4 * 4, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 1))
+                               torch.nn.Linear(4 * 4 * 4, 5), torch.nn.LayerNorm(5), *extra, torch.nn.Linear(5, 1))
 
 
 def batch_of(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,12 +135,28 @@ def batch_of(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 3, 6, 6, generator=gen), torch.randn(8, 1, generator=gen)
 
 
-def ddp_training(rank: int | None, spec: str = "velo") -> list[torch.Tensor]:
+BLOCKS = {"conv": 0, "deep": 4}   # fsdp2 cases' models: 8 tensors, 24
+
+
+def _fsdp2(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+
+
+def ddp_training(rank: int | None, spec: str = "velo", wrap: str = "ddp") -> list[torch.Tensor]:
     """Training under DistributedDataParallel with the optimizer adopted in one line
-    (shard=True); rank None: the oracle, one process averaging the ranks' gradients."""
+    (shard=True), or under FSDP2 (wrap "fsdp2": the optimizer unchanged); rank None: the
+    oracle, one process averaging the ranks' gradients."""
     model = conv_model()
-    net = model if rank is None else torch.nn.parallel.DistributedDataParallel(model)
-    opt = optimizer(Case(spec), model.parameters(), **({} if rank is None else {"shard": True}))
+    if rank is None:
+        net, options = model, {}
+    elif wrap == "ddp":
+        net, options = torch.nn.parallel.DistributedDataParallel(model), {"shard": True}
+    else:
+        net, options = _fsdp2(model), {}
+    opt = optimizer(Case(spec), model.parameters(), **options)
     for t in range(STEPS):
         if rank is None:
             per_rank = []
@@ -155,7 +176,34 @@ def ddp_training(rank: int | None, spec: str = "velo") -> list[torch.Tensor]:
             mean_loss.backward()
             mean_loss = mean_loss.detach()   # the optimizer averages it over the ranks
         step(opt, mean_loss)
-    return [p.detach().clone() for p in model.parameters()]
+    return [_whole(p) for p in model.parameters()]
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+
+
+def fsdp2_run(rank: int, case: Case) -> dict:
+    """One rank's run under FSDP2 (the conv model's parameters as DTensors, sharded on dim 0:
+    uneven, and empty on rank 1 for the last layer), the ranks' mean gradient as FSDP2's
+    reduce-scatter leaves it."""
+    from torch.distributed.tensor import distribute_tensor
+
+    model = _fsdp2(conv_model(BLOCKS[case.model]))
+    params = list(model.parameters())
+    opt = optimizer(case, params)
+    calls: Counter = Counter()
+    for t in range(STEPS):
+        per_rank = [grads_of(case, r, t, params) for r in range(WORLD)]
+        for i, p in enumerate(params):
+            p.grad = distribute_tensor(_mean([g[i] for g in per_rank]), p.device_mesh, p.placements)
+        with _counting(calls) if t == STEPS - 1 else _nothing():
+            step(opt, loss_of(rank, t))
+    return {"params": [_whole(p) for p in params], "collectives": dict(calls)}
+
+
+def fsdp2_oracle(case: Case) -> list[torch.Tensor]:
+    return single_process_run(case, list(conv_model(BLOCKS[case.model]).parameters()))
 
 
 def parameter_state_numel(opt) -> int:
@@ -202,7 +250,7 @@ class _counting:
         return False
 
 
-def worker(rank: int, port: int, out_dir: str, cases: list[Case]) -> None:
+def worker(rank: int, port: int, out_dir: str, cases: list[Case], fsdp2_cases: list[Case]) -> None:
     """torch.multiprocessing.spawn's entry: every case on this rank, results saved per case."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -211,25 +259,9 @@ def worker(rank: int, port: int, out_dir: str, cases: list[Case]) -> None:
         for case in cases:
             torch.save(sharded_run(rank, case), os.path.join(out_dir, f"{case.name}-{rank}.pt"))
         torch.save(ddp_training(rank), os.path.join(out_dir, f"ddp-{rank}.pt"))
+        torch.save(ddp_training(rank, wrap="fsdp2"), os.path.join(out_dir, f"fsdp2-{rank}.pt"))
+        for case in fsdp2_cases:
+            torch.save(fsdp2_run(rank, case), os.path.join(out_dir, f"fsdp2-{case.name}-{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
-
-def fsdp2_refused(rank: int, port: int, out_dir: str) -> None:
-    """fully_shard's DTensor parameters: the optimizer's construction says what to use instead."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model = fully_shard(conv_model(), mesh=init_device_mesh("cpu", (WORLD,)))
-        try:
-            optimizer(Case("velo"), model.parameters())
-            message = "no error"
-        except TypeError as e:
-            message = str(e)
-        with open(os.path.join(out_dir, f"fsdp2-{rank}.txt"), "w") as f:
-            f.write(message)
-    finally:
-        dist.destroy_process_group()

@@ -60,16 +60,22 @@ def test_gpu_check_dry_run_prints_its_table(capsys):
 
 
 def test_distributed_quick_run_writes_its_table(tmp_path):
-    """2 gloo processes end to end: every optimizer's row, with times, collectives and bytes."""
+    """2 gloo processes end to end: every row, with times, collectives and bytes."""
     out = tmp_path / "distributed.md"
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "distributed.py"), "--quick", "--out", str(out)],
                    check=True, capture_output=True, timeout=600)
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and " ms |" in line]
-    assert [r[0] for r in rows] == ["| AdamW (fused)"] + [f"| {o}" for o in ("Adam (ours, tvm)", "VeLO (tvm)",
-                                                                            "small_fc_lopt (tvm)") for _ in range(2)]
+    assert [(r[0][2:], r[1]) for r in rows] == [
+        ("AdamW (fused)", "shard=True, DDP's gradients"),
+        *[(f"{o}, tvm", m) for m in ("shard=True, DDP's gradients", "shard=True, reduce_grads=True")
+          for o in ("Adam (ours)", "VeLO", "small_fc_lopt")],
+        ("AdamW (foreach)", "FSDP2 (fully_shard)"),
+        *[(f"{o}, reference", "FSDP2 (fully_shard)") for o in ("Adam (ours)", "VeLO", "small_fc_lopt")]]
     for r in rows:
-        assert float(r[2].split()[0]) > 0 and float(r[3].split()[0]) > 0 and int(r[6]) >= 1
-    assert [int(r[6]) for r in rows[1:3]] == [1, 2]   # Adam: the all-gather; + the reduce-scatter
+        assert float(r[2].split()[0]) > 0 and float(r[3].split()[0]) > 0
+    calls = [int(r[6]) for r in rows]
+    assert calls[1] == 1 and calls[4] == 2   # Adam: the all-gather; + the reduce-scatter
+    assert calls[-3] == 0 and calls[-2] >= 1   # FSDP2: Adam needs none, VeLO its rounds and the loss
 
 
 def test_demo_training_runs_with_finite_loss():

@@ -5,17 +5,20 @@ whole-step value, whatever the number of tensors."""
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from distributed_runs import (CLASSES, WORLD, Case, ddp_training, fsdp2_refused, make_params, optimizer,
+from distributed_runs import (CLASSES, WORLD, Case, ddp_training, fsdp2_oracle, make_params, optimizer,
                               parameter_state_numel, single_process_run, worker)
 from lopt_codegen.ir.nodes import topo_order
 
 CASES = [Case(spec, backend, reduce_grads) for spec in CLASSES for backend in ("reference", "tvm")
          for reduce_grads in (False, True)]
+FSDP2 = [Case(spec, backend, model=model) for spec in CLASSES for backend in ("reference", "tvm")
+         for model in ("conv", "deep")]
 EDGES = [
     Case("velo", model="one"), Case("elo", model="one", reduce_grads=True),   # a rank owns no tensor
     Case("small_fc_lopt", model="bf16", reduce_grads=True), Case("velo", "tvm", model="bf16"),
@@ -52,21 +55,27 @@ def runs(tmp_path_factory, skip_cases):
     importing torch and TVM, is most of a case's time). The oracle runs first, so the
     ranks load its compiled kernels from the build cache."""
     cases = CASES + EDGES + skip_cases
-    oracle = {case: single_process_run(case) for case in cases}
-    out = tmp_path_factory.mktemp("sharded")
-    mp.spawn(worker, args=(_free_port(), str(out), cases), nprocs=WORLD, join=True)
-    ranks = {case: [torch.load(out / f"{case.name}-{r}.pt") for r in range(WORLD)] for case in cases}
+    fsdp2_cases = FSDP2 + [replace(c, model="conv") for c in skip_cases]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the ranks' (a convolution's gradient sums in the same order)
+    torch.set_num_threads(1)   # as the ranks: torch's sums (means, a convolution's gradient) in the same order
     try:
+        oracle = {case: single_process_run(case) for case in cases}
+        oracle.update({("fsdp2", case): fsdp2_oracle(case) for case in fsdp2_cases})
         oracle["ddp"] = ddp_training(None)
     finally:
         torch.set_num_threads(threads)
+    out = tmp_path_factory.mktemp("sharded")
+    mp.spawn(worker, args=(_free_port(), str(out), cases, fsdp2_cases), nprocs=WORLD, join=True)
+    ranks = {case: [torch.load(out / f"{case.name}-{r}.pt") for r in range(WORLD)] for case in cases}
+    ranks.update({("fsdp2", case): [torch.load(out / f"fsdp2-{case.name}-{r}.pt") for r in range(WORLD)]
+                  for case in fsdp2_cases})
     ranks["ddp"] = [{"params": torch.load(out / f"ddp-{r}.pt")} for r in range(WORLD)]
+    oracle["fsdp2"] = oracle["ddp"]
+    ranks["fsdp2"] = [{"params": torch.load(out / f"fsdp2-{r}.pt")} for r in range(WORLD)]
     return oracle, ranks
 
 
-def _assert_equals_one_process(runs, case: Case | str) -> None:
+def _assert_equals_one_process(runs, case: Case | str | tuple) -> None:
     oracle, ranks = runs
     for rank, result in enumerate(ranks[case]):
         for i, (got, want) in enumerate(zip(result["params"], oracle[case])):
@@ -98,6 +107,31 @@ def test_a_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(runs, skip_c
     for case in skip_cases:
         _assert_equals_one_process(runs, case)
         assert [r["skipped"] for r in runs[1][case]] == [1.0] * WORLD, case.name
+        _assert_equals_one_process(runs, ("fsdp2", replace(case, model="conv")))
+
+
+@pytest.mark.parametrize("case", FSDP2, ids=[c.name for c in FSDP2])
+def test_fsdp2_step_equals_one_process(runs, case):
+    """fully_shard's DTensor parameters, each rank stepping its rows: uneven shards, an empty
+    one, a conv kernel and 1-D parameters; tvm steps the shards on the reference (with a warning)."""
+    _assert_equals_one_process(runs, ("fsdp2", case))
+
+
+@pytest.mark.parametrize("spec", [s for s in CLASSES if s not in ("celo2", "elo_celo2")])
+def test_fsdp2_collectives_do_not_grow_with_the_tensors(runs, spec):
+    """8 tensors or 24: the same collectives, one all-reduce per round of whole-tensor
+    reductions (none for Adam, all element-wise) and one for the loss; fewer than one per
+    tensor. (CELO2's Newton-Schulz gathers each matrix.)"""
+    _, ranks = runs
+    small, deep = (ranks[("fsdp2", Case(spec, model=m))][0]["collectives"] for m in ("conv", "deep"))
+    assert small == deep and set(small) <= {"all_reduce"}, (small, deep)
+    assert (spec == "adam") == (not small) and sum(small.values()) < 8, small
+
+
+def test_fsdp2_training_with_the_optimizer_unchanged(runs):
+    """fully_shard(model), then VeLO(model.parameters()): FSDP2 averages the gradients, the
+    optimizer averages the loss; the same as one process over both ranks' batches."""
+    _assert_equals_one_process(runs, "fsdp2")
 
 
 @pytest.mark.parametrize("spec", list(CLASSES))
@@ -150,9 +184,3 @@ def test_reduce_grads_needs_shard():
     with pytest.raises(ValueError, match="shard=True"):
         optimizer(Case("adam"), make_params(), reduce_grads=True)
 
-
-def test_fsdp2_parameters_get_a_clear_error(tmp_path):
-    mp.spawn(fsdp2_refused, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    for rank in range(WORLD):
-        message = (tmp_path / f"fsdp2-{rank}.txt").read_text()
-        assert "DTensor" in message and "shard=True" in message, message

@@ -53,6 +53,7 @@ class CELO2(LearnedOptimizer):
         shard: data-parallel training: True (the default process group) or a process group
             shards the optimizer by tensor; each rank keeps the state of and steps its own
             tensors, then the parameters are all-gathered. The same result as one process.
+            Leave it unset under FSDP2 (fully_shard): its parameters are stepped shard by shard.
         reduce_grads: with shard, average the gradients over the ranks first (one
             reduce-scatter); leave False under DistributedDataParallel, which averages them.
     """

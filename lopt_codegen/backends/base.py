@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +23,23 @@ class TensorTask:
     hyper: dict[str, float]
     variant: str                       # "factored" or "unfactored"
     axes: tuple[int, int] | None       # (d0, d1) for factored tensors
+    shard: RowShard | None = None      # param and grad are this rank's rows of a tensor sharded on dim 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The whole tensor's shape (under FSDP2, more rows than `param` holds)."""
+        return self.shard.shape if self.shard is not None else tuple(self.param.shape)
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """Where this rank's rows lie in a parameter sharded on dim 0 over a process group
+    (FSDP2's Shard(0), torch.chunk's split: the last ranks may hold fewer rows, or none)."""
+
+    shape: tuple[int, ...]     # the whole tensor's
+    start: int                 # its first row here
+    group: Any                 # torch.distributed.ProcessGroup
+    world: int
 
 
 def checked_accumulator(task: TensorTask, name: str, backend: str) -> torch.Tensor:

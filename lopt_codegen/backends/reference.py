@@ -32,6 +32,7 @@ class TensorEvaluator:
         self._p: torch.Tensor | None = None
         self.net_out: dict[str, torch.Tensor] = {}
         self.mlp_weights = batch.mlp_weights
+        self.known: dict[int, torch.Tensor] = {}   # id(node) -> its value, computed elsewhere (sharded.py)
 
     @property
     def p(self) -> torch.Tensor:
@@ -64,7 +65,7 @@ class TensorEvaluator:
         if op == "step":
             return self.scalar(task.state["step"])
         if op == "shape":
-            return self.scalar(torch.tensor([shape_fact(node.attrs, tuple(task.param.shape), task.axes)]))
+            return self.scalar(torch.tensor([shape_fact(node.attrs, task.shape, task.axes)]))
         if op == "state":
             return task.state[node.attrs[0]]
         if op == "loss_features":
@@ -109,7 +110,7 @@ class TensorEvaluator:
 
     def call_env(self) -> GroupEnv:
         tasks, device = self.tensors, self.task.param.device
-        return GroupEnv(tuple(self.task.param.shape), self.task.axes, len(tasks), device,
+        return GroupEnv(self.task.shape, self.task.axes, len(tasks), device,
                         hyper=lambda n: torch.tensor([t.hyper[n] for t in tasks], dtype=torch.float32, device=device),
                         hyper_floats=lambda n: [float(t.hyper[n]) for t in tasks],
                         step=lambda: torch.stack([t.state["step"] for t in tasks]).to(device))
@@ -152,13 +153,16 @@ class TensorEvaluator:
     def evaluate(self, roots: list[Node]) -> list[torch.Tensor]:
         """Evaluate roots, freeing each intermediate after its last use (memory stays
         near a few element-level values, not one per node)."""
-        order = topo_order(roots)
-        uses = Counter(id(a) for n in order for a in n.args)
+        known = self.known
+        order = topo_order(roots, known)
+        uses = Counter(id(a) for n in order if id(n) not in known for a in n.args)
         for r in roots:
             uses[id(r)] += 1
         values: dict[int, torch.Tensor] = {}
         for node in order:
-            if node.args:
+            if id(node) in known:
+                out = known[id(node)]
+            elif node.args:
                 out = self.apply(node, [values[id(a)] for a in node.args])
                 for a in node.args:
                     uses[id(a)] -= 1
@@ -176,8 +180,17 @@ class ReferenceBackend(Backend):
     def step(self, batch: StepBatch) -> None:
         program = self.program
         evaluators = [TensorEvaluator(task, batch) for task in batch.tasks]
+        sharded = any(task.shard is not None for task in batch.tasks)   # FSDP2's rows of each tensor
+        if sharded:
+            from .sharded import ShardedEvaluator, whole_tensor_reductions   # (it builds on this module)
+            evaluators = [ShardedEvaluator(t, batch) if t.shard is not None else TensorEvaluator(t, batch)
+                          for t in batch.tasks]
         if batch.network is not None:
+            if sharded:
+                whole_tensor_reductions(program, evaluators, network_inputs=True)
             self._run_network(batch, evaluators)
+        if sharded:
+            whole_tensor_reductions(program, evaluators, network_inputs=False)
         for ev, task in zip(evaluators, batch.tasks):
             graph = program.variants[task.variant]
             names = [n for n in graph.accumulators if not is_scratch(n)]   # it evaluates calls directly

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable
+from typing import Callable, Container
 
 
 class Level(IntEnum):
@@ -119,8 +119,9 @@ def reachable(roots: list[Node], descend: Callable[[Node], bool]) -> list[Node]:
     return out
 
 
-def topo_order(roots: list[Node]) -> list[Node]:
-    """Every node reachable from roots, each after its args (iterative DFS)."""
+def topo_order(roots: list[Node], known: Container[int] = ()) -> list[Node]:
+    """Every node reachable from roots, each after its args (iterative DFS); the args of
+    nodes whose id is in `known` (values already at hand) are not visited for them."""
     seen: set[int] = set()
     order: list[Node] = []
     stack: list[tuple[Node, bool]] = [(r, False) for r in reversed(roots)]
@@ -133,7 +134,8 @@ def topo_order(roots: list[Node]) -> list[Node]:
             continue
         seen.add(id(node))
         stack.append((node, True))
-        stack.extend((a, False) for a in reversed(node.args) if id(a) not in seen)
+        if id(node) not in known:
+            stack.extend((a, False) for a in reversed(node.args) if id(a) not in seen)
     return order
 
 

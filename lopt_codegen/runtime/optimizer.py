@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import gc
 import math
+import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 
 from ..backends import select_backend
-from ..backends.base import StepBatch, TensorTask
+from ..backends.base import Backend, StepBatch, TensorTask
 from ..ir.nodes import level_shape, topo_order
 from ..spec.names import PARAMETER_VALUES
 from ..ir.program import Program, is_scratch
 from ..backends.network_program import SpecNetwork
 from .axes import factored_axes
 from .routes import Router
-from .sharding import TensorSharding, is_dtensor
+from .sharding import TensorSharding, agree, fsdp_rows, is_dtensor
 from .weights import resolve_weights
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ def _parameter_values(p: torch.Tensor, group: dict, names: list[str]) -> dict[st
 def _nonfinite_flag(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """(1,) on `device`: 1.0 if any gradient holds a NaN or an inf, else 0.0, with no host
     read (a CUDA graph captures it): a max-norm is finite exactly when its tensor is."""
+    grads = [g for g in grads if g.numel()]   # (FSDP2 leaves some ranks no rows of a tensor)
     if not grads:   # a rank of a sharded step without tensors
         return torch.zeros(1, device=device)
     norms = torch._foreach_norm(grads, float("inf"))
@@ -140,6 +142,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
                              "sharded step: pass shard=True (or a process group) too")
         self._sharding = None if shard is False else \
             TensorSharding(None if shard is True else shard, reduce_grads, program.class_name)
+        if self._sharding is not None and any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise ValueError(f"{program.class_name}(shard=...) shards replicated parameters (DDP); these are "
+                             "DTensors, already sharded (FSDP2's fully_shard): leave shard unset")
+        self._reference: Backend | None = None   # for FSDP2's shards, made at the first
 
     # --- checks ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -153,10 +159,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
         super().add_param_group({**param_group, "params": params})
 
     def _check_param(self, p: torch.Tensor) -> None:
-        if is_dtensor(p):
-            raise TypeError(f"{self.program.class_name} does not step DTensor parameters (FSDP2's fully_shard, "
-                            "tensor parallelism) yet; for data-parallel training wrap the model in "
-                            "DistributedDataParallel and pass shard=True (README: Distributed training)")
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{self.program.class_name} supports float32, bfloat16 and float16 parameters "
                             f"(state and math are float32); got a {p.dtype} parameter of shape {tuple(p.shape)}")
@@ -240,7 +242,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             stepped = [p for g in self.param_groups for p in g["params"] if p.grad is not None and p.numel()]
             if sharding.reduce_grads:
                 sharding.average_grads(stepped)
-        tasks = self._tasks()
+        tasks, mesh_group = self._tasks()
         if not tasks and sharding is None:
             return loss
         # A rank of a sharded step that owns no tensor still joins its collectives.
@@ -255,15 +257,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{program.class_name}.step() needs the training loss: call "
                                  "step(loss=loss) or step(closure)")
             loss_t = torch.as_tensor(loss, dtype=torch.float32, device=device).detach().reshape(())
-        if sharding is not None:
-            loss_t, batch.skip_step = sharding.agree(loss_t, batch.skip_step)
+        if sharding is not None or mesh_group is not None:   # the same loss and skip on every rank
+            loss_t, batch.skip_step = agree(sharding.group if sharding is not None else mesh_group, loss_t,
+                                            batch.skip_step)
         if loss_t is not None:
             batch.loss_features = self._loss_features(loss_t, self.param_groups[0], batch.skip_step)
         if program.network is not None and len({t.param.device for t in tasks}) > 1:
             raise RuntimeError(f"{program.class_name} runs one network over all tensors: put all parameters "
                                "on one device")
         if tasks:
-            self.backend.step(batch)
+            self._backend_for(tasks).step(batch)
         elif batch.network is not None:
             self._join_network(batch)
         self._count_step([task.state["step"] for task in tasks], batch.skip_step, device)
@@ -271,10 +274,23 @@ class LearnedOptimizer(torch.optim.Optimizer):
             sharding.gather_params(stepped)
         return loss
 
-    def _tasks(self) -> list[TensorTask]:
-        """This step's tensors (under shard=..., this rank's), their state made at their first step."""
+    def _backend_for(self, tasks: list[TensorTask]) -> Backend:
+        """The backend, or the reference where FSDP2 shards a tensor (the compiled kernels'
+        reductions do not yet all-reduce across ranks)."""
+        if self.backend.name == "reference" or all(t.shard is None for t in tasks):
+            return self.backend
+        if self._reference is None:
+            warnings.warn(f"{self.program.class_name}: parameters sharded by FSDP2 step on the reference backend "
+                          f"for now, not '{self.backend.name}'", RuntimeWarning, stacklevel=4)
+            self._reference = select_backend(self.program, "reference")
+        return self._reference
+
+    def _tasks(self) -> tuple[list[TensorTask], ProcessGroup | None]:
+        """This step's tensors (under shard=..., this rank's; under FSDP2, this rank's rows of
+        each), their state made at their first step; and the process group of FSDP2's mesh."""
         program, sharding = self.program, self._sharding
         tasks: list[TensorTask] = []
+        mesh_group = None
         for group in self.param_groups:
             hyper = {k: float(group[k]) for k in program.hyperparameters}
             for p in group["params"]:
@@ -285,18 +301,22 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._check_param(p)
                 grad = self._grad(p)
                 axes, task_hyper, variant = self._route(p, group, hyper)
+                values, row_shard = p, None
+                if is_dtensor(p):
+                    values, grad, row_shard = fsdp_rows(p, program.class_name)
+                    mesh_group = mesh_group or p.device_mesh.get_group()
                 state = self.state[p]
                 if not state:
-                    state.update(self._init_state(p, variant, axes))
+                    state.update(self._init_state(values, variant, axes))
                 elif state.get(ROUTE_KEY, variant) != variant:
                     raise RuntimeError(f"{program.class_name}: a parameter of shape {tuple(p.shape)} now takes "
                                        f"'{variant}', but its state belongs to '{state[ROUTE_KEY]}': its route "
                                        "changed after its first step (a flag in its param group); keep a "
                                        "parameter's route")
                 elif self._scratch[variant] and self._scratch[variant][0] not in state:   # after load_state_dict
-                    state.update({k: v for k, v in self._init_state(p, variant, axes).items() if is_scratch(k)})
-                tasks.append(TensorTask(p, grad, state, task_hyper, variant, axes))
-        return tasks
+                    state.update({k: v for k, v in self._init_state(values, variant, axes).items() if is_scratch(k)})
+                tasks.append(TensorTask(values, grad, state, task_hyper, variant, axes, row_shard))
+        return tasks, mesh_group
 
     def _route(self, p: torch.Tensor, group: dict, hyper: dict[str, float]
                ) -> tuple[tuple[int, int] | None, dict[str, float], str]:

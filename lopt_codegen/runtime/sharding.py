@@ -14,14 +14,22 @@ never one per tensor:
 - the updated parameters: one all-gather of a flat byte buffer.
 Everything else of a step (features, normalization over a tensor, the MLP, tensor
 functions) reads one tensor, so a rank computes it alone.
+
+Parameters sharded by FSDP2 (DTensors, dim 0 over a 1-D mesh) are the other case: every
+rank holds rows of every tensor. `fsdp_rows` finds a rank's rows, the reference
+backend all-reduces the reductions across ranks (backends/sharded.py), and `agree`
+makes the loss and the skip flag the same on every rank.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from ..backends.base import RowShard
 
 _ALIGN_BYTES = 16   # each tensor's bytes in a flat buffer start here: any dtype views them
 
@@ -33,13 +41,60 @@ def _collective(name: str):
     return getattr(dist, new, None) or getattr(dist, old)
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
-    """A parameter sharded by FSDP2 (fully_shard) or tensor parallelism."""
+def agree(group: dist.ProcessGroup | None, loss: torch.Tensor | None, skip: torch.Tensor | None
+          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The loss's mean over the group's ranks and the skip flag of any rank, in one
+    all-reduce on the device (no host read)."""
+    parts = [v.reshape(1).float() for v in (loss, skip) if v is not None]
+    if not parts:
+        return loss, skip
+    values = torch.cat(parts)
+    dist.all_reduce(values, group=group)
+    if loss is not None:
+        loss, values = values[0] / dist.get_world_size(group), values[1:]
+    if skip is not None:
+        skip = (values[:1] > 0).float()
+    return loss, skip
+
+
+def fsdp_rows(p: torch.Tensor, class_name: str) -> tuple[torch.Tensor, torch.Tensor, RowShard | None]:
+    """A DTensor parameter's local values, its gradient's, and where its rows lie (None:
+    replicated, the local tensor is the whole one). FSDP2's fully_shard shards dim 0 over
+    a 1-D mesh; other layouts are refused with what to use instead."""
+    mesh, placements = p.device_mesh, p.placements
+    if mesh.ndim != 1:
+        raise TypeError(f"{class_name} steps DTensor parameters on a 1-D device mesh (fully_shard over one "
+                        f"dimension); this one has a {mesh.ndim}-D mesh {tuple(mesh.shape)} (HSDP, tensor "
+                        "parallelism), not supported yet")
+    grad = p.grad.to_local() if is_dtensor(p.grad) else p.grad
+    local = p.to_local()
+    if placements[0].is_replicate():
+        return local, grad, None
+    if not placements[0].is_shard(0):
+        raise TypeError(f"{class_name} steps DTensor parameters sharded on dim 0 (fully_shard's default); this "
+                        f"one has placement {placements[0]}; pass fully_shard(..., shard_placement_fn=None)")
+    rows, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    if local.shape[0] != min(chunk, rows - start) or grad is None or grad.shape != local.shape:
+        raise RuntimeError(f"{class_name}: a parameter of shape {tuple(p.shape)} holds rows {tuple(local.shape)} "
+                           f"on rank {rank} of {world}, not torch.chunk's split that FSDP2 uses")
+    return local, grad, RowShard(tuple(p.shape), start, mesh.get_group(), world)
+
+
+@functools.cache
+def _dtensor_class() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:   # a torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+        return None
+    return DTensor
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """A parameter sharded by FSDP2 (fully_shard) or tensor parallelism."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 @dataclass
@@ -106,21 +161,6 @@ class TensorSharding:
             if self.owns(p):
                 start = layout.offsets[id(p)] // 4
                 p.grad.copy_(mine[start:start + p.numel()].view(p.shape))
-
-    def agree(self, loss: torch.Tensor | None, skip: torch.Tensor | None
-              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The loss's mean over ranks and the skip flag of any rank, in one all-reduce on
-        the device (no host read)."""
-        parts = [v.reshape(1).float() for v in (loss, skip) if v is not None]
-        if not parts:
-            return loss, skip
-        values = torch.cat(parts)
-        dist.all_reduce(values, group=self.group)
-        if loss is not None:
-            loss, values = values[0] / self.world, values[1:]
-        if skip is not None:
-            skip = (values[:1] > 0).float()
-        return loss, skip
 
     def over_tensors(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         """A network's reduction over all tensors of the step from this rank's rows x (T, C),
