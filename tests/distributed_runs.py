@@ -142,7 +142,7 @@ def _fsdp2(model: torch.nn.Module) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    return fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    return fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
 
 
 def ddp_training(rank: int | None, spec: str = "velo", wrap: str = "ddp") -> list[torch.Tensor]:
@@ -248,6 +248,52 @@ class _counting:
         for name, original in self.saved.items():
             setattr(dist, name, original)
         return False
+
+
+def fsdp2_resumed(case: Case, steps: range, load: str | None, save: str | None) -> list[torch.Tensor]:
+    """Steps `steps` of the FSDP2 run on this world (its data: the 2 ranks' mean gradient and
+    loss, whatever the world), resumed from the DCP checkpoint `load`, saved to `save`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.tensor import distribute_tensor
+
+    model = _fsdp2(conv_model(BLOCKS[case.model]))
+    params = list(model.parameters())
+    opt = optimizer(case, params)
+    if load:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=load)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+    for t in steps:
+        per_rank = [grads_of(case, r, t, params) for r in range(WORLD)]
+        for i, p in enumerate(params):
+            p.grad = distribute_tensor(_mean([g[i] for g in per_rank]), p.device_mesh, p.placements)
+        step(opt, sum(loss_of(r, t) for r in range(WORLD)) / WORLD)
+    if save:
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=save)
+    return [_whole(p) for p in params]
+
+
+def dcp_worker(rank: int, world: int, port: int, out_dir: str, cases: list[Case], first_half: bool) -> None:
+    """On `world` ranks: first_half: every case's steps 0-4, checkpointed (a-<world>-<case>);
+    else resumed from the other world's checkpoint for steps 5-9 (results b-<world>-<case>)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for case in cases:
+            if first_half:
+                fsdp2_resumed(case, range(STEPS // 2), None, os.path.join(out_dir, f"a-{world}-{case.name}"))
+            else:
+                other = os.path.join(out_dir, f"a-{3 - world}-{case.name}")
+                params = fsdp2_resumed(case, range(STEPS // 2, STEPS), other, None)
+                if rank == 0:
+                    torch.save(params, os.path.join(out_dir, f"b-{world}-{case.name}.pt"))
+    finally:
+        dist.destroy_process_group()
 
 
 def worker(rank: int, port: int, out_dir: str, cases: list[Case], fsdp2_cases: list[Case]) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from distributed_runs import (CLASSES, WORLD, Case, ddp_training, fsdp2_oracle, make_params, optimizer,
+from distributed_runs import (CLASSES, WORLD, Case, dcp_worker, ddp_training, fsdp2_oracle, make_params, optimizer,
                               parameter_state_numel, single_process_run, worker)
 from lopt_codegen.ir.nodes import topo_order
 
@@ -184,3 +184,31 @@ def test_reduce_grads_needs_shard():
     with pytest.raises(ValueError, match="shard=True"):
         optimizer(Case("adam"), make_params(), reduce_grads=True)
 
+
+
+@pytest.mark.parametrize("spec", list(CLASSES))
+def test_dcp_checkpoint_resumes_on_another_world_size(dcp_runs, spec):
+    """torch.distributed.checkpoint with get/set_optimizer_state_dict: 5 steps under FSDP2 on
+    2 ranks, resumed on 1 for 5 more, and 1 -> 2; both equal 10 uninterrupted steps of one
+    process (the state, the network state and the loss buffer all carried)."""
+    oracle, results = dcp_runs
+    for world in (1, 2):
+        for i, (got, want) in enumerate(zip(results[(spec, world)], oracle[spec])):
+            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+            assert err <= 1e-6, f"resumed on {world} rank(s), tensor {i} {tuple(want.shape)}: relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def dcp_runs(tmp_path_factory):
+    cases = [Case(spec) for spec in CLASSES]
+    out = str(tmp_path_factory.mktemp("dcp"))
+    for world, first_half in ((2, True), (1, True), (1, False), (2, False)):
+        mp.spawn(dcp_worker, args=(world, _free_port(), out, cases, first_half), nprocs=world, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        oracle = {case.spec: fsdp2_oracle(case) for case in cases}
+    finally:
+        torch.set_num_threads(threads)
+    return oracle, {(case.spec, world): torch.load(f"{out}/b-{world}-{case.name}.pt") for case in cases
+                    for world in (1, 2)}

@@ -23,7 +23,7 @@ from .reference import TensorEvaluator
 _REMOVES = {"mean": None, "mean_d0": 0, "mean_d1": 1}   # op -> the factored axis it removes (None: all)
 
 
-def _has_rows(level: Level, axes: tuple[int, int] | None) -> bool:
+def has_rows(level: Level, axes: tuple[int, int] | None) -> bool:
     """Whether a value at `level` keeps dim 0 (the sharded one)."""
     if level == Level.ELEMENT:
         return True
@@ -35,7 +35,7 @@ def _has_rows(level: Level, axes: tuple[int, int] | None) -> bool:
 
 def crosses_ranks(node: Node, axes: tuple[int, int] | None, ndim: int) -> bool:
     """A reduction that removes dim 0 from a value that has it: it needs every rank's rows."""
-    if node.op not in _REMOVES or ndim == 0 or not _has_rows(node.args[0].level, axes):
+    if node.op not in _REMOVES or ndim == 0 or not has_rows(node.args[0].level, axes):
         return False
     axis = _REMOVES[node.op]
     return axis is None or axes[axis] == 0

@@ -16,13 +16,15 @@ import torch
 
 from ..backends import select_backend
 from ..backends.base import Backend, StepBatch, TensorTask
+from ..backends.sharded import has_rows
 from ..ir.nodes import level_shape, topo_order
 from ..spec.names import PARAMETER_VALUES
 from ..ir.program import Program, is_scratch
 from ..backends.network_program import SpecNetwork
 from .axes import factored_axes
 from .routes import Router
-from .sharding import TensorSharding, agree, fsdp_rows, is_dtensor
+from .checkpoint import fold_global_state, local_accumulator, sharded_accumulator, unfold_global_state
+from .sharding import TensorSharding, agree, dtensor_grad, dtensor_rows, is_dtensor
 from .weights import resolve_weights
 
 if TYPE_CHECKING:
@@ -146,6 +148,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{program.class_name}(shard=...) shards replicated parameters (DDP); these are "
                              "DTensors, already sharded (FSDP2's fully_shard): leave shard unset")
         self._reference: Backend | None = None   # for FSDP2's shards, made at the first
+        self._dtensors = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
+        if self._dtensors:
+            self._init_all_state()
 
     # --- checks ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -303,7 +308,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 axes, task_hyper, variant = self._route(p, group, hyper)
                 values, row_shard = p, None
                 if is_dtensor(p):
-                    values, grad, row_shard = fsdp_rows(p, program.class_name)
+                    values, row_shard = dtensor_rows(p, program.class_name)
+                    grad = dtensor_grad(p, values, program.class_name)
                     mesh_group = mesh_group or p.device_mesh.get_group()
                 state = self.state[p]
                 if not state:
@@ -359,27 +365,79 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.state["skipped_steps"] = skipped
         skipped.add_(skip.reshape(()))
 
+    def _init_all_state(self) -> None:
+        """Every parameter's state and the optimizer-wide state, before the first step: what
+        torch.distributed.checkpoint's get/set_optimizer_state_dict expect of an optimizer
+        of FSDP2's parameters (else they step it once with zero gradients and no loss)."""
+        program = self.program
+        device = None
+        for group in self.param_groups:
+            hyper = {k: float(group[k]) for k in program.hyperparameters}
+            for p in group["params"]:
+                values = dtensor_rows(p, program.class_name)[0] if is_dtensor(p) else p
+                axes, _, variant = self._route(p, group, hyper)
+                self.state[p].update(self._init_state(values, variant, axes))
+                device = device or values.device
+        if program.needs_loss and device is not None:
+            buffer = SpecNetwork(program.loss_buffer, {}, None, device)
+            self.state["loss_buffer"] = buffer.initial_state(device)
+        if self._skips_nonfinite and device is not None:
+            self.state["skipped_steps"] = torch.zeros((), device=device)
+
     # --- state_dict --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch's, less the scratch values of tensor functions (recomputed every step)."""
+        """torch's, less the scratch values of tensor functions (recomputed every step).
+        With FSDP2's parameters, in the form torch.distributed.checkpoint reshards
+        (checkpoint.py)."""
         out = super().state_dict()
         if self.program.tensor_functions:
             out["state"] = {k: {n: v for n, v in s.items() if not is_scratch(n)} if isinstance(s, dict) else s
                             for k, s in out["state"].items()}
+        if self._dtensors:
+            params = [p for g in self.param_groups for p in g["params"]]
+            out["state"] = fold_global_state({k: self._as_dtensors(params[k], s) if isinstance(k, int) else s
+                                              for k, s in out["state"].items()})
+        return out
+
+    def _accumulator_layout(self, p: torch.Tensor, key: str) -> tuple[bool, list[int]]:
+        """Whether a state value of p keeps p's dim 0, and its shape for the whole of p."""
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        axes, _, variant = self._route(p, group, {k: float(group[k]) for k in self.program.hyperparameters})
+        level, channels = self.program.state_levels[key][variant]
+        return has_rows(level, axes), [channels, *level_shape(tuple(p.shape), level, axes)]
+
+    def _as_dtensors(self, p: torch.Tensor, entry: dict[str, Any]) -> dict[str, Any]:
+        if not is_dtensor(p):
+            return entry
+        shard = dtensor_rows(p, self.program.class_name)[1]
+        out = {}
+        for key, value in entry.items():
+            if key in self.program.state_levels:
+                rows, whole = self._accumulator_layout(p, key)
+                value = sharded_accumulator(value, p, shard, rows, whole)
+            out[key] = value
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts floating state to each parameter's dtype; ours is float32 by design
         # (bf16 accumulators would lose the round trip), so restore it as saved.
+        state_dict = {**state_dict, "state": unfold_global_state(state_dict["state"])}
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for index, p in zip(saved_ids, params):
             if index in state_dict["state"]:
-                self.state[p] = {k: self._restore(k, v, p.device) for k, v in state_dict["state"][index].items()}
+                self.state[p] = {k: self._restore(k, v, p) for k, v in state_dict["state"][index].items()}
 
-    def _restore(self, key: str, value: Any, device: torch.device) -> Any:
+    def _restore(self, key: str, value: Any, p: torch.Tensor) -> Any:
         if not torch.is_tensor(value):
             return value
+        accumulator = key in self.program.state_levels
+        if is_dtensor(p):
+            local, shard = dtensor_rows(p, self.program.class_name)
+            rows = accumulator and self._accumulator_layout(p, key)[0]
+            value, device = local_accumulator(value, shard, rows, local.shape[0] if local.dim() else 0), local.device
+        else:
+            device = p.device
         value = value.detach().to(device=device, dtype=torch.float32)
-        return _channel_aligned(value) if key in self.program.state_levels else value.clone()
+        return _channel_aligned(value) if accumulator else value.clone()

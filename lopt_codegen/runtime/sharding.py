@@ -57,29 +57,37 @@ def agree(group: dist.ProcessGroup | None, loss: torch.Tensor | None, skip: torc
     return loss, skip
 
 
-def fsdp_rows(p: torch.Tensor, class_name: str) -> tuple[torch.Tensor, torch.Tensor, RowShard | None]:
-    """A DTensor parameter's local values, its gradient's, and where its rows lie (None:
-    replicated, the local tensor is the whole one). FSDP2's fully_shard shards dim 0 over
-    a 1-D mesh; other layouts are refused with what to use instead."""
+def dtensor_rows(p: torch.Tensor, class_name: str) -> tuple[torch.Tensor, RowShard | None]:
+    """A DTensor parameter's local values and where its rows lie (None: replicated, the
+    local tensor is the whole one). FSDP2's fully_shard shards dim 0 over a 1-D mesh;
+    other layouts are refused with what to use instead."""
     mesh, placements = p.device_mesh, p.placements
     if mesh.ndim != 1:
         raise TypeError(f"{class_name} steps DTensor parameters on a 1-D device mesh (fully_shard over one "
                         f"dimension); this one has a {mesh.ndim}-D mesh {tuple(mesh.shape)} (HSDP, tensor "
                         "parallelism), not supported yet")
-    grad = p.grad.to_local() if is_dtensor(p.grad) else p.grad
     local = p.to_local()
     if placements[0].is_replicate():
-        return local, grad, None
+        return local, None
     if not placements[0].is_shard(0):
         raise TypeError(f"{class_name} steps DTensor parameters sharded on dim 0 (fully_shard's default); this "
                         f"one has placement {placements[0]}; pass fully_shard(..., shard_placement_fn=None)")
     rows, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
     chunk = -(-rows // world)
     start = min(rank * chunk, rows)
-    if local.shape[0] != min(chunk, rows - start) or grad is None or grad.shape != local.shape:
+    if local.shape[0] != min(chunk, rows - start):
         raise RuntimeError(f"{class_name}: a parameter of shape {tuple(p.shape)} holds rows {tuple(local.shape)} "
                            f"on rank {rank} of {world}, not torch.chunk's split that FSDP2 uses")
-    return local, grad, RowShard(tuple(p.shape), start, mesh.get_group(), world)
+    return local, RowShard(tuple(p.shape), start, mesh.get_group(), world)
+
+
+def dtensor_grad(p: torch.Tensor, local: torch.Tensor, class_name: str) -> torch.Tensor:
+    """This rank's part of a DTensor parameter's gradient, laid out as its values."""
+    grad = p.grad.to_local() if is_dtensor(p.grad) else p.grad
+    if grad.shape != local.shape:
+        raise RuntimeError(f"{class_name}: a parameter of shape {tuple(p.shape)} holds rows {tuple(local.shape)} here, "
+                           f"its gradient {tuple(grad.shape)}: shard the gradient as the parameter")
+    return grad
 
 
 @functools.cache
