@@ -17,6 +17,7 @@ collectives one rank runs in one step (all-gather: the gathered buffer).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import statistics
@@ -163,7 +164,14 @@ def rank_main(rank: int, port: int, steps: int, out: str, shapes: list[tuple[int
             rows[(label, mode)] = (seconds, counter.bytes, counter.calls)
         torch.save(rows, os.path.join(out, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Garbage first: cycles still holding the process group (FSDP2's hooks, DTensors),
+    freed at exit after it is gone, abort the process now and then."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -3,6 +3,7 @@ on the ranks of a gloo process group (torch.multiprocessing.spawn's workers, imp
 by module name)."""
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -277,23 +278,59 @@ def fsdp2_resumed(case: Case, steps: range, load: str | None, save: str | None) 
     return [_whole(p) for p in params]
 
 
+def sharded_resumed(case: Case, steps: range, load: str | None, save: str | None) -> list[torch.Tensor]:
+    """fsdp2_resumed's run with shard=True (make_params' tensors, on this world)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    params = make_params(case.model)
+    model = torch.nn.ParameterList(params)
+    opt = optimizer(case, params, shard=True)
+    if load:
+        state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=load)
+        model.load_state_dict(state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+    for t in steps:
+        per_rank = [grads_of(case, r, t, params) for r in range(WORLD)]
+        for i, p in enumerate(params):
+            p.grad = _mean([g[i] for g in per_rank])
+        step(opt, sum(loss_of(r, t) for r in range(WORLD)) / WORLD)
+    if save:
+        dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=save)
+    return [p.detach().clone() for p in params]
+
+
+RESUMED = {"fsdp2": fsdp2_resumed, "shard": sharded_resumed}
+
+
 def dcp_worker(rank: int, world: int, port: int, out_dir: str, cases: list[Case], first_half: bool) -> None:
-    """On `world` ranks: first_half: every case's steps 0-4, checkpointed (a-<world>-<case>);
-    else resumed from the other world's checkpoint for steps 5-9 (results b-<world>-<case>)."""
+    """On `world` ranks, under FSDP2 and under shard=True: first_half: every case's steps 0-4,
+    checkpointed (a-<kind>-<world>-<case>); else resumed from the other world's checkpoint
+    for steps 5-9 (results b-<kind>-<world>-<case>)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         for case in cases:
-            if first_half:
-                fsdp2_resumed(case, range(STEPS // 2), None, os.path.join(out_dir, f"a-{world}-{case.name}"))
-            else:
-                other = os.path.join(out_dir, f"a-{3 - world}-{case.name}")
-                params = fsdp2_resumed(case, range(STEPS // 2, STEPS), other, None)
-                if rank == 0:
-                    torch.save(params, os.path.join(out_dir, f"b-{world}-{case.name}.pt"))
+            for kind, resumed in RESUMED.items():
+                if first_half:
+                    resumed(case, range(STEPS // 2), None, os.path.join(out_dir, f"a-{kind}-{world}-{case.name}"))
+                else:
+                    other = os.path.join(out_dir, f"a-{kind}-{3 - world}-{case.name}")
+                    params = resumed(case, range(STEPS // 2, STEPS), other, None)
+                    if rank == 0:
+                        torch.save(params, os.path.join(out_dir, f"b-{kind}-{world}-{case.name}.pt"))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Collect garbage first: cycles (FSDP2's hooks, DTensors) that still hold the process
+    group, freed at interpreter exit after the group is gone, abort the process (gloo's
+    threads: "terminate called without an active exception"), one run in three."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def worker(rank: int, port: int, out_dir: str, cases: list[Case], fsdp2_cases: list[Case]) -> None:
@@ -309,5 +346,5 @@ def worker(rank: int, port: int, out_dir: str, cases: list[Case], fsdp2_cases: l
         for case in fsdp2_cases:
             torch.save(fsdp2_run(rank, case), os.path.join(out_dir, f"fsdp2-{case.name}-{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 

@@ -186,14 +186,16 @@ def test_reduce_grads_needs_shard():
 
 
 
+@pytest.mark.parametrize("kind", ["fsdp2", "shard"])
 @pytest.mark.parametrize("spec", list(CLASSES))
-def test_dcp_checkpoint_resumes_on_another_world_size(dcp_runs, spec):
-    """torch.distributed.checkpoint with get/set_optimizer_state_dict: 5 steps under FSDP2 on
-    2 ranks, resumed on 1 for 5 more, and 1 -> 2; both equal 10 uninterrupted steps of one
-    process (the state, the network state and the loss buffer all carried)."""
+def test_dcp_checkpoint_resumes_on_another_world_size(dcp_runs, spec, kind):
+    """torch.distributed.checkpoint with get/set_optimizer_state_dict, under FSDP2 and under
+    shard=True: 5 steps on 2 ranks, resumed on 1 for 5 more, and 1 -> 2; both equal 10
+    uninterrupted steps of one process (the state, the network state and the loss buffer
+    all carried)."""
     oracle, results = dcp_runs
     for world in (1, 2):
-        for i, (got, want) in enumerate(zip(results[(spec, world)], oracle[spec])):
+        for i, (got, want) in enumerate(zip(results[(kind, spec, world)], oracle[(kind, spec)])):
             err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
             assert err <= 1e-6, f"resumed on {world} rank(s), tensor {i} {tuple(want.shape)}: relative error {err:.2e}"
 
@@ -207,8 +209,9 @@ def dcp_runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        oracle = {case.spec: fsdp2_oracle(case) for case in cases}
+        oracle = {("fsdp2", case.spec): fsdp2_oracle(case) for case in cases}
+        oracle.update({("shard", case.spec): single_process_run(case) for case in cases})
     finally:
         torch.set_num_threads(threads)
-    return oracle, {(case.spec, world): torch.load(f"{out}/b-{world}-{case.name}.pt") for case in cases
-                    for world in (1, 2)}
+    return oracle, {(kind, case.spec, world): torch.load(f"{out}/b-{kind}-{world}-{case.name}.pt")
+                    for kind in ("fsdp2", "shard") for case in cases for world in (1, 2)}

@@ -149,7 +149,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                              "DTensors, already sharded (FSDP2's fully_shard): leave shard unset")
         self._reference: Backend | None = None   # for FSDP2's shards, made at the first
         self._dtensors = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
-        if self._dtensors:
+        if self._dtensors or self._sharding is not None:   # ready for torch.distributed.checkpoint
             self._init_all_state()
 
     # --- checks ------------------------------------------------------------------------
@@ -366,18 +366,23 @@ class LearnedOptimizer(torch.optim.Optimizer):
         skipped.add_(skip.reshape(()))
 
     def _init_all_state(self) -> None:
-        """Every parameter's state and the optimizer-wide state, before the first step: what
-        torch.distributed.checkpoint's get/set_optimizer_state_dict expect of an optimizer
-        of FSDP2's parameters (else they step it once with zero gradients and no loss)."""
-        program = self.program
+        """Every parameter's state (under shard=..., this rank's) and the optimizer-wide
+        state, before the first step: what torch.distributed.checkpoint's
+        get/set_optimizer_state_dict expect (else they step once with zero gradients and
+        no loss, which a learned optimizer refuses)."""
+        program, sharding = self.program, self._sharding
+        if sharding is not None:
+            sharding.assign([(p, g) for g in self.param_groups for p in g["params"]], self._state_floats)
         device = None
         for group in self.param_groups:
             hyper = {k: float(group[k]) for k in program.hyperparameters}
             for p in group["params"]:
+                device = device or p.device
+                if sharding is not None and not sharding.owns(p) or p.numel() == 0:
+                    continue
                 values = dtensor_rows(p, program.class_name)[0] if is_dtensor(p) else p
                 axes, _, variant = self._route(p, group, hyper)
                 self.state[p].update(self._init_state(values, variant, axes))
-                device = device or values.device
         if program.needs_loss and device is not None:
             buffer = SpecNetwork(program.loss_buffer, {}, None, device)
             self.state["loss_buffer"] = buffer.initial_state(device)
@@ -393,8 +398,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if self.program.tensor_functions:
             out["state"] = {k: {n: v for n, v in s.items() if not is_scratch(n)} if isinstance(s, dict) else s
                             for k, s in out["state"].items()}
-        if self._dtensors:
+        if self._dtensors or self._sharding is not None:
             params = [p for g in self.param_groups for p in g["params"]]
+            if self._sharding is not None:   # an entry per parameter, as DCP's loader asks; others' are empty
+                out["state"] = {**{i: {} for i in range(len(params))}, **out["state"]}
             out["state"] = fold_global_state({k: self._as_dtensors(params[k], s) if isinstance(k, int) else s
                                               for k, s in out["state"].items()})
         return out
