@@ -399,28 +399,27 @@ class LearnedOptimizer(torch.optim.Optimizer):
             out["state"] = {k: {n: v for n, v in s.items() if not is_scratch(n)} if isinstance(s, dict) else s
                             for k, s in out["state"].items()}
         if self._dtensors or self._sharding is not None:
-            params = [p for g in self.param_groups for p in g["params"]]
+            params = [(p, g) for g in self.param_groups for p in g["params"]]
             if self._sharding is not None:   # an entry per parameter, as DCP's loader asks; others' are empty
                 out["state"] = {**{i: {} for i in range(len(params))}, **out["state"]}
-            out["state"] = fold_global_state({k: self._as_dtensors(params[k], s) if isinstance(k, int) else s
+            out["state"] = fold_global_state({k: self._as_dtensors(*params[k], s) if isinstance(k, int) else s
                                               for k, s in out["state"].items()})
         return out
 
-    def _accumulator_layout(self, p: torch.Tensor, key: str) -> tuple[bool, list[int]]:
+    def _accumulator_layout(self, p: torch.Tensor, group: dict, key: str) -> tuple[bool, list[int]]:
         """Whether a state value of p keeps p's dim 0, and its shape for the whole of p."""
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         axes, _, variant = self._route(p, group, {k: float(group[k]) for k in self.program.hyperparameters})
         level, channels = self.program.state_levels[key][variant]
         return has_rows(level, axes), [channels, *level_shape(tuple(p.shape), level, axes)]
 
-    def _as_dtensors(self, p: torch.Tensor, entry: dict[str, Any]) -> dict[str, Any]:
+    def _as_dtensors(self, p: torch.Tensor, group: dict, entry: dict[str, Any]) -> dict[str, Any]:
         if not is_dtensor(p):
             return entry
         shard = dtensor_rows(p, self.program.class_name)[1]
         out = {}
         for key, value in entry.items():
             if key in self.program.state_levels:
-                rows, whole = self._accumulator_layout(p, key)
+                rows, whole = self._accumulator_layout(p, group, key)
                 value = sharded_accumulator(value, p, shard, rows, whole)
             out[key] = value
         return out
@@ -430,19 +429,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
         # (bf16 accumulators would lose the round trip), so restore it as saved.
         state_dict = {**state_dict, "state": unfold_global_state(state_dict["state"])}
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for index, p in zip(saved_ids, params):
+        for index, (p, group) in zip(saved_ids, params):
             if index in state_dict["state"]:
-                self.state[p] = {k: self._restore(k, v, p) for k, v in state_dict["state"][index].items()}
+                self.state[p] = {k: self._restore(k, v, p, group) for k, v in state_dict["state"][index].items()}
 
-    def _restore(self, key: str, value: Any, p: torch.Tensor) -> Any:
+    def _restore(self, key: str, value: Any, p: torch.Tensor, group: dict) -> Any:
         if not torch.is_tensor(value):
             return value
         accumulator = key in self.program.state_levels
         if is_dtensor(p):
             local, shard = dtensor_rows(p, self.program.class_name)
-            rows = accumulator and self._accumulator_layout(p, key)[0]
+            rows = accumulator and self._accumulator_layout(p, group, key)[0]
             value, device = local_accumulator(value, shard, rows, local.shape[0] if local.dim() else 0), local.device
         else:
             device = p.device
