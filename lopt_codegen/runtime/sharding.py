@@ -133,10 +133,10 @@ class TensorSharding:
         earlier param, the lower rank). The same answer on every rank, and an owner never
         changes, so state never moves between ranks."""
         new = [(i, p, cost(p, group)) for i, (p, group) in enumerate(params) if id(p) not in self._owner]
-        for _, p, cost in sorted(new, key=lambda ipc: (-ipc[2], ipc[0])):
+        for _, p, floats in sorted(new, key=lambda ipc: (-ipc[2], ipc[0])):
             rank = min(range(self.world), key=lambda r: (self._load[r], r))
             self._owner[id(p)] = rank
-            self._load[rank] += max(cost, 1)
+            self._load[rank] += max(floats, 1)
 
     def owns(self, p: torch.Tensor) -> bool:
         return self._owner[id(p)] == self.rank
