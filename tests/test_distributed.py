@@ -117,15 +117,16 @@ def test_fsdp2_step_equals_one_process(runs, case):
     _assert_equals_one_process(runs, ("fsdp2", case))
 
 
-@pytest.mark.parametrize("spec", [s for s in CLASSES if s not in ("celo2", "elo_celo2")])
+@pytest.mark.parametrize("spec", list(CLASSES))
 def test_fsdp2_collectives_do_not_grow_with_the_tensors(runs, spec):
-    """8 tensors or 24: the same collectives, one all-reduce per round of whole-tensor
-    reductions (none for Adam, all element-wise) and one for the loss; fewer than one per
-    tensor. (CELO2's Newton-Schulz gathers each matrix.)"""
+    """8 tensors or 24: the same collectives, per round of whole-tensor values one
+    all-reduce (reductions; none for Adam, all element-wise) and one all-gather (CELO2's
+    Newton-Schulz arguments), and one all-reduce for the loss; fewer than one per tensor."""
     _, ranks = runs
     small, deep = (ranks[("fsdp2", Case(spec, model=m))][0]["collectives"] for m in ("conv", "deep"))
-    assert small == deep and set(small) <= {"all_reduce"}, (small, deep)
+    assert small == deep and set(small) <= {"all_reduce", "all_gather"}, (small, deep)
     assert (spec == "adam") == (not small) and sum(small.values()) < 8, small
+    assert ("all_gather" in small) == spec.endswith("celo2"), small
 
 
 def test_fsdp2_training_with_the_optimizer_unchanged(runs):

@@ -182,15 +182,15 @@ class ReferenceBackend(Backend):
         evaluators = [TensorEvaluator(task, batch) for task in batch.tasks]
         sharded = any(task.shard is not None for task in batch.tasks)   # FSDP2's rows of each tensor
         if sharded:
-            from .sharded import ShardedEvaluator, whole_tensor_reductions   # (it builds on this module)
+            from .sharded import ShardedEvaluator, whole_tensor_values   # (it builds on this module)
             evaluators = [ShardedEvaluator(t, batch) if t.shard is not None else TensorEvaluator(t, batch)
                           for t in batch.tasks]
         if batch.network is not None:
             if sharded:
-                whole_tensor_reductions(program, evaluators, network_inputs=True)
+                whole_tensor_values(program, evaluators, network_inputs=True)
             self._run_network(batch, evaluators)
         if sharded:
-            whole_tensor_reductions(program, evaluators, network_inputs=False)
+            whole_tensor_values(program, evaluators, network_inputs=False)
         for ev, task in zip(evaluators, batch.tasks):
             graph = program.variants[task.variant]
             names = [n for n in graph.accumulators if not is_scratch(n)]   # it evaluates calls directly

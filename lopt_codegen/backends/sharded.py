@@ -3,10 +3,11 @@ rank holds some rows of every tensor and steps them in place.
 
 Element work needs only the rank's rows. A reduction that removes dim 0 from a value that
 has it (a tensor mean, the mean over d0 when d0 is dim 0, ...) needs every rank's rows:
-each rank sums its own, and the sums are all-reduced. The reductions are taken in
-rounds (a round's reductions read only earlier rounds' results), and each round is one
-all-reduce of one flat buffer for all tensors together, whatever their number. A tensor
-function (Newton-Schulz on a whole matrix) gathers its tensor's rows first.
+each rank sums its own, and the sums are all-reduced. A tensor function (Newton-Schulz
+on a whole matrix) needs the whole tensor: its arguments' rows are all-gathered. Both
+are taken in rounds (a round's values read only earlier rounds'), and each round is
+one all-reduce and one all-gather of flat buffers for all tensors together, whatever
+their number.
 """
 from __future__ import annotations
 
@@ -46,35 +47,32 @@ def _chunk_rows(rows: int, world: int) -> int:
     return -(-rows // world) if rows else 0
 
 
-class ShardedEvaluator(TensorEvaluator):
-    """A sharded tensor's evaluator: tensor functions run on the whole tensor, gathered."""
+def _needs_whole(node: Node, axes: tuple[int, int] | None, ndim: int) -> bool:
+    """A reduction across the ranks' rows, or a tensor function of element values."""
+    if node.op == "call":
+        return any(a.level == Level.ELEMENT for a in node.args)
+    return crosses_ranks(node, axes, ndim)
 
-    def call(self, node: Node, args: list[torch.Tensor]) -> torch.Tensor:
-        shard = self.task.shard
-        c = self.channel_dim + 1   # the dim of the parameter's rows in a value
-        whole = [gather_rows(v, shard, c) if a.level == Level.ELEMENT else v for a, v in zip(node.args, args)]
+
+class ShardedEvaluator(TensorEvaluator):
+    """A sharded tensor's evaluator: whole_tensor_values computes its reductions and tensor
+    functions before it evaluates anything else."""
+
+    def call_whole(self, node: Node, whole: list[torch.Tensor]) -> torch.Tensor:
+        """A tensor function of the whole tensor's values (element ones gathered): this rank's rows."""
         out = super().call(node, whole)
         if node.level == Level.ELEMENT:
-            out = out.narrow(c, shard.start, self.task.param.shape[0])
-        self.known[id(node)] = out   # once per step: later evaluations read it
+            out = out.narrow(self.channel_dim + 1, self.task.shard.start, self.task.param.shape[0])
         return out
 
 
-def gather_rows(x: torch.Tensor, shard: RowShard, dim: int) -> torch.Tensor:
-    """Every rank's rows of x (rows along `dim`), in order: the whole tensor's values."""
-    rows, chunk = x.shape[dim], _chunk_rows(shard.shape[0], shard.world)
-    padded = torch.zeros(*x.shape[:dim], chunk, *x.shape[dim + 1:], dtype=x.dtype, device=x.device)
-    padded.narrow(dim, 0, rows).copy_(x)
-    parts = [torch.empty_like(padded) for _ in range(shard.world)]
-    dist.all_gather(parts, padded.contiguous(), group=shard.group)
-    return torch.cat(parts, dim).narrow(dim, 0, shard.shape[0])
-
-
-def whole_tensor_reductions(program: Program, evaluators: list[TensorEvaluator], network_inputs: bool) -> None:
-    """Each sharded tensor's reductions across ranks, into its evaluator's known values:
-    round by round, one all-reduce per round for all tensors. First those the network's
-    inputs read (network_inputs=True), then, after the network, the rest."""
-    pending = []   # (evaluator, {round: [reductions]})
+def whole_tensor_values(program: Program, evaluators: list[TensorEvaluator], network_inputs: bool) -> None:
+    """Each sharded tensor's reductions across ranks and tensor functions, into its
+    evaluator's known values, round by round: a round's values read only earlier rounds',
+    and each round is one all-reduce (the reductions' sums) and one all-gather (the tensor
+    functions' arguments) for all tensors together. First what the network's inputs read
+    (network_inputs=True), then, after the network, the rest."""
+    pending = []   # (evaluator, {round: [nodes]})
     for ev in evaluators:
         task = ev.task
         if task.shard is None:
@@ -85,31 +83,71 @@ def whole_tensor_reductions(program: Program, evaluators: list[TensorEvaluator],
         depth: dict[int, int] = {}
         for n in topo_order(roots, ev.known):
             d = max((depth[id(a)] for a in n.args if id(n) not in ev.known), default=0)
-            if id(n) not in ev.known and crosses_ranks(n, task.axes, len(task.shape)):
+            if id(n) not in ev.known and _needs_whole(n, task.axes, len(task.shape)):
                 rounds.setdefault(d, []).append(n)
                 d += 1
             depth[id(n)] = d
         pending.append((ev, rounds))
     last = max((max(r, default=-1) for _, r in pending), default=-1)
     for k in range(last + 1):
-        parts, places = [], []
+        sums, calls = [], []   # (evaluator, node, its local sum / its argument values)
         for ev, rounds in pending:
             nodes = rounds.get(k, [])
-            if not nodes:
-                continue
-            values = ev.evaluate([n.args[0] for n in nodes])
-            for n, x in zip(nodes, values):
-                parts.append(_local_sum(n, x, ev))
-                places.append((ev, n))
-        if not parts:
-            continue
-        flat = torch.cat([p.reshape(-1) for p in parts])
-        dist.all_reduce(flat, group=places[0][0].task.shard.group)
-        offset = 0
-        for (ev, n), part in zip(places, parts):
-            total = flat[offset:offset + part.numel()].view(part.shape)
-            offset += part.numel()
-            ev.known[id(n)] = total / _count(n, ev)
+            values = iter(ev.evaluate([a for n in nodes for a in (n.args if n.op == "call" else n.args[:1])]))
+            for n in nodes:
+                if n.op == "call":
+                    calls.append((ev, n, [next(values) for _ in n.args]))
+                else:
+                    sums.append((ev, n, _local_sum(n, next(values), ev)))
+        if sums:
+            _all_reduce_means(sums)
+        if calls:
+            _gather_and_call(calls)
+
+
+def _all_reduce_means(sums: list[tuple[ShardedEvaluator, Node, torch.Tensor]]) -> None:
+    flat = torch.cat([part.reshape(-1) for _, _, part in sums])
+    dist.all_reduce(flat, group=sums[0][0].task.shard.group)
+    offset = 0
+    for ev, n, part in sums:
+        total = flat[offset:offset + part.numel()].view(part.shape)
+        offset += part.numel()
+        ev.known[id(n)] = total / _count(n, ev)
+
+
+def _gather_and_call(calls: list[tuple[ShardedEvaluator, Node, list[torch.Tensor]]]) -> None:
+    """Every rank's rows of the calls' element arguments in one all-gather (each padded to
+    torch.chunk's rows per rank, so every rank sends as much), then the calls."""
+    padded = []
+    for ev, n, args in calls:
+        shard, dim = ev.task.shard, ev.channel_dim + 1
+        chunk = _chunk_rows(shard.shape[0], shard.world)
+        for a, x in zip(n.args, args):
+            if a.level == Level.ELEMENT:
+                part = torch.zeros(*x.shape[:dim], chunk, *x.shape[dim + 1:], dtype=x.dtype, device=x.device)
+                part.narrow(dim, 0, x.shape[dim]).copy_(x)
+                padded.append(part)
+    shard = calls[0][0].task.shard
+    mine = torch.cat([p.reshape(-1) for p in padded])
+    everyone = torch.empty(shard.world * mine.numel(), dtype=mine.dtype, device=mine.device).view(shard.world, -1)
+    _all_gather(everyone.view(-1), mine, shard.group)
+    offset, parts = 0, iter(padded)
+    for ev, n, args in calls:
+        dim, rows = ev.channel_dim + 1, ev.task.shard.shape[0]
+        whole = []
+        for a, x in zip(n.args, args):
+            if a.level == Level.ELEMENT:
+                part = next(parts)
+                pieces = everyone[:, offset:offset + part.numel()].reshape(shard.world, *part.shape)
+                offset += part.numel()
+                x = torch.cat(list(pieces.unbind(0)), dim).narrow(dim, 0, rows)
+            whole.append(x)
+        ev.known[id(n)] = ev.call_whole(n, whole)
+
+
+def _all_gather(out: torch.Tensor, mine: torch.Tensor, group) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, mine, group=group)
 
 
 def _local_sum(node: Node, x: torch.Tensor, ev: TensorEvaluator) -> torch.Tensor:
