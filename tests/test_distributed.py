@@ -1,7 +1,8 @@
-"""The sharded data-parallel step (`shard=True`) on 2 gloo processes equals one process
-stepping the ranks' mean gradient, for every built-in spec on the reference and tvm
-backends, with each rank keeping only its tensors' state and one collective per kind of
-whole-step value, whatever the number of tensors."""
+"""Distributed steps on 2 gloo processes, for every built-in spec on the reference and tvm
+backends: the sharded data-parallel step (`shard=True`) and FSDP2 (`fully_shard`) each
+equal one process stepping the ranks' mean gradient with their mean loss; each rank of
+`shard=True` keeps only its tensors' state; the collectives per step do not grow with
+the number of tensors; torch.distributed.checkpoint resumes a run on another world size."""
 from __future__ import annotations
 
 import socket
