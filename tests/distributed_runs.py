@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -92,11 +93,16 @@ def single_process_run(case: Case, params: list[torch.Tensor] | None = None) -> 
     params = make_params(case.model) if params is None else params
     opt = optimizer(case, params)
     for t in range(STEPS):
-        per_rank = [grads_of(case, r, t, params) for r in range(WORLD)]
-        for i, p in enumerate(params):
-            p.grad = _mean([g[i] for g in per_rank])
+        for p, g in zip(params, mean_grads(case, t, params)):
+            p.grad = g
         step(opt, sum(loss_of(r, t) for r in range(WORLD)) / WORLD)
     return [p.detach().clone() for p in params]
+
+
+def mean_grads(case: Case, step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The ranks' mean gradient of each tensor at `step`, as DDP or FSDP2 leave it."""
+    per_rank = [grads_of(case, r, step, params) for r in range(WORLD)]
+    return [_mean(list(gs)) for gs in zip(*per_rank)]
 
 
 def _mean(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -111,10 +117,10 @@ def sharded_run(rank: int, case: Case) -> dict:
     opt = optimizer(case, params, shard=True, reduce_grads=case.reduce_grads)
     calls: Counter = Counter()
     for t in range(STEPS):
-        per_rank = [grads_of(case, r, t, params) for r in range(WORLD)]
-        for i, p in enumerate(params):
-            p.grad = per_rank[rank][i].clone() if case.reduce_grads else _mean([g[i] for g in per_rank])
-        with _counting(calls) if t == STEPS - 1 else _nothing():
+        grads = grads_of(case, rank, t, params) if case.reduce_grads else mean_grads(case, t, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        with _counting(calls) if t == STEPS - 1 else nullcontext():
             step(opt, loss_of(rank, t))
     return {"params": [p.detach().clone() for p in params], "collectives": dict(calls),
             "state_numel": parameter_state_numel(opt),
@@ -195,10 +201,9 @@ def fsdp2_run(rank: int, case: Case) -> dict:
     opt = optimizer(case, params)
     calls: Counter = Counter()
     for t in range(STEPS):
-        per_rank = [grads_of(case, r, t, params) for r in range(WORLD)]
-        for i, p in enumerate(params):
-            p.grad = distribute_tensor(_mean([g[i] for g in per_rank]), p.device_mesh, p.placements)
-        with _counting(calls) if t == STEPS - 1 else _nothing():
+        for p, g in zip(params, mean_grads(case, t, params)):
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements)
+        with _counting(calls) if t == STEPS - 1 else nullcontext():
             step(opt, loss_of(rank, t))
     return {"params": [_whole(p) for p in params], "collectives": dict(calls)}
 
@@ -210,14 +215,6 @@ def fsdp2_oracle(case: Case) -> list[torch.Tensor]:
 def parameter_state_numel(opt) -> int:
     """Floats of per-parameter state (global state, such as the loss buffer, is on every rank)."""
     return sum(v.numel() for p, s in opt.state.items() if torch.is_tensor(p) for v in s.values() if torch.is_tensor(v))
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _counting:
@@ -268,9 +265,8 @@ def fsdp2_resumed(case: Case, steps: range, load: str | None, save: str | None) 
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, opt, state["optim"])
     for t in steps:
-        per_rank = [grads_of(case, r, t, params) for r in range(WORLD)]
-        for i, p in enumerate(params):
-            p.grad = distribute_tensor(_mean([g[i] for g in per_rank]), p.device_mesh, p.placements)
+        for p, g in zip(params, mean_grads(case, t, params)):
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements)
         step(opt, sum(loss_of(r, t) for r in range(WORLD)) / WORLD)
     if save:
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
@@ -292,9 +288,8 @@ def sharded_resumed(case: Case, steps: range, load: str | None, save: str | None
         model.load_state_dict(state["model"])
         set_optimizer_state_dict(model, opt, state["optim"])
     for t in steps:
-        per_rank = [grads_of(case, r, t, params) for r in range(WORLD)]
-        for i, p in enumerate(params):
-            p.grad = _mean([g[i] for g in per_rank])
+        for p, g in zip(params, mean_grads(case, t, params)):
+            p.grad = g
         step(opt, sum(loss_of(r, t) for r in range(WORLD)) / WORLD)
     if save:
         dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=save)

@@ -12,34 +12,40 @@ their number.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from ..ir.nodes import Level, Node, level_shape, topo_order
+from ..ir.nodes import REDUCE, Level, Node, level_shape, topo_order
 from ..ir.program import Program
 from .base import RowShard
 from .reference import TensorEvaluator
 
-_REMOVES = {"mean": None, "mean_d0": 0, "mean_d1": 1}   # op -> the factored axis it removes (None: all)
+def has_rows(level: Level, axes: tuple[int, int] | None, ndim: int) -> bool:
+    """Whether a value at `level` of a parameter with ndim axes keeps dim 0 (the sharded one)."""
+    return ndim > 0 and level_shape((2,) * ndim, level, axes)[0] == 2
 
 
-def has_rows(level: Level, axes: tuple[int, int] | None) -> bool:
-    """Whether a value at `level` keeps dim 0 (the sharded one)."""
-    if level == Level.ELEMENT:
-        return True
-    if level in (Level.STEP, Level.TENSOR):
-        return False
-    dropped = {Level.ROW: {axes[0]}, Level.COL: {axes[1]}, Level.BATCH: set(axes)}[level]
-    return 0 not in dropped
+def _removed_axis(node: Node) -> int | None:
+    """The factored axis (0: d0, 1: d1) a reduction removes; None: every axis."""
+    return {None: None, "d0": 0, "d1": 1}[REDUCE[node.op]]
 
 
 def crosses_ranks(node: Node, axes: tuple[int, int] | None, ndim: int) -> bool:
     """A reduction that removes dim 0 from a value that has it: it needs every rank's rows."""
-    if node.op not in _REMOVES or ndim == 0 or not has_rows(node.args[0].level, axes):
+    if node.op not in REDUCE or not has_rows(node.args[0].level, axes, ndim):
         return False
-    axis = _REMOVES[node.op]
+    axis = _removed_axis(node)
     return axis is None or axes[axis] == 0
+
+
+def collective(name: str) -> Callable:
+    """torch's all_gather / reduce_scatter of single tensors, under its newer name where it
+    has one (all_gather_single; older: all_gather_into_tensor)."""
+    new = {"all_gather": "all_gather_single", "reduce_scatter": "reduce_scatter_single"}[name]
+    old = {"all_gather": "all_gather_into_tensor", "reduce_scatter": "reduce_scatter_tensor"}[name]
+    return getattr(dist, new, None) or getattr(dist, old)
 
 
 def _chunk_rows(rows: int, world: int) -> int:
@@ -82,8 +88,11 @@ def whole_tensor_values(program: Program, evaluators: list[TensorEvaluator], net
         rounds: dict[int, list[Node]] = {}
         depth: dict[int, int] = {}
         for n in topo_order(roots, ev.known):
-            d = max((depth[id(a)] for a in n.args if id(n) not in ev.known), default=0)
-            if id(n) not in ev.known and _needs_whole(n, task.axes, len(task.shape)):
+            if id(n) in ev.known:   # a value at hand: its args were not visited
+                depth[id(n)] = 0
+                continue
+            d = max((depth[id(a)] for a in n.args), default=0)
+            if _needs_whole(n, task.axes, len(task.shape)):
                 rounds.setdefault(d, []).append(n)
                 d += 1
             depth[id(n)] = d
@@ -130,7 +139,7 @@ def _gather_and_call(calls: list[tuple[ShardedEvaluator, Node, list[torch.Tensor
     shard = calls[0][0].task.shard
     mine = torch.cat([p.reshape(-1) for p in padded])
     everyone = torch.empty(shard.world * mine.numel(), dtype=mine.dtype, device=mine.device).view(shard.world, -1)
-    _all_gather(everyone.view(-1), mine, shard.group)
+    collective("all_gather")(everyone.view(-1), mine, group=shard.group)
     offset, parts = 0, iter(padded)
     for ev, n, args in calls:
         dim, rows = ev.channel_dim + 1, ev.task.shard.shape[0]
@@ -145,15 +154,10 @@ def _gather_and_call(calls: list[tuple[ShardedEvaluator, Node, list[torch.Tensor
         ev.known[id(n)] = ev.call_whole(n, whole)
 
 
-def _all_gather(out: torch.Tensor, mine: torch.Tensor, group) -> None:
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, mine, group=group)
-
-
 def _local_sum(node: Node, x: torch.Tensor, ev: TensorEvaluator) -> torch.Tensor:
     """This rank's part of the reduction: the sum its mean would take, over its rows."""
     c, axes = ev.channel_dim, ev.task.axes
-    axis = _REMOVES[node.op]
+    axis = _removed_axis(node)
     dims = tuple(range(c + 1, c + 1 + ev.ndim)) if axis is None else (c + 1 + axes[axis],)
     return x.sum(dim=dims, keepdim=True)
 

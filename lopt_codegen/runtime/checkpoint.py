@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..backends.base import RowShard
+from .sharding import is_dtensor
 
 GLOBAL = "__global."
 
@@ -71,8 +72,6 @@ def sharded_accumulator(local: torch.Tensor, p: torch.Tensor, shard: RowShard | 
 def local_accumulator(value: torch.Tensor, shard: RowShard | None, has_rows: bool, rows: int) -> torch.Tensor:
     """This rank's part of a saved accumulator: a DTensor's local values (DCP has
     resharded it onto this mesh), or the rows of a whole one (a checkpoint of one process)."""
-    from .sharding import is_dtensor
-
     if is_dtensor(value):
         return value.to_local()
     if shard is not None and has_rows and value.dim() > 1 and value.shape[1] == shard.shape[0]:

@@ -216,13 +216,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
                                        for part in ("weight", "bias")]
         return self._mlp_cache[device]
 
+    def _loss_buffer(self, device: torch.device) -> SpecNetwork:
+        if device not in self._loss_buffers:
+            self._loss_buffers[device] = SpecNetwork(self.program.loss_buffer, {}, None, device)
+        return self._loss_buffers[device]
+
     def _loss_features(self, loss: torch.Tensor, group: dict, skip: torch.Tensor | None = None) -> torch.Tensor:
         """The loss buffer's step (one per optimizer: the first group's hyperparameters, such
         as VeLO's horizon num_steps, define it); its state is self.state["loss_buffer"]."""
         device = loss.device
-        if device not in self._loss_buffers:
-            self._loss_buffers[device] = SpecNetwork(self.program.loss_buffer, {}, None, device)
-        buffer = self._loss_buffers[device]
+        buffer = self._loss_buffer(device)
         hyper = {k: float(group[k]) for k in self.program.hyperparameters if group.get(k) is not None}
         state = self.state.setdefault("loss_buffer", buffer.initial_state(device))
         scope = buffer.run({"loss": loss.reshape(1, 1), **{k: v.reshape(1, -1) for k, v in state.items()}}, hyper)
@@ -324,10 +327,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 tasks.append(TensorTask(values, grad, state, task_hyper, variant, axes, row_shard))
         return tasks, mesh_group
 
-    def _route(self, p: torch.Tensor, group: dict, hyper: dict[str, float]
+    def _route(self, p: torch.Tensor, group: dict, hyper: dict[str, float] | None = None
                ) -> tuple[tuple[int, int] | None, dict[str, float], str]:
-        """The tensor's factored axes, its hyperparameters and the graph it takes."""
+        """The tensor's factored axes, its hyperparameters (hyper: its group's, when at hand)
+        and the graph it takes."""
         program = self.program
+        if hyper is None:
+            hyper = {k: float(group[k]) for k in program.hyperparameters}
         axes = factored_axes(tuple(p.shape), program.factored_axes)
         if self._parameter_values:
             hyper = {**hyper, **_parameter_values(p, group, self._parameter_values)}
@@ -336,7 +342,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _state_floats(self, p: torch.Tensor, group: dict) -> int:
         """The floats of state the tensor keeps: what a sharded step balances over the ranks."""
         program = self.program
-        axes, _, variant = self._route(p, group, {k: float(group[k]) for k in program.hyperparameters})
+        axes, _, variant = self._route(p, group)
         floats = sum(channels * math.prod(level_shape(p.shape, level, axes))
                      for per in program.state_levels.values() if variant in per for level, channels in [per[variant]])
         return floats + (sum(c for _, c in program.network.state.values()) if program.network is not None else 0)
@@ -384,8 +390,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 axes, _, variant = self._route(p, group, hyper)
                 self.state[p].update(self._init_state(values, variant, axes))
         if program.needs_loss and device is not None:
-            buffer = SpecNetwork(program.loss_buffer, {}, None, device)
-            self.state["loss_buffer"] = buffer.initial_state(device)
+            self.state["loss_buffer"] = self._loss_buffer(device).initial_state(device)
         if self._skips_nonfinite and device is not None:
             self.state["skipped_steps"] = torch.zeros((), device=device)
 
@@ -408,9 +413,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _accumulator_layout(self, p: torch.Tensor, group: dict, key: str) -> tuple[bool, list[int]]:
         """Whether a state value of p keeps p's dim 0, and its shape for the whole of p."""
-        axes, _, variant = self._route(p, group, {k: float(group[k]) for k in self.program.hyperparameters})
+        axes, _, variant = self._route(p, group)
         level, channels = self.program.state_levels[key][variant]
-        return has_rows(level, axes), [channels, *level_shape(tuple(p.shape), level, axes)]
+        return has_rows(level, axes, p.dim()), [channels, *level_shape(tuple(p.shape), level, axes)]
 
     def _as_dtensors(self, p: torch.Tensor, group: dict, entry: dict[str, Any]) -> dict[str, Any]:
         if not is_dtensor(p):

@@ -30,15 +30,9 @@ import torch
 import torch.distributed as dist
 
 from ..backends.base import RowShard
+from ..backends.sharded import collective
 
 _ALIGN_BYTES = 16   # each tensor's bytes in a flat buffer start here: any dtype views them
-
-
-def _collective(name: str):
-    """torch's newer name of a collective where it has one (all_gather_single, ...)."""
-    new = {"all_gather": "all_gather_single", "reduce_scatter": "reduce_scatter_single"}[name]
-    old = {"all_gather": "all_gather_into_tensor", "reduce_scatter": "reduce_scatter_tensor"}[name]
-    return getattr(dist, new, None) or getattr(dist, old)
 
 
 def agree(group: dist.ProcessGroup | None, loss: torch.Tensor | None, skip: torch.Tensor | None
@@ -163,7 +157,7 @@ class TensorSharding:
             start = self._owner[id(p)] * words + layout.offsets[id(p)] // 4
             flat[start:start + p.numel()].copy_(p.grad.reshape(-1))
         mine = torch.empty(words, dtype=torch.float32, device=flat.device)
-        _collective("reduce_scatter")(mine, flat, group=self.group)
+        collective("reduce_scatter")(mine, flat, group=self.group)
         mine.div_(self.world)
         for p in params:
             if self.owns(p):
@@ -194,7 +188,7 @@ class TensorSharding:
                 data = p.detach().reshape(-1).view(torch.uint8)
                 mine[layout.offsets[id(p)]:layout.offsets[id(p)] + data.numel()].copy_(data)
         everyone = torch.empty(self.world * layout.chunk, dtype=torch.uint8, device=mine.device)
-        _collective("all_gather")(everyone, mine, group=self.group)
+        collective("all_gather")(everyone, mine, group=self.group)
         for p in params:
             if not self.owns(p):
                 start = self._owner[id(p)] * layout.chunk + layout.offsets[id(p)]
