@@ -39,11 +39,10 @@ OURS = [("Adam (ours)", "adam"), ("VeLO", "velo"), ("small_fc_lopt", "small_fc_l
 # Rows: (optimizer, how it is made: "adamw" or "ours:<spec>:<backend>", sharding).
 # "zero": shard=True on gradients averaged by DDP (AdamW: ZeroRedundancyOptimizer);
 # "reduce_grads": shard=True, reduce_grads=True; "fsdp2": fully_shard's DTensors, the
-# optimizer unchanged (ours step them on the reference backend for now).
+# optimizer unchanged.
 ROWS = [("AdamW (fused)", "adamw", "zero")] + [(f"{name}, tvm", f"ours:{spec}:tvm", mode)
                                               for mode in ("zero", "reduce_grads") for name, spec in OURS] + \
-    [("AdamW (foreach)", "adamw", "fsdp2")] + [(f"{name}, reference", f"ours:{spec}:reference", "fsdp2")
-                                               for name, spec in OURS]
+    [("AdamW (foreach)", "adamw", "fsdp2")] + [(f"{name}, tvm", f"ours:{spec}:tvm", "fsdp2") for name, spec in OURS]
 CLASSES = {"adam": "Adam", "velo": "VeLO", "small_fc_lopt": "SmallFcLopt"}
 QUICK = {"vocab": 64, "width": 16, "context": 8, "blocks": 1}
 

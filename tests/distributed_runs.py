@@ -81,10 +81,12 @@ def optimizer(case: Case, params: list[torch.Tensor], **options):
     return cls(params, lr=0.01, backend=case.backend, **kwargs, **options)
 
 
-def step(opt, loss: torch.Tensor) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # auto's reasons, hub notices
+def step(opt, loss: torch.Tensor) -> list[str]:
+    """One step; returns its warnings (auto's reasons, hub notices: not errors here)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         opt.step(loss=loss) if opt.program.needs_loss else opt.step()
+    return [str(w.message) for w in caught]
 
 
 def single_process_run(case: Case, params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -130,11 +132,17 @@ def sharded_run(rank: int, case: Case) -> dict:
 
 def conv_model(blocks: int = 0) -> torch.nn.Module:
     """A conv layer, an odd linear layer, a norm, `blocks` more linear + norm pairs, and a
-    1-output layer (under FSDP2 on 2 ranks: rows split 3 + 2, and 1 + 0)."""
+    1-output layer (under FSDP2 on 2 ranks: rows split 3 + 2, and 1 + 0). Every parameter
+    random, the norms' too: a tensor that starts at zero holds only its few updates, whose
+    rounding (sums taken in another order on 2 ranks) is then large relative to it."""
     torch.manual_seed(0)
     extra = [m for _ in range(blocks) for m in (torch.nn.Linear(5, 5), torch.nn.LayerNorm(5))]
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                               torch.nn.Linear(4 * 4 * 4, 5), torch.nn.LayerNorm(5), *extra, torch.nn.Linear(5, 1))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 4 * 4, 5), torch.nn.LayerNorm(5), *extra, torch.nn.Linear(5, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.5)
+    return model
 
 
 def batch_of(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,19 +201,21 @@ def _whole(p: torch.Tensor) -> torch.Tensor:
 def fsdp2_run(rank: int, case: Case) -> dict:
     """One rank's run under FSDP2 (the conv model's parameters as DTensors, sharded on dim 0:
     uneven, and empty on rank 1 for the last layer), the ranks' mean gradient as FSDP2's
-    reduce-scatter leaves it."""
+    reduce-scatter leaves it; with the warnings of tensors stepped on the reference backend
+    instead of the case's."""
     from torch.distributed.tensor import distribute_tensor
 
     model = _fsdp2(conv_model(BLOCKS[case.model]))
     params = list(model.parameters())
     opt = optimizer(case, params)
     calls: Counter = Counter()
+    fallbacks = set()
     for t in range(STEPS):
         for p, g in zip(params, mean_grads(case, t, params)):
             p.grad = distribute_tensor(g, p.device_mesh, p.placements)
         with _counting(calls) if t == STEPS - 1 else nullcontext():
-            step(opt, loss_of(rank, t))
-    return {"params": [_whole(p) for p in params], "collectives": dict(calls)}
+            fallbacks.update(m for m in step(opt, loss_of(rank, t)) if "reference backend" in m)
+    return {"params": [_whole(p) for p in params], "collectives": dict(calls), "fallbacks": sorted(fallbacks)}
 
 
 def fsdp2_oracle(case: Case) -> list[torch.Tensor]:

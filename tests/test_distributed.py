@@ -19,7 +19,7 @@ from lopt_codegen.ir.nodes import topo_order
 CASES = [Case(spec, backend, reduce_grads) for spec in CLASSES for backend in ("reference", "tvm")
          for reduce_grads in (False, True)]
 FSDP2 = [Case(spec, backend, model=model) for spec in CLASSES for backend in ("reference", "tvm")
-         for model in ("conv", "deep")]
+         for model in ("conv", "deep")] + [Case(spec, "cuda") for spec in ("velo", "celo2")]   # the host build
 EDGES = [
     Case("velo", model="one"), Case("elo", model="one", reduce_grads=True),   # a rank owns no tensor
     Case("small_fc_lopt", model="bf16", reduce_grads=True), Case("velo", "tvm", model="bf16"),
@@ -114,17 +114,20 @@ def test_a_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(runs, skip_c
 @pytest.mark.parametrize("case", FSDP2, ids=[c.name for c in FSDP2])
 def test_fsdp2_step_equals_one_process(runs, case):
     """fully_shard's DTensor parameters, each rank stepping its rows: uneven shards, an empty
-    one, a conv kernel and 1-D parameters; tvm steps the shards on the reference (with a warning)."""
+    one, a conv kernel and 1-D parameters; the compiled backends step them in their own
+    kernels (no tensor sent to the reference), equal to one process on the same backend."""
     _assert_equals_one_process(runs, ("fsdp2", case))
+    assert all(r["fallbacks"] == [] for r in runs[1][("fsdp2", case)]), runs[1][("fsdp2", case)][0]["fallbacks"]
 
 
+@pytest.mark.parametrize("backend", ["reference", "tvm"])
 @pytest.mark.parametrize("spec", list(CLASSES))
-def test_fsdp2_collectives_do_not_grow_with_the_tensors(runs, spec):
+def test_fsdp2_collectives_do_not_grow_with_the_tensors(runs, spec, backend):
     """8 tensors or 24: the same collectives, per round of whole-tensor values one
     all-reduce (reductions; none for Adam, all element-wise) and one all-gather (CELO2's
     Newton-Schulz arguments), and one all-reduce for the loss; fewer than one per tensor."""
     _, ranks = runs
-    small, deep = (ranks[("fsdp2", Case(spec, model=m))][0]["collectives"] for m in ("conv", "deep"))
+    small, deep = (ranks[("fsdp2", Case(spec, backend, model=m))][0]["collectives"] for m in ("conv", "deep"))
     assert small == deep and set(small) <= {"all_reduce", "all_gather"}, (small, deep)
     assert (spec == "adam") == (not small) and sum(small.values()) < 8, small
     assert ("all_gather" in small) == spec.endswith("celo2"), small

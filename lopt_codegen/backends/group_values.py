@@ -5,7 +5,7 @@ per-op rules with a leading tensor axis. A step then costs a few torch calls per
 per group instead of per tensor (a model's many biases and norms of one size)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -14,8 +14,12 @@ from ..ir.nodes import Level, Node, level_shape
 from ..ir.program import is_scratch
 from .base import StepBatch, TensorTask
 from .reference import TensorEvaluator, run_network
+from .sharded import crosses_ranks, reduced_count
 from .small_values import SmallValues
 from .tensor_program import GroupEnv, run_tensor_function
+
+if TYPE_CHECKING:
+    from .sharded_groups import RankSums
 
 # Leaves with one value for the whole group (the loss is the step's; shape facts the shape's).
 _GROUP_LEAVES = {"const", "loss_features", "skip_step", "shape"}
@@ -36,8 +40,9 @@ def _kept_on_device(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tenso
 
 
 def group_key(task: TensorTask) -> tuple:
-    """Tensors with equal keys form a group (their small values have equal shapes)."""
-    return task.variant, tuple(task.param.shape), task.axes
+    """Tensors with equal keys form a group (their small values have equal shapes; under
+    FSDP2 the whole tensors' shapes are equal too, as are their shape facts)."""
+    return task.variant, tuple(task.param.shape), task.axes, task.shape, task.shard is None
 
 
 class GroupEvaluator(TensorEvaluator):
@@ -57,7 +62,7 @@ class GroupEvaluator(TensorEvaluator):
             raise RuntimeError(f"{node} is element-level: the kernels compute it, not the small work")
         device = self.task.param.device
         if op in ("const", "shape"):
-            return _kept_on_device((op, node.attrs, self.task.param.shape, self.task.axes, device),
+            return _kept_on_device((op, node.attrs, self.task.shape, self.task.axes, device),
                                    lambda: self.members[0].leaf(node).unsqueeze(0))
         if op in _GROUP_LEAVES:
             return self.members[0].leaf(node).unsqueeze(0)
@@ -89,12 +94,31 @@ class GroupEvaluator(TensorEvaluator):
 
 
 class GroupValues(SmallValues):
-    """The memoized small values of a group of tensors (see GroupEvaluator)."""
+    """The memoized small values of a group of tensors (see GroupEvaluator). With `ranks`
+    (FSDP2: each rank holds some rows of the group's tensors), the reductions that cross
+    the ranks' rows are finished by it, for all groups together (sharded_groups.py)."""
 
-    def __init__(self, tasks: list[TensorTask], batch: StepBatch):
+    def __init__(self, tasks: list[TensorTask], batch: StepBatch, ranks: RankSums | None = None):
         super().__init__(GroupEvaluator(tasks, batch))
         self.tasks = tasks
         self.shape, self.axes = tuple(tasks[0].param.shape), tasks[0].axes
+        self.ranks = ranks if tasks[0].shard is not None else None
+
+    def crosses_ranks(self, node: Node) -> bool:
+        return self.ranks is not None and crosses_ranks(node, self.axes, len(self.shape))
+
+    def get(self, node: Node) -> torch.Tensor:
+        if id(node) not in self.memo and self.crosses_ranks(node):
+            raise RuntimeError(f"{node} needs every rank's rows: RankSums.settle finishes it first")
+        return super().get(node)
+
+    def finish_sum(self, node: Node, total: torch.Tensor) -> None:
+        """Reduction `node` from its sums over this rank's values ([tensors, channels, *level
+        shape]): finished now, or, where it crosses the ranks' rows, by the next all-reduce."""
+        if self.crosses_ranks(node):
+            self.ranks.add(self, node, total)
+        else:
+            self.finish(node, total / reduced_count(node, self.shape, self.axes))
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -126,19 +150,24 @@ class GroupValues(SmallValues):
         """Tensor functions over the group, between passes: their full-size arguments
         from the scratch values the passes wrote (or the gradient and parameter), their
         full-size results into scratch values the next passes read (ir/lower.py: _scratch)."""
-        scratch = {id(node): name for name, node in accumulators.items() if is_scratch(name)}
         for call in calls:
-            args = []
-            for a in call.args:
-                if a.level == Level.ELEMENT:
-                    args.append(self._full_size(a, scratch))
-                else:
-                    args.append(self.dense(a).reshape(len(self.tasks), -1)[:, 0])
-            out = run_tensor_function(self.ev.batch.tensor_functions[call.attrs[0]], args, self.ev.call_env())
-            if call.level == Level.ELEMENT:
-                torch._foreach_copy_([t.state[scratch[id(call)]][0] for t in self.tasks], list(out.unbind(0)))
-            else:
-                self.finish(call, out.reshape(len(self.tasks), 1, *[1] * len(self.shape)))
+            args = self.call_args(call, accumulators)
+            self.take_call(call, run_tensor_function(self.ev.batch.tensor_functions[call.attrs[0]], args,
+                                                     self.ev.call_env()), accumulators)
+
+    def call_args(self, call: Node, accumulators: dict[str, Node]) -> list[torch.Tensor]:
+        """A tensor function's arguments: element ones (T, *shape) float32, others (T,)."""
+        scratch = _scratch_names(accumulators)
+        return [self._full_size(a, scratch) if a.level == Level.ELEMENT else
+                self.dense(a).reshape(len(self.tasks), -1)[:, 0] for a in call.args]
+
+    def take_call(self, call: Node, out: torch.Tensor, accumulators: dict[str, Node]) -> None:
+        """A tensor function's result: element ones into their scratch values."""
+        if call.level == Level.ELEMENT:
+            name = _scratch_names(accumulators)[id(call)]
+            torch._foreach_copy_([t.state[name][0] for t in self.tasks], list(out.unbind(0)))
+        else:
+            self.finish(call, out.reshape(len(self.tasks), 1, *[1] * len(self.shape)))
 
     def _full_size(self, node: Node, scratch: dict[int, str]) -> torch.Tensor:
         """An element value of every tensor as (T, *shape) float32."""
@@ -155,11 +184,26 @@ class GroupValues(SmallValues):
             torch._foreach_copy_([t.state[name] for t in self.tasks], list(value.unbind(0)))
 
 
+def _scratch_names(accumulators: dict[str, Node]) -> dict[int, str]:
+    """id(node) -> name of the scratch values (tensor functions' element results, their arguments)."""
+    return {id(node): name for name, node in accumulators.items() if is_scratch(name)}
+
+
 def run_network_over_groups(batch: StepBatch, groups: list[GroupValues], inputs: list[Node]) -> None:
     """One network call over every tensor of the step (inputs[i]: the network input node
     of groups[i]); each group takes its rows of the outputs and MLP weights."""
     x = torch.cat([g.dense(node).reshape(len(g), -1) for g, node in zip(groups, inputs)])
-    outputs, mlp = run_network(batch, [t for g in groups for t in g.tasks], x)
+    tasks = [t for g in groups for t in g.tasks]
+    if any(t.shard is not None for t in tasks):
+        # FSDP2: ranks group the tensors by their own rows, so each orders them differently;
+        # in the step's order every rank's network sums over the tensors alike, to the bit.
+        position = {id(t): i for i, t in enumerate(batch.tasks)}
+        order = sorted(range(len(tasks)), key=lambda i: position[id(tasks[i])])
+        outputs, mlp = run_network(batch, [tasks[i] for i in order], x[order])
+        back = sorted(range(len(order)), key=order.__getitem__)
+        outputs, mlp = {k: v[back] for k, v in outputs.items()}, [w[back] for w in mlp]
+    else:
+        outputs, mlp = run_network(batch, tasks, x)
     start = 0
     for g in groups:
         g.ev.take_network(outputs, mlp, slice(start, start + len(g)))

@@ -107,7 +107,7 @@ def whole_tensor_values(program: Program, evaluators: list[TensorEvaluator], net
                 if n.op == "call":
                     calls.append((ev, n, [next(values) for _ in n.args]))
                 else:
-                    sums.append((ev, n, _local_sum(n, next(values), ev)))
+                    sums.append((ev, n, local_sum(n, next(values), ev)))
         if sums:
             _all_reduce_means(sums)
         if calls:
@@ -121,40 +121,42 @@ def _all_reduce_means(sums: list[tuple[ShardedEvaluator, Node, torch.Tensor]]) -
     for ev, n, part in sums:
         total = flat[offset:offset + part.numel()].view(part.shape)
         offset += part.numel()
-        ev.known[id(n)] = total / _count(n, ev)
+        ev.known[id(n)] = total / reduced_count(n, ev.task.shape, ev.task.axes)
 
 
 def _gather_and_call(calls: list[tuple[ShardedEvaluator, Node, list[torch.Tensor]]]) -> None:
-    """Every rank's rows of the calls' element arguments in one all-gather (each padded to
-    torch.chunk's rows per rank, so every rank sends as much), then the calls."""
-    padded = []
+    """Every rank's rows of the calls' element arguments in one all-gather, then the calls."""
+    rows = [(x, ev.channel_dim + 1, ev.task.shard) for ev, n, args in calls
+            for a, x in zip(n.args, args) if a.level == Level.ELEMENT]
+    wholes = iter(all_gather_rows(rows))
     for ev, n, args in calls:
-        shard, dim = ev.task.shard, ev.channel_dim + 1
-        chunk = _chunk_rows(shard.shape[0], shard.world)
-        for a, x in zip(n.args, args):
-            if a.level == Level.ELEMENT:
-                part = torch.zeros(*x.shape[:dim], chunk, *x.shape[dim + 1:], dtype=x.dtype, device=x.device)
-                part.narrow(dim, 0, x.shape[dim]).copy_(x)
-                padded.append(part)
-    shard = calls[0][0].task.shard
-    mine = torch.cat([p.reshape(-1) for p in padded])
-    everyone = torch.empty(shard.world * mine.numel(), dtype=mine.dtype, device=mine.device).view(shard.world, -1)
-    collective("all_gather")(everyone.view(-1), mine, group=shard.group)
-    offset, parts = 0, iter(padded)
-    for ev, n, args in calls:
-        dim, rows = ev.channel_dim + 1, ev.task.shard.shape[0]
-        whole = []
-        for a, x in zip(n.args, args):
-            if a.level == Level.ELEMENT:
-                part = next(parts)
-                pieces = everyone[:, offset:offset + part.numel()].reshape(shard.world, *part.shape)
-                offset += part.numel()
-                x = torch.cat(list(pieces.unbind(0)), dim).narrow(dim, 0, rows)
-            whole.append(x)
+        whole = [next(wholes) if a.level == Level.ELEMENT else x for a, x in zip(n.args, args)]
         ev.known[id(n)] = ev.call_whole(n, whole)
 
 
-def _local_sum(node: Node, x: torch.Tensor, ev: TensorEvaluator) -> torch.Tensor:
+def all_gather_rows(parts: list[tuple[torch.Tensor, int, RowShard]]) -> list[torch.Tensor]:
+    """The whole values of `parts`, each (this rank's rows of a sharded tensor's value along
+    dim `dim`, dim, the tensor's shard), in one all-gather for all of them (each padded to
+    torch.chunk's rows per rank, so every rank sends as much). Every rank must pass the
+    same parts in the same order."""
+    padded = []
+    for x, dim, shard in parts:
+        part = x.new_zeros(*x.shape[:dim], _chunk_rows(shard.shape[0], shard.world), *x.shape[dim + 1:])
+        part.narrow(dim, 0, x.shape[dim]).copy_(x)
+        padded.append(part)
+    shard = parts[0][2]
+    mine = torch.cat([p.reshape(-1) for p in padded])
+    everyone = mine.new_empty(shard.world * mine.numel()).view(shard.world, -1)
+    collective("all_gather")(everyone.view(-1), mine, group=shard.group)
+    out, offset = [], 0
+    for (_, dim, shard), part in zip(parts, padded):
+        pieces = everyone[:, offset:offset + part.numel()].reshape(shard.world, *part.shape)
+        offset += part.numel()
+        out.append(torch.cat(list(pieces.unbind(0)), dim).narrow(dim, 0, shard.shape[0]))
+    return out
+
+
+def local_sum(node: Node, x: torch.Tensor, ev: TensorEvaluator) -> torch.Tensor:
     """This rank's part of the reduction: the sum its mean would take, over its rows."""
     c, axes = ev.channel_dim, ev.task.axes
     axis = _removed_axis(node)
@@ -162,7 +164,8 @@ def _local_sum(node: Node, x: torch.Tensor, ev: TensorEvaluator) -> torch.Tensor
     return x.sum(dim=dims, keepdim=True)
 
 
-def _count(node: Node, ev: TensorEvaluator) -> int:
-    """How many values of the whole tensor each result averages."""
-    shape, axes = ev.task.shape, ev.task.axes
-    return math.prod(level_shape(shape, node.args[0].level, axes)) // math.prod(level_shape(shape, node.level, axes))
+def reduced_count(node: Node, shape: tuple[int, ...], axes: tuple[int, int] | None) -> int:
+    """How many values of a tensor of `shape` each result of reduction `node` averages."""
+    arg = level_shape(shape, node.args[0].level, axes)
+    axis = _removed_axis(node)
+    return math.prod(arg) if axis is None else arg[axes[axis]]

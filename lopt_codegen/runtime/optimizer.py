@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import gc
 import math
-import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 
 from ..backends import select_backend
-from ..backends.base import Backend, StepBatch, TensorTask
+from ..backends.base import StepBatch, TensorTask
 from ..backends.sharded import has_rows
 from ..ir.nodes import level_shape, topo_order
 from ..spec.names import PARAMETER_VALUES
@@ -147,7 +146,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if self._sharding is not None and any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
             raise ValueError(f"{program.class_name}(shard=...) shards replicated parameters (DDP); these are "
                              "DTensors, already sharded (FSDP2's fully_shard): leave shard unset")
-        self._reference: Backend | None = None   # for FSDP2's shards, made at the first
         self._dtensors = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
         if self._dtensors or self._sharding is not None:   # ready for torch.distributed.checkpoint
             self._init_all_state()
@@ -274,24 +272,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{program.class_name} runs one network over all tensors: put all parameters "
                                "on one device")
         if tasks:
-            self._backend_for(tasks).step(batch)
+            self.backend.step(batch)
         elif batch.network is not None:
             self._join_network(batch)
         self._count_step([task.state["step"] for task in tasks], batch.skip_step, device)
         if sharding is not None:
             sharding.gather_params(stepped)
         return loss
-
-    def _backend_for(self, tasks: list[TensorTask]) -> Backend:
-        """The backend, or the reference where FSDP2 shards a tensor (the compiled kernels'
-        reductions do not yet all-reduce across ranks)."""
-        if self.backend.name == "reference" or all(t.shard is None for t in tasks):
-            return self.backend
-        if self._reference is None:
-            warnings.warn(f"{self.program.class_name}: parameters sharded by FSDP2 step on the reference backend "
-                          f"for now, not '{self.backend.name}'", RuntimeWarning, stacklevel=4)
-            self._reference = select_backend(self.program, "reference")
-        return self._reference
 
     def _tasks(self) -> tuple[list[TensorTask], ProcessGroup | None]:
         """This step's tensors (under shard=..., this rank's; under FSDP2, this rank's rows of

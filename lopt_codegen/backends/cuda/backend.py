@@ -12,6 +12,7 @@ import torch
 from ...ir.plan import plan_program
 from ..base import Backend, StepBatch, TensorTask
 from ..group_values import GroupValues, group_key, run_network_over_groups
+from ..sharded_groups import RankSums, run_group_calls
 from .build import ToolchainMissing, build_cuda, build_host, nvcc_missing
 from .passes import PassLayout
 from .render import Rendered, render_cuda
@@ -77,27 +78,41 @@ class CudaBackend(Backend):
         by_shape: dict[tuple, list[TensorTask]] = {}
         for task in batch.tasks:
             by_shape.setdefault((*group_key(task), task.param.device), []).append(task)
-        groups = [GroupValues(tasks, batch) for tasks in by_shape.values()]
+        ranks = RankSums.of(batch, program)   # FSDP2: the collectives across ranks
+        groups = [GroupValues(tasks, batch, ranks) for tasks in by_shape.values()]
         launches: dict[tuple[str, torch.device], list[GroupValues]] = {}
         for group in groups:
             launches.setdefault((group.tasks[0].variant, group.tasks[0].param.device), []).append(group)
         n_passes = max(len(self.rendered.layouts[v]) for v, _ in launches)
         for k in range(n_passes + 1):
+            if ranks is not None:   # the reductions across ranks, of all groups, between passes
+                ranks.settle(groups)
+            self._run_calls(k, launches, ranks)
             for (variant, device), launch_groups in launches.items():
-                plan, layouts = self.plans[variant], self.rendered.layouts[variant]
-                calls = plan.passes[k].calls if k < len(plan.passes) else plan.calls_after if k == len(plan.passes) else []
-                for group in launch_groups if calls else []:
-                    group.run_calls(calls, program.variants[variant].accumulators)
-                if k < len(layouts):
-                    self._run_pass(layouts[k], device, launch_groups)
+                if k < len(self.rendered.layouts[variant]):
+                    self._run_pass(self.rendered.layouts[variant][k], device, launch_groups)
             if batch.network is not None and k == self.network_after:
+                if ranks is not None:
+                    ranks.settle(groups)
                 # As the reference; its outputs stay on the device (VeLO's step multiplier
                 # is never read back).
                 run_network_over_groups(batch, groups, [program.variants[g.tasks[0].variant].network_input
                                                         for g in groups])
+        if ranks is not None:
+            ranks.settle(groups)
         # Coarser accumulators (Adafactor rows/cols) come out of the small work.
         for group in groups:
             group.write_small_accumulators(program.variants[group.tasks[0].variant].accumulators)
+
+    def _run_calls(self, k: int, launches: dict[tuple[str, torch.device], list[GroupValues]],
+                   ranks: RankSums | None) -> None:
+        """The tensor functions that run before pass k (or after the last) of every group."""
+        calls = []
+        for (variant, _), launch_groups in launches.items():
+            plan = self.plans[variant]
+            due = plan.passes[k].calls if k < len(plan.passes) else plan.calls_after if k == len(plan.passes) else []
+            calls += [(group, due) for group in launch_groups if due]
+        run_group_calls(calls, self.program, ranks)
 
     def driver(self, device: torch.device) -> str:
         """The generated function that runs a pass here: `cuda` (the kernel) or `host` (the

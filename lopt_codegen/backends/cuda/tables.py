@@ -79,12 +79,12 @@ class LineTiles:
         A, X, B, Y, C = self.dims
         return self.column_strips * A * X * B * C
 
-    def means(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The means over X and over Y ([..., no-X] and [..., no-Y] layouts) of partial
+    def sums(self, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sums over X and over Y ([..., no-X] and [..., no-Y] layouts) of partial
         sums [..., x_sums + y_sums], the segments summed in order."""
-        A, X, B, Y, C = self.dims   # (an empty tensor has no segments or strips: means are NaN, as torch's)
-        over_x = sums[..., :self.x_sums].unflatten(-1, (self.x_segments, A * B * Y * C)).sum(dim=-2) / X
-        over_y = sums[..., self.x_sums:].unflatten(-1, (self.column_strips, A * X * B * C)).sum(dim=-2) / Y
+        A, X, B, Y, C = self.dims
+        over_x = partial[..., :self.x_sums].unflatten(-1, (self.x_segments, A * B * Y * C)).sum(dim=-2)
+        over_y = partial[..., self.x_sums:].unflatten(-1, (self.column_strips, A * X * B * C)).sum(dim=-2)
         return over_x, over_y
 
 
@@ -247,17 +247,17 @@ def finish_reductions(launch: Launch, groups: list[GroupValues]) -> None:
         ndim = task.param.dim()
         if n_red:
             blocks = partial[buffers.block0:buffers.block0 + count * buffers.blocks]
-            means = blocks.view(count, buffers.blocks, n_red).sum(dim=1) / task.param.numel()
+            sums = blocks.view(count, buffers.blocks, n_red).sum(dim=1)
             start = 0
             for arg in L.tensor_reductions:
-                value = means[:, start:start + arg.channels].reshape(count, arg.channels, *[1] * ndim)
+                value = sums[:, start:start + arg.channels].reshape(count, arg.channels, *[1] * ndim)
                 for r in L.reduce_nodes:
                     if r.op == "mean" and r.args[0] is arg:
-                        group.finish(r, value)
+                        group.finish_sum(r, value)
                 start += arg.channels
         if not L.line_reductions:
             continue
-        over_x, over_y = _line_tiles(L, task).means(buffers.lines)
+        over_x, over_y = _line_tiles(L, task).sums(buffers.lines)
         d0_is_x = task.axes[0] < task.axes[1]
         start = 0
         for arg in L.line_reductions:
@@ -267,5 +267,5 @@ def finish_reductions(launch: Launch, groups: list[GroupValues]) -> None:
                     values = over_x if over_d0 == d0_is_x else over_y
                     shape = [count, arg.channels, *task.param.shape]
                     shape[2 + task.axes[0 if over_d0 else 1]] = 1
-                    group.finish(r, values[:, start:start + arg.channels].reshape(shape))
+                    group.finish_sum(r, values[:, start:start + arg.channels].reshape(shape))
             start += arg.channels

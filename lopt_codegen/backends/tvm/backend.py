@@ -21,6 +21,7 @@ from ..build_cache import DEFAULT_CACHE, BuildCache
 from ..cuda.build import nvcc_missing
 from ..group_values import group_key, run_network_over_groups
 from ..reference import ReferenceBackend
+from ..sharded_groups import RankSums, run_group_calls
 from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_kernel, load_small_kernel
 from .signature import PassSignature, pass_signature
 from .small_function import small_signatures
@@ -39,7 +40,7 @@ def unsupported_reason(task: TensorTask) -> str | None:
         return f"CUDA parameters need TVM's CUDA kernels, which are built with nvcc: {missing}"
     if p.dtype not in _DTYPES or task.grad.dtype not in _DTYPES:
         return f"unsupported dtype {p.dtype} / gradient {task.grad.dtype}"
-    if p.numel() == 0:
+    if p.numel() == 0 and task.shard is None:   # (a rank's empty share of a sharded tensor takes part)
         return "empty parameter"
     if not p.is_contiguous():
         return "non-contiguous parameter (the kernels update it in place through a flat view)"
@@ -142,6 +143,7 @@ class TvmBackend(Backend):
             self._step(replace(batch, tasks=tasks))
 
     def _step(self, batch: StepBatch) -> None:
+        ranks = RankSums.of(batch, self.program)   # FSDP2: the collectives across ranks
         groups: dict[tuple, list[TensorTask]] = {}
         for task in batch.tasks:
             key = (*group_key(task), task.param.device, task.param.dtype, task.grad.dtype)
@@ -152,43 +154,55 @@ class TvmBackend(Backend):
         for key, tasks in groups.items():
             kernels = self.kernels(tasks[0])
             sigs = [k.sig for k in kernels]
+            # A sharded group's small work runs in torch, where its reductions across ranks are.
+            small = self.small_kernels(tasks[0], sigs) if tasks[0].shard is None else None
             group = GroupStep(tasks, batch, self.view(tasks[0]), self._kept.setdefault(key, GroupKept()), sigs,
-                              self.small_kernels(tasks[0], sigs))
+                              small, ranks)
             runs.append((group, kernels))
-        split = {}   # groups run their passes up to the network, then the rest
+        steps = [group for group, _ in runs]
+        before, after = [], []   # the passes up to the network, then the rest
         for group, kernels in runs:
-            after = self.plans[group.tasks[0].variant].network_after
-            split[id(group)] = len(kernels) if batch.network is None or after is None else after + 1
-        for group, kernels in runs:
-            for k in kernels[:split[id(group)]]:
-                self._run_calls(group, k.sig.index)
-                self._run(k, group)
+            network_after = self.plans[group.tasks[0].variant].network_after
+            split = len(kernels) if batch.network is None or network_after is None else network_after + 1
+            before.append((group, kernels[:split]))
+            after.append((group, kernels[split:]))
+        self._run_passes(before, ranks)
         if batch.network is not None:
-            steps = [group for group, _ in runs]
             for group in steps:
                 group.network_input(self.program.variants[group.tasks[0].variant].network_input)
             run_network_over_groups(batch, steps, [self.program.variants[g.tasks[0].variant].network_input
                                                    for g in steps])
-        for group, kernels in runs:
-            for k in kernels[split[id(group)]:]:
-                self._run_calls(group, k.sig.index)
-                self._run(k, group)
-            self._run_calls(group, len(kernels))
+        self._run_passes(after, ranks)
+        run_group_calls([(group, self.plans[group.tasks[0].variant].calls_after) for group in steps], self.program,
+                        ranks)
+        if ranks is not None:
+            ranks.settle(steps)
+        for group in steps:
             group.write_small_accumulators(self.program.variants[group.tasks[0].variant].accumulators)
 
-    def _run_calls(self, group: GroupStep, before: int) -> None:
-        """The tensor functions that run before pass `before` (or after the last)."""
-        variant = group.tasks[0].variant
-        plan = self.plans[variant]
-        calls = plan.passes[before].calls if before < len(plan.passes) else plan.calls_after
-        if calls:
-            group.run_calls(calls, self.program.variants[variant].accumulators)
+    def _run_passes(self, runs: list[tuple[GroupStep, list[_Kernel]]], ranks: RankSums | None) -> None:
+        """The groups' passes in rounds (every group's first, then every group's second...);
+        under FSDP2 the reductions across ranks are settled between rounds, for all groups."""
+        groups = [group for group, _ in runs]
+        for k in range(max((len(kernels) for _, kernels in runs), default=0)):
+            due = [(group, kernels[k]) for group, kernels in runs if k < len(kernels)]
+            if ranks is not None:
+                ranks.settle(groups)
+            run_group_calls([(group, self.plans[group.tasks[0].variant].passes[kernel.sig.index].calls)
+                             for group, kernel in due], self.program, ranks)
+            for group, kernel in due:
+                self._run(kernel, group)
+        if ranks is not None:
+            ranks.settle(groups)
 
     def _run(self, kernel: _Kernel, group: GroupStep) -> None:
         """One call for the group, over a table of pointers (batched.py): on the CPU a loop
         over its tensors, on the GPU one launch per kernel (table in device memory). The
         arguments are kept per group and pass (KeptArgs): an unchanged group reuses its table."""
         sig = kernel.sig
+        if group.view.numel == 0:   # FSDP2: this rank holds no rows of the group's tensors
+            group.finish_sums(sig, *group.no_sums(sig))
+            return
         table, write_back, p, q = group.kernel_args(sig)
         if not sig.view.gpu:
             kernel.func(table, *(group.view.dims if sig.view.symbolic else ()))

@@ -16,6 +16,7 @@ from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import Level, Node
 from ..base import StepBatch, TensorTask, checked_accumulator
 from ..group_values import GroupValues
+from ..sharded_groups import RankSums
 from .signature import PassSignature
 from .small_function import SmallSignature
 from .view import ROWS_PER_BLOCK, WARP, View, padded
@@ -127,8 +128,9 @@ class GroupStep(GroupValues):
     evaluated in torch (group_values.py)."""
 
     def __init__(self, tasks: list[TensorTask], batch: StepBatch, view: View, kept: GroupKept,
-                 sigs: list[PassSignature], small: dict[str, SmallKernel] | None = None):
-        super().__init__(tasks, batch)
+                 sigs: list[PassSignature], small: dict[str, SmallKernel] | None = None,
+                 ranks: RankSums | None = None):
+        super().__init__(tasks, batch, ranks)
         self.view, self.kept, self.small = view, kept, small
         self._pass_sigs = {s.index: s for s in sigs}
         self._elements: dict[tuple[int, str, int], torch.Tensor] = {}
@@ -360,14 +362,18 @@ class GroupStep(GroupValues):
                 self._small_outputs(finish.sig.name, finish.sig.values, p + q)
             return
         count = len(self)
-        X, Y = self.view.dims[1], self.view.dims[3]
         parts: dict[int, list[torch.Tensor]] = {}
         for (r, _), partial in zip(sig.x_sums, p):
-            total = partial.reshape(count, -1).sum(1) / self.view.numel if r.op == "mean" else partial.sum(1) / X
-            parts.setdefault(id(r), []).append(total)
+            parts.setdefault(id(r), []).append(partial.reshape(count, -1).sum(1) if r.op == "mean" else partial.sum(1))
         for (r, _), partial in zip(sig.y_sums, q):
-            parts.setdefault(id(r), []).append(partial.sum(-1) / Y)
-        for r, _ in sig.x_sums + sig.y_sums:
+            parts.setdefault(id(r), []).append(partial.sum(-1))
+        for r in {id(r): r for r, _ in sig.x_sums + sig.y_sums}.values():
             if id(r) not in self.memo:
-                value = torch.stack(parts[id(r)], 1).reshape(count, r.channels, *self.level_shape(r.level))
-                self.finish(r, value)
+                self.finish_sum(r, torch.stack(parts[id(r)], 1).reshape(count, r.channels, *self.level_shape(r.level)))
+
+    def no_sums(self, sig: PassSignature) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The P and Q sums of a rank that holds no rows of the group's tensors (FSDP2's
+        last ranks may hold none): zeros, laid out as finish_sums reads them."""
+        A, X, B, Y, C = self.view.dims
+        zeros = lambda *shape: torch.zeros(len(self), *shape, device=self.tasks[0].param.device)  # noqa: E731
+        return [zeros(1, A, B, Y, C) for _ in sig.x_sums], [zeros(A, X, B, C, 1) for _ in sig.y_sums]
