@@ -1,17 +1,24 @@
-"""Step time of the generated optimizers, as ratios against torch AdamW in the same run.
+"""Step time of the generated optimizers, as ratios against torch's fused AdamW in the same run.
 
-For every spec (small_fc_lopt, velo, adam), every backend in
-`lopt_codegen.backends.BACKENDS` and every case (one square matrix + bias of about
-1M / 4M parameters, and "many": 200 small tensors of mixed rank, ~1M parameters), the
-median time of `opt.step()` is measured interleaved with torch.optim.AdamW(foreach=True)
-on tensors of the same shapes, so machine noise hits both alike. `torch.compile(opt.step)`
-of the reference backend is measured in a child process (a compile that fails or runs
-past --compile-timeout is recorded as n/a with the reason), also against its own AdamW.
+For every spec (small_fc_lopt, velo, adam), every backend (on CPU tensors: reference and
+tvm; the cuda backend's host build is a testing path, --backends adds it) and every case
+(one square matrix + bias of about 1M / 4M parameters; "many": 200 small tensors of
+mixed rank; "gpt": a GPT-2-shaped model, 76 tensors, 13.9M parameters; "resnet": a
+ResNet-18-shaped one, 62 tensors, 11.7M), the median time of `opt.step()` is measured
+interleaved with torch.optim.AdamW(fused=True), the anchor of every ratio, and
+AdamW(foreach=True), on tensors of the same shapes, so machine noise hits all alike.
+
+Each spec also gets its floors in the same run: the traffic floor (the bytes its plan's
+passes move over these tensors, at the bandwidth fused AdamW reached: 28 B/element) and
+the FMA floor (its MLP's multiply-adds over these tensors, at the rate torch.mm of
+1024x1024 matrices reached). `torch.compile(opt.step)` of the reference backend is
+measured in a child process (a compile that fails or runs past --compile-timeout is
+recorded as n/a with the reason), against its own fused AdamW.
 
 Gradients are random, fixed, and set once before timing: only the optimizer step is timed.
 VeLO gets a constant loss. Writes results.md, results.json and (with matplotlib) a plot.
 
-    python benchmarks/step_time.py                     # 1M, 4M, many; 20 timed steps
+    python benchmarks/step_time.py                     # 1M, 4M, many, gpt, resnet; 20 timed steps
     python benchmarks/step_time.py --sizes 1M,16M --steps 10 --no-compile
     python benchmarks/step_time.py --quick --out /tmp/bench   # a tiny smoke run
 """
@@ -39,8 +46,9 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 SPECS = ("small_fc_lopt", "velo", "adam")
-DEFAULT_SIZES = "1M,4M,many"
+DEFAULT_SIZES = "1M,4M,many,gpt,resnet"
 QUICK_SIZES = "4K,many:8"
+ADAMW_BYTES = 28   # fused AdamW per float32 element: reads p, g, m, v; writes p, m, v
 VELO_NUM_STEPS = 10_000
 LR = 1e-3  # small, so params stay finite over many timed steps (the lr does not change the work)
 COMPILED = "reference+torch.compile"
@@ -57,9 +65,39 @@ def parse_count(text: str) -> int:
     return int(float(text[:-1] if mult > 1 else text) * mult)
 
 
+def gpt_shapes(vocab: int = 8192, width: int = 384, context: int = 256, blocks: int = 6) -> list[tuple[int, ...]]:
+    """GPT-2's tensors: token and position embeddings, per block two norms, attention
+    (qkv, projection) and MLP (4x) weights with biases, and the final norm."""
+    shapes: list[tuple[int, ...]] = [(vocab, width), (context, width)]
+    for _ in range(blocks):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,),
+                   (width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+def resnet_shapes(classes: int = 1000) -> list[tuple[int, ...]]:
+    """ResNet-18's tensors: the stem, 4 stages of 2 basic blocks (3x3 convs, batch norms,
+    a 1x1 downsample where the width doubles) and the classifier."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    width = 64
+    for out in (64, 128, 256, 512):
+        for block in range(2):
+            first = width if block == 0 else out
+            shapes += [(out, first, 3, 3), (out,), (out,), (out, out, 3, 3), (out,), (out,)]
+            if block == 0 and first != out:
+                shapes += [(out, first, 1, 1), (out,), (out,)]
+        width = out
+    return shapes + [(classes, 512), (classes,)]
+
+
 def case_shapes(token: str) -> list[tuple[int, ...]]:
     """A case token: '1M' (a square matrix of ~that many params + its bias), '512x2048'
-    (that matrix + bias), 'many' (200 small tensors, ~1M params) or 'many:<count>'."""
+    (that matrix + bias), 'many' (200 small tensors, ~1M params) or 'many:<count>',
+    'gpt' or 'resnet' (those models' tensors)."""
+    if token == "gpt":
+        return gpt_shapes()
+    if token == "resnet":
+        return resnet_shapes()
     if token.startswith("many"):
         count = int(token.split(":")[1]) if ":" in token else 200
         return [_MANY_SHAPES[i % len(_MANY_SHAPES)] for i in range(count)]
@@ -108,10 +146,14 @@ def step_fn(opt, step: Callable | None = None) -> Callable[[], object]:
     return (lambda: step(loss=loss)) if needs_loss else (lambda: step())
 
 
-def available_backends() -> list[str]:
+def available_backends(device: str) -> list[str]:
+    """Every backend that can run here; on CPU tensors not the cuda backend's host build
+    (a single-threaded testing path, far slower than either)."""
     from lopt_codegen.backends import BACKENDS
     names = []
     for name, cls in BACKENDS.items():
+        if name == "cuda" and not device.startswith("cuda"):
+            continue
         check = getattr(cls, "available", None)
         if callable(check):
             try:
@@ -121,6 +163,33 @@ def available_backends() -> list[str]:
                 continue
         names.append(name)
     return names
+
+
+# --- floors -----------------------------------------------------------------------------
+def plan_cost(spec: str, shapes: list[tuple[int, ...]]) -> tuple[int, int]:
+    """(bytes, multiply-adds) of one step's passes over float32 tensors of `shapes`, from
+    the spec's plan: what each tensor's passes read and write, and its MLP's work."""
+    from lopt_codegen.ir.plan import plan_program
+    from lopt_codegen.runtime.axes import factored_axes
+
+    program = import_spec(spec).program
+    if program.routes:
+        raise NotImplementedError(f"{spec}: the floors of a spec with routes need its routing rule")
+    plans = plan_program(program)
+    nbytes = macs = 0
+    for shape in shapes:
+        variant = "unfactored" if factored_axes(shape, program.factored_axes) is None else "factored"
+        nbytes += math.prod(shape) * sum(p.bytes_per_element for p in plans[variant].passes)
+        macs += math.prod(shape) * sum(p.macs for p in plans[variant].passes)
+    return nbytes, macs
+
+
+def mm_rate(device: str, reps: int = 5) -> float:
+    """Multiply-adds per second of torch.mm on 1024x1024 float32 matrices: the FMA rate
+    this machine's BLAS reaches, the floor of an MLP-bound step."""
+    a, b = (torch.randn(1024, 1024, device=device) for _ in range(2))
+    medians, _ = time_interleaved({"mm": lambda: torch.mm(a, b)}, 1, reps, device)
+    return 1024 ** 3 / medians["mm"]
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -166,12 +235,12 @@ def all_finite(opt) -> bool:
 
 
 def measure_case_spec(spec: str, token: str, backends: list[str], args) -> dict:
-    """Backends of one spec and AdamW, interleaved on one case."""
+    """Backends of one spec and both AdamWs, interleaved on one case; then torch.mm's rate."""
     shapes = case_shapes(token)
     base, grads = make_tensors(shapes, args.seed, args.device)
     fns, opts, errors = {}, {}, {}
-    adamw = torch.optim.AdamW(clone_params(base, grads), lr=LR, foreach=True)
-    fns["adamw"] = step_fn(adamw)
+    for name, flavour in (("adamw_fused", "fused"), ("adamw_foreach", "foreach")):
+        fns[name] = step_fn(torch.optim.AdamW(clone_params(base, grads), lr=LR, **{flavour: True}))
     for backend in backends:
         try:
             opts[backend] = make_optimizer(spec, backend, clone_params(base, grads))
@@ -180,15 +249,15 @@ def measure_case_spec(spec: str, token: str, backends: list[str], args) -> dict:
             errors[backend] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     medians, run_errors = time_interleaved(fns, args.warmup, args.steps, args.device)
     errors.update(run_errors)
-    return {"medians": medians, "errors": errors,
+    return {"medians": medians, "errors": errors, "mm_rate": mm_rate(args.device),
             "finite": {b: all_finite(o) for b, o in opts.items() if b not in errors}}
 
 
 def measure_compiled(spec: str, token: str, args) -> dict:
-    """In this process: torch.compile(opt.step) of the reference backend vs AdamW."""
+    """In this process: torch.compile(opt.step) of the reference backend vs fused AdamW."""
     shapes = case_shapes(token)
     base, grads = make_tensors(shapes, args.seed, args.device)
-    adamw = torch.optim.AdamW(clone_params(base, grads), lr=LR, foreach=True)
+    adamw = torch.optim.AdamW(clone_params(base, grads), lr=LR, fused=True)
     opt = make_optimizer(spec, "reference", clone_params(base, grads))
     step_fn(opt)()  # the first step creates the state eagerly; the compiled step sees it
     compiled = step_fn(opt, torch.compile(opt.step))
@@ -249,7 +318,7 @@ def _ratio(a, b):
 
 
 def run(args) -> dict:
-    backends = available_backends()
+    backends = args.backends or available_backends(args.device)
     tokens = [t.strip() for t in args.sizes.split(",") if t.strip()]
     rows = []
     for token in tokens:
@@ -259,27 +328,42 @@ def run(args) -> dict:
         for spec in args.specs:
             print(f"[{token}: {n_params:,} params in {len(shapes)} tensors] {spec} ...", flush=True)
             res = measure_case_spec(spec, token, backends, args)
-            adamw_ms = res["medians"].get("adamw", 0.0) * 1e3 or None
+            fused = res["medians"].get("adamw_fused", 0.0) * 1e3 or None
+            foreach = res["medians"].get("adamw_foreach", 0.0) * 1e3 or None
+            nbytes, macs = plan_cost(spec, shapes)
+            # Fused AdamW's bandwidth (B/ms) and torch.mm's rate (MACs/ms), both of this run.
+            bandwidth = ADAMW_BYTES * n_params / fused if fused else None
+            floors = {"traffic_floor_ms": nbytes / bandwidth if bandwidth else None,
+                      "fma_floor_ms": macs / (res["mm_rate"] / 1e3) if macs else None,
+                      "bandwidth_gbs": bandwidth / 1e6 if bandwidth else None,
+                      "mm_gmacs": res["mm_rate"] / 1e9, "bytes_per_param": nbytes / n_params}
             spec_rows = []
             for backend in backends:
                 ms = res["medians"].get(backend)
                 ms = ms * 1e3 if ms is not None else None
-                spec_rows.append({**case, "spec": spec, "method": backend, "ms": ms, "adamw_ms": adamw_ms,
-                                  "ratio_adamw": _ratio(ms, adamw_ms),
+                spec_rows.append({**case, "spec": spec, "method": backend, "ms": ms, "adamw_ms": fused,
+                                  "foreach_ms": foreach, "ratio_adamw": _ratio(ms, fused),
+                                  "ratio_foreach": _ratio(ms, foreach), **floors,
                                   "finite": res["finite"].get(backend), "note": res["errors"].get(backend)})
             if args.compile:
                 c = run_compiled_child(spec, token, args)
                 spec_rows.append({**case, "spec": spec, "method": COMPILED, "ms": c.get("ms"),
-                                  "adamw_ms": c.get("adamw_ms"), "ratio_adamw": _ratio(c.get("ms"), c.get("adamw_ms")),
-                                  "compile_s": c.get("compile_s"), "finite": c.get("finite"), "note": c.get("error")})
+                                  "adamw_ms": c.get("adamw_ms"), "foreach_ms": None,
+                                  "ratio_adamw": _ratio(c.get("ms"), c.get("adamw_ms")), "ratio_foreach": None,
+                                  **floors, "compile_s": c.get("compile_s"), "finite": c.get("finite"),
+                                  "note": c.get("error")})
             ref = next((r for r in spec_rows if r["method"] == "reference"), None)
             comp = next((r for r in spec_rows if r["method"] == COMPILED), None)
             for r in spec_rows:
                 # Each ratio between methods is a ratio of their AdamW ratios: the compiled
-                # step is timed in another process, against its own AdamW.
+                # step is timed in another process, against its own AdamW. The floors'
+                # ratios too, so the child's are on its own anchor.
                 r["ratio_reference"] = _ratio(r["ratio_adamw"], ref and ref["ratio_adamw"])
                 r["ratio_compiled"] = _ratio(r["ratio_adamw"], comp and comp["ratio_adamw"])
-                print(f"    {r['method']:<26} " + (f"{r['ms']:9.3f} ms  x{r['ratio_adamw']:.1f} AdamW"
+                r["ratio_traffic"] = _ratio(r["ratio_adamw"], _ratio(r["traffic_floor_ms"], fused))
+                r["ratio_fma"] = _ratio(r["ratio_adamw"], _ratio(r["fma_floor_ms"], fused))
+                print(f"    {r['method']:<26} " + (f"{r['ms']:9.3f} ms  x{r['ratio_adamw']:.1f} fused AdamW, "
+                                                   f"x{r['ratio_traffic']:.2f} traffic floor"
                                                    if r["ms"] is not None else f"n/a: {r['note']}"), flush=True)
             rows.extend(spec_rows)
     return {"machine": machine_info(args.device),
@@ -297,13 +381,18 @@ def to_markdown(results: dict) -> str:
     m, cfg = results["machine"], results["config"]
     lines = ["# Optimizer step time", "",
              f"Median of {cfg['steps']} steps after {cfg['warmup']} warmup steps, interleaved with "
-             "torch.optim.AdamW(foreach=True) on tensors of the same shapes; only `opt.step()` is timed "
-             "(fixed random gradients). Learned optimizers use weights=\"random\" (the work per step does not "
-             "depend on the weights). `x AdamW` = step time / AdamW step time; `x ref` and `x compiled` divide "
-             "this row's `x AdamW` by that of the reference backend and of `torch.compile(opt.step)` of the "
-             "reference backend (timed in a child process against its own AdamW).", "",
-             "| case | params | tensors | spec | method | step (ms) | AdamW (ms) | x AdamW | x ref | x compiled |",
-             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+             "torch.optim.AdamW(fused=True) and AdamW(foreach=True) on tensors of the same shapes; only `opt.step()` "
+             "is timed (fixed random gradients). Learned optimizers use weights=\"random\" (the work per step does "
+             "not depend on the weights). `x fused` = step time / fused AdamW's step time, the anchor; `x foreach` "
+             "the same against AdamW(foreach=True). Floors, per spec and case, in the same run: `traffic floor` = "
+             f"the bytes its plan's passes move / the bandwidth fused AdamW reached ({ADAMW_BYTES} B/param); `FMA "
+             "floor` = its MLP's multiply-adds / the rate torch.mm of 1024x1024 matrices reached; `x traffic` and "
+             "`x FMA` = step time / that floor. `x ref` and `x compiled` divide this row's `x fused` by that of the "
+             "reference backend and of `torch.compile(opt.step)` of the reference backend (timed in a child "
+             "process against its own fused AdamW).", "",
+             "| case | params | tensors | spec | method | step (ms) | fused AdamW (ms) | x fused | x foreach | "
+             "traffic floor (ms) | x traffic | FMA floor (ms) | x FMA | x ref | x compiled |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for r in results["rows"]:
         method = r["method"]
@@ -317,7 +406,18 @@ def to_markdown(results: dict) -> str:
             method += f" (compile {r['compile_s']:.0f} s)"
         lines.append(f"| {r['case']} | {r['n_params']:,} | {r['n_tensors']} | {r['spec']} | {method} | "
                      f"{_fmt(r['ms'])} | {_fmt(r['adamw_ms'], '.3f')} | {_fmt(r['ratio_adamw'], '.1f', 'x')} | "
+                     f"{_fmt(r.get('ratio_foreach'), '.2f', 'x')} | {_fmt(r.get('traffic_floor_ms'))} | "
+                     f"{_fmt(r.get('ratio_traffic'), '.2f', 'x')} | {_fmt(r.get('fma_floor_ms'))} | "
+                     f"{_fmt(r.get('ratio_fma'), '.2f', 'x')} | "
                      f"{_fmt(r.get('ratio_reference'), '.2f', 'x')} | {_fmt(r.get('ratio_compiled'), '.2f', 'x')} |")
+    rates = {}
+    for r in results["rows"]:
+        if r.get("bandwidth_gbs") is not None:
+            rates.setdefault(r["case"], []).append((r["bandwidth_gbs"], r["mm_gmacs"]))
+    if rates:
+        lines += ["", "The rates the floors use, per case (the range over its specs' runs): " + "; ".join(
+            f"{case}: fused AdamW {min(b for b, _ in v):.0f}-{max(b for b, _ in v):.0f} GB/s, torch.mm "
+            f"{min(g for _, g in v):.0f}-{max(g for _, g in v):.0f} GMAC/s" for case, v in rates.items()) + "."]
     if not cfg["compile"]:
         lines += ["", "torch.compile was not measured (--no-compile)."]
     if notes:
@@ -355,9 +455,9 @@ def plot(results: dict, path: str) -> bool:
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels([f"{c}\n{next(r['n_params'] for r in results['rows'] if r['case'] == c):,} params"
                         for c in cases])
-    ax.set_ylabel("step time / AdamW step time")
+    ax.set_ylabel("step time / fused AdamW step time")
     m = results["machine"]
-    ax.set_title(f"Optimizer step time / AdamW(foreach) step time\n{m['device']}, {m['cores']} cores, "
+    ax.set_title(f"Optimizer step time / AdamW(fused) step time\n{m['device']}, {m['cores']} cores, "
                  f"torch {m['torch']}", fontsize=10)
     ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     fig.tight_layout()
@@ -379,6 +479,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile-timeout", type=float, default=300.0,
                     help="seconds for one torch.compile case (compile + timing) before it is n/a")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated backends (default: all that run here; on CPU not the cuda host build)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
                     help="folder for results.md, results.json, step_time.png (default benchmarks/)")
@@ -388,6 +490,7 @@ def parse_args(argv=None):
     args.steps = args.steps if args.steps is not None else (3 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.specs = [s.strip() for s in args.specs.split(",") if s.strip()]
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
     unknown = [s for s in args.specs if s not in SPECS]
     if unknown:
         ap.error(f"unknown spec(s) {', '.join(unknown)}; known: {', '.join(SPECS)}")

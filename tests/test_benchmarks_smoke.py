@@ -35,12 +35,31 @@ def test_step_time_quick_run_writes_consistent_results(tmp_path):
     for r in rows:
         assert r["note"] is None, r
         assert r["finite"] is True, r
-        for key in ("ms", "adamw_ms", "ratio_adamw"):
+        for key in ("ms", "adamw_ms", "ratio_adamw", "foreach_ms", "ratio_foreach", "traffic_floor_ms",
+                    "ratio_traffic", "fma_floor_ms", "ratio_fma"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["ratio_adamw"] == pytest.approx(r["ms"] / r["adamw_ms"], rel=1e-9)
+        assert r["ratio_foreach"] == pytest.approx(r["ms"] / r["foreach_ms"], rel=1e-9)
+        assert r["ratio_traffic"] == pytest.approx(r["ms"] / r["traffic_floor_ms"], rel=1e-9)
+        assert r["ratio_fma"] == pytest.approx(r["ms"] / r["fma_floor_ms"], rel=1e-9)
+        # The floors from the plans: Adam moves fused AdamW's 28 B/param; VeLO 88 on a matrix.
+        assert r["bytes_per_param"] == 28 if r["spec"] == "adam" else r["bytes_per_param"] > 28
+        if r["spec"] == "adam":
+            assert r["traffic_floor_ms"] == pytest.approx(r["adamw_ms"], rel=1e-9)
         ref = next(x for x in rows if (x["case"], x["spec"], x["method"]) == (r["case"], r["spec"], "reference"))
         assert r["ratio_reference"] == pytest.approx(r["ratio_adamw"] / ref["ratio_adamw"], rel=1e-9)
         assert r["ratio_compiled"] is None
+
+
+def test_step_time_cases_and_plan_cost():
+    """The GPT-2 and ResNet-18 sets have the issue's sizes; plan_cost reads the spec's plan."""
+    step_time = _load("step_time")
+    gpt, resnet = step_time.case_shapes("gpt"), step_time.case_shapes("resnet")
+    assert (len(gpt), sum(math.prod(s) for s in gpt)) == (76, 13_891_584)
+    assert (len(resnet), sum(math.prod(s) for s in resnet)) == (62, 11_689_512)
+    nbytes, macs = step_time.plan_cost("velo", [(64, 48)])
+    assert nbytes == 88 * 64 * 48 and macs == 148 * 64 * 48
+    assert step_time.plan_cost("small_fc_lopt", [(7,)])[1] == 2336 * 7
 
 
 def test_gpu_check_dry_run_prints_its_table(capsys):
