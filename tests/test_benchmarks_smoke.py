@@ -105,3 +105,15 @@ def test_demo_training_runs_with_finite_loss():
     assert all(math.isfinite(v) for v in result["losses"])
     assert math.isfinite(result["final_loss"])
     assert result["final_loss"] != result["initial_loss"], "the parameters never moved"
+
+
+def test_busy_machine_run_writes_its_table(tmp_path):
+    """Quiet and busy, all threads and one, for both cases: every row timed."""
+    out = tmp_path / "busy.md"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "busy_machine.py"), "--steps", "2",
+                    "--out", str(out)], check=True, capture_output=True, timeout=600)
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "x |" in line]
+    assert [(r[0][2:], r[2]) for r in rows] == [(case, name) for case in ("small (0.1M)", "1M") for _ in range(2)
+                                                 for name in ("VeLO (tvm)", "AdamW (fused)")]
+    assert [int(r[1]) for r in rows][2::4] == [1, 1]   # the one-thread runs
+    assert all(float(v) > 0 for r in rows for v in r[3:7])
