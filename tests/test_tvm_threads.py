@@ -1,5 +1,6 @@
-"""The TVM CPU kernels' parallel loops run on torch's OpenMP threads (threads.py), and
-their results do not depend on the thread count or on how a group is split across cores."""
+"""The TVM CPU kernels' parallel loops run on torch's OpenMP threads (threads.py), on one
+thread while other processes want the cores, and their results do not depend on the
+thread count or on how a group is split across cores."""
 from __future__ import annotations
 
 import ctypes
@@ -18,6 +19,14 @@ from lopt_codegen.backends.build_cache import BuildCache
 from lopt_codegen.backends.tvm import TvmBackend
 from lopt_codegen.backends.tvm.backend import generic_signatures
 from lopt_codegen.backends.tvm.build import llvm_target, load_pass_kernel
+from lopt_codegen.backends.tvm.threads import CONTENTION, SAMPLE_EVERY, Contention, omp_launcher, other_runnable
+
+
+@pytest.fixture
+def quiet_machine(monkeypatch):
+    """The kernels on torch's threads whatever else runs (make test's other worker)."""
+    monkeypatch.setattr(CONTENTION, "probe", lambda: 0)
+    monkeypatch.setattr(CONTENTION, "steps", 0)
 
 SHAPES = [(33, 40), (5, 8, 9), (1000,), (33, 40)]   # factored, 3-D, flat; a group of two
 
@@ -60,7 +69,7 @@ def _run_velo(parallel_within_from: int, threads: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 torch threads")
-def test_results_do_not_depend_on_threads_or_parallel_split():
+def test_results_do_not_depend_on_threads_or_parallel_split(quiet_machine):
     """The sums' order is fixed by the shape and the kind of parallel loop (row chunks of
     a tensor split across the cores; one chunk when the cores split the group), never by
     the threads: bitwise the same results on 1 and 2 threads. The two kinds differ only
@@ -71,6 +80,47 @@ def test_results_do_not_depend_on_threads_or_parallel_split():
             assert torch.equal(a, b)
     for a, b in zip(runs[0, 2], runs[1 << 30, 2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_other_processes_runnable_threads_are_read_from_proc():
+    assert isinstance(other_runnable(), int) and other_runnable() >= 0
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 torch threads")
+def test_a_busy_machine_limits_the_kernels_to_one_thread(monkeypatch):
+    """Sampled every SAMPLE_EVERY steps: while other processes' runnable threads and
+    torch's outnumber the cores, the launcher runs one thread; then torch's again."""
+    others = [os.cpu_count()]
+    probe_calls = []
+
+    def probe():
+        probe_calls.append(others[0])
+        return others[0]
+
+    contention = Contention(probe)
+    limits = []
+    for step in range(2 * SAMPLE_EVERY):
+        if step == SAMPLE_EVERY:
+            others[0] = 0
+        contention.before_step()
+        limits.append(omp_launcher().launch_thread_limit())
+    assert len(probe_calls) == 2
+    assert limits == [1] * SAMPLE_EVERY + [0] * SAMPLE_EVERY
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 torch threads")
+def test_busy_or_quiet_the_same_results(monkeypatch, quiet_machine):
+    quiet = _run_velo(0, 2)
+    monkeypatch.setattr(CONTENTION, "probe", lambda: 64 * (os.cpu_count() or 1))
+    monkeypatch.setattr(CONTENTION, "steps", 0)
+    busy = _run_velo(0, 2)
+    assert omp_launcher().launch_thread_limit() == 1
+    for a, b in zip(quiet, busy):
+        assert torch.equal(a, b)
+    CONTENTION.probe = lambda: 0
+    CONTENTION.steps = 0
+    CONTENTION.before_step()
+    assert omp_launcher().launch_thread_limit() == 0
 
 
 def _child(script: str, cache: Path, **env) -> str:

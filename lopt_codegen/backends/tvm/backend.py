@@ -26,6 +26,7 @@ from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_
 from .signature import PassSignature, pass_signature
 from .small_function import small_signatures
 from .small_work import GroupKept, GroupStep, SmallKernel
+from .threads import CONTENTION
 from .view import PARALLEL_WITHIN_FROM, SYMBOLIC_BELOW, View, view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -143,6 +144,8 @@ class TvmBackend(Backend):
             self._step(replace(batch, tasks=tasks))
 
     def _step(self, batch: StepBatch) -> None:
+        if any(t.param.device.type == "cpu" for t in batch.tasks):
+            CONTENTION.before_step()   # one thread while other processes want the cores
         ranks = RankSums.of(batch, self.program)   # FSDP2: the collectives across ranks
         groups: dict[tuple, list[TensorTask]] = {}
         for task in batch.tasks:

@@ -10,6 +10,12 @@ loaded kernel's pointer is set to a launcher that runs the tasks in an OpenMP pa
 region of the OpenMP runtime torch loaded (its soname, libgomp.so.1, resolves to that
 copy), with torch.get_num_threads() threads. Where the launcher cannot be built (a
 compiler without OpenMP), the kernels keep TVM's pool, sized like torch's, with a warning.
+
+On a busy machine the kernels run on one thread (Contention): with every core's thread
+in a region, a competing process makes the region wait for a thread the OS has
+descheduled while the others spin (benchmarks/busy_machine.md: a VeLO step 13-25x slower
+on 2 cores, torch's fused AdamW 6-24x; on one thread both keep their quiet time). Their
+results do not depend on the thread count: the sums' order is fixed by the shape.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch   # loaded first: the launcher binds to torch's OpenMP runtime
 
@@ -38,9 +45,13 @@ _SOURCE = r"""
 struct TVMParallelGroupEnv { void* sync_handle; int32_t num_task; };
 typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
 
+// At most this many threads per region (0: no limit): set_launch_threads.
+static int thread_limit = 0;
+
 // Runs task i of n on OpenMP thread i. num_task 0: as many tasks as threads.
 static int omp_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
   int threads = num_task > 0 ? num_task : omp_get_max_threads();
+  if (thread_limit > 0 && threads > thread_limit) threads = thread_limit;
   if (threads <= 1 || omp_in_parallel()) {
     TVMParallelGroupEnv env = {nullptr, 1};
     return flambda(0, &env, cdata);
@@ -65,6 +76,9 @@ void use_omp_threads(tvm::ffi::String path) {
   if (barrier) TVM_FFI_THROW(RuntimeError) << path << " synchronizes inside a parallel loop";
   if (launch != nullptr) *launch = reinterpret_cast<void*>(&omp_parallel_launch);
 }
+
+void set_launch_threads(int64_t limit) { thread_limit = static_cast<int>(limit); }
+int64_t launch_thread_limit() { return thread_limit; }
 """
 
 
@@ -77,7 +91,9 @@ def omp_launcher():
     def build(path: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="lopt-omp-") as tmp:
             try:
-                lib = tvm_ffi.cpp.build_inline("lopt_omp_launch", cpp_sources=_SOURCE, functions="use_omp_threads",
+                lib = tvm_ffi.cpp.build_inline("lopt_omp_launch", cpp_sources=_SOURCE,
+                                               functions=["use_omp_threads", "set_launch_threads",
+                                                          "launch_thread_limit"],
                                                extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=tmp)
             except Exception as exc:   # noqa: BLE001 - the compiler's own error, explained
                 raise LauncherUnavailable("the TVM backend runs its CPU kernels on torch's OpenMP threads through a small "
@@ -114,3 +130,51 @@ def use_torch_threads(library: Path) -> None:
     launcher = _launcher_or_none()
     if launcher is not None:
         launcher.use_omp_threads(str(library))
+
+
+SAMPLE_EVERY = 8   # steps between two looks at the machine (each reads ~10 small /proc files)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def other_runnable() -> int | None:
+    """Threads of other processes ready to run now (Linux: /proc/stat's procs_running less
+    this process's running threads); None where /proc cannot tell."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            total = next(int(line.split()[1]) for line in f if line.startswith(b"procs_running"))
+        ours = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:   # the thread ended meanwhile
+                continue
+            ours += stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"R"
+        return max(0, total - ours)
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+class Contention:
+    """Every SAMPLE_EVERY steps: do other processes' runnable threads leave torch's threads
+    fewer cores than they are? Then the kernels run on one thread until they do not."""
+
+    def __init__(self, probe: Callable[[], int | None] = other_runnable):
+        self.probe, self.steps, self.busy = probe, 0, False
+
+    def before_step(self) -> None:
+        threads = torch.get_num_threads()
+        if threads > 1 and self.steps % SAMPLE_EVERY == 0:
+            others = self.probe()
+            self.busy = others is not None and others + threads > _cores()
+        self.steps += 1
+        limit = 1 if self.busy and threads > 1 else 0   # 0: torch's threads
+        launcher = _launcher_or_none()
+        if launcher is not None and launcher.launch_thread_limit() != limit:
+            launcher.set_launch_threads(limit)
+
+
+CONTENTION = Contention()   # one for the process, as the launcher's limit is
