@@ -26,6 +26,9 @@ import tempfile
 import time
 import warnings
 
+# Steady steps are timed: each kernel is built when first needed, not in the background.
+os.environ.setdefault("LOPT_BACKGROUND_BUILDS", "0")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -19,6 +19,9 @@ import sys
 import time
 import traceback
 
+# Steady steps are timed: each kernel is built when first needed, not in the background.
+os.environ.setdefault("LOPT_BACKGROUND_BUILDS", "0")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

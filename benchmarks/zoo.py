@@ -17,6 +17,9 @@ import argparse
 import os
 import sys
 
+# Steady steps are timed: each kernel is built when first needed, not in the background.
+os.environ.setdefault("LOPT_BACKGROUND_BUILDS", "0")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -13,6 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # keys include the compiler's source hash, so an edit never loads a stale kernel), not
 # into the user's cache folder.
 os.environ.setdefault("LOPT_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "lopt_kernels"))
+# Kernels built when first needed, not in the background: every tvm step of a test runs
+# the kernels it names (tests/test_tvm_tiers.py tests the background builds).
+os.environ.setdefault("LOPT_BACKGROUND_BUILDS", "0")
 SPECS = os.path.join(ROOT, "specs")
 
 # Shapes every backend is checked on: 0-D, 1-D, odd 2-D both orientations, square (VeLO's

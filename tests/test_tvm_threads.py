@@ -18,7 +18,7 @@ from generated.velo import VeLO
 from lopt_codegen.backends.build_cache import BuildCache
 from lopt_codegen.backends.tvm import TvmBackend
 from lopt_codegen.backends.tvm.backend import generic_signatures
-from lopt_codegen.backends.tvm.build import llvm_target, load_pass_kernel
+from lopt_codegen.backends.tvm.build import llvm_target, load_kernel
 from lopt_codegen.backends.tvm.threads import CONTENTION, SAMPLE_EVERY, Contention, omp_launcher, other_runnable
 
 
@@ -39,7 +39,7 @@ def _loaded_kernel_libraries() -> list[str]:
 def test_loaded_kernels_launch_on_openmp_not_tvms_pool(tmp_path, programs):
     program = programs["adam"]
     sig = generic_signatures(program, "float32")["unfactored"][0]
-    load_pass_kernel(program, "unfactored", sig, llvm_target(), BuildCache(tmp_path))
+    load_kernel(program, "unfactored", sig, llvm_target(), BuildCache(tmp_path))
     libraries = _loaded_kernel_libraries()   # this one, and any other this process loaded
     assert libraries
     tvm_pool = ctypes.cast(ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"))

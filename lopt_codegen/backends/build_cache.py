@@ -154,6 +154,10 @@ class BuildCache:
             self.builds += 1
             return load(artifact)
 
+    def has(self, kind: str, key: dict, filename: str) -> bool:
+        """Whether a valid entry for `key` is there (nothing is built or loaded)."""
+        return _valid_artifact(self.path / kind / key_digest(key), filename) is not None
+
     def _load_valid(self, entry: Path, filename: str, load: Callable[[Path], T]) -> tuple[T] | None:
         """(loaded,) for a valid entry that loads; None otherwise (an entry that fails to
         load is removed so that it gets rebuilt)."""

@@ -22,7 +22,8 @@ from ..cuda.build import nvcc_missing
 from ..group_values import group_key, run_network_over_groups
 from ..reference import ReferenceBackend
 from ..sharded_groups import RankSums, run_group_calls
-from .build import cuda_kernels_path, llvm_target, load_cuda_kernels, load_pass_kernel, load_small_kernel
+from .background import BackgroundBuilds, background_builds_enabled
+from .build import build_kernel, cuda_kernels_path, kernel_built, llvm_target, load_cuda_kernels, load_kernel
 from .signature import PassSignature, pass_signature
 from .small_function import small_signatures
 from .small_work import GroupKept, GroupStep, SmallKernel
@@ -67,7 +68,8 @@ class TvmBackend(Backend):
     name = "tvm"
 
     def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE, specialize_from: int = SYMBOLIC_BELOW,
-                 parallel_within_from: int = PARALLEL_WITHIN_FROM, compiled_small_work: bool = True):
+                 parallel_within_from: int = PARALLEL_WITHIN_FROM, compiled_small_work: bool = True,
+                 background: bool | None = None):
         super().__init__(program)
         # Tensors with fewer elements share shape-generic kernels (one build for all
         # sizes, not vectorized); larger ones get kernels built for their shape.
@@ -84,6 +86,10 @@ class TvmBackend(Backend):
         self._with_calls = {v for v, graph in program.variants.items()
                             if any(n.op == "call" for n in topo_order(graph.roots()))}
         self.fallback = ReferenceBackend(program)
+        # New kernels build in the background while the step runs on the tier below
+        # (background.py); None: each is built when first needed, the step waiting.
+        self.builds = BackgroundBuilds() if (background_builds_enabled() if background is None else background) \
+            else None
         self._kernels: dict[tuple, list[_Kernel]] = {}
         self._small: dict[tuple, dict[str, SmallKernel]] = {}
         self._kept: dict[tuple, GroupKept] = {}   # group key -> its kept arguments
@@ -93,7 +99,11 @@ class TvmBackend(Backend):
         """The kernels' view of a tensor (CUDA tensors: the GPU kernels' one)."""
         return view_of(tuple(task.param.shape), task.axes, gpu=task.param.device.type == "cuda")
 
-    def kernels(self, task: TensorTask) -> list[_Kernel]:
+    def kernels(self, task: TensorTask, wait: bool = True) -> list[_Kernel] | None:
+        """The tensor's kernels: built for its shape when it is large enough, else
+        shape-generic. wait=False: the best of those already built (its own, else the
+        shape-generic ones, else None: the reference steps it), the better ones' builds
+        started in the background."""
         p = task.param
         view = self.view(task)   # the GPU's is always shape-generic
         if view.numel < self.specialize_from:
@@ -101,34 +111,70 @@ class TvmBackend(Backend):
         elif not view.gpu and view.numel >= self.parallel_within_from:
             view = replace(view, parallel_within=True)
         arch = cuda_arch(p.device) if p.device.type == "cuda" else None
-        key = (task.variant, view.x_axis, view.symbolic or view.dims, view.gpu, view.parallel_within, p.dtype,
-               task.grad.dtype, arch)
-        if key not in self._kernels:
-            graph = self.program.variants[task.variant]
-            sigs = [pass_signature(ps, graph.new_param, graph.accumulators, view, _DTYPES[p.dtype],
-                                   _DTYPES[task.grad.dtype]) for ps in self.plans[task.variant].passes]
-            self._kernels[key] = [_Kernel(s, f) for s, f in zip(sigs, self._load(task.variant, sigs, arch))]
-        return self._kernels[key]
+        wait = wait or view.gpu   # (CUDA kernels are shape-generic already)
+        # Best first. (A shape-generic kernel that splits one tensor across the cores took
+        # over 10 minutes to compile: the stand-in runs a tensor per core.)
+        tiers = [view] if wait or view.symbolic else [view, view.generic()]
+        keys = [(task.variant, v.x_axis, v.symbolic or v.dims, v.gpu, v.parallel_within, p.dtype, task.grad.dtype,
+                 arch) for v in tiers]
+        if keys[0] in self._kernels:
+            return self._kernels[keys[0]]
+        graph = self.program.variants[task.variant]
+        sigs = [[pass_signature(ps, graph.new_param, graph.accumulators, v, _DTYPES[p.dtype], _DTYPES[task.grad.dtype])
+                 for ps in self.plans[task.variant].passes] for v in tiers]
+        ready = 0 if wait else None
+        for k in [] if wait else reversed(range(len(tiers))):   # the stand-in's build is queued first
+            jobs = sigs[k] + (self._small_signatures(task, sigs[k]) if k == len(tiers) - 1 else [])
+            if keys[k] in self._kernels or self._built(keys[k], task.variant, jobs):
+                ready = k
+        if ready is None:
+            return None
+        if keys[ready] not in self._kernels:
+            self._kernels[keys[ready]] = [_Kernel(s, f) for s, f in zip(sigs[ready], self._load(task.variant,
+                                                                                                  sigs[ready], arch))]
+        return self._kernels[keys[ready]]
+
+    def _built(self, key: tuple, variant: str, jobs: list) -> bool:
+        """Whether a tier's kernels are built: in the cache when first asked (no build),
+        else by their background build, started then."""
+        if not self.builds.started(key) and \
+                all(kernel_built(self.program, variant, s, self.target, self.cache) for s in jobs):
+            return True
+        return self.builds.done(key, lambda: self._build(variant, jobs))
+
+    def _small_signatures(self, task: TensorTask, sigs: list[PassSignature]) -> list:
+        """The small functions small_kernels will load for these kernels (none: torch's)."""
+        if sigs[0].view.gpu or not self.compiled_small_work or task.variant in self._with_calls:
+            return []
+        return [s for s in small_signatures(self.program.variants[task.variant], sigs) if not s.empty]
+
+    def _build(self, variant: str, sigs: list) -> None:
+        for sig in sigs:
+            build_kernel(self.program, variant, sig, self.target, self.cache)
 
     def small_kernels(self, task: TensorTask, sigs: list[PassSignature]) -> dict[str, SmallKernel] | None:
         """The compiled small work of a tensor kind (shape-generic), by consumer; None for
-        the GPU kernels (their sums have the GPU layout; the small work runs in torch)."""
-        if sigs[0].view.gpu or not self.compiled_small_work or task.variant in self._with_calls:
-            return None   # (tensor functions run in torch: so does the small work around them)
+        the GPU kernels (their sums have the GPU layout; the small work runs in torch) and
+        around tensor functions (they run in torch: so does the small work around them)."""
+        small = self._small_signatures(task, sigs)
+        if not small:
+            return None
         key = (task.variant, sigs[0].view.x_axis)
         if key not in self._small:
-            graph = self.program.variants[task.variant]
-            self._small[key] = {s.name: SmallKernel(s, load_small_kernel(self.program, task.variant, s, self.target,
-                                                                         self.cache))
-                                for s in small_signatures(graph, sigs) if not s.empty}
+            self._small[key] = {s.name: SmallKernel(s, load_kernel(self.program, task.variant, s, self.target,
+                                                                   self.cache)) for s in small}
         return self._small[key]
 
     def _load(self, variant: str, sigs: list[PassSignature], arch: str | None) -> list[Callable]:
         if arch is not None:
             return load_cuda_kernels(self.program, variant, sigs, arch, self.cache)
-        return [load_pass_kernel(self.program, variant, s, self.target, self.cache) for s in sigs]
+        return [load_kernel(self.program, variant, s, self.target, self.cache) for s in sigs]
 
     def step(self, batch: StepBatch) -> None:
+        with self.builds.core_left() if self.builds is not None else contextlib.nullcontext():
+            self._step_supported(batch)
+
+    def _step_supported(self, batch: StepBatch) -> None:
         reasons = {id(t): unsupported_reason(t) for t in batch.tasks}
         rest = [t for t in batch.tasks if reasons[id(t)] is not None]
         for t in rest:
@@ -153,15 +199,20 @@ class TvmBackend(Backend):
             groups.setdefault(key, []).append(task)
         # The kept arguments of groups this step lacks go (their buffers with them).
         self._kept = {k: kept for k, kept in self._kept.items() if k in groups}
+        # Under FSDP2 every rank must take the same path: the kernels are waited for.
+        wait = self.builds is None or ranks is not None
+        kernels = {key: self.kernels(tasks[0], wait) for key, tasks in groups.items()}
+        if any(k is None for k in kernels.values()):   # kernels still building: this step on the reference
+            self.fallback.step(batch)
+            return
         runs = []
         for key, tasks in groups.items():
-            kernels = self.kernels(tasks[0])
-            sigs = [k.sig for k in kernels]
+            sigs = [k.sig for k in kernels[key]]
             # A sharded group's small work runs in torch, where its reductions across ranks are.
             small = self.small_kernels(tasks[0], sigs) if tasks[0].shard is None else None
             group = GroupStep(tasks, batch, self.view(tasks[0]), self._kept.setdefault(key, GroupKept()), sigs,
                               small, ranks)
-            runs.append((group, kernels))
+            runs.append((group, kernels[key]))
         steps = [group for group, _ in runs]
         before, after = [], []   # the passes up to the network, then the rest
         for group, kernels in runs:
@@ -255,11 +306,11 @@ def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE, target: str = 
                     count += len(sigs)
                 continue
             for sig in sigs:
-                load_pass_kernel(program, variant, sig, llvm, cache)
+                load_kernel(program, variant, sig, llvm, cache)
                 count += 1
             if dtype == "float32":   # the small functions do not depend on the dtype
                 for small in small_signatures(program.variants[variant], sigs):
                     if not small.empty:
-                        load_small_kernel(program, variant, small, llvm, cache)
+                        load_kernel(program, variant, small, llvm, cache)
                         count += 1
     return count, time.perf_counter() - start

@@ -68,40 +68,57 @@ def compile_pass(sig: PassSignature, target: tvm.target.Target) -> tvm.runtime.M
 
 
 _LOADED: dict[str, Callable] = {}   # this process's loaded kernels, by cache key
+LlvmSignature = PassSignature | SmallSignature
 
 
-def _load_llvm(key: dict, compile_func: Callable[[], tvm.runtime.Module], cache: BuildCache) -> Callable:
-    """A CPU function from the cache (compiled and stored when missing), loaded once per
-    process, its parallel loops on torch's threads."""
-    name = repr(sorted(key.items()))
-    if name not in _LOADED:
-        def build(path: Path) -> None:
-            compile_func().export_library(str(path))
-
-        def load(path: Path) -> Callable:
-            module = tvm.runtime.load_module(str(path))
-            use_torch_threads(path)
-            return module["main"]
-
-        _LOADED[name] = cache.get("tvm-llvm", key, "kernel.so", build, load)
-    return _LOADED[name]
-
-
-def load_pass_kernel(program: Program, variant: str, sig: PassSignature, target: tvm.target.Target,
-                     cache: BuildCache = DEFAULT_CACHE) -> Callable:
-    return _load_llvm(pass_key(program, variant, sig, target), lambda: compile_pass(sig, target), cache)
-
-
-def load_small_kernel(program: Program, variant: str, sig: SmallSignature, target: tvm.target.Target,
-                      cache: BuildCache = DEFAULT_CACHE) -> Callable:
-    """A tensor kind's small function (small_function.py; shape-generic) for the CPU."""
+def _llvm_job(program: Program, variant: str, sig: LlvmSignature, target: tvm.target.Target
+              ) -> tuple[dict, Callable[[], tvm.runtime.Module]]:
+    """The cache key of a CPU kernel (a pass's, or a tensor kind's shape-generic small
+    function, small_function.py) and the function that compiles it."""
+    if isinstance(sig, PassSignature):
+        return pass_key(program, variant, sig, target), lambda: compile_pass(sig, target)
     key = {"spec": program.spec_sha256, "compiler": compiler_version(), "tvm": tvm.__version__,
            "variant": variant, "small": sig.name, "x_axis": sig.x_axis, "target": str(target)}
 
     def compile_small() -> tvm.runtime.Module:
         with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
             return tvm.compile(tvm.IRModule({"main": build_small_function(sig)}), target=target)
-    return _load_llvm(key, compile_small, cache)
+    return key, compile_small
+
+
+def _export(compile_func: Callable[[], tvm.runtime.Module]) -> Callable[[Path], None]:
+    return lambda path: compile_func().export_library(str(path))
+
+
+def load_kernel(program: Program, variant: str, sig: LlvmSignature, target: tvm.target.Target,
+                cache: BuildCache = DEFAULT_CACHE) -> Callable:
+    """A CPU kernel from the cache (compiled and stored when missing), loaded once per
+    process, its parallel loops on torch's threads."""
+    key, compile_func = _llvm_job(program, variant, sig, target)
+    name = repr(sorted(key.items()))
+    if name not in _LOADED:
+        def load(path: Path) -> Callable:
+            module = tvm.runtime.load_module(str(path))
+            use_torch_threads(path)
+            return module["main"]
+
+        _LOADED[name] = cache.get("tvm-llvm", key, "kernel.so", _export(compile_func), load)
+    return _LOADED[name]
+
+
+def kernel_built(program: Program, variant: str, sig: LlvmSignature, target: tvm.target.Target,
+                 cache: BuildCache = DEFAULT_CACHE) -> bool:
+    """Whether load_kernel would find it loaded or in the cache (no compile)."""
+    key, _ = _llvm_job(program, variant, sig, target)
+    return repr(sorted(key.items())) in _LOADED or cache.has("tvm-llvm", key, "kernel.so")
+
+
+def build_kernel(program: Program, variant: str, sig: LlvmSignature, target: tvm.target.Target,
+                 cache: BuildCache = DEFAULT_CACHE) -> None:
+    """Compiles a CPU kernel into the cache, without loading it: safe on a background
+    thread (load_kernel loads it on the step's thread)."""
+    key, compile_func = _llvm_job(program, variant, sig, target)
+    cache.get("tvm-llvm", key, "kernel.so", _export(compile_func), lambda path: path)
 
 
 def cuda_kernel_names(sig: PassSignature) -> list[str]:

@@ -1,0 +1,67 @@
+"""Kernel builds on a background thread, so that a new model's first steps do not wait
+for the compiler: each build compiles into the build cache (build.build_kernel; TVM's
+compiler runs outside the GIL), and the step's thread loads it once it is done. Until
+then the step runs on the tier below: shape-generic kernels, or the reference backend.
+While a build runs, the step leaves it a core: with torch's OpenMP threads on every
+core, each parallel region would otherwise wait for the thread the build displaced
+(benchmarks/busy_machine.md). The first steps' rounding then depends on when each build
+finishes (the tiers sum in different orders, torch on fewer threads);
+LOPT_BACKGROUND_BUILDS=0 builds every kernel when it is first needed instead, for runs
+that must repeat bit for bit."""
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator
+
+import torch
+
+
+def background_builds_enabled() -> bool:
+    return os.environ.get("LOPT_BACKGROUND_BUILDS", "1") != "0"
+
+
+class BackgroundBuilds:
+    """Builds started once each, one at a time (the cores are the training's)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lopt-tvm-build")
+        self._jobs: dict[tuple, Future] = {}
+
+    def running(self) -> bool:
+        """Whether a build is still going (it takes a core from the step)."""
+        return any(not job.done() for job in self._jobs.values())
+
+    def started(self, key: tuple) -> bool:
+        return key in self._jobs
+
+    def done(self, key: tuple, build: Callable[[], None]) -> bool:
+        """Whether the build of `key` has finished (started now if it had not been). A
+        build that failed raises its error here, on the step's thread."""
+        job = self._jobs.get(key)
+        if job is None:
+            job = self._jobs[key] = self._pool.submit(build)
+        if not job.done():
+            return False
+        job.result()
+        return True
+
+    def wait(self, which: Callable[[tuple], bool] = lambda key: True) -> None:
+        """Until the builds started so far whose key passes `which` have finished."""
+        for key, job in list(self._jobs.items()):
+            if which(key):
+                job.result()
+
+    @contextlib.contextmanager
+    def core_left(self) -> Iterator[None]:
+        """Torch's threads (and so the kernels') less one while a build runs."""
+        threads = torch.get_num_threads()
+        if threads < 2 or not self.running():
+            yield
+            return
+        torch.set_num_threads(threads - 1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)

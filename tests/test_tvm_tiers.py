@@ -1,0 +1,71 @@
+"""Background builds (tvm/background.py): a new model's first step does not wait for the
+compiler. While even the shape-generic kernels build, the reference steps; then those
+kernels, while a large tensor's own build; then its own. Each step equals the
+reference's; with everything in the cache, the first step runs the tensor's own kernels."""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+import lopt_codegen.backends.tvm.backend as tvm_backend
+from generated.adam import Adam
+from lopt_codegen.backends.build_cache import BuildCache
+from lopt_codegen.backends.tvm import TvmBackend
+
+SHAPES = [(64, 80), (80,), (3, 5)]   # 5,120 elements: kernels of its own; the others shape-generic
+
+
+def _pair(cache: BuildCache) -> tuple[list[torch.Tensor], Adam, list[torch.Tensor], Adam]:
+    gen = torch.Generator().manual_seed(11)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = Adam(params, lr=0.05, backend="tvm")
+    opt.backend = TvmBackend(Adam.program, cache=cache, background=True)
+    return params, opt, ref, Adam(ref, lr=0.05, backend="reference")
+
+
+def _step(pair, gen: torch.Generator) -> None:
+    params, opt, ref, ref_opt = pair
+    for p, q in zip(params, ref):
+        p.grad = torch.randn(p.shape, generator=gen)
+        q.grad = p.grad.clone()
+    opt.step()
+    ref_opt.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _loaded(opt) -> set[str]:
+    """What the backend's loaded kernels are built for: 'generic' and/or 'own'."""
+    return {"generic" if kernels[0].sig.view.symbolic else "own" for kernels in opt.backend._kernels.values()}
+
+
+def test_the_first_steps_run_on_the_tier_below_while_the_kernels_build(tmp_path, monkeypatch):
+    gates = {True: threading.Event(), False: threading.Event()}   # shape-generic builds, own builds
+    build = tvm_backend.build_kernel
+
+    def gated(program, variant, sig, *args):
+        gates[getattr(getattr(sig, "view", None), "symbolic", True)].wait(60)   # small functions: generic
+        build(program, variant, sig, *args)
+
+    monkeypatch.setattr(tvm_backend, "build_kernel", gated)
+    cache, gen = BuildCache(tmp_path), torch.Generator().manual_seed(12)
+    pair = _pair(cache)
+    opt = pair[1]
+    _step(pair, gen)
+    assert _loaded(opt) == set()   # nothing built yet: the reference stepped
+    gates[True].set()
+    opt.backend.builds.wait(lambda key: key[2] is True)
+    _step(pair, gen)
+    assert _loaded(opt) == {"generic"}
+    gates[False].set()
+    opt.backend.builds.wait()
+    _step(pair, gen)
+    _step(pair, gen)
+    assert _loaded(opt) == {"generic", "own"}
+
+    # A new optimizer on the now filled cache: its first step runs the kernels, none built.
+    fresh = _pair(cache)
+    _step(fresh, gen)
+    assert _loaded(fresh[1]) == {"generic", "own"}
