@@ -30,7 +30,7 @@ demo: setup
 
 bench: setup
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --quiet matplotlib
-	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/step_time.py --no-compile
 
 generate: setup
 	$(VENV)/bin/lopt-compile $(SPECS)
