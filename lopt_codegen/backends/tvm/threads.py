@@ -172,6 +172,8 @@ class Contention:
             self.busy = others is not None and others + threads > _cores()
         self.steps += 1
         limit = 1 if self.busy and threads > 1 else 0   # 0: torch's threads
+        if not _launcher_or_none.cache_info().currsize:   # no kernel loaded yet: nothing to limit
+            return
         launcher = _launcher_or_none()
         if launcher is not None and launcher.launch_thread_limit() != limit:
             launcher.set_launch_threads(limit)
