@@ -29,6 +29,7 @@ class RankSums:
         self.program = program
         self.position = {id(t): i for i, t in enumerate(batch.tasks)}
         self.group = next(t.shard.group for t in batch.tasks if t.shard is not None)
+        self._topo: dict[str, list[Node]] = {}         # variant -> its nodes, producers first
         self._order: dict[str, dict[int, int]] = {}    # variant -> id(node) -> its place in the graph
         self._small: dict[tuple, list[Node]] = {}      # (variant, ndim, axes) -> reductions of small values
         self.pending: list[tuple[tuple[int, int], GroupValues, int, Node, torch.Tensor]] = []
@@ -38,8 +39,11 @@ class RankSums:
         return cls(batch, program) if any(t.shard is not None for t in batch.tasks) else None
 
     def _nodes(self, variant: str) -> list[Node]:
-        graph = self.program.variants[variant]
-        return topo_order(graph.roots() + ([graph.network_input] if graph.network_input is not None else []))
+        if variant not in self._topo:
+            graph = self.program.variants[variant]
+            roots = graph.roots() + ([graph.network_input] if graph.network_input is not None else [])
+            self._topo[variant] = topo_order(roots)
+        return self._topo[variant]
 
     def add(self, group: GroupValues, node: Node, total: torch.Tensor) -> None:
         """The group's sums for reduction `node` ([tensors, channels, *level shape])."""
