@@ -126,6 +126,44 @@ def op_expr(op: str, args: list[tirx.PrimExpr]) -> tirx.PrimExpr:
     raise NotImplementedError(f"TVM backend: no rule for op '{op}'")
 
 
+# About how many times each rule above reads its operands (the NaN tests read them too).
+# TVM's LLVM codegen simplifies every Let value with the earlier ones substituted in, so
+# its work grows with the product of these along a chain of Lets: min(max(min(...))).
+_READS = {"min": 3, "max": 3, "relu": 3, "sign": 3, "exp": 5, "sigmoid": 5, "zero_nonfinite": 2}
+# Past this size a value is computed by a stage of its own (stages.py), read back from its
+# tile buffer, which the simplifier does not look into. Measured: min/max/relu nested four
+# deep compiled in 0.6 s a kernel instead of 30 s, and the built-in specs' steps kept their
+# time (VeLO on the GPT-2 set 105 against 101 ms, within noise).
+EXPANDED_LIMIT = 150
+
+
+def expanded_sizes(roots: list[Node], is_read: Callable[[Node], bool], limit: int = EXPANDED_LIMIT
+                   ) -> tuple[dict[int, int], list[Node]]:
+    """The size of each element-level node's expression with every Let inlined, and the
+    nodes to compute in stages of their own (producers first) so that none exceeds `limit`."""
+    sizes: dict[int, int] = {}
+    own: list[Node] = []
+
+    def size(node: Node) -> int:
+        got = sizes.get(id(node))
+        if got is None:
+            if node.op == "const" or is_read(node):
+                got = 1
+            elif node.op in ELEMENTWISE:
+                got = 1 + _READS.get(node.op, 1) * sum(size(a) for a in node.args)
+                if got > limit:
+                    own.append(node)
+                    got = 1
+            else:   # concat, channel: the args' channels themselves
+                got = max(size(a) for a in node.args)
+            sizes[id(node)] = got
+        return got
+
+    for root in roots:
+        size(root)
+    return sizes, own
+
+
 class ElementPrinter:
     def __init__(self, load: Callable[[Node, int], tirx.PrimExpr], stored: set[int],
                  mlp_output: Callable[[int], tirx.PrimExpr] | None = None):

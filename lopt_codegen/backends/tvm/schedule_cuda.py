@@ -13,7 +13,7 @@ batched.py launches it once for a group of tensors, over blockIdx.z).
      the thread's registers, the MLP weights are staged in shared memory once per block.
 No float atomics: every sum has one order, fixed by the shape.
 
-`bind=False` binds no thread, keeps default memory scopes and leaves the MLP's stages
+`bind=False` binds no thread, keeps default memory scopes and leaves the tile stages (own values, the MLP)
 unscheduled: the sums' loop structure then builds for the CPU, so tests run it against
 the reference here.
 """
@@ -88,10 +88,10 @@ def _buffer_name(region) -> str:
     return region.source.name   # a read region's source is its buffer
 
 
-def _stage_weights(sch: s_tir.Schedule, bind: _Binder, mlp_blocks: list[str], block_loop) -> None:
+def _stage_weights(sch: s_tir.Schedule, bind: _Binder, tile_blocks: list[str], block_loop) -> None:
     """Each MLP weight buffer copied into shared memory once per thread block, by all of
     its threads (TVM adds the barrier before the first read)."""
-    for name in mlp_blocks:
+    for name in tile_blocks:
         blk = sch.get_sblock(name)
         for k, region in enumerate(sch.get(blk).reads):
             if _buffer_name(region).startswith("mlp"):
@@ -122,12 +122,12 @@ def schedule_cuda(pf: PassFunction, sig: PassSignature, bind: bool = True) -> s_
             binder.scope(e, 1, "local")
         if bind:   # the MLP per thread, in registers, weights in shared memory. (Left unscheduled
             # in the CPU build: LLVM takes ~90 s over this loop nest without the GPU's scopes.)
-            for name in reversed(pf.mlp_blocks):   # consumers first
+            for name in reversed(pf.tile_blocks):   # consumers first
                 blk = sch.get_sblock(name)
                 sch.compute_at(blk, thread)
                 binder.scope(blk, 1, "local")
-            _stage_weights(sch, binder, pf.mlp_blocks, blocks)
-            for name in pf.mlp_blocks:   # unrolled: the layers' units index registers, not a stack array
+            _stage_weights(sch, binder, pf.tile_blocks, blocks)
+            for name in pf.tile_blocks:   # unrolled: the layers' units index registers, not a stack array
                 for loop in sch.get_loops(sch.get_sblock(name))[2:]:
                     sch.unroll(loop)
     return sch

@@ -4,7 +4,9 @@ batched.py), vectorized along axis Y (View.element_y: padded to whole vectors; l
 strided by C when axes follow Y, as a conv kernel's 3x3 does)."""
 from __future__ import annotations
 
-from tvm import s_tir
+import math
+
+from tvm import s_tir, tirx
 
 from .signature import PassSignature
 from .stages import PassFunction
@@ -42,9 +44,10 @@ def _block_units(sch: s_tir.Schedule, unit, inner=None) -> None:
     sch.unroll(block)
 
 
-def _schedule_mlp(sch: s_tir.Schedule, names: list[str], anchor, vectorized: bool) -> None:
-    """Every MLP stage computed per tile (or element) at `anchor`, into tile buffers
-    [unit, lane]; reductions over units outside the vectorized lanes."""
+def _schedule_tiles(sch: s_tir.Schedule, names: list[str], anchor, vectorized: bool) -> None:
+    """Every stage before E (values of their own, the MLP's) computed per tile (or
+    element) at `anchor`, into tile buffers [unit, lane]; reductions over units outside
+    the vectorized lanes."""
     for name in reversed(names):   # consumers first: each lands before its consumer
         blk = sch.get_sblock(name)
         sch.compute_at(blk, anchor)
@@ -63,22 +66,41 @@ def _schedule_mlp(sch: s_tir.Schedule, names: list[str], anchor, vectorized: boo
                 _block_units(sch, loops[-2])
 
 
+def _own_values_at(sch: s_tir.Schedule, names: list[str], anchor) -> None:
+    """The stages of a sum's own values (stages.py) computed under `anchor` of the sum,
+    vectorized when that leaves them one vector."""
+    for name in reversed(names):   # consumers first
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, anchor)
+        sch.set_scope(blk, 0, _TILE_SCOPE)
+        depth = [sch.get_sref(loop).same_as(sch.get_sref(anchor)) for loop in sch.get_loops(blk)].index(True)
+        inner = sch.get_loops(blk)[depth + 1:]
+        if inner:
+            loop = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+            extent = sch.get(loop).extent
+            if isinstance(extent, tirx.IntImm) and extent.value == LANES:
+                sch.vectorize(loop)
+
+
 def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
     sch = s_tir.Schedule(pf.func)
 
     def parallel(*loops) -> None:
-        fused = sch.fuse(*loops)
         if sig.view.parallel_within:
-            sch.parallel(fused)
+            sch.parallel(sch.fuse(*loops))
 
     if pf.has_p:
         blk = reduction_block(sch, "P")
         t, a, b, y, c, r = sch.get_loops(blk)
         sch.reorder(t, a, r, b, y, c)
         parallel(t, a)
-        inner = sch.fuse(b, y, c)
-        if not sig.view.symbolic and int(sch.get(inner).extent) % LANES == 0:
-            sch.vectorize(sch.split(inner, [None, LANES])[1])
+        inner = c
+        if not sig.view.symbolic and math.prod(sig.view.dims[2:]) % LANES == 0:
+            inner, lanes = sch.split(sch.fuse(b, y, c), [None, LANES])
+            sch.vectorize(lanes)
+        # Fused loops over symbolic sizes index a tile buffer by divisions that TVM's LLVM
+        # codegen simplifies for minutes inside NaN-tested Selects: unfused, it is 0.
+        _own_values_at(sch, pf.sum_blocks.get("P", []), inner)
         sch.decompose_reduction(blk, r)   # after vectorize (TVM_NOTES.md)
     if pf.has_q:
         blk = reduction_block(sch, "Q")
@@ -87,6 +109,7 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         parallel(a, x)
         if sig.lanes > 1:
             sch.vectorize(l)
+        _own_values_at(sch, pf.sum_blocks.get("Q", []), q)
         sch.decompose_reduction(blk, q)
     if pf.has_e:
         # E (all values, into tile buffers) then O (the stores), per vector tile: every
@@ -107,5 +130,5 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
                 sch.vectorize(sch.get_loops(o)[-1])
         for e in e_blocks:
             sch.set_scope(e, 0, _TILE_SCOPE)
-        _schedule_mlp(sch, pf.mlp_blocks, y if vectorized else c, vectorized)
+        _schedule_tiles(sch, pf.tile_blocks, y if vectorized else c, vectorized)
     return sch

@@ -14,6 +14,7 @@ reads all it needs before O writes that tile.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -21,9 +22,9 @@ import tvm_ffi
 from tvm import te, tirx
 
 from ...ir.mlp_fold import MlpFold
-from ...ir.nodes import Level, Node
+from ...ir.nodes import LEAVES, Level, Node
 from .mlp_stages import build_mlp_stages
-from .printer import F32, ElementPrinter
+from .printer import F32, ElementPrinter, expanded_sizes
 from .signature import PassSignature
 from .view import ROW_LANES, ROWS_PER_BLOCK, THREADS, WARP, padded
 
@@ -34,7 +35,8 @@ class PassFunction:
     has_p: bool
     has_q: bool
     has_e: bool
-    mlp_blocks: list[str]   # the MLP's stages, producers first
+    tile_blocks: list[str]   # stages computed per tile before E (own values, the MLP), producers first
+    sum_blocks: dict[str, list[str]] = field(default_factory=dict)   # P, Q -> their own values' stages
     offsets: dict[str, tirx.PrimExpr] = field(default_factory=dict)   # buffer -> first element (batched.py)
 
 
@@ -91,6 +93,8 @@ class _Inputs:
         self.small = {id(n): te.placeholder((n.channels, *sig.view.small_dims(n.level, dims)), F32,
                                             f"{n.op}_{n.level.label}{k}") for k, n in enumerate(sig.small)}
         self.scalars = te.placeholder((sig.scalar_count,), F32, "scalars") if sig.scalar_nodes else None
+        self.own: dict[int, list[te.Tensor]] = {}   # values in stages of their own (own_stages)
+        self.own_names = itertools.count()   # block names must be unique in a pass
         self.mlp = None
         if sig.mlp is not None:
             shapes = MlpFold.of(sig.mlp).layer_shapes(sig.mlp.attrs[0])
@@ -114,6 +118,8 @@ class _Inputs:
             return tuple(0 if isinstance(n, tirx.IntImm) and n.value == 1 else i for i, n in zip(full, shape))
 
         def load(node: Node, c: int):
+            if id(node) in self.own:
+                return self.own[id(node)][c][index]
             if id(node) in sig.stored or (node.op == "state" and node.level == Level.ELEMENT):
                 return self.acc[(sig.stored.get(id(node)) or node.attrs[0], c)][at]
             if node.level <= Level.TENSOR:
@@ -124,7 +130,28 @@ class _Inputs:
             return to_float32(self.leaf[node.op][at], self.dtype[node.op])
 
         read_mlp = None if mlp_output is None else (lambda c: mlp_output[(c, *index)])
-        return ElementPrinter(load, set(sig.stored), read_mlp)
+        return ElementPrinter(load, set(sig.stored) | set(self.own), read_mlp)
+
+    def own_stages(self, roots: list[Node], dims: tuple, mlp_output: te.Tensor | None = None) -> list[str]:
+        """Stages over `dims` for the values under `roots` whose inlined expressions would
+        grow past printer.EXPANDED_LIMIT, producers first; their block names. Printers read
+        them from their buffers, which the schedule computes per tile where they are read.
+        CPU only: TVM's CUDA C printer writes Lets as local variables without simplifying
+        them, so the GPU kernels keep them (and their registers)."""
+        if self.sig.view.gpu:
+            return []
+
+        def is_read(node: Node) -> bool:
+            return (node.op in LEAVES or node.op == "mlp" or node.level < Level.ELEMENT
+                    or id(node) in self.sig.stored or id(node) in self.own)
+
+        names = []
+        for node in expanded_sizes(roots, is_read)[1]:
+            name = f"V{next(self.own_names)}"
+            self.own[id(node)] = _as_list(te.compute(dims, lambda *i: [
+                self.printer(i, mlp_output, padded=True).expr(node, c) for c in range(node.channels)], name=name))
+            names += [name] if node.channels == 1 else [f"{name}_v{c}" for c in range(node.channels)]
+        return names
 
 
 def _masked(inside: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -227,18 +254,25 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
     A, X, B, Y, C = dims
     sums_inputs = _Inputs(sig, dims) if flat is not None else inputs   # the sums' shapes (unused stages)
     stages: dict[str, list[te.Tensor]] = {}
-    if sig.x_sums:
-        stages["P"] = _x_sums(sums_inputs, sig)
-    if sig.y_sums:
-        stages["Q"] = _y_sums(sums_inputs, sig)
+    sum_blocks = {}
+    for name, sums, stage in (("P", sig.x_sums, _x_sums), ("Q", sig.y_sums, _y_sums)):
+        if sums:
+            sum_blocks[name] = sums_inputs.own_stages([node.args[0] for node, _ in sums], dims)
+            stages[name] = stage(sums_inputs, sig)
+            sums_inputs.own.clear()   # computed where this stage reads them, so for it alone
     casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
     mlp = None
+    tile_blocks: list[str] = []
     if sig.outputs and (kernel is None or elements):
         # The element stages (E and the MLP) run over the padded Y extent; O stores real Y.
         element_dims = (flat[0],) if flat is not None else (A, X, B, sig.view.element_y or Y, C)
         if sig.mlp is not None:
+            features = [feat for feat, _, _, _ in MlpFold.of(sig.mlp).element_parts]
+            tile_blocks += inputs.own_stages(features, element_dims)
             mlp = build_mlp_stages(sig.mlp, element_dims, inputs.mlp, lambda i: inputs.printer(i, padded=True))
+            tile_blocks += mlp.block_names()
         mlp_out = mlp.output if mlp is not None else None
+        tile_blocks += inputs.own_stages(list(sig.output_nodes.values()), element_dims, mlp_out)
         E = te.compute(element_dims, lambda *i: [inputs.printer(i, mlp_out, padded=True).expr(sig.output_nodes[name], c)
                                                  for name, c in sig.outputs], name="E")
         E = _as_list(E)
@@ -257,5 +291,4 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
     if kernel == "T" and flat is not None:   # the tail's element buffers start past the whole tiles
         offsets = {buf.name: flat[1] for buf in func.params
                    if len(buf.shape) == 1 and tvm_ffi.structural_equal(buf.shape[0], flat[0])}
-    return PassFunction(func, "P" in built, "Q" in built, "E" in built,
-                        mlp.block_names() if mlp is not None else [], offsets)
+    return PassFunction(func, "P" in built, "Q" in built, "E" in built, tile_blocks, sum_blocks, offsets)
