@@ -1,7 +1,8 @@
 """The compiled backends on CUDA tensors (cuda: the Jinja kernels; tvm: TVM's CUDA
 kernels, both built with nvcc) against the reference backend on the CPU: every built-in
 spec, every shape, 12 steps, 1e-5 relative error of the updates; bf16 params;
-bitwise-deterministic reruns; a step replayed from a CUDA graph (skipped without a GPU)."""
+bitwise-deterministic reruns; a step replayed from a CUDA graph, with `grad.nonfinite:
+skip` too (skipped without a GPU)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from conftest import SHAPES
 from test_cuda_backend import LINE_SHAPES, MAKERS, RTOL, STEPS
+from test_nonfinite import skipping  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -129,3 +131,55 @@ def test_gpu_step_replays_from_a_cuda_graph(name, backend):
     torch.cuda.synchronize()
     for p, q in zip(eager, captured):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["adam", "velo"])
+def test_gpu_skip_is_decided_on_the_device_in_a_cuda_graph(skipping, name, backend):
+    """`grad.nonfinite: skip` in a captured step: the replays whose gradients hold a NaN or
+    an inf change no parameter, the others give bitwise what eager steps give, and
+    state["skipped_steps"] counts the skipped replays. (A decision on the host would
+    fail the capture or be frozen into the graph.)"""
+    cls = skipping[f"{name}_skip"]
+    extra = {"weights": "random", "seed": 3, "num_steps": 40} if name == "velo" else {}
+    rng = np.random.default_rng(9)
+    start = [torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=np.float32)).cuda() for s in SHAPES]
+    eager = [torch.nn.Parameter(p.clone()) for p in start]
+    captured = [torch.nn.Parameter(p.clone()) for p in start]
+    for p in eager + captured:
+        p.grad = torch.zeros_like(p)
+    loss = torch.zeros((), device="cuda")
+    opt_eager = cls(eager, lr=0.01, backend=backend, **extra)
+    opt_captured = cls(captured, lr=0.01, backend=backend, **extra)
+    poisoned = {4: float("nan"), 6: float("inf")}   # replays whose gradients hold one bad element
+
+    def new_gradients(step: int) -> None:
+        for k, (p, q) in enumerate(zip(eager, captured)):
+            g = torch.from_numpy(np.asarray(rng.standard_normal(p.shape), dtype=np.float32)).cuda()
+            if step in poisoned and k == len(SHAPES) - 1:
+                g.view(-1)[-1] = poisoned[step]
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        loss.fill_(1.0 / (step + 1))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(3):
+            new_gradients(step)
+            opt_eager.step(loss=loss)
+            opt_captured.step(loss=loss)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_captured.step(loss=loss)
+    for step in range(3, 8):
+        new_gradients(step)
+        before = [q.detach().clone() for q in captured]
+        opt_eager.step(loss=loss)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(p, q) for p, q in zip(eager, captured)), step
+        unchanged = [torch.equal(q, b) for q, b in zip(captured, before)]
+        assert all(unchanged) if step in poisoned else not all(unchanged), step
+    assert float(opt_captured.state["skipped_steps"]) == len(poisoned)
