@@ -13,7 +13,7 @@ batched.py launches it once for a group of tensors, over blockIdx.z).
      the thread's registers, the MLP weights are staged in shared memory once per block.
 No float atomics: every sum has one order, fixed by the shape.
 
-`bind=False` binds no thread, keeps default memory scopes and leaves the tile stages (own values, the MLP)
+`bind=False` binds no thread, keeps default memory scopes and leaves the MLP's stages
 unscheduled: the sums' loop structure then builds for the CPU, so tests run it against
 the reference here.
 """
