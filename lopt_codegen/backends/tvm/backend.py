@@ -124,7 +124,7 @@ class TvmBackend(Backend):
                  for ps in self.plans[task.variant].passes] for v in tiers]
         ready = 0 if wait else None
         for k in [] if wait else reversed(range(len(tiers))):   # the stand-in's build is queued first
-            jobs = sigs[k] + (self._small_signatures(task, sigs[k]) if k == len(tiers) - 1 else [])
+            jobs = sigs[k] + self._small_signatures(task, sigs[k])   # (shared by the tiers: built once)
             if keys[k] in self._kernels or self._built(keys[k], task.variant, jobs):
                 ready = k
         if ready is None:
