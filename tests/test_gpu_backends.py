@@ -5,6 +5,8 @@ bitwise-deterministic reruns; a step replayed from a CUDA graph, with `grad.nonf
 skip` too (skipped without a GPU)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -91,67 +93,21 @@ def test_gpu_reruns_are_bitwise_identical(backend):
             assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(MAKERS))
-def test_gpu_step_replays_from_a_cuda_graph(name, backend):
-    """A step captured in a CUDA graph (after warm-up steps, on a side stream, as torch
-    asks) and replayed on new gradients gives bitwise what eager steps give: nothing in
-    a step is copied from the host or synchronizes with it."""
-    rng = np.random.default_rng(7)
-    start = [torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=np.float32)).cuda() for s in SHAPES]
-    eager = [torch.nn.Parameter(p.clone()) for p in start]
-    captured = [torch.nn.Parameter(p.clone()) for p in start]
-    for p in eager + captured:   # a captured step reads fixed memory: gradients written in place
-        p.grad = torch.zeros_like(p)
-    loss = torch.zeros((), device="cuda")
-    opt_eager, opt_captured = MAKERS[name](eager, backend), MAKERS[name](captured, backend)
-
-    def new_gradients(step: int) -> None:
-        for p, q in zip(eager, captured):
-            g = torch.from_numpy(np.asarray(rng.standard_normal(p.shape), dtype=np.float32)).cuda()
-            p.grad.copy_(g)
-            q.grad.copy_(g)
-        loss.fill_(1.0 / (step + 1))
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for step in range(3):
-            new_gradients(step)
-            opt_eager.step(loss=loss)
-            opt_captured.step(loss=loss)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt_captured.step(loss=loss)
-    for step in range(3, 6):
-        new_gradients(step)
-        opt_eager.step(loss=loss)
-        graph.replay()
-    torch.cuda.synchronize()
-    for p, q in zip(eager, captured):
-        assert torch.equal(p, q)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["adam", "velo"])
-def test_gpu_skip_is_decided_on_the_device_in_a_cuda_graph(skipping, name, backend):
-    """`grad.nonfinite: skip` in a captured step: the replays whose gradients hold a NaN or
-    an inf change no parameter, the others give bitwise what eager steps give, and
-    state["skipped_steps"] counts the skipped replays. (A decision on the host would
-    fail the capture or be frozen into the graph.)"""
-    cls = skipping[f"{name}_skip"]
-    extra = {"weights": "random", "seed": 3, "num_steps": 40} if name == "velo" else {}
-    rng = np.random.default_rng(9)
+def eager_and_captured(make: Callable, seed: int, poisoned: dict[int, float] | None = None):
+    """Two optimizers (`make(params)`) on the same random CUDA parameters, one stepping
+    eagerly and one whose step is captured in a CUDA graph after 3 warm-up steps (on a
+    side stream, as torch asks). Returns (eager params, captured params, the captured
+    optimizer, step(k)): step writes step k's gradients in place (a captured step reads
+    fixed memory; `poisoned` k: a value for the last tensor's last element) and runs both."""
+    rng = np.random.default_rng(seed)
     start = [torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=np.float32)).cuda() for s in SHAPES]
     eager = [torch.nn.Parameter(p.clone()) for p in start]
     captured = [torch.nn.Parameter(p.clone()) for p in start]
     for p in eager + captured:
         p.grad = torch.zeros_like(p)
     loss = torch.zeros((), device="cuda")
-    opt_eager = cls(eager, lr=0.01, backend=backend, **extra)
-    opt_captured = cls(captured, lr=0.01, backend=backend, **extra)
-    poisoned = {4: float("nan"), 6: float("inf")}   # replays whose gradients hold one bad element
+    opt_eager, opt_captured = make(eager), make(captured)
+    poisoned = poisoned or {}
 
     def new_gradients(step: int) -> None:
         for k, (p, q) in enumerate(zip(eager, captured)):
@@ -173,13 +129,44 @@ def test_gpu_skip_is_decided_on_the_device_in_a_cuda_graph(skipping, name, backe
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt_captured.step(loss=loss)
-    for step in range(3, 8):
-        new_gradients(step)
-        before = [q.detach().clone() for q in captured]
+
+    def step(k: int) -> None:
+        new_gradients(k)
         opt_eager.step(loss=loss)
         graph.replay()
+    return eager, captured, opt_captured, step
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_gpu_step_replays_from_a_cuda_graph(name, backend):
+    """A step captured in a CUDA graph and replayed on new gradients gives bitwise what
+    eager steps give: nothing in a step is copied from the host or synchronizes with it."""
+    eager, captured, _, step = eager_and_captured(lambda ps: MAKERS[name](ps, backend), seed=7)
+    for k in range(3, 6):
+        step(k)
+    torch.cuda.synchronize()
+    for p, q in zip(eager, captured):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["adam", "velo"])
+def test_gpu_skip_is_decided_on_the_device_in_a_cuda_graph(skipping, name, backend):
+    """`grad.nonfinite: skip` in a captured step: the replays whose gradients hold a NaN or
+    an inf change no parameter, the others give bitwise what eager steps give, and
+    state["skipped_steps"] counts the skipped replays. (A decision on the host would
+    fail the capture or be frozen into the graph.)"""
+    cls = skipping[f"{name}_skip"]
+    extra = {"weights": "random", "seed": 3, "num_steps": 40} if name == "velo" else {}
+    poisoned = {4: float("nan"), 6: float("inf")}   # replays whose gradients hold one bad element
+    eager, captured, opt_captured, step = eager_and_captured(
+        lambda ps: cls(ps, lr=0.01, backend=backend, **extra), seed=9, poisoned=poisoned)
+    for k in range(3, 8):
+        before = [q.detach().clone() for q in captured]
+        step(k)
         torch.cuda.synchronize()
-        assert all(torch.equal(p, q) for p, q in zip(eager, captured)), step
+        assert all(torch.equal(p, q) for p, q in zip(eager, captured)), k
         unchanged = [torch.equal(q, b) for q, b in zip(captured, before)]
-        assert all(unchanged) if step in poisoned else not all(unchanged), step
+        assert all(unchanged) if k in poisoned else not all(unchanged), k
     assert float(opt_captured.state["skipped_steps"]) == len(poisoned)
