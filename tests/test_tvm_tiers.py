@@ -71,3 +71,30 @@ def test_the_first_steps_run_on_the_tier_below_while_the_kernels_build(tmp_path,
     fresh = _pair(cache)
     _step(fresh, gen)
     assert _loaded(fresh[1]) == {"generic", "own"}
+
+
+def test_the_step_that_starts_the_builds_leaves_them_a_core(tmp_path, monkeypatch):
+    """On torch's threads less one: on all of them, each parallel region waits for the one
+    the build displaced (the first step on the reference took 4x as long)."""
+    gate, build = threading.Event(), tvm_backend.build_kernel
+
+    def gated(*args):
+        gate.wait(60)
+        build(*args)
+
+    monkeypatch.setattr(tvm_backend, "build_kernel", gated)
+    monkeypatch.setattr(tvm_build, "_LOADED", {})
+    pair = _pair(BuildCache(tmp_path))
+    fallback, seen = pair[1].backend.fallback, []
+    reference_step = fallback.step
+    monkeypatch.setattr(fallback, "step", lambda batch: (seen.append(torch.get_num_threads()), reference_step(batch)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _step(pair, torch.Generator().manual_seed(14))   # starts the builds, held at the gate
+        gate.set()
+        pair[1].backend.builds.wait()
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert (seen, after) == ([1], 2)

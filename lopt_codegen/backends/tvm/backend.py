@@ -171,20 +171,18 @@ class TvmBackend(Backend):
         return [load_kernel(self.program, variant, s, self.target, self.cache) for s in sigs]
 
     def step(self, batch: StepBatch) -> None:
-        with self.builds.core_left() if self.builds is not None else contextlib.nullcontext():
-            self._step_supported(batch)
-
-    def _step_supported(self, batch: StepBatch) -> None:
         reasons = {id(t): unsupported_reason(t) for t in batch.tasks}
         rest = [t for t in batch.tasks if reasons[id(t)] is not None]
         for t in rest:
             self._warn_once(reasons[id(t)])
         if rest and batch.network is not None:
             # The network couples all tensors of a step: one backend must run them all.
-            self.fallback.step(batch)
+            with self._core_left():
+                self.fallback.step(batch)
             return
         if rest:
-            self.fallback.step(replace(batch, tasks=rest))
+            with self._core_left():
+                self.fallback.step(replace(batch, tasks=rest))
         tasks = [t for t in batch.tasks if reasons[id(t)] is None]
         if tasks:
             self._step(replace(batch, tasks=tasks))
@@ -202,9 +200,20 @@ class TvmBackend(Backend):
         # Under FSDP2 every rank must take the same path: the kernels are waited for.
         wait = self.builds is None or ranks is not None
         kernels = {key: self.kernels(tasks[0], wait) for key, tasks in groups.items()}
-        if any(k is None for k in kernels.values()):   # kernels still building: this step on the reference
-            self.fallback.step(batch)
-            return
+        # Entered once the builds this step needs are started: the step that starts them
+        # (on the reference, 2 threads beside the build) took 10.4 s against 2.5 s.
+        with self._core_left():
+            if any(k is None for k in kernels.values()):   # kernels still building: this step on the reference
+                self.fallback.step(batch)
+            else:
+                self._run_groups(batch, groups, kernels, ranks)
+
+    def _core_left(self) -> ContextManager:
+        """Torch's threads less one while a background build runs (background.py)."""
+        return self.builds.core_left() if self.builds is not None else contextlib.nullcontext()
+
+    def _run_groups(self, batch: StepBatch, groups: dict[tuple, list[TensorTask]],
+                    kernels: dict[tuple, list[_Kernel]], ranks: RankSums | None) -> None:
         runs = []
         for key, tasks in groups.items():
             sigs = [k.sig for k in kernels[key]]
