@@ -207,6 +207,13 @@ class ElementPrinter:
             return [_f(v) for v in node.attrs]
         if op in LEAVES or node.level < Level.ELEMENT or id(node) in self.stored:
             return [self.load(node, c) for c in range(node.channels)]
+        if op == "div" and node.args[1].level <= Level.TENSOR:
+            # x / s as x * (1 / s) for s the same at every element: LLVM hoists 1 / s out of
+            # the loop, and a vector division costs ~10 cycles (Adam's pass had three per
+            # element; 13.9 -> 12.1 ms on 16.8M elements). Within an ulp of x / s, except
+            # where 1 / s overflows (|s| < 3e-39).
+            return [self.bind(self.channel(node.args[0], c) * (_f(1) / self.channel(node.args[1], c)))
+                    for c in range(node.channels)]
         if op in ELEMENTWISE:
             return [self.bind(op_expr(op, [self.channel(a, c) for a in node.args])) for c in range(node.channels)]
         if op == "concat":

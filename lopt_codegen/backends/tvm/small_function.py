@@ -158,6 +158,7 @@ class _SmallStages:
             sizes = sig.mlp.attrs[0]
             self.mlp_in = [te.placeholder((sizes[1], sizes[0]), F32, "W1"), te.placeholder((sizes[1],), F32, "b1")]
         self.memo: dict[int, list[Channel]] = {}
+        self._sums_of_p: dict[tuple[int, int], te.Tensor] | None = None
 
     def shape(self, level: Level) -> tuple:
         return self.view.small_dims(level, self.dims)
@@ -220,10 +221,9 @@ class _SmallStages:
         for c in range(node.channels):
             kind, buf = self.sums[(id(node), c)]
             if kind == "P" and node.op == "mean":
-                r = [te.reduce_axis((0, n), f"r{k}") for k, n in enumerate((self.K, A, B, Y, C))]
-                count = A.astype("int64") * X * B * Y * C
-                stage = te.compute((1, 1, 1, 1, 1), lambda *_: te.sum(buf[tuple(r)], r), name="mean_P")
-            elif kind == "P":
+                out += self._loads(self._tensor_sums()[(id(node), c)], (A.astype("int64") * X * B * Y * C).astype(F32))
+                continue
+            if kind == "P":
                 k = te.reduce_axis((0, self.K), "k")
                 count = X
                 stage = te.compute(self.shape(node.level), lambda a, x, b, y, cc: te.sum(buf[k, a, b, y, cc], k),
@@ -235,6 +235,20 @@ class _SmallStages:
                                    name="mean_Y")
             out += self._loads(stage, count.astype(F32))
         return out
+
+    def _tensor_sums(self) -> dict[tuple[int, int], te.Tensor]:
+        """The sums of every tensor mean's partial sums P, by (reduction, channel), in one
+        stage: a loop whose sums are independent, so the CPU overlaps their additions. (A
+        loop each is a chain of dependent additions: VeLO's finish0 over 6 tensors of
+        384x1536, 16 such means, took 2.4 ms.) Each sum's order is the same either way."""
+        if self._sums_of_p is None:
+            keys = [(id(r), c) for r, c, kind, _ in self.sig.sums if kind == "P" and r.op == "mean"]
+            A, X, B, Y, C = self.dims
+            r = [te.reduce_axis((0, n), f"r{k}") for k, n in enumerate((self.K, A, B, Y, C))]
+            stage = te.compute((1, 1, 1, 1, 1), lambda *_: _reduce([self.sums[key][1][tuple(r)] for key in keys], r),
+                               name="mean_P")
+            self._sums_of_p = dict(zip(keys, _as_list(stage)))
+        return self._sums_of_p
 
     # --- outputs ---------------------------------------------------------------------
     def value(self, node: Node, k: int) -> te.Tensor:
