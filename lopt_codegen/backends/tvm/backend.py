@@ -91,7 +91,7 @@ class TvmBackend(Backend):
         self.builds = BackgroundBuilds() if (background_builds_enabled() if background is None else background) \
             else None
         self._kernels: dict[tuple, list[_Kernel]] = {}
-        self._small: dict[tuple, dict[str, SmallKernel]] = {}
+        self._small: dict[tuple, dict[str, SmallKernel] | None] = {}
         self._kept: dict[tuple, GroupKept] = {}   # group key -> its kept arguments
         self._warned: set[str] = set()
 
@@ -156,13 +156,11 @@ class TvmBackend(Backend):
         """The compiled small work of a tensor kind (shape-generic), by consumer; None for
         the GPU kernels (their sums have the GPU layout; the small work runs in torch) and
         around tensor functions (they run in torch: so does the small work around them)."""
-        small = self._small_signatures(task, sigs)
-        if not small:
-            return None
-        key = (task.variant, sigs[0].view.x_axis)
-        if key not in self._small:
+        key = (task.variant, sigs[0].view.x_axis, sigs[0].view.gpu)
+        if key not in self._small:   # (deriving the signatures took a third of Adam's time outside the kernels)
+            small = self._small_signatures(task, sigs)
             self._small[key] = {s.name: SmallKernel(s, load_kernel(self.program, task.variant, s, self.target,
-                                                                   self.cache)) for s in small}
+                                                                   self.cache)) for s in small} or None
         return self._small[key]
 
     def _load(self, variant: str, sigs: list[PassSignature], arch: str | None) -> list[Callable]:
