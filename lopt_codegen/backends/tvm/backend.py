@@ -91,7 +91,7 @@ class TvmBackend(Backend):
         self.builds = BackgroundBuilds() if (background_builds_enabled() if background is None else background) \
             else None
         self._kernels: dict[tuple, list[_Kernel]] = {}
-        self._small: dict[tuple, dict[str, SmallKernel] | None] = {}
+        self._small: dict[tuple, dict[str, SmallKernel]] = {}
         self._kept: dict[tuple, GroupKept] = {}   # group key -> its kept arguments
         self._warned: set[str] = set()
 
@@ -160,8 +160,8 @@ class TvmBackend(Backend):
         if key not in self._small:   # (deriving the signatures took a third of Adam's time outside the kernels)
             small = self._small_signatures(task, sigs)
             self._small[key] = {s.name: SmallKernel(s, load_kernel(self.program, task.variant, s, self.target,
-                                                                   self.cache)) for s in small} or None
-        return self._small[key]
+                                                                   self.cache)) for s in small}
+        return self._small[key] or None
 
     def _load(self, variant: str, sigs: list[PassSignature], arch: str | None) -> list[Callable]:
         if arch is not None:

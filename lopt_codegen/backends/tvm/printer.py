@@ -98,7 +98,10 @@ _UNARY: dict[str, Callable] = {
     "abs": tirx.abs,
     # NaN in, NaN out, as torch (LLVM's min/max return the other operand of a NaN)
     "sign": lambda x: tirx.Select(x > _f(0), _f(1), tirx.Select(x < _f(0), _f(-1), x)),
-    "relu": lambda x: _nan_first(x, _f(0), tirx.max),
+    # NaN in, NaN out (NaN < 0 is false), in one instruction: LLVM makes the Select an x86
+    # max that returns its second operand, x, when either is NaN. (_nan_first took five;
+    # Adam's pass: 12.1 -> 10.7 ms on 16.8M elements, fused AdamW 9.6 ms.)
+    "relu": lambda x: _let(x, lambda v: tirx.Select(v < _f(0), _f(0), v)),
     "sigmoid": lambda x: _f(1) / (_f(1) + _exp(-x)),
     "zero_nonfinite": lambda x: tirx.Select(tirx.isfinite(x), x, _f(0)),
 }
@@ -129,7 +132,7 @@ def op_expr(op: str, args: list[tirx.PrimExpr]) -> tirx.PrimExpr:
 # About how many times each rule above reads its operands (the NaN tests read them too).
 # TVM's LLVM codegen simplifies every Let value with the earlier ones substituted in, so
 # its work grows with the product of these along a chain of Lets: min(max(min(...))).
-_READS = {"min": 3, "max": 3, "relu": 3, "sign": 3, "exp": 5, "sigmoid": 5, "zero_nonfinite": 2}
+_READS = {"min": 3, "max": 3, "relu": 2, "sign": 3, "exp": 5, "sigmoid": 5, "zero_nonfinite": 2}
 # Past this size a value is computed by a stage of its own (stages.py), read back from its
 # tile buffer, which the simplifier does not look into. Measured: min/max/relu nested four
 # deep compiled in 0.3 s a kernel instead of 30 s, VeLO with grad.nonfinite: skip in 23 s
