@@ -90,6 +90,8 @@ def test_matches_reference_on_every_shape(name, kernels):
     views = {k.sig.view for ks in backend._kernels.values() for k in ks}
     assert all(not v.symbolic for v in views) == (kernels == "specialized")
     assert {v.parallel_within for v in views} == ({False, True} if kernels == "specialized" else {False})
+    if kernels != "specialized":   # shape-generic: vectorized where the dims allow (View.vectors), else scalar
+        assert {v.vectors for v in views} == {False, True}
     if kernels == "specialized" and name != "adam":   # Adam's tensors are flat (unfactored)
         vectorized = [v for v in views if v.element_y is not None]
         assert any(v.element_y > v.dims[3] for v in vectorized), "no padded vector kernel tested"

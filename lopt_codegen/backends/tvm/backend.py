@@ -115,7 +115,7 @@ class TvmBackend(Backend):
         # Best first. (A shape-generic kernel that splits one tensor across the cores took
         # over 10 minutes to compile: the stand-in runs a tensor per core.)
         tiers = [view] if wait or view.symbolic else [view, view.generic()]
-        keys = [(task.variant, v.x_axis, v.symbolic or v.dims, v.gpu, v.parallel_within, p.dtype, task.grad.dtype,
+        keys = [(task.variant, v.x_axis, v.symbolic or v.dims, v.vectors, v.gpu, v.parallel_within, p.dtype, task.grad.dtype,
                  arch) for v in tiers]
         if keys[0] in self._kernels:
             return self._kernels[keys[0]]
@@ -125,7 +125,7 @@ class TvmBackend(Backend):
         ready = 0 if wait else None
         for k in [] if wait else reversed(range(len(tiers))):   # the stand-in's build is queued first
             jobs = sigs[k] + self._small_signatures(task, sigs[k])   # (shared by the tiers: built once)
-            if keys[k] in self._kernels or self._built(keys[k], task.variant, jobs):
+            if keys[k] in self._kernels or self._built(keys[k], task.variant, jobs, tiers[k].symbolic):
                 ready = k
         if ready is None:
             return None
@@ -134,13 +134,13 @@ class TvmBackend(Backend):
                                                                                                   sigs[ready], arch))]
         return self._kernels[keys[ready]]
 
-    def _built(self, key: tuple, variant: str, jobs: list) -> bool:
+    def _built(self, key: tuple, variant: str, jobs: list, stand_in: bool) -> bool:
         """Whether a tier's kernels are built: in the cache when first asked (no build),
-        else by their background build, started then."""
+        else by their background build, started then (a shape-generic one ahead of the rest)."""
         if not self.builds.started(key) and \
                 all(kernel_built(self.program, variant, s, self.target, self.cache) for s in jobs):
             return True
-        return self.builds.done(key, lambda: self._build(variant, jobs))
+        return self.builds.done(key, lambda: self._build(variant, jobs), stand_in)
 
     def _small_signatures(self, task: TensorTask, sigs: list[PassSignature]) -> list:
         """The small functions small_kernels will load for these kernels (none: torch's)."""
@@ -266,7 +266,7 @@ class TvmBackend(Backend):
             return
         table, write_back, p, q = group.kernel_args(sig)
         if not sig.view.gpu:
-            kernel.func(table, *(group.view.dims if sig.view.symbolic else ()))
+            kernel.func(table, *sig.view.size_args(group.view.dims))
         else:
             with _on_device(table.device):
                 kernel.func(table, *group.view.dims, *([group.view.gpu_chunks()] if sig.x_sums else []))
@@ -284,15 +284,18 @@ class TvmBackend(Backend):
 def generic_signatures(program: Program, dtype: str, gpu: bool = False) -> dict[str, list[PassSignature]]:
     """The passes of the shape-generic kernels (gpu: the CUDA ones), per tensor kind:
     '<variant>-d0' for factored ones (d0 is the lower-numbered factored axis), '<variant>-d1', and
-    '<variant>' for unfactored ones (variants: 'factored', 'unfactored' or '<route>_factored'...)."""
+    '<variant>' for unfactored ones (variants: 'factored', 'unfactored' or '<route>_factored'...); on
+    the CPU each also '<label>-vectors', for tensors whose dims allow vectors (View.vectors)."""
     out = {}
     for variant, plan in plan_program(program).items():
         graph = program.variants[variant]
         views = {f"{variant}-d0": view_of((32, 16), (0, 1), gpu), f"{variant}-d1": view_of((16, 32), (1, 0), gpu)} \
-            if is_factored(variant) else {variant: view_of((7,), None, gpu)}
+            if is_factored(variant) else {variant: view_of((32,), None, gpu)}
         for label, view in views.items():
-            out[label] = [pass_signature(p, graph.new_param, graph.accumulators, view.generic(), dtype, dtype)
-                          for p in plan.passes]
+            kinds = {label: view.fully_generic(), **({} if gpu else {f"{label}-vectors": view.generic()})}
+            for kind, generic in kinds.items():
+                out[kind] = [pass_signature(p, graph.new_param, graph.accumulators, generic, dtype, dtype)
+                             for p in plan.passes]
     return out
 
 
@@ -303,6 +306,7 @@ def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE, target: str = 
     and no GPU needed, for each CUDA arch (target "cuda"). Returns (kernels, seconds)."""
     start = time.perf_counter()
     count = 0
+    smalls: set[tuple] = set()
     llvm = llvm_target() if target == "cpu" else None
     for dtype in _DTYPES.values():
         for label, sigs in generic_signatures(program, dtype, gpu=llvm is None).items():
@@ -315,9 +319,10 @@ def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE, target: str = 
             for sig in sigs:
                 load_kernel(program, variant, sig, llvm, cache)
                 count += 1
-            if dtype == "float32":   # the small functions do not depend on the dtype
-                for small in small_signatures(program.variants[variant], sigs):
-                    if not small.empty:
-                        load_kernel(program, variant, small, llvm, cache)
-                        count += 1
+            for small in small_signatures(program.variants[variant], sigs):
+                # (the same functions for every dtype and view of a tensor kind)
+                if not small.empty and (variant, small.name, small.x_axis) not in smalls:
+                    smalls.add((variant, small.name, small.x_axis))
+                    load_kernel(program, variant, small, llvm, cache)
+                    count += 1
     return count, time.perf_counter() - start

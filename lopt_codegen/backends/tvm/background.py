@@ -11,8 +11,11 @@ that must repeat bit for bit."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+from concurrent.futures import Future
 from typing import Callable, Iterator
 
 import torch
@@ -23,10 +26,15 @@ def background_builds_enabled() -> bool:
 
 
 class BackgroundBuilds:
-    """Builds started once each, one at a time (the cores are the training's)."""
+    """Builds started once each, one at a time (the cores are the training's), stand-ins
+    first: a shape-generic build asked for after a tensor's own one still runs before it.
+    At exit the thread finishes the builds asked for, so they are in the cache next time."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lopt-tvm-build")
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()   # (0 stand-in | 1 own, order, build, future)
+        self._order = itertools.count()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
         self._jobs: dict[tuple, Future] = {}
 
     def running(self) -> bool:
@@ -36,16 +44,35 @@ class BackgroundBuilds:
     def started(self, key: tuple) -> bool:
         return key in self._jobs
 
-    def done(self, key: tuple, build: Callable[[], None]) -> bool:
+    def done(self, key: tuple, build: Callable[[], None], stand_in: bool = False) -> bool:
         """Whether the build of `key` has finished (started now if it had not been). A
         build that failed raises its error here, on the step's thread."""
         job = self._jobs.get(key)
         if job is None:
-            job = self._jobs[key] = self._pool.submit(build)
+            job = self._jobs[key] = Future()
+            self._queue.put((0 if stand_in else 1, next(self._order), build, job))
+            with self._lock:
+                if self._worker is None or not self._worker.is_alive():
+                    self._worker = threading.Thread(target=self._work, name="lopt-tvm-build")
+                    self._worker.start()
         if not job.done():
             return False
         job.result()
         return True
+
+    def _work(self) -> None:
+        """Runs the queued builds; ends when none is left (a new one starts a new thread)."""
+        while True:
+            with self._lock:
+                if self._queue.empty():
+                    self._worker = None
+                    return
+                _, _, build, job = self._queue.get()
+            try:
+                build()
+                job.set_result(None)
+            except BaseException as exc:  # noqa: BLE001 - raised on the step's thread by done()
+                job.set_exception(exc)
 
     def wait(self, which: Callable[[tuple], bool] = lambda key: True) -> None:
         """Until the builds started so far whose key passes `which` have finished."""

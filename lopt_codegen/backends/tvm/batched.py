@@ -19,19 +19,20 @@ import tvm
 from tvm import tirx
 
 
-SHAPE_VARS = "AXBYCT"   # View.kernel_dims, then the row chunks of a GPU kernel's sums
+SHAPE_VARS = "AXBYCVT"   # View.kernel_dims, then the row chunks of a GPU kernel's sums
 
 
 def _shape_vars(buffers: list) -> list[tirx.Var]:
     """The symbolic sizes of a shape-generic function (A, X, B, Y, C and, in GPU kernels
-    that sum over X, T), in that order; none for a function built for one shape."""
+    that sum over X, T; X and V for a View.vectors one), in that order; none for a
+    function built for one shape."""
     found: dict[str, tirx.Var] = {}
     for buf in buffers:
         for dim in buf.shape:
             for var in tirx.analysis.undefined_vars(dim) if not isinstance(dim, tirx.IntImm) else []:
                 found.setdefault(var.name, var)
-    if found and not (set("AXBYC") <= set(found) <= set(SHAPE_VARS)):
-        raise ValueError(f"expected the shape variables A, X, B, Y, C (and T); got {sorted(found)}")
+    if found and not (set("AXBYC") <= set(found) <= set("AXBYCT") or set(found) == set("XV")):
+        raise ValueError(f"expected the shape variables A, X, B, Y, C (and T), or X and V; got {sorted(found)}")
     return [found[n] for n in SHAPE_VARS if n in found]
 
 

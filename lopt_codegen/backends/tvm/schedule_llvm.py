@@ -52,18 +52,28 @@ def _schedule_tiles(sch: s_tir.Schedule, names: list[str], anchor, vectorized: b
         blk = sch.get_sblock(name)
         sch.compute_at(blk, anchor)
         sch.set_scope(blk, 0, _TILE_SCOPE)
-        loops = sch.get_loops(blk)
+        # [unit,] [lane,] [r]: compute_at drops a loop of one (a layer of one unit; per element)
+        inner = _loops_under(sch, blk, anchor)
         if name.startswith("S"):
-            lane, r = loops[-2], loops[-1]
+            r = inner[-1]
             if vectorized:
+                lane = inner[-2]
                 sch.reorder(r, lane)
                 sch.vectorize(lane)
-                _block_units(sch, loops[-3], inner=r)
+                if len(inner) == 3:
+                    _block_units(sch, inner[0], inner=r)
             sch.decompose_reduction(blk, r)
         elif vectorized:
-            sch.vectorize(loops[-1])
-            if name.startswith("H"):
-                _block_units(sch, loops[-2])
+            sch.vectorize(inner[-1])
+            if name.startswith("H") and len(inner) == 2:
+                _block_units(sch, inner[0])
+
+
+def _loops_under(sch: s_tir.Schedule, blk, anchor) -> list:
+    """The loops of `blk` inside `anchor` (after compute_at)."""
+    loops = sch.get_loops(blk)
+    depth = [sch.get_sref(loop).same_as(sch.get_sref(anchor)) for loop in loops].index(True)
+    return loops[depth + 1:]
 
 
 def _own_values_at(sch: s_tir.Schedule, names: list[str], anchor) -> None:
@@ -73,8 +83,7 @@ def _own_values_at(sch: s_tir.Schedule, names: list[str], anchor) -> None:
         blk = sch.get_sblock(name)
         sch.compute_at(blk, anchor)
         sch.set_scope(blk, 0, _TILE_SCOPE)
-        depth = [sch.get_sref(loop).same_as(sch.get_sref(anchor)) for loop in sch.get_loops(blk)].index(True)
-        inner = sch.get_loops(blk)[depth + 1:]
+        inner = _loops_under(sch, blk, anchor)
         if inner:
             loop = sch.fuse(*inner) if len(inner) > 1 else inner[0]
             extent = sch.get(loop).extent
@@ -98,7 +107,7 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         sch.reorder(t, a, r, b, y, c)
         parallel(t, a)
         inner = c   # unfused where not vectorized (see parallel)
-        if not sig.view.symbolic and math.prod(sig.view.dims[2:]) % LANES == 0:
+        if (sig.view.vectors or not sig.view.symbolic) and math.prod(sig.view.dims[2:]) % LANES == 0:
             inner, lanes = sch.split(sch.fuse(b, y, c), [None, LANES])
             sch.vectorize(lanes)
         _own_values_at(sch, pf.sum_blocks.get("P", []), inner)
@@ -119,15 +128,14 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         o_blocks = blocks_of(sch, "O", len(sig.outputs))
         a, x, b, y, c = sch.get_loops(e_blocks[0])
         parallel(a, x)
-        padded_y = sig.view.element_y
-        vectorized = padded_y is not None
+        vectorized = sig.view.vector_y
         if vectorized:   # vectors along Y (strided loads when C > 1), b and c outside
             sch.reorder(b, c, y)
             y, lanes = sch.split(y, [None, LANES])
             sch.vectorize(lanes)
         for o in o_blocks:
             sch.reverse_compute_at(o, y if vectorized else c)
-            if vectorized and padded_y == sig.view.dims[3]:   # padded: a predicated scalar store loop
+            if sig.view.vectors or vectorized and sig.view.element_y == sig.view.dims[3]:   # padded: a predicated scalar store loop
                 sch.vectorize(sch.get_loops(o)[-1])
         for e in e_blocks:
             sch.set_scope(e, 0, _TILE_SCOPE)
