@@ -98,3 +98,42 @@ def test_the_step_that_starts_the_builds_leaves_them_a_core(tmp_path, monkeypatc
     finally:
         torch.set_num_threads(threads)
     assert (seen, after) == ([1], 2)
+
+
+def test_a_step_on_the_stand_ins_runs_on_every_core_and_starts_the_builds_as_it_ends(tmp_path, monkeypatch):
+    """The builds a step asks for start when it ends (a step on the reference starts them
+    at once: it takes seconds); from the next step on, the step leaves them a core."""
+    cache, gen = BuildCache(tmp_path), torch.Generator().manual_seed(15)
+    monkeypatch.setattr(tvm_build, "_LOADED", {})
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    filler = Adam(params, lr=0.05, backend="tvm")   # the stand-ins into the cache
+    filler.backend = TvmBackend(Adam.program, cache=cache, specialize_from=1 << 40, background=False)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    filler.step()
+
+    gate, build = threading.Event(), tvm_backend.build_kernel
+
+    def gated(*args):
+        gate.wait(60)
+        build(*args)
+
+    monkeypatch.setattr(tvm_backend, "build_kernel", gated)
+    pair = _pair(cache)
+    backend, seen = pair[1].backend, []
+    run_groups = backend._run_groups
+    monkeypatch.setattr(backend, "_run_groups", lambda *args: (seen.append((torch.get_num_threads(),
+                                                                             backend.builds.running())),
+                                                               run_groups(*args)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _step(pair, gen)
+        started = backend.builds.running()
+        _step(pair, gen)
+        gate.set()
+        backend.builds.wait()
+    finally:
+        torch.set_num_threads(threads)
+    assert (seen, started) == ([(2, False), (1, True)], True)
+    assert _loaded(pair[1]) == {"generic"}   # (the own kernels load at the next step)

@@ -26,9 +26,11 @@ def background_builds_enabled() -> bool:
 
 
 class BackgroundBuilds:
-    """Builds started once each, one at a time (the cores are the training's), stand-ins
-    first: a shape-generic build asked for after a tensor's own one still runs before it.
-    At exit the thread finishes the builds asked for, so they are in the cache next time."""
+    """Builds asked for once each and run one at a time (the cores are the training's),
+    stand-ins first: a shape-generic build asked for after a tensor's own one still runs
+    before it. They start when `start` is called (the step that asks for them runs on the
+    stand-ins with all the cores first). At exit the thread finishes the builds asked
+    for, so they are in the cache next time."""
 
     def __init__(self) -> None:
         self._queue: queue.PriorityQueue = queue.PriorityQueue()   # (0 stand-in | 1 own, order, build, future)
@@ -38,27 +40,32 @@ class BackgroundBuilds:
         self._jobs: dict[tuple, Future] = {}
 
     def running(self) -> bool:
-        """Whether a build is still going (it takes a core from the step)."""
-        return any(not job.done() for job in self._jobs.values())
+        """Whether a build is going (it takes a core from the step)."""
+        with self._lock:
+            return self._worker is not None
 
     def started(self, key: tuple) -> bool:
         return key in self._jobs
 
     def done(self, key: tuple, build: Callable[[], None], stand_in: bool = False) -> bool:
-        """Whether the build of `key` has finished (started now if it had not been). A
+        """Whether the build of `key` has finished (asked for now if it had not been). A
         build that failed raises its error here, on the step's thread."""
         job = self._jobs.get(key)
         if job is None:
             job = self._jobs[key] = Future()
             self._queue.put((0 if stand_in else 1, next(self._order), build, job))
-            with self._lock:
-                if self._worker is None or not self._worker.is_alive():
-                    self._worker = threading.Thread(target=self._work, name="lopt-tvm-build")
-                    self._worker.start()
         if not job.done():
             return False
         job.result()
         return True
+
+    def start(self) -> None:
+        """Starts the builds asked for (the step that asks calls this when it ends, so
+        that it runs on all the cores)."""
+        with self._lock:
+            if self._worker is None and not self._queue.empty():
+                self._worker = threading.Thread(target=self._work, name="lopt-tvm-build")
+                self._worker.start()
 
     def _work(self) -> None:
         """Runs the queued builds; ends when none is left (a new one starts a new thread)."""
@@ -75,7 +82,8 @@ class BackgroundBuilds:
                 job.set_exception(exc)
 
     def wait(self, which: Callable[[tuple], bool] = lambda key: True) -> None:
-        """Until the builds started so far whose key passes `which` have finished."""
+        """Until the builds asked for so far whose key passes `which` have finished."""
+        self.start()
         for key, job in list(self._jobs.items()):
             if which(key):
                 job.result()
