@@ -115,8 +115,8 @@ class TvmBackend(Backend):
         # Best first. (A shape-generic kernel that splits one tensor across the cores took
         # over 10 minutes to compile: the stand-in runs a tensor per core.)
         tiers = [view] if wait or view.symbolic else [view, view.generic()]
-        keys = [(task.variant, v.x_axis, v.symbolic or v.dims, v.vectors, v.gpu, v.parallel_within, p.dtype, task.grad.dtype,
-                 arch) for v in tiers]
+        keys = [(task.variant, v.x_axis, v.symbolic or v.dims, v.vectors, v.gpu, v.parallel_within, p.dtype,
+                 task.grad.dtype, arch) for v in tiers]
         if keys[0] in self._kernels:
             return self._kernels[keys[0]]
         graph = self.program.variants[task.variant]

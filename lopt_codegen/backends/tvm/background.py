@@ -4,8 +4,9 @@ the step's thread loads it once it is done. Until then the step runs on the tier
 shape-generic kernels, or the reference backend. While a build runs, the step leaves it a
 core: with torch's OpenMP threads on every core, each parallel region would otherwise
 wait for the thread the build displaced (benchmarks/busy_machine.md; VeLO's reference
-step took 10.4 s beside a build on 2 threads, 2.5 s on one). The first steps' rounding then depends on when each build
-finishes (the tiers sum in different orders, torch on fewer threads);
+step took 10.4 s beside a build on 2 threads, 2.5 s on one). The first steps' rounding
+then depends on when each build finishes (the tiers sum in different orders, torch on
+fewer threads);
 LOPT_BACKGROUND_BUILDS=0 builds every kernel when it is first needed instead, for runs
 that must repeat bit for bit."""
 from __future__ import annotations

@@ -52,7 +52,8 @@ def llvm_target(cores: int | None = None) -> tvm.target.Target:
 
 def pass_key(program: Program, variant: str, sig: PassSignature, target: tvm.target.Target | str) -> dict:
     return {"spec": program.spec_sha256, "compiler": compiler_version(), "tvm": tvm.__version__,
-            "variant": variant, "pass": sig.index, "view": ("vectors" if sig.view.vectors else "symbolic") if sig.view.symbolic else list(sig.view.dims), "x_axis": sig.view.x_axis,
+            "variant": variant, "pass": sig.index, "x_axis": sig.view.x_axis,
+            "view": ("vectors" if sig.view.vectors else "symbolic") if sig.view.symbolic else list(sig.view.dims),
             "parallel_within": sig.view.parallel_within,
             "param_dtype": sig.param_dtype, "grad_dtype": sig.grad_dtype, "target": str(target)}
 

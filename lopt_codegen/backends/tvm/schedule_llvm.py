@@ -135,7 +135,8 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
             sch.vectorize(lanes)
         for o in o_blocks:
             sch.reverse_compute_at(o, y if vectorized else c)
-            if sig.view.vectors or vectorized and sig.view.element_y == sig.view.dims[3]:   # padded: a predicated scalar store loop
+            # (padded: a predicated scalar store loop)
+            if sig.view.vectors or vectorized and sig.view.element_y == sig.view.dims[3]:
                 sch.vectorize(sch.get_loops(o)[-1])
         for e in e_blocks:
             sch.set_scope(e, 0, _TILE_SCOPE)

@@ -221,7 +221,8 @@ class _SmallStages:
         for c in range(node.channels):
             kind, buf = self.sums[(id(node), c)]
             if kind == "P" and node.op == "mean":
-                out += self._loads(self._tensor_sums()[(id(node), c)], (A.astype("int64") * X * B * Y * C).astype(F32))
+                count = A.astype("int64") * X * B * Y * C
+                out += self._loads(self._tensor_sums()[(id(node), c)], count.astype(F32))
                 continue
             if kind == "P":
                 k = te.reduce_axis((0, self.K), "k")

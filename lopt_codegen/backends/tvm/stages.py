@@ -265,7 +265,8 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
     tile_blocks: list[str] = []
     if sig.outputs and (kernel is None or elements):
         # The element stages (E and the MLP) run over the padded Y extent; O stores real Y.
-        element_dims = (flat[0],) if flat is not None else (A, X, B, Y if sig.view.vectors else sig.view.element_y or Y, C)
+        element_y = Y if sig.view.vectors else sig.view.element_y or Y
+        element_dims = (flat[0],) if flat is not None else (A, X, B, element_y, C)
         if sig.mlp is not None:
             features = [feat for feat, _, _, _ in MlpFold.of(sig.mlp).element_parts]
             tile_blocks += inputs.own_stages(features, element_dims)
