@@ -136,8 +136,8 @@ class TvmBackend(Backend):
 
     def _built(self, key: tuple, variant: str, jobs: list, stand_in: bool) -> bool:
         """Whether a tier's kernels are built: in the cache when first asked (no build),
-        else by their background build, started then (a shape-generic one ahead of the rest)."""
-        if not self.builds.started(key) and \
+        else by their background build, asked for then (a shape-generic one ahead of the rest)."""
+        if not self.builds.asked(key) and \
                 all(kernel_built(self.program, variant, s, self.target, self.cache) for s in jobs):
             return True
         return self.builds.done(key, lambda: self._build(variant, jobs), stand_in)

@@ -45,7 +45,7 @@ class BackgroundBuilds:
         with self._lock:
             return self._worker is not None
 
-    def started(self, key: tuple) -> bool:
+    def asked(self, key: tuple) -> bool:
         return key in self._jobs
 
     def done(self, key: tuple, build: Callable[[], None], stand_in: bool = False) -> bool:

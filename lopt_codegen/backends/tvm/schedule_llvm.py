@@ -107,7 +107,7 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         sch.reorder(t, a, r, b, y, c)
         parallel(t, a)
         inner = c   # unfused where not vectorized (see parallel)
-        if (sig.view.vectors or not sig.view.symbolic) and math.prod(sig.view.dims[2:]) % LANES == 0:
+        if sig.view.fixed_y and math.prod(sig.view.dims[2:]) % LANES == 0:
             inner, lanes = sch.split(sch.fuse(b, y, c), [None, LANES])
             sch.vectorize(lanes)
         _own_values_at(sch, pf.sum_blocks.get("P", []), inner)
@@ -135,8 +135,8 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
             sch.vectorize(lanes)
         for o in o_blocks:
             sch.reverse_compute_at(o, y if vectorized else c)
-            # (padded: a predicated scalar store loop)
-            if sig.view.vectors or vectorized and sig.view.element_y == sig.view.dims[3]:
+            # Stores in vectors where Y is whole vectors (padded Y: a predicated scalar loop).
+            if vectorized and (sig.view.vectors or sig.view.element_y == sig.view.dims[3]):
                 sch.vectorize(sch.get_loops(o)[-1])
         for e in e_blocks:
             sch.set_scope(e, 0, _TILE_SCOPE)

@@ -43,8 +43,7 @@ class PassSignature:
     @property
     def lanes(self) -> int:
         """Vector width of the axis-Y partial sums (1 when Y is not a multiple of it)."""
-        vector = (self.view.vectors or not self.view.symbolic) and self.view.dims[3] % LANES == 0 \
-            and self.view.dims[4] == 1
+        vector = self.view.fixed_y and self.view.dims[3] % LANES == 0 and self.view.dims[4] == 1
         return LANES if vector else 1
 
     @property

@@ -81,6 +81,11 @@ class View:
         return tuple(tirx.Var(n, "int32") for n in "AXBYC") if self.symbolic else self.dims
 
     @property
+    def fixed_y(self) -> bool:
+        """Whether the kernel knows Y's vectors: built for the shape, or `vectors` (Y = V x LANES)."""
+        return self.vectors or not self.symbolic
+
+    @property
     def vector_y(self) -> bool:
         """Whether the element stages run in vectors along Y (View.element_y)."""
         return self.vectors or self.element_y is not None
