@@ -25,7 +25,10 @@ STEPS = 10
 RTOL = 1e-5
 # Shapes whose specialized kernels take the vectorized paths (rows/cols multiples of 16).
 VECTOR_SHAPES = [(48,), (32, 48), (48, 32), (2, 16, 32),
-                 (12, 20), (40, 13), (4, 16, 3), (5, 9, 2)]   # padded rows, strided vectors, both
+                 (12, 20), (40, 13), (5, 9, 2)]   # padded rows; padded and strided by C
+# Axes after Y, none between X and Y, Y whole vectors: folded views (View.folded), factored
+# over d1 (X: axis 0 of (4, 16, 3)) and over d0 (X: axis 1 of (2, 32, 16, 3), A = 2).
+FOLDED_SHAPES = [(4, 16, 3), (2, 32, 16, 3)]
 # lr that makes each spec's update about as large as p, so that an error of RTOL of the
 # update is not hidden below p's float32 rounding (see test_reference_vs_oracle.py).
 CASES = {"adam": (Adam, 1.0, {}), "small_fc_lopt": (SmallFcLopt, 30.0, {"weights": "random"}),
@@ -75,7 +78,7 @@ def run_and_compare(ref_params, ref, tvm_params, opt, gen, steps=STEPS) -> float
 @pytest.mark.parametrize("kernels", ["generic", "specialized", "generic, torch small work"])
 @pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "velo"])
 def test_matches_reference_on_every_shape(name, kernels):
-    shapes = SHAPES + VECTOR_SHAPES
+    shapes = SHAPES + VECTOR_SHAPES + FOLDED_SHAPES
     # Specialized: the larger shapes split their own loops across the cores, the smaller
     # ones run whole per core (both kinds of CPU parallel loop). Torch small work: the
     # path CUDA groups take.
@@ -95,7 +98,18 @@ def test_matches_reference_on_every_shape(name, kernels):
     if kernels == "specialized" and name != "adam":   # Adam's tensors are flat (unfactored)
         vectorized = [v for v in views if v.element_y is not None]
         assert any(v.element_y > v.dims[3] for v in vectorized), "no padded vector kernel tested"
-        assert any(v.dims[4] > 1 for v in vectorized), "no strided vector kernel tested"
+        assert any(v.dims[4] > 1 and not v.folded for v in vectorized), "no strided vector kernel tested"
+        assert {v.x_axis for v in views if v.folded} == {"d0", "d1"}, "folded kernels untested"
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
+def test_folded_kernels_match_reference_run_whole_per_core(name):
+    """Conv-like tensors take folded kernels (each row's Y x C elements as one contiguous
+    axis); here each runs whole on a core (the test above splits their loops)."""
+    pair = make_pair(name, FOLDED_SHAPES + [(16, 32, 3, 3)], specialize_from=0)
+    assert run_and_compare(*pair, steps=4) <= RTOL
+    views = {k.sig.view for ks in pair[3].backend._kernels.values() for k in ks}
+    assert {(v.folded, v.parallel_within) for v in views} == {(True, False)}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

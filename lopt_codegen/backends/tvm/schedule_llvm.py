@@ -1,7 +1,7 @@
 """CPU schedule of a pass function: parallel over the outer axes (a large tensor,
 View.parallel_within; a group of small ones runs in parallel over its tensors instead,
 batched.py), vectorized along axis Y (View.element_y: padded to whole vectors; loads
-strided by C when axes follow Y, as a conv kernel's 3x3 does)."""
+strided by C when axes follow Y, as a conv kernel's 3x3 does, unless View.folded)."""
 from __future__ import annotations
 
 import math
@@ -94,12 +94,23 @@ def _own_values_at(sch: s_tir.Schedule, names: list[str], anchor) -> None:
 def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
     sch = s_tir.Schedule(pf.func)
 
-    def parallel(*loops) -> None:
+    def parallel(*loops):
+        """The loops, fused and parallel where the tensor's own loops are; the innermost
+        loop over them (a folded view's rows: where its periodic values are computed)."""
         # Fused only to be parallel: over symbolic sizes, a fused loop's divisions index the
         # tile buffers, which TVM's LLVM codegen simplified for minutes inside NaN-tested
         # Selects (164 s for one generic kernel, 0.6 s unfused).
-        if sig.view.parallel_within:
-            sch.parallel(sch.fuse(*loops))
+        if not sig.view.parallel_within:
+            return loops[-1]
+        fused = sch.fuse(*loops)
+        sch.parallel(fused)
+        return fused
+
+    def periodic_at(stage: str, loop) -> None:
+        for name in pf.periodic_blocks.get(stage, []):
+            blk = sch.get_sblock(name)
+            sch.compute_at(blk, loop)
+            sch.set_scope(blk, 0, _TILE_SCOPE)
 
     if pf.has_p:
         blk = reduction_block(sch, "P")
@@ -111,8 +122,23 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
             inner, lanes = sch.split(sch.fuse(b, y, c), [None, LANES])
             sch.vectorize(lanes)
         _own_values_at(sch, pf.sum_blocks.get("P", []), inner)
+        periodic_at("P", r)
         sch.decompose_reduction(blk, r)   # after vectorize (TVM_NOTES.md)
-    if pf.has_q:
+    if pf.has_q and sig.view.folded:   # Q_rows per row, in vectors over LANES x C; then Q
+        blk = reduction_block(sch, "Q_rows")
+        a, x, b, i, q = sch.get_loops(blk)
+        sch.reorder(a, x, b, q, i)
+        row = parallel(a, x)
+        vector, lanes = sch.split(i, [None, LANES])
+        sch.vectorize(lanes)
+        _own_values_at(sch, pf.sum_blocks.get("Q", []), vector)
+        for k in range(len(sig.y_sums)):
+            sch.set_scope(blk, k, _TILE_SCOPE)
+        for copy in blocks_of(sch, "Q", len(sig.y_sums)):
+            sch.reverse_compute_at(copy, row)
+        periodic_at("Q", row)
+        sch.decompose_reduction(blk, q)
+    elif pf.has_q:
         blk = reduction_block(sch, "Q")
         a, x, b, c, l, q = sch.get_loops(blk)
         sch.reorder(a, x, b, c, q, l)
@@ -127,7 +153,7 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         e_blocks = blocks_of(sch, "E", len(sig.outputs))
         o_blocks = blocks_of(sch, "O", len(sig.outputs))
         a, x, b, y, c = sch.get_loops(e_blocks[0])
-        parallel(a, x)
+        row = parallel(a, x)
         vectorized = sig.view.vector_y
         if vectorized:   # vectors along Y (strided loads when C > 1), b and c outside
             sch.reorder(b, c, y)
@@ -136,9 +162,10 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         for o in o_blocks:
             sch.reverse_compute_at(o, y if vectorized else c)
             # Stores in vectors where Y is whole vectors (padded Y: a predicated scalar loop).
-            if vectorized and (sig.view.vectors or sig.view.element_y == sig.view.dims[3]):
+            if vectorized and sig.view.whole_vectors:
                 sch.vectorize(sch.get_loops(o)[-1])
         for e in e_blocks:
             sch.set_scope(e, 0, _TILE_SCOPE)
         _schedule_tiles(sch, pf.tile_blocks, y if vectorized else c, vectorized)
+        periodic_at("E", row)
     return sch

@@ -42,9 +42,10 @@ class PassSignature:
 
     @property
     def lanes(self) -> int:
-        """Vector width of the axis-Y partial sums (1 when Y is not a multiple of it)."""
-        vector = self.view.fixed_y and self.view.dims[3] % LANES == 0 and self.view.dims[4] == 1
-        return LANES if vector else 1
+        """Vector width of the axis-Y partial sums (1 when Y is not a multiple of it, or
+        is strided by C: unless folded)."""
+        _, _, _, y, c = self.view.dims
+        return LANES if self.view.folded or (self.view.fixed_y and y % LANES == 0 and c == 1) else 1
 
     @property
     def scalar_count(self) -> int:

@@ -26,7 +26,7 @@ from ...ir.nodes import LEAVES, Level, Node
 from .mlp_stages import build_mlp_stages
 from .printer import F32, ElementPrinter, expanded_sizes
 from .signature import PassSignature
-from .view import ROW_LANES, ROWS_PER_BLOCK, THREADS, WARP, padded
+from .view import LANES, ROW_LANES, ROWS_PER_BLOCK, THREADS, WARP, padded
 
 
 @dataclass
@@ -38,6 +38,7 @@ class PassFunction:
     tile_blocks: list[str]   # stages computed per tile before E (own values, the MLP), producers first
     sum_blocks: dict[str, list[str]] = field(default_factory=dict)   # P, Q -> their own values' stages
     offsets: dict[str, tirx.PrimExpr] = field(default_factory=dict)   # buffer -> first element (batched.py)
+    periodic_blocks: dict[str, list[str]] = field(default_factory=dict)   # P, Q, E -> their periodic values' stages
 
 
 # bfloat16 travels as its bits (uint16) and is converted here: TVM 0.27's own bfloat16
@@ -90,8 +91,10 @@ class _Inputs:
         self.dtype = {name: dtype[name] for name in sig.leaves}
         self.leaf = {name: te.placeholder(element, storage_dtype(dtype[name]), name) for name in sig.leaves}
         self.acc = {key: te.placeholder(element, F32, f"{key[0]}{key[1]}") for key in sig.accumulators}
-        self.small = {id(n): te.placeholder((n.channels, *sig.view.small_dims(n.level, dims)), F32,
+        self.small = {id(n): te.placeholder((n.channels, *sig.view.kernel_small_dims(n.level, dims)), F32,
                                             f"{n.op}_{n.level.label}{k}") for k, n in enumerate(sig.small)}
+        self.periodic: dict[int, te.Tensor] = {}   # folded views: values without Y, repeated (periodic)
+        self.periodic_names: list[str] = []        # their blocks, since the last take_periodic
         self.scalars = te.placeholder((sig.scalar_count,), F32, "scalars") if sig.scalar_nodes else None
         self.own: dict[int, list[te.Tensor]] = {}   # values in stages of their own (own_stages)
         self.own_names = itertools.count()   # block names must be unique in a pass
@@ -126,11 +129,36 @@ class _Inputs:
                 return self.scalars[sig.scalars[id(node)] + c]
             if node.level < Level.ELEMENT:
                 buf = self.small[id(node)]
+                if sig.view.folded and int(buf.shape[5]) > 1:   # a value without Y: read in periods
+                    a, x, b, _, _ = small_index(buf.shape[1:])
+                    return self._periodic(node)[(c, a, x, b, tirx.floormod(at[3], LANES * sig.view.period))]
                 return buf[(c, *small_index(buf.shape[1:]))]
             return to_float32(self.leaf[node.op][at], self.dtype[node.op])
 
         read_mlp = None if mlp_output is None else (lambda c: mlp_output[(c, *index)])
         return ElementPrinter(load, set(sig.stored) | set(self.own), read_mlp)
+
+    def _periodic(self, node: Node) -> te.Tensor:
+        """A folded kernel's value without Y along a row's folded axis: its C values
+        repeated LANES times. A vector of LANES elements starts at a multiple of LANES, so
+        its values are one contiguous load here (at the element's index modulo LANES x C)
+        where the C-periodic pattern would be a gather. Computed per row where it is read."""
+        if id(node) not in self.periodic:
+            buf = self.small[id(node)]
+            channels, a, x, b, _, period = buf.shape
+            name = f"R{next(self.own_names)}"
+            self.periodic[id(node)] = te.compute(
+                (channels, a, x, b, LANES * period),
+                lambda k, a, x, b, i: buf[k, a, x, b, 0, tirx.floormod(i, period)], name=name)
+            self.periodic_names.append(name)
+        return self.periodic[id(node)]
+
+    def take_periodic(self) -> list[str]:
+        """The blocks of the periodic values read since the last call (then forgotten, so
+        that the next stage computes its own where it reads them)."""
+        names = self.periodic_names
+        self.periodic, self.periodic_names = {}, []
+        return names
 
     def own_stages(self, roots: list[Node], dims: tuple, mlp_output: te.Tensor | None = None) -> list[str]:
         """Stages over `dims` for the values under `roots` whose inlined expressions would
@@ -208,12 +236,21 @@ def _across_threads(partials: te.Tensor | tuple, name: str) -> list[te.Tensor]:
 
 
 def _y_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
-    """Q: CPU, [A, X, B, C, lanes], sig.lanes interleaved partial sums per row.
+    """Q: CPU, [A, X, B, C, lanes], sig.lanes interleaved partial sums per row (folded:
+    summed as Q_rows over the folded axis, then laid out so).
     CUDA: [A*X*B*C padded, 1], one sum per row: the WARP threads of a warp take its elements
     in turn, then their partials are added in lane order."""
     A, X, B, Y, C = inputs.dims
     if not sig.view.gpu:
         L = sig.lanes
+        if sig.view.folded:   # Q_rows[a, x, b, l*C + c]: over each row's folded axis, in vectors
+            C = sig.view.period
+            q = te.reduce_axis((0, Y // (L * C)), "q")
+            rows = _as_list(te.compute((A, X, B, L * C), lambda a, x, b, i: _reduce(
+                [inputs.printer((a, x, b, q * L * C + i, 0)).expr(node.args[0], ch) for node, ch in sig.y_sums], q),
+                name="Q_rows"))
+            return _as_list(te.compute((A, X, B, C, L), lambda a, x, b, c, l: [r[a, x, b, l * C + c] for r in rows],
+                                       name="Q"))
         q = te.reduce_axis((0, Y // L), "q")
         return _as_list(te.compute((A, X, B, C, L), lambda a, x, b, c, l: _reduce(
             [inputs.printer((a, x, b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.y_sums], q),
@@ -255,10 +292,12 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
     sums_inputs = _Inputs(sig, dims) if flat is not None else inputs   # the sums' shapes (unused stages)
     stages: dict[str, list[te.Tensor]] = {}
     sum_blocks = {}
+    periodic_blocks = {}
     for name, sums, stage in (("P", sig.x_sums, _x_sums), ("Q", sig.y_sums, _y_sums)):
         if sums:
             sum_blocks[name] = sums_inputs.own_stages([node.args[0] for node, _ in sums], dims)
             stages[name] = stage(sums_inputs, sig)
+            periodic_blocks[name] = sums_inputs.take_periodic()
             sums_inputs.own.clear()   # computed where this stage reads them, so for it alone
     casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
     mlp = None
@@ -280,6 +319,7 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
         stored_dims = element_dims if flat is not None else (A, X, B, Y, C)
         O = te.compute(stored_dims, lambda *i: [from_float32(e[i], dt) for e, dt in zip(E, casts)], name="O")
         stages["E"] = _as_list(O)
+        periodic_blocks["E"] = inputs.take_periodic()
     elif sig.outputs:   # another kernel of the pass: the outputs only as arguments
         stages["E"] = [te.placeholder((A, X, B, Y, C), storage_dtype(dt), f"O_unused{k}") for k, dt in enumerate(casts)]
     built = {name for name in stages if kernel is None or name == kernel or (name == "E" and elements)}
@@ -292,4 +332,5 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
     if kernel == "T" and flat is not None:   # the tail's element buffers start past the whole tiles
         offsets = {buf.name: flat[1] for buf in func.params
                    if len(buf.shape) == 1 and tvm_ffi.structural_equal(buf.shape[0], flat[0])}
-    return PassFunction(func, "P" in built, "Q" in built, "E" in built, tile_blocks, sum_blocks, offsets)
+    return PassFunction(func, "P" in built, "Q" in built, "E" in built, tile_blocks, sum_blocks, offsets,
+                        periodic_blocks)
