@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         case, threads = args.child
         print(json.dumps(child(case, None if threads == "all" else int(threads), args.steps)))
         return
-    lines = [f"# Step time with one competing busy process ({os.cpu_count()} cores)", "",
+    from step_time import cpu_model
+    lines = [f"# Step time with one competing busy process ({os.cpu_count()} cores, {cpu_model()})", "",
              f"Median and 90th percentile of {args.steps} steps, quiet and busy; VeLO on the tvm backend and torch's "
              "AdamW(fused=True) interleaved on the same tensors.", "",
              "| case | torch threads | optimizer | quiet median (ms) | quiet p90 | busy median (ms) | busy p90 | "

@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(args.steps)))
         return
+    from step_time import cpu_model
     lines = ["# The first steps of VeLO (tvm) on a GPT-2-shaped model (76 tensors, 13.9M parameters)", "",
-             f"Each case in a fresh process with a build cache of its own; {os.cpu_count()} cores.", "",
+             f"Each case in a fresh process with a build cache of its own; {os.cpu_count()} cores, {cpu_model()}.", "",
              "| case | prebuild (s) | first step (s) | next steps (s) | then waited (s) | steady step (s) | "
              "first / steady |", "|---|---:|---:|---|---:|---:|---:|"]
     for label, (background, prebuilt) in CASES.items():
