@@ -184,6 +184,21 @@ def test_strided_gradients_and_misaligned_params_of_one_group():
         opt.step(loss=1.0)
 
 
+def test_an_accumulator_changed_in_place_is_checked_again():
+    """Accumulators are checked at a tensor's first step and again when they change, also
+    in place: `.data = ...` keeps the tensor object (and here its data pointer)."""
+    p = torch.nn.Parameter(torch.randn(16, 16))
+    opt = Adam([p], lr=0.1, backend="tvm")
+    p.grad = torch.randn(16, 16)
+    opt.step()
+    m = opt.state[p]["m"]
+    pointer = m.data_ptr()
+    m.data = m.data.transpose(-1, -2)
+    assert m.data_ptr() == pointer
+    with pytest.raises(ValueError, match="accumulator 'm' must be float32"):
+        opt.step()
+
+
 def test_non_contiguous_param_falls_back_with_one_warning():
     base = torch.randn(6, 8)
     p = torch.nn.Parameter(base[:, ::2])   # a non-contiguous leaf

@@ -53,14 +53,18 @@ def _storage(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
 
 
-def pointer_table(own: list[list[int]], rows: list[torch.Tensor], outputs: list[list[int]]) -> torch.Tensor:
-    """int64 [tensors, arguments] of data pointers (tvm/batched.py): each tensor's own
-    inputs, the rows of the [tensors, ...] buffers (by arithmetic: a few torch calls per
-    buffer, not one per tensor), then its own outputs."""
-    count = len(own)
+def row_pointers(count: int, rows: list[torch.Tensor]) -> torch.Tensor:
+    """int64 [count tensors, buffers]: where each tensor's row of each [tensors, ...]
+    buffer starts (by arithmetic: a few torch calls per buffer, not one per tensor)."""
     index = torch.arange(count, dtype=torch.int64).unsqueeze(1)
-    row_pointers = [r.data_ptr() + index * (r.stride(0) * r.element_size()) for r in rows]
-    return torch.cat([torch.tensor(own, dtype=torch.int64).reshape(count, -1), *row_pointers,
+    return torch.cat([index[:, :0], *(r.data_ptr() + index * (r.stride(0) * r.element_size()) for r in rows)], 1)
+
+
+def pointer_table(own: list[list[int]], rows: torch.Tensor, outputs: list[list[int]]) -> torch.Tensor:
+    """int64 [tensors, arguments] of data pointers (tvm/batched.py): each tensor's own
+    inputs, its rows of the [tensors, ...] buffers (row_pointers), then its own outputs."""
+    count = len(own)
+    return torch.cat([torch.tensor(own, dtype=torch.int64).reshape(count, -1), rows,
                       torch.tensor(outputs, dtype=torch.int64).reshape(count, -1)], 1)
 
 
@@ -75,6 +79,9 @@ class KeptArgs:
     rows: list[torch.Tensor] = field(default_factory=list)
     own: tuple[list[list[int]], list[list[int]]] | None = None   # the tensors' pointers in `table`
     table: torch.Tensor | None = None
+    # row_pointers(rows), kept with them: a new gradient each step (as backward gives)
+    # rebuilds the table, and this part took most of it (0.8 ms a step on GPT-2's groups)
+    row_table: torch.Tensor | None = None
 
 
 @dataclass
@@ -89,8 +96,7 @@ class KeptSmall:
     def table_over(self, rows: list[torch.Tensor]) -> torch.Tensor:
         layout = [(r.data_ptr(), *r.shape[:1], *r.stride()[:1]) for r in rows]
         if layout != self.layout:
-            count = rows[0].shape[0]
-            self.table = pointer_table([[] for _ in range(count)], rows, [[] for _ in range(count)])
+            self.table = row_pointers(rows[0].shape[0], rows)
             self.layout = layout
         return self.table
 
@@ -105,6 +111,9 @@ class GroupKept:
     leaves: torch.Tensor | None = None
     written: dict[int, object] = field(default_factory=dict)   # id(leaf) -> what its columns hold
     states: dict[int, torch.Tensor] = field(default_factory=dict)   # id(state node) -> rows
+    # (tensor, accumulator) -> (the accumulator, its (data pointer, strides, dtype), bytes
+    # per channel) as checked at an earlier step: checked again when any of those changed
+    checked: dict[tuple[int, str], tuple[torch.Tensor, tuple, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,7 +181,7 @@ class GroupStep(GroupValues):
         device = self.tasks[0].param.device
         if [tuple(r.shape) for r in kept.rows] != shapes:
             kept.rows = [empty_rows(s[0], s[1:], device=device) for s in shapes]
-            kept.own = None
+            kept.own, kept.row_table = None, row_pointers(count, kept.rows)
         if self.small is None:
             for row, value in zip(kept.rows, self._small_values(sig)):
                 row.copy_(value)
@@ -185,7 +194,7 @@ class GroupStep(GroupValues):
             table, back = self._table_with_copies(sig, kept.rows)
         else:
             if own != kept.own:
-                kept.table, kept.own = pointer_table(own[0], kept.rows, own[1]).to(device), own
+                kept.table, kept.own = pointer_table(own[0], kept.row_table, own[1]).to(device), own
             table, back = kept.table, []
         if self.view.gpu:   # the sums as laid out on the CPU, without the padding
             A, X, B, Y, C = self.view.dims
@@ -315,20 +324,32 @@ class GroupStep(GroupValues):
             names = {leaf for s in self._pass_sigs.values() for leaf in s.leaves}
             names |= {name for s in self._pass_sigs.values() for name, _ in s.accumulators + s.outputs}
             self._bases = []
-            for task in self.tasks:
+            for t, task in enumerate(self.tasks):
                 bases = {}
                 for name in names:
                     if name in ("param", "grad"):   # a param is contiguous (unsupported_reason)
                         x = task.param if name == "param" else task.grad
                         bases[name] = (x.data_ptr(), 0) if x.is_contiguous() else None
                     else:
-                        acc = checked_accumulator(task, name, "TVM")
-                        bases[name] = (acc.data_ptr(), acc.stride(0) * acc.element_size() if acc.shape[0] > 1 else 0)
+                        bases[name] = self._accumulator_base(t, task, name)
                 if any(b is None or b[0] % ALIGNMENT or b[1] % ALIGNMENT for b in bases.values()):
                     self._bases = None
                     break
                 self._bases.append(bases)
         return self._bases
+
+    def _accumulator_base(self, t: int, task: TensorTask, name: str) -> tuple[int, int]:
+        """(data pointer, bytes per channel) of tensor t's accumulator `name`, checked
+        (checked_accumulator) where it is new or moved: on 200 small tensors the checks
+        of every step took a third of Adam's time outside the kernels."""
+        acc = task.state[name]
+        layout = (acc.data_ptr(), acc.stride(), acc.dtype)   # `.data = ...` keeps the object
+        kept = self.kept.checked.get((t, name))
+        if kept is None or kept[0] is not acc or kept[1] != layout:
+            acc = checked_accumulator(task, name, "TVM")
+            per_channel = acc.stride(0) * acc.element_size() if acc.shape[0] > 1 else 0
+            kept = self.kept.checked[(t, name)] = (acc, layout, per_channel)
+        return kept[1][0], kept[2]
 
     def _table_with_copies(self, sig: PassSignature, rows: list[torch.Tensor]) \
             -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -343,7 +364,7 @@ class GroupStep(GroupValues):
             own.append([x.data_ptr() for x in inputs])
             outputs.append([x.data_ptr() for x in written])
             back += copies
-        return pointer_table(own, rows, outputs).to(self.tasks[0].param.device), back
+        return pointer_table(own, row_pointers(len(self), rows), outputs).to(self.tasks[0].param.device), back
 
     def _sum_shapes(self, sig: PassSignature) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The kernel's P and Q buffers of one tensor (stages.py: _x_sums, _y_sums)."""
