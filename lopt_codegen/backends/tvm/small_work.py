@@ -340,8 +340,8 @@ class GroupStep(GroupValues):
 
     def _accumulator_base(self, t: int, task: TensorTask, name: str) -> tuple[int, int]:
         """(data pointer, bytes per channel) of tensor t's accumulator `name`, checked
-        (checked_accumulator) where it is new or moved: on 200 small tensors the checks
-        of every step took a third of Adam's time outside the kernels."""
+        (checked_accumulator) where it is new or changed: checking every step took a sixth
+        of Adam's time outside the kernels on 200 small tensors (3.7 -> 3.1 ms a step)."""
         acc = task.state[name]
         layout = (acc.data_ptr(), acc.stride(), acc.dtype)   # `.data = ...` keeps the object
         kept = self.kept.checked.get((t, name))

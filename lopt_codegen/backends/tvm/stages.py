@@ -244,13 +244,13 @@ def _y_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
     if not sig.view.gpu:
         L = sig.lanes
         if sig.view.folded:   # Q_rows[a, x, b, l*C + c]: over each row's folded axis, in vectors
-            C = sig.view.period
-            q = te.reduce_axis((0, Y // (L * C)), "q")
-            rows = _as_list(te.compute((A, X, B, L * C), lambda a, x, b, i: _reduce(
-                [inputs.printer((a, x, b, q * L * C + i, 0)).expr(node.args[0], ch) for node, ch in sig.y_sums], q),
-                name="Q_rows"))
-            return _as_list(te.compute((A, X, B, C, L), lambda a, x, b, c, l: [r[a, x, b, l * C + c] for r in rows],
-                                       name="Q"))
+            period = sig.view.period   # the tensor's C (the kernel's dims have C = 1)
+            q = te.reduce_axis((0, Y // (L * period)), "q")
+            rows = _as_list(te.compute((A, X, B, L * period), lambda a, x, b, i: _reduce(
+                [inputs.printer((a, x, b, q * L * period + i, 0)).expr(node.args[0], ch) for node, ch in sig.y_sums],
+                q), name="Q_rows"))
+            return _as_list(te.compute((A, X, B, period, L), lambda a, x, b, c, l: [r[a, x, b, l * period + c]
+                                                                                  for r in rows], name="Q"))
         q = te.reduce_axis((0, Y // L), "q")
         return _as_list(te.compute((A, X, B, C, L), lambda a, x, b, c, l: _reduce(
             [inputs.printer((a, x, b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.y_sums], q),
