@@ -199,6 +199,31 @@ def test_an_accumulator_changed_in_place_is_checked_again():
         opt.step()
 
 
+def test_mlp_weights_written_in_place_reach_the_next_step():
+    """The rows holding the shared MLP weights are copied again only when the weights
+    changed: written in place (a new version) here, halfway through."""
+    pair = make_pair("small_fc_lopt", [(8, 12), (12,)])
+    ref_params, ref, tvm_params, opt, gen = pair
+    assert run_and_compare(*pair, steps=2) <= RTOL
+    for o in (ref, opt):
+        for w in o._mlp_weights(torch.device("cpu")):
+            w.mul_(1.5)
+    assert run_and_compare(*pair, steps=2) <= RTOL
+
+
+def test_param_groups_sharing_a_shape_keep_their_hyperparameters():
+    """Tensors of one shape from two param groups run as one group of the kernels; each
+    keeps its own lr, also when the two become equal and differ again."""
+    ref_params, ref, tvm_params, opt, gen = make_pair("adam", [(6, 10), (6, 10), (6, 10)])
+    for o, params in ((ref, ref_params), (opt, tvm_params)):
+        o.param_groups[0]["params"] = params[:2]
+        o.add_param_group({"params": params[2:], "lr": 0.3})
+    for lr in (0.7, 1.0, 0.2):
+        assert run_and_compare(ref_params, ref, tvm_params, opt, gen, steps=2) <= RTOL
+        for o in (ref, opt):
+            o.param_groups[1]["lr"] = lr
+
+
 def test_non_contiguous_param_falls_back_with_one_warning():
     base = torch.randn(6, 8)
     p = torch.nn.Parameter(base[:, ::2])   # a non-contiguous leaf

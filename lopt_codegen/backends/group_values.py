@@ -51,10 +51,23 @@ class GroupEvaluator(TensorEvaluator):
     def __init__(self, tasks: list[TensorTask], batch: StepBatch):
         super().__init__(tasks[0], batch)
         self.tasks = tasks
-        self.members = [TensorEvaluator(t, batch) for t in tasks]
+        self._members: list[TensorEvaluator] | None = None
         # MLP weights with a leading tensor axis: shared ones expanded (no copy).
         self.mlp_weights = None if batch.mlp_weights is None else \
             [w.expand(len(tasks), *w.shape) for w in batch.mlp_weights]
+        self.shared_mlp = batch.mlp_weights   # None once the network gives each tensor its own
+
+    def take_network(self, outputs: dict[str, torch.Tensor], mlp: list[torch.Tensor], index: int | slice) -> None:
+        super().take_network(outputs, mlp, index)
+        if mlp:
+            self.shared_mlp = None
+
+    @property
+    def members(self) -> list[TensorEvaluator]:
+        """One evaluator per tensor, made when a leaf first needs them (most steps, none)."""
+        if self._members is None:
+            self._members = [TensorEvaluator(t, self.batch) for t in self.tasks]
+        return self._members
 
     def leaf(self, node: Node) -> torch.Tensor:
         op = node.op

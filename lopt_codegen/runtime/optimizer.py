@@ -288,6 +288,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         mesh_group = None
         for group in self.param_groups:
             hyper = {k: float(group[k]) for k in program.hyperparameters}
+            # A group's tensors of one shape take one route, unless per-parameter values (μP) count.
+            routes: dict[torch.Size, tuple] = {}
             for p in group["params"]:
                 # An empty tensor has nothing to update, and its means (NaN) would reach the
                 # other tensors through cross-tensor network inputs (VeLO's max over tensors).
@@ -295,7 +297,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     continue
                 self._check_param(p)
                 grad = self._grad(p)
-                axes, task_hyper, variant = self._route(p, group, hyper)
+                route = routes.get(p.shape)
+                if route is None:
+                    route = self._route(p, group, hyper)
+                    if not self._parameter_values:
+                        routes[p.shape] = route
+                axes, task_hyper, variant = route
                 values, row_shard = p, None
                 if is_dtensor(p):
                     values, row_shard = dtensor_rows(p, program.class_name)

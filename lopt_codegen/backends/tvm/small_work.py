@@ -6,6 +6,7 @@ the small work between passes, either as compiled functions over those rows
 folded per tensor."""
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -90,14 +91,14 @@ class KeptSmall:
     values) and its pointer table, rebuilt only when a buffer it points into moved."""
 
     rows: list[torch.Tensor] = field(default_factory=list)
-    layout: list[tuple[int, ...]] = field(default_factory=list)   # what `table` points into
+    layout: list[torch.Tensor] = field(default_factory=list)   # the row buffers `table` points into
     table: torch.Tensor | None = None
 
     def table_over(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        layout = [(r.data_ptr(), *r.shape[:1], *r.stride()[:1]) for r in rows]
-        if layout != self.layout:
+        # Row buffers are the group's own and never moved: the same ones, the same pointers.
+        if len(rows) != len(self.layout) or any(a is not b for a, b in zip(rows, self.layout)):
             self.table = row_pointers(rows[0].shape[0], rows)
-            self.layout = layout
+            self.layout = rows
         return self.table
 
 
@@ -110,10 +111,16 @@ class GroupKept:
     small: dict[str, KeptSmall] = field(default_factory=dict)
     leaves: torch.Tensor | None = None
     written: dict[int, object] = field(default_factory=dict)   # id(leaf) -> what its columns hold
+    leaf_nodes: list[Node] | None = None   # the leaves `leaves` holds (every small function's list)
+    leaf_columns: dict[int, torch.Tensor] = field(default_factory=dict)   # id(leaf) -> its columns of `leaves`
     states: dict[int, torch.Tensor] = field(default_factory=dict)   # id(state node) -> rows
-    # (tensor, accumulator) -> (the accumulator, its (data pointer, strides, dtype), bytes
-    # per channel) as checked at an earlier step: checked again when any of those changed
-    checked: dict[tuple[int, str], tuple[torch.Tensor, tuple, int]] = field(default_factory=dict)
+    # (tensor, accumulator) -> GroupStep._checked_base's, as checked at an earlier step:
+    # checked again when the accumulator, its data pointer, strides or dtype changed
+    checked: dict[tuple[int, str], tuple] = field(default_factory=dict)
+    accumulator_names: list[str] | None = None   # those the passes read or write
+    # small function or pass's later layers -> (the shared MLP weights and the rows that
+    # hold them, the weights' versions and pointers): _copy_mlp_weights
+    mlp_copied: dict[str, tuple[list[torch.Tensor], list[tuple[int, int]]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,6 +154,7 @@ class GroupStep(GroupValues):
         self._bases_read = False
         self._copies: list[torch.Tensor] = []   # _table_with_copies'
         self._filled: set[int] = set()   # leaves and states read this step
+        self._hyper_dicts: list[dict[str, float]] | None = None   # _hyper_values'
 
     def element(self, t: int, name: str, channel: int = 0) -> torch.Tensor:
         """Tensor t's param, grad or accumulator channel viewed as the kernels' dims; made
@@ -228,8 +236,8 @@ class GroupStep(GroupValues):
         scalars and the MLP's folded first layer; its later layers are copied as given."""
         computed = len(sig.small) + bool(sig.scalar_nodes) + (2 if sig.mlp is not None else 0)
         self._run_small(f"pass{sig.index}", rows[:computed])
-        for row, weight in zip(rows[computed:], self.ev.mlp_weights[2:] if sig.mlp is not None else []):
-            row.copy_(weight)
+        if sig.mlp is not None:
+            self._copy_mlp_weights(f"pass{sig.index} later layers", rows[computed:], 2)
 
     def _run_small(self, name: str, outputs: list[torch.Tensor], sums: list[torch.Tensor] = ()) -> None:
         """Calls small function `name` on the group, writing into `outputs` ([tensors, ...]
@@ -246,30 +254,60 @@ class GroupStep(GroupValues):
         mlp_in = []
         if sig.mlp is not None:
             kept.rows = _rows(kept.rows, [(count, *w.shape[1:]) for w in self.ev.mlp_weights[:2]])
-            for row, weight in zip(kept.rows, self.ev.mlp_weights[:2]):
-                row.copy_(weight)
+            self._copy_mlp_weights(name, kept.rows, 0)
             mlp_in = kept.rows
         table = kept.table_over([self.kept.leaves, *states, *sums, *finished, *mlp_in, *outputs])
         first = self._pass_sigs[0]   # the layout of every pass's sums (the view's)
         small.func(table, *self.view.dims, first.chunks, first.lanes)
+
+    def _copy_mlp_weights(self, name: str, rows: list[torch.Tensor], first: int) -> None:
+        """rows[i] <- the MLP's weight list from `first` on, one row per tensor. Skipped where
+        the rows hold them already: the spec's shared weights, not written since (the same
+        tensors, versions and pointers; held in `kept`, so no new tensor can take their
+        place): six copies a group took a fifth of Adam's step on a 1M matrix."""
+        sources = self.ev.shared_mlp[first:first + len(rows)] if self.ev.shared_mlp is not None else None
+        if sources is not None:   # (the rows are the group's own, never moved: compared as objects)
+            held, seen = [*sources, *rows], [(w._version, w.data_ptr()) for w in sources]
+            last = self.kept.mlp_copied.get(name)
+            if last is not None and len(last[0]) == len(held) and all(a is b for a, b in zip(last[0], held)) \
+                    and last[1] == seen:
+                return
+        self.kept.mlp_copied.pop(name, None)
+        for row, weight in zip(rows, self.ev.mlp_weights[first:]):
+            row.copy_(weight)
+        if sources is not None:
+            self.kept.mlp_copied[name] = (held, seen)
 
     def _fill_leaves(self, columns: list[Node]) -> None:
         """The leaves row's columns that are known by now (network outputs: after it ran).
         Hyperparameters are written only when they changed, shape facts once."""
         count, kept = len(self), self.kept
         total = sum(n.channels for n in columns)
-        if kept.leaves is None or tuple(kept.leaves.shape) != (count, max(1, total)):
-            kept.leaves, kept.written = empty_rows(count, (max(1, total),)), {}
-        start = 0
+        if kept.leaves is None or kept.leaf_nodes is not columns or tuple(kept.leaves.shape) != (count, max(1, total)):
+            kept.leaves, kept.written, kept.leaf_nodes = empty_rows(count, (max(1, total),)), {}, columns
+            starts = itertools.accumulate([n.channels for n in columns], initial=0)
+            kept.leaf_columns = {id(n): kept.leaves[:, start:start + n.channels] for n, start in zip(columns, starts)}
         for node in columns:
-            if id(node) not in self._filled and (node.op != "net_out" or self.ev.net_out):
-                written = tuple(t.hyper[node.attrs[0]] for t in self.tasks) if node.op == "hyper" else \
-                    "shape" if node.op == "shape" else None
-                if written is None or kept.written.get(id(node)) != written:
-                    kept.leaves[:, start:start + node.channels] = self.ev.leaf(node).reshape(-1, node.channels)
-                    kept.written[id(node)] = written
-                self._filled.add(id(node))
-            start += node.channels
+            key = id(node)
+            if key in self._filled or node.op == "net_out" and not self.ev.net_out:
+                continue
+            written = self._hyper_values(node.attrs[0]) if node.op == "hyper" else \
+                "shape" if node.op == "shape" else None
+            if node.op == "step":   # the counts as they are (ev.leaf's conversions took 10 us a group)
+                kept.leaf_columns[key].copy_(torch.stack([t.state["step"] for t in self.tasks]).unsqueeze(1))
+            elif written is None or kept.written.get(key) != written:
+                kept.leaf_columns[key].copy_(self.ev.leaf(node).reshape(-1, node.channels))
+                kept.written[key] = written
+            self._filled.add(key)
+
+    def _hyper_values(self, name: str) -> tuple[float, ...]:
+        """Hyperparameter `name` of each tensor; one value where all share their param
+        group's (then all have it): a tuple per tensor took 3 us a group and name."""
+        if self._hyper_dicts is None:
+            self._hyper_dicts = list({id(t.hyper): t.hyper for t in self.tasks}.values())
+        if len(self._hyper_dicts) == 1:
+            return (self._hyper_dicts[0][name],)
+        return tuple([t.hyper[name] for t in self.tasks])
 
     def _state_rows(self, node: Node) -> torch.Tensor:
         """A small accumulator's values before this step, as [tensors, channels, *small dims]."""
@@ -319,37 +357,46 @@ class GroupStep(GroupValues):
         """Each tensor's (data pointer, bytes per channel) of everything the passes read
         and write (param, grad, accumulators), read once per step; None unless all are
         dense and aligned."""
-        if not self._bases_read:
-            self._bases_read = True
-            names = {leaf for s in self._pass_sigs.values() for leaf in s.leaves}
-            names |= {name for s in self._pass_sigs.values() for name, _ in s.accumulators + s.outputs}
-            self._bases = []
-            for t, task in enumerate(self.tasks):
-                bases = {}
-                for name in names:
-                    if name in ("param", "grad"):   # a param is contiguous (unsupported_reason)
-                        x = task.param if name == "param" else task.grad
-                        bases[name] = (x.data_ptr(), 0) if x.is_contiguous() else None
-                    else:
-                        bases[name] = self._accumulator_base(t, task, name)
-                if any(b is None or b[0] % ALIGNMENT or b[1] % ALIGNMENT for b in bases.values()):
-                    self._bases = None
-                    break
-                self._bases.append(bases)
-        return self._bases
+        if self._bases_read:
+            return self._bases
+        self._bases_read = True
+        kept = self.kept
+        if kept.accumulator_names is None:
+            sigs = self._pass_sigs.values()
+            kept.accumulator_names = sorted({name for s in sigs for name, _ in s.accumulators + s.outputs}
+                                            - {"param", "grad"})
+        names, checked = kept.accumulator_names, kept.checked
+        bases = []
+        for t, task in enumerate(self.tasks):
+            grad, param = task.grad, task.param   # a param is contiguous (unsupported_reason)
+            param_at, grad_at = param.data_ptr(), grad.data_ptr()
+            if (param_at | grad_at) % ALIGNMENT or not grad.is_contiguous():
+                return None
+            row = {"param": (param_at, 0), "grad": (grad_at, 0)}
+            for name in names:
+                acc = task.state[name]
+                at, seen = acc.data_ptr(), checked.get((t, name))
+                # `.data = ...` keeps the object: the pointer and the strides are compared too
+                if seen is None or seen[0] is not acc or seen[1] != at or seen[2] != acc.stride() \
+                        or seen[3] != acc.dtype:
+                    seen = checked[(t, name)] = self._checked_base(task, name)
+                if seen[4] is None:
+                    return None
+                row[name] = (at, seen[4])
+            bases.append(row)
+        self._bases = bases
+        return bases
 
-    def _accumulator_base(self, t: int, task: TensorTask, name: str) -> tuple[int, int]:
-        """(data pointer, bytes per channel) of tensor t's accumulator `name`, checked
-        (checked_accumulator) where it is new or changed: checking every step took a sixth
-        of Adam's time outside the kernels on 200 small tensors (3.7 -> 3.1 ms a step)."""
-        acc = task.state[name]
-        layout = (acc.data_ptr(), acc.stride(), acc.dtype)   # `.data = ...` keeps the object
-        kept = self.kept.checked.get((t, name))
-        if kept is None or kept[0] is not acc or kept[1] != layout:
-            acc = checked_accumulator(task, name, "TVM")
-            per_channel = acc.stride(0) * acc.element_size() if acc.shape[0] > 1 else 0
-            kept = self.kept.checked[(t, name)] = (acc, layout, per_channel)
-        return kept[1][0], kept[2]
+    @staticmethod
+    def _checked_base(task: TensorTask, name: str) -> tuple[torch.Tensor, int, tuple, torch.dtype, int | None]:
+        """Accumulator `name` checked (checked_accumulator), as (the accumulator, its data
+        pointer, strides, dtype, bytes per channel or None where misaligned). Checked only
+        where new or changed: every step took a sixth of Adam's time outside the kernels
+        on 200 small tensors (3.7 -> 3.1 ms a step)."""
+        acc = checked_accumulator(task, name, "TVM")
+        per_channel = acc.stride(0) * acc.element_size() if acc.shape[0] > 1 else 0
+        aligned = not (acc.data_ptr() % ALIGNMENT or per_channel % ALIGNMENT)
+        return acc, acc.data_ptr(), acc.stride(), acc.dtype, per_channel if aligned else None
 
     def _table_with_copies(self, sig: PassSignature, rows: list[torch.Tensor]) \
             -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
