@@ -225,22 +225,28 @@ def test_param_groups_sharing_a_shape_keep_their_hyperparameters():
 
 
 def test_non_contiguous_param_falls_back_with_one_warning():
+    """Only the non-contiguous tensor of its group (same shape) takes the reference."""
     base = torch.randn(6, 8)
     p = torch.nn.Parameter(base[:, ::2])   # a non-contiguous leaf
-    q = torch.nn.Parameter(p.detach().clone())
     assert not p.is_contiguous()
-    opt = Adam([p], lr=0.1, backend="tvm")
-    ref = Adam([q], lr=0.1, backend="reference")
+    params = [torch.nn.Parameter(torch.randn(6, 4)), p, torch.nn.Parameter(torch.randn(6, 4))]
+    copies = [torch.nn.Parameter(x.detach().clone()) for x in params]
+    opt = Adam(params, lr=0.1, backend="tvm")
+    ref = Adam(copies, lr=0.1, backend="reference")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
-            g = torch.randn(p.shape)
-            p.grad, q.grad = g.clone(), g.clone()
+            for x, y in zip(params, copies):
+                x.grad = torch.randn(x.shape)
+                y.grad = x.grad.clone()
             opt.step()
             ref.step()
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "non-contiguous" in messages[0] and "reference" in messages[0]
-    torch.testing.assert_close(p.detach(), q.detach())
+    for x, y in zip(params, copies):
+        torch.testing.assert_close(x.detach(), y.detach())
+    (group,) = opt.backend._kept.values()   # the two contiguous ones ran on the kernels
+    assert group.kernels is not None and len(group.checked) == 4
 
 
 def test_unsupported_tensors_say_why():

@@ -52,10 +52,25 @@ class GroupEvaluator(TensorEvaluator):
         super().__init__(tasks[0], batch)
         self.tasks = tasks
         self._members: list[TensorEvaluator] | None = None
-        # MLP weights with a leading tensor axis: shared ones expanded (no copy).
-        self.mlp_weights = None if batch.mlp_weights is None else \
-            [w.expand(len(tasks), *w.shape) for w in batch.mlp_weights]
         self.shared_mlp = batch.mlp_weights   # None once the network gives each tensor its own
+
+    @property
+    def mlp_weights(self) -> list[torch.Tensor] | None:
+        """The MLP's weights with a leading tensor axis: shared ones expanded (no copy),
+        when first used (most steps the compiled small work needs no copy of them)."""
+        if self._mlp is not None and self._mlp is self.shared_mlp:
+            self._mlp = [w.expand(len(self.tasks), *w.shape) for w in self._mlp]
+        return self._mlp
+
+    @mlp_weights.setter
+    def mlp_weights(self, weights: list[torch.Tensor] | None) -> None:
+        self._mlp = weights
+
+    def mlp_shapes(self) -> list[tuple[int, ...]]:
+        """Each MLP weight's shape for one tensor."""
+        if self._mlp is not None and self._mlp is self.shared_mlp:
+            return [tuple(w.shape) for w in self._mlp]
+        return [tuple(w.shape[1:]) for w in self.mlp_weights]
 
     def take_network(self, outputs: dict[str, torch.Tensor], mlp: list[torch.Tensor], index: int | slice) -> None:
         super().take_network(outputs, mlp, index)

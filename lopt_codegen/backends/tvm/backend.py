@@ -35,6 +35,11 @@ _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: 
 
 def unsupported_reason(task: TensorTask) -> str | None:
     """Why the compiled kernels cannot take this tensor (None: they can)."""
+    return _kind_unsupported(task) or _layout_unsupported(task)
+
+
+def _kind_unsupported(task: TensorTask) -> str | None:
+    """unsupported_reason's part that a group's tensors share (device, dtypes, shape)."""
     p = task.param
     if p.device.type not in ("cpu", "cuda"):
         return f"the TVM backend has kernels for CPU and CUDA tensors, not {p.device.type}"
@@ -44,9 +49,22 @@ def unsupported_reason(task: TensorTask) -> str | None:
         return f"unsupported dtype {p.dtype} / gradient {task.grad.dtype}"
     if p.numel() == 0 and task.shard is None:   # (a rank's empty share of a sharded tensor takes part)
         return "empty parameter"
-    if not p.is_contiguous():
+    return None
+
+
+def _layout_unsupported(task: TensorTask) -> str | None:
+    if not task.param.is_contiguous():
         return "non-contiguous parameter (the kernels update it in place through a flat view)"
     return None
+
+
+def _groups(tasks: list[TensorTask]) -> dict[tuple, list[TensorTask]]:
+    """The tasks by group (same variant, shape, device and dtypes: one call of the kernels)."""
+    groups: dict[tuple, list[TensorTask]] = {}
+    for task in tasks:
+        key = (*group_key(task), task.param.device, task.param.dtype, task.grad.dtype)
+        groups.setdefault(key, []).append(task)
+    return groups
 
 
 def cuda_arch(device: torch.device) -> str:
@@ -99,11 +117,22 @@ class TvmBackend(Backend):
         """The kernels' view of a tensor (CUDA tensors: the GPU kernels' one)."""
         return view_of(tuple(task.param.shape), task.axes, gpu=task.param.device.type == "cuda")
 
-    def kernels(self, task: TensorTask, wait: bool = True) -> list[_Kernel] | None:
+    def _group_kernels(self, key: tuple, task: TensorTask, wait: bool) -> list[_Kernel] | None:
+        """kernels() of a group's tensors, kept with the group once they are its best
+        (finding them again took 5 us a group and step)."""
+        kept = self._kept.setdefault(key, GroupKept())
+        if kept.kernels is not None:
+            return kept.kernels
+        kernels, best = self.kernels(task, wait)
+        if best:
+            kept.kernels = kernels
+        return kernels
+
+    def kernels(self, task: TensorTask, wait: bool = True) -> tuple[list[_Kernel] | None, bool]:
         """The tensor's kernels: built for its shape when it is large enough, else
         shape-generic. wait=False: the best of those already built (its own, else the
         shape-generic ones, else None: the reference steps it), the better ones' builds
-        started in the background."""
+        started in the background. And whether they are the best (no better to come)."""
         p = task.param
         view = self.view(task)   # the GPU's is always shape-generic
         if view.numel < self.specialize_from:
@@ -118,7 +147,7 @@ class TvmBackend(Backend):
         keys = [(task.variant, v.x_axis, v.symbolic or v.dims, v.vectors, v.gpu, v.parallel_within, p.dtype,
                  task.grad.dtype, arch) for v in tiers]
         if keys[0] in self._kernels:
-            return self._kernels[keys[0]]
+            return self._kernels[keys[0]], True
         graph = self.program.variants[task.variant]
         sigs = [[pass_signature(ps, graph.new_param, graph.accumulators, v, _DTYPES[p.dtype], _DTYPES[task.grad.dtype])
                  for ps in self.plans[task.variant].passes] for v in tiers]
@@ -128,11 +157,11 @@ class TvmBackend(Backend):
             if keys[k] in self._kernels or self._built(keys[k], task.variant, jobs, tiers[k].symbolic):
                 ready = k
         if ready is None:
-            return None
+            return None, False
         if keys[ready] not in self._kernels:
             self._kernels[keys[ready]] = [_Kernel(s, f) for s, f in zip(sigs[ready], self._load(task.variant,
                                                                                                   sigs[ready], arch))]
-        return self._kernels[keys[ready]]
+        return self._kernels[keys[ready]], ready == 0
 
     def _built(self, key: tuple, variant: str, jobs: list, stand_in: bool) -> bool:
         """Whether a tier's kernels are built: in the cache when first asked (no build),
@@ -176,10 +205,17 @@ class TvmBackend(Backend):
                 self.builds.start()
 
     def _step_supported(self, batch: StepBatch) -> None:
-        reasons = {id(t): unsupported_reason(t) for t in batch.tasks}
-        rest = [t for t in batch.tasks if reasons[id(t)] is not None]
-        for t in rest:
-            self._warn_once(reasons[id(t)])
+        groups, rest = _groups(batch.tasks), []
+        for key, tasks in list(groups.items()):   # (checked per group where its tensors share the reason)
+            reason = _kind_unsupported(tasks[0])
+            reasons = [reason] * len(tasks) if reason is not None else [_layout_unsupported(t) for t in tasks]
+            if any(r is not None for r in reasons):
+                rest += [(t, r) for t, r in zip(tasks, reasons) if r is not None]
+                groups[key] = [t for t, r in zip(tasks, reasons) if r is None]
+                if not groups[key]:
+                    del groups[key]
+        for _, reason in rest:
+            self._warn_once(reason)
         if rest and batch.network is not None:
             # The network couples all tensors of a step: one backend must run them all.
             with self._core_left():
@@ -187,24 +223,20 @@ class TvmBackend(Backend):
             return
         if rest:
             with self._core_left():
-                self.fallback.step(replace(batch, tasks=rest))
-        tasks = [t for t in batch.tasks if reasons[id(t)] is None]
-        if tasks:
-            self._step(replace(batch, tasks=tasks))
+                self.fallback.step(replace(batch, tasks=[t for t, _ in rest]))
+        if groups:
+            self._step(replace(batch, tasks=[t for tasks in groups.values() for t in tasks]) if rest else batch,
+                       groups)
 
-    def _step(self, batch: StepBatch) -> None:
+    def _step(self, batch: StepBatch, groups: dict[tuple, list[TensorTask]]) -> None:
         if any(t.param.device.type == "cpu" for t in batch.tasks):
             CONTENTION.before_step()   # one thread while other processes want the cores
         ranks = RankSums.of(batch, self.program)   # FSDP2: the collectives across ranks
-        groups: dict[tuple, list[TensorTask]] = {}
-        for task in batch.tasks:
-            key = (*group_key(task), task.param.device, task.param.dtype, task.grad.dtype)
-            groups.setdefault(key, []).append(task)
         # The kept arguments of groups this step lacks go (their buffers with them).
         self._kept = {k: kept for k, kept in self._kept.items() if k in groups}
         # Under FSDP2 every rank must take the same path: the kernels are waited for.
         wait = self.builds is None or ranks is not None
-        kernels = {key: self.kernels(tasks[0], wait) for key, tasks in groups.items()}
+        kernels = {key: self._group_kernels(key, tasks[0], wait) for key, tasks in groups.items()}
         reference = any(k is None for k in kernels.values())   # kernels still building: this step on the reference
         if reference and self.builds is not None:
             # The reference's step takes seconds that the builds need not wait. (Else they

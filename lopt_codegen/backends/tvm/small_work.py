@@ -78,7 +78,7 @@ class KeptArgs:
     stays in device memory; no copy per step)."""
 
     rows: list[torch.Tensor] = field(default_factory=list)
-    own: tuple[list[list[int]], list[list[int]]] | None = None   # the tensors' pointers in `table`
+    bases: list[list[tuple[int, int]]] | None = None   # the tensors' bases (_tensor_bases) `table` holds
     table: torch.Tensor | None = None
     # row_pointers(rows), kept with them: a new gradient each step (as backward gives)
     # rebuilds the table, and this part took most of it (0.8 ms a step on GPT-2's groups)
@@ -114,10 +114,11 @@ class GroupKept:
     leaf_nodes: list[Node] | None = None   # the leaves `leaves` holds (every small function's list)
     leaf_columns: dict[int, torch.Tensor] = field(default_factory=dict)   # id(leaf) -> its columns of `leaves`
     states: dict[int, torch.Tensor] = field(default_factory=dict)   # id(state node) -> rows
-    # (tensor, accumulator) -> GroupStep._checked_base's, as checked at an earlier step:
-    # checked again when the accumulator, its data pointer, strides or dtype changed
-    checked: dict[tuple[int, str], tuple] = field(default_factory=dict)
-    accumulator_names: list[str] | None = None   # those the passes read or write
+    # id(accumulator) -> GroupStep._checked_base's (which holds it), as checked at an
+    # earlier step: checked again when its data pointer, strides or dtype changed
+    checked: dict[int, tuple] = field(default_factory=dict)
+    base_names: list[str] | None = None   # param, grad and the accumulators the passes read or write
+    kernels: list | None = None   # the group's kernels, once they are its best (TvmBackend._group_kernels)
     # small function or pass's later layers -> (the shared MLP weights and the rows that
     # hold them, the weights' versions and pointers): _copy_mlp_weights
     mlp_copied: dict[str, tuple[list[torch.Tensor], list[tuple[int, int]]]] = field(default_factory=dict)
@@ -189,7 +190,7 @@ class GroupStep(GroupValues):
         device = self.tasks[0].param.device
         if [tuple(r.shape) for r in kept.rows] != shapes:
             kept.rows = [empty_rows(s[0], s[1:], device=device) for s in shapes]
-            kept.own, kept.row_table = None, row_pointers(count, kept.rows)
+            kept.bases, kept.row_table = None, row_pointers(count, kept.rows)
         if self.small is None:
             for row, value in zip(kept.rows, self._small_values(sig)):
                 row.copy_(value)
@@ -197,12 +198,14 @@ class GroupStep(GroupValues):
             self._fill_values(sig, kept.rows[:len(values)])
         sums = kept.rows[len(values):]
         p, q = sums[:len(sig.x_sums)], sums[len(sig.x_sums):]
-        own = self._own_pointers(sig)
-        if own is None:   # a misaligned or strided tensor: aligned copies, a table for this step only
+        bases = self._tensor_bases()
+        if bases is None:   # a misaligned or strided tensor: aligned copies, a table for this step only
             table, back = self._table_with_copies(sig, kept.rows)
+            kept.bases = None
         else:
-            if own != kept.own:
-                kept.table, kept.own = pointer_table(own[0], kept.row_table, own[1]).to(device), own
+            if bases != kept.bases:
+                own = self._own_pointers(sig, bases)
+                kept.table, kept.bases = pointer_table(own[0], kept.row_table, own[1]).to(device), bases
             table, back = kept.table, []
         if self.view.gpu:   # the sums as laid out on the CPU, without the padding
             A, X, B, Y, C = self.view.dims
@@ -253,7 +256,7 @@ class GroupStep(GroupValues):
         finished = [self.kept.small[f"finish{index}"].rows[k] for _, index, k in sig.finished]
         mlp_in = []
         if sig.mlp is not None:
-            kept.rows = _rows(kept.rows, [(count, *w.shape[1:]) for w in self.ev.mlp_weights[:2]])
+            kept.rows = _rows(kept.rows, [(count, *shape) for shape in self.ev.mlp_shapes()[:2]])
             self._copy_mlp_weights(name, kept.rows, 0)
             mlp_in = kept.rows
         table = kept.table_over([self.kept.leaves, *states, *sums, *finished, *mlp_in, *outputs])
@@ -342,47 +345,47 @@ class GroupStep(GroupValues):
         for name, value in zip(small, self._small_outputs("accumulators", list(small.values()))):
             torch._foreach_copy_([t.state[name] for t in self.tasks], list(value.unbind(0)))
 
-    def _own_pointers(self, sig: PassSignature) -> tuple[list[list[int]], list[list[int]]] | None:
-        """Each tensor's input and output pointers as the pass takes them, from its tensors'
-        data pointers; None when one is misaligned or strided (it needs a copy)."""
-        bases = self._tensor_bases()
-        if bases is None:
-            return None
-        names = [(leaf, 0) for leaf in sig.leaves] + sig.accumulators + sig.outputs
-        pointers = [[b[name][0] + c * b[name][1] for name, c in names] for b in bases]
+    def _own_pointers(self, sig: PassSignature, bases: list[list[tuple[int, int]]]) \
+            -> tuple[list[list[int]], list[list[int]]]:
+        """Each tensor's input and output pointers as the pass takes them, from its bases
+        (_tensor_bases)."""
+        index = {name: i for i, name in enumerate(self.kept.base_names)}
+        slots = [(index[leaf], 0) for leaf in sig.leaves] + [(index[name], c) for name, c in sig.accumulators + sig.outputs]
+        pointers = [[row[i][0] + c * row[i][1] for i, c in slots] for row in bases]
         split = len(sig.leaves) + len(sig.accumulators)
         return [row[:split] for row in pointers], [row[split:] for row in pointers]
 
-    def _tensor_bases(self) -> list[dict[str, tuple[int, int]]] | None:
+    def _tensor_bases(self) -> list[list[tuple[int, int]]] | None:
         """Each tensor's (data pointer, bytes per channel) of everything the passes read
-        and write (param, grad, accumulators), read once per step; None unless all are
-        dense and aligned."""
+        and write (kept.base_names: param, grad, accumulators), read once per step; None
+        unless all are dense and aligned."""
         if self._bases_read:
             return self._bases
         self._bases_read = True
         kept = self.kept
-        if kept.accumulator_names is None:
+        if kept.base_names is None:
             sigs = self._pass_sigs.values()
-            kept.accumulator_names = sorted({name for s in sigs for name, _ in s.accumulators + s.outputs}
-                                            - {"param", "grad"})
-        names, checked = kept.accumulator_names, kept.checked
+            kept.base_names = ["param", "grad", *sorted({name for s in sigs for name, _ in s.accumulators + s.outputs}
+                                                        - {"param", "grad"})]
+        names, checked = kept.base_names[2:], kept.checked
+        if len(checked) > 2 * len(self) * len(names):   # accumulators replaced (a load_state_dict)
+            checked.clear()
         bases = []
-        for t, task in enumerate(self.tasks):
-            grad, param = task.grad, task.param   # a param is contiguous (unsupported_reason)
+        for task in self.tasks:
+            grad, param, state = task.grad, task.param, task.state   # a param is contiguous (unsupported_reason)
             param_at, grad_at = param.data_ptr(), grad.data_ptr()
             if (param_at | grad_at) % ALIGNMENT or not grad.is_contiguous():
                 return None
-            row = {"param": (param_at, 0), "grad": (grad_at, 0)}
+            row = [(param_at, 0), (grad_at, 0)]
             for name in names:
-                acc = task.state[name]
-                at, seen = acc.data_ptr(), checked.get((t, name))
+                acc = state[name]
+                at, seen = acc.data_ptr(), checked.get(id(acc))
                 # `.data = ...` keeps the object: the pointer and the strides are compared too
-                if seen is None or seen[0] is not acc or seen[1] != at or seen[2] != acc.stride() \
-                        or seen[3] != acc.dtype:
-                    seen = checked[(t, name)] = self._checked_base(task, name)
+                if seen is None or seen[1] != at or seen[2] != acc.stride() or seen[3] != acc.dtype:
+                    seen = checked[id(acc)] = self._checked_base(task, name)
                 if seen[4] is None:
                     return None
-                row[name] = (at, seen[4])
+                row.append((at, seen[4]))
             bases.append(row)
         self._bases = bases
         return bases
