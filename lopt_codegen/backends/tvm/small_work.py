@@ -78,6 +78,8 @@ class KeptArgs:
     stays in device memory; no copy per step)."""
 
     rows: list[torch.Tensor] = field(default_factory=list)
+    rows_of: tuple[PassSignature, int] | None = None   # (signature, tensors) `rows` were made for
+    values: int = 0   # the first `values` rows hold small values, the rest partial sums
     bases: list[list[tuple[int, int]]] | None = None   # the tensors' bases (_tensor_bases) `table` holds
     table: torch.Tensor | None = None
     # row_pointers(rows), kept with them: a new gradient each step (as backward gives)
@@ -184,19 +186,20 @@ class GroupStep(GroupValues):
         partial-sum buffers ([tensors, ...] each, finished by finish_sums)."""
         count = len(self)
         kept = self.kept.passes.setdefault(sig.index, KeptArgs())
-        values = self._value_shapes(sig)
-        p_shape, q_shape = self._sum_shapes(sig)
-        shapes = values + [(count, *p_shape)] * len(sig.x_sums) + [(count, *q_shape)] * len(sig.y_sums)
         device = self.tasks[0].param.device
-        if [tuple(r.shape) for r in kept.rows] != shapes:
+        if kept.rows_of is None or kept.rows_of[0] is not sig or kept.rows_of[1] != count:   # (the view is fixed)
+            p_shape, q_shape = self._sum_shapes(sig)
+            values = self._value_shapes(sig)
+            shapes = values + [(count, *p_shape)] * len(sig.x_sums) + [(count, *q_shape)] * len(sig.y_sums)
             kept.rows = [empty_rows(s[0], s[1:], device=device) for s in shapes]
             kept.bases, kept.row_table = None, row_pointers(count, kept.rows)
+            kept.rows_of, kept.values = (sig, count), len(values)
         if self.small is None:
             for row, value in zip(kept.rows, self._small_values(sig)):
                 row.copy_(value)
         else:
-            self._fill_values(sig, kept.rows[:len(values)])
-        sums = kept.rows[len(values):]
+            self._fill_values(sig, kept.rows[:kept.values])
+        sums = kept.rows[kept.values:]
         p, q = sums[:len(sig.x_sums)], sums[len(sig.x_sums):]
         bases = self._tensor_bases()
         if bases is None:   # a misaligned or strided tensor: aligned copies, a table for this step only
