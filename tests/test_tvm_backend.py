@@ -211,6 +211,20 @@ def test_mlp_weights_written_in_place_reach_the_next_step():
     assert run_and_compare(*pair, steps=2) <= RTOL
 
 
+@pytest.mark.parametrize("name", ["adam", "velo"])
+def test_hyperparameters_changed_between_steps_reach_the_kernels(name):
+    """A schedule's lr (and VeLO's horizon) written into one param group between steps,
+    kept for two steps, then changed again."""
+    pair = make_pair(name, [(6, 10), (6, 10), (33,)])
+    lr = CASES[name][1]
+    for lr_scale in (1.0, 0.5, 0.5, 2.0):
+        for o in (pair[1], pair[3]):
+            o.param_groups[0]["lr"] = lr * lr_scale
+            if name == "velo":
+                o.param_groups[0]["num_steps"] = 40 * lr_scale
+        assert run_and_compare(*pair, steps=1) <= RTOL
+
+
 def test_param_groups_sharing_a_shape_keep_their_hyperparameters():
     """Tensors of one shape from two param groups run as one group of the kernels; each
     keeps its own lr, also when the two become equal and differ again."""

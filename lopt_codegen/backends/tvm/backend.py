@@ -120,7 +120,7 @@ class TvmBackend(Backend):
     def _group_kernels(self, key: tuple, task: TensorTask, wait: bool) -> list[_Kernel] | None:
         """kernels() of a group's tensors, kept with the group once they are its best
         (finding them again took 5 us a group and step)."""
-        kept = self._kept.setdefault(key, GroupKept())
+        kept = self._kept.get(key) or self._kept.setdefault(key, GroupKept())   # (made only when missing)
         if kept.kernels is not None:
             return kept.kernels
         kernels, best = self.kernels(task, wait)
@@ -261,8 +261,10 @@ class TvmBackend(Backend):
             sigs = [k.sig for k in kernels[key]]
             # A sharded group's small work runs in torch, where its reductions across ranks are.
             small = self.small_kernels(tasks[0], sigs) if tasks[0].shard is None else None
-            group = GroupStep(tasks, batch, self.view(tasks[0]), self._kept.setdefault(key, GroupKept()), sigs,
-                              small, ranks)
+            kept = self._kept[key]   # (made by _group_kernels)
+            if kept.view is None:
+                kept.view = self.view(tasks[0])
+            group = GroupStep(tasks, batch, kept.view, kept, sigs, small, ranks)
             runs.append((group, kernels[key]))
         steps = [group for group, _ in runs]
         before, after = [], []   # the passes up to the network, then the rest

@@ -115,12 +115,14 @@ class GroupKept:
     written: dict[int, object] = field(default_factory=dict)   # id(leaf) -> what its columns hold
     leaf_nodes: list[Node] | None = None   # the leaves `leaves` holds (every small function's list)
     leaf_columns: dict[int, torch.Tensor] = field(default_factory=dict)   # id(leaf) -> its columns of `leaves`
+    hyper_seen: dict[str, float] | None = None   # the hyperparameters `leaves` holds, where all tensors share them
     states: dict[int, torch.Tensor] = field(default_factory=dict)   # id(state node) -> rows
     # id(accumulator) -> GroupStep._checked_base's (which holds it), as checked at an
     # earlier step: checked again when its data pointer, strides or dtype changed
     checked: dict[int, tuple] = field(default_factory=dict)
     base_names: list[str] | None = None   # param, grad and the accumulators the passes read or write
     kernels: list | None = None   # the group's kernels, once they are its best (TvmBackend._group_kernels)
+    view: View | None = None      # the kernels' view of its tensors
     # small function or pass's later layers -> (the shared MLP weights and the rows that
     # hold them, the weights' versions and pointers): _copy_mlp_weights
     mlp_copied: dict[str, tuple[list[torch.Tensor], list[tuple[int, int]]]] = field(default_factory=dict)
@@ -185,7 +187,7 @@ class GroupStep(GroupValues):
         aligned copy) pairs of outputs to write back after the kernel, and its P and Q
         partial-sum buffers ([tensors, ...] each, finished by finish_sums)."""
         count = len(self)
-        kept = self.kept.passes.setdefault(sig.index, KeptArgs())
+        kept = self.kept.passes.get(sig.index) or self.kept.passes.setdefault(sig.index, KeptArgs())
         device = self.tasks[0].param.device
         if kept.rows_of is None or kept.rows_of[0] is not sig or kept.rows_of[1] != count:   # (the view is fixed)
             p_shape, q_shape = self._sum_shapes(sig)
@@ -252,7 +254,7 @@ class GroupStep(GroupValues):
         if not outputs:
             return
         small = self.small[name]
-        sig, kept = small.sig, self.kept.small.setdefault(name, KeptSmall())
+        sig, kept = small.sig, self.kept.small.get(name) or self.kept.small.setdefault(name, KeptSmall())
         count = len(self)
         self._fill_leaves(sig.columns)
         states = [self._state_rows(n) for n in sig.states]
@@ -293,24 +295,30 @@ class GroupStep(GroupValues):
             kept.leaves, kept.written, kept.leaf_nodes = empty_rows(count, (max(1, total),)), {}, columns
             starts = itertools.accumulate([n.channels for n in columns], initial=0)
             kept.leaf_columns = {id(n): kept.leaves[:, start:start + n.channels] for n, start in zip(columns, starts)}
+            kept.hyper_seen = None
+        # All tensors' hyperparameters from one dict equal to the one written last: none to check.
+        if self._hyper_dicts is None:
+            self._hyper_dicts = list({id(t.hyper): t.hyper for t in self.tasks}.values())
+        shared = self._hyper_dicts[0] if len(self._hyper_dicts) == 1 else None
+        unchanged = shared is not None and kept.hyper_seen == shared
         for node in columns:
             key = id(node)
             if key in self._filled or node.op == "net_out" and not self.ev.net_out:
                 continue
-            written = self._hyper_values(node.attrs[0]) if node.op == "hyper" else \
-                "shape" if node.op == "shape" else None
             if node.op == "step":   # the counts as they are (ev.leaf's conversions took 10 us a group)
                 kept.leaf_columns[key].copy_(torch.stack([t.state["step"] for t in self.tasks]).unsqueeze(1))
-            elif written is None or kept.written.get(key) != written:
-                kept.leaf_columns[key].copy_(self.ev.leaf(node).reshape(-1, node.channels))
-                kept.written[key] = written
+            elif not (unchanged and node.op == "hyper"):
+                written = self._hyper_values(node.attrs[0]) if node.op == "hyper" else \
+                    "shape" if node.op == "shape" else None
+                if written is None or kept.written.get(key) != written:
+                    kept.leaf_columns[key].copy_(self.ev.leaf(node).reshape(-1, node.channels))
+                    kept.written[key] = written
             self._filled.add(key)
+        kept.hyper_seen = dict(shared) if shared is not None else None
 
     def _hyper_values(self, name: str) -> tuple[float, ...]:
         """Hyperparameter `name` of each tensor; one value where all share their param
         group's (then all have it): a tuple per tensor took 3 us a group and name."""
-        if self._hyper_dicts is None:
-            self._hyper_dicts = list({id(t.hyper): t.hyper for t in self.tasks}.values())
         if len(self._hyper_dicts) == 1:
             return (self._hyper_dicts[0][name],)
         return tuple([t.hyper[name] for t in self.tasks])
@@ -328,7 +336,7 @@ class GroupStep(GroupValues):
 
     def _small_outputs(self, name: str, nodes: list[Node], sums: list[torch.Tensor] = ()) -> list[torch.Tensor]:
         """Small function `name`'s values of `nodes`, as [tensors, channels, *level shape]."""
-        kept = self.kept.small.setdefault(name, KeptSmall())
+        kept = self.kept.small.get(name) or self.kept.small.setdefault(name, KeptSmall())
         count = len(self)
         shapes = [(count, n.channels, *self.view.small_dims(n.level)) for n in nodes]
         kept.rows = _rows(kept.rows, shapes)
