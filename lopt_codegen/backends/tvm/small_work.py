@@ -124,8 +124,8 @@ class GroupKept:
     kernels: list | None = None   # the group's kernels, once they are its best (TvmBackend._group_kernels)
     view: View | None = None      # the kernels' view of its tensors
     # small function or pass's later layers -> (the shared MLP weights and the rows that
-    # hold them, the weights' versions and pointers): _copy_mlp_weights
-    mlp_copied: dict[str, tuple[list[torch.Tensor], list[tuple[int, int]]]] = field(default_factory=dict)
+    # hold them, (their ids, the weights' versions and pointers)): _copy_mlp_weights
+    mlp_copied: dict[str, tuple[list[torch.Tensor], tuple]] = field(default_factory=dict)
 
 
 @dataclass
@@ -275,10 +275,11 @@ class GroupStep(GroupValues):
         place): six copies a group took a fifth of Adam's step on a 1M matrix."""
         sources = self.ev.shared_mlp[first:first + len(rows)] if self.ev.shared_mlp is not None else None
         if sources is not None:   # (the rows are the group's own, never moved: compared as objects)
-            held, seen = [*sources, *rows], [(w._version, w.data_ptr()) for w in sources]
+            held = [*sources, *rows]
+            # (ids of objects `kept` holds: no other object can have them)
+            seen = (tuple(map(id, held)), [(w._version, w.data_ptr()) for w in sources])
             last = self.kept.mlp_copied.get(name)
-            if last is not None and len(last[0]) == len(held) and all(a is b for a, b in zip(last[0], held)) \
-                    and last[1] == seen:
+            if last is not None and last[1] == seen:
                 return
         self.kept.mlp_copied.pop(name, None)
         for row, weight in zip(rows, self.ev.mlp_weights[first:]):
@@ -306,7 +307,9 @@ class GroupStep(GroupValues):
             if key in self._filled or node.op == "net_out" and not self.ev.net_out:
                 continue
             if node.op == "step":   # the counts as they are (ev.leaf's conversions took 10 us a group)
-                kept.leaf_columns[key].copy_(torch.stack([t.state["step"] for t in self.tasks]).unsqueeze(1))
+                tasks = self.tasks
+                kept.leaf_columns[key].copy_(tasks[0].state["step"] if len(tasks) == 1 else
+                                             torch.stack([t.state["step"] for t in tasks]).unsqueeze(1))
             elif not (unchanged and node.op == "hyper"):
                 written = self._hyper_values(node.attrs[0]) if node.op == "hyper" else \
                     "shape" if node.op == "shape" else None
