@@ -24,7 +24,7 @@ from lopt_codegen.backends.tvm.printer import _UNARY
 STEPS = 10
 RTOL = 1e-5
 # Shapes whose specialized kernels take the vectorized paths (rows/cols multiples of 16).
-VECTOR_SHAPES = [(48,), (32, 48), (48, 32), (2, 16, 32),
+VECTOR_SHAPES = [(48,), (32, 48), (48, 32), (2, 16, 32), (3, 384), (384, 3),   # (rows of 384: means in Q)
                  (12, 20), (40, 13), (5, 9, 2)]   # padded rows; padded and strided by C
 # Axes after Y, none between X and Y, Y whole vectors: folded views (View.folded), factored
 # over d1 (X: axis 0 of (4, 16, 3)) and over d0 (X: axis 1 of (2, 32, 16, 3), A = 2).
@@ -92,6 +92,8 @@ def test_matches_reference_on_every_shape(name, kernels):
     assert (compiled >= expected) == backend.compiled_small_work, compiled
     views = {k.sig.view for ks in backend._kernels.values() for k in ks}
     assert all(not v.symbolic for v in views) == (kernels == "specialized")
+    if name != "adam" and kernels == "specialized":   # tensor means over X (P) and along rows (Q) at once
+        assert {k.sig.means_over_y for ks in backend._kernels.values() for k in ks} == {False, True}
     assert {v.parallel_within for v in views} == ({False, True} if kernels == "specialized" else {False})
     if kernels != "specialized":   # shape-generic: vectorized where the dims allow (View.vectors), else scalar
         assert {v.vectors for v in views} == {False, True}

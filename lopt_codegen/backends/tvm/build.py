@@ -79,7 +79,8 @@ def _llvm_job(program: Program, variant: str, sig: LlvmSignature, target: tvm.ta
     if isinstance(sig, PassSignature):
         return pass_key(program, variant, sig, target), lambda: compile_pass(sig, target)
     key = {"spec": program.spec_sha256, "compiler": compiler_version(), "tvm": tvm.__version__,
-           "variant": variant, "small": sig.name, "x_axis": sig.x_axis, "target": str(target)}
+           "variant": variant, "small": sig.name, "x_axis": sig.x_axis, "means_over_y": sig.means_over_y,
+           "target": str(target)}
 
     def compile_small() -> tvm.runtime.Module:
         with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):

@@ -57,6 +57,7 @@ class SmallSignature:
     values: list[Node] = field(default_factory=list)
     scalars: list[Node] = field(default_factory=list)
     mlp: Node | None = None
+    means_over_y: bool = False    # (finish functions) tensor means from Q, not P (PassSignature's)
 
     @property
     def column_count(self) -> int:
@@ -100,7 +101,8 @@ def small_signatures(graph: VariantGraph, sigs: list[PassSignature]) -> list[Sma
         if s.x_sums or s.y_sums:
             sums = [(r, c, "P", k) for k, (r, c) in enumerate(s.x_sums)]
             sums += [(r, c, "Q", k) for k, (r, c) in enumerate(s.y_sums)]
-            out.append(SmallSignature(f"finish{s.index}", s.view.x_axis, columns, [], sums, values=reductions(s)))
+            out.append(SmallSignature(f"finish{s.index}", s.view.x_axis, columns, [], sums, values=reductions(s),
+                                      means_over_y=s.means_over_y))
         consumer(f"pass{s.index}", s.small, s.scalar_nodes, s.mlp)
     if graph.network_input is not None:
         consumer("network", [graph.network_input])
@@ -158,7 +160,7 @@ class _SmallStages:
             sizes = sig.mlp.attrs[0]
             self.mlp_in = [te.placeholder((sizes[1], sizes[0]), F32, "W1"), te.placeholder((sizes[1],), F32, "b1")]
         self.memo: dict[int, list[Channel]] = {}
-        self._sums_of_p: dict[tuple[int, int], te.Tensor] | None = None
+        self._tensor_sum_stages: dict[str, dict[tuple[int, int], te.Tensor]] = {}   # _tensor_sums
 
     def shape(self, level: Level) -> tuple:
         return self.view.small_dims(level, self.dims)
@@ -215,14 +217,15 @@ class _SmallStages:
 
     def _finished(self, node: Node) -> list[Channel]:
         """A mean of element values from the partial sums of the pass that reduced it:
-        P[k, a, b, y, c] (sums over row chunk k of X), Q[a, x, b, c, l] (lane l's sums over Y)."""
+        P[k, a, b, y, c] (sums over row chunk k of X), Q[a, x, b, c, l] (lane l's sums over Y);
+        a tensor mean from either, all summed."""
         A, X, B, Y, C = self.dims
         out = []
         for c in range(node.channels):
             kind, buf = self.sums[(id(node), c)]
-            if kind == "P" and node.op == "mean":
+            if node.op == "mean":
                 count = A.astype("int64") * X * B * Y * C
-                out += self._loads(self._tensor_sums()[(id(node), c)], count.astype(F32))
+                out += self._loads(self._tensor_sums(kind)[(id(node), c)], count.astype(F32))
                 continue
             if kind == "P":
                 k = te.reduce_axis((0, self.K), "k")
@@ -237,19 +240,20 @@ class _SmallStages:
             out += self._loads(stage, count.astype(F32))
         return out
 
-    def _tensor_sums(self) -> dict[tuple[int, int], te.Tensor]:
-        """The sums of every tensor mean's partial sums P, by (reduction, channel), in one
-        stage: a loop whose sums are independent, so the CPU overlaps their additions. (A
-        loop each is a chain of dependent additions: VeLO's finish0 over 6 tensors of
+    def _tensor_sums(self, kind: str) -> dict[tuple[int, int], te.Tensor]:
+        """The sums of every tensor mean's partial sums P (or Q), by (reduction, channel), in
+        one stage: a loop whose sums are independent, so the CPU overlaps their additions.
+        (A loop each is a chain of dependent additions: VeLO's finish0 over 6 tensors of
         384x1536, 16 such means, took 2.4 ms.) Each sum's order is the same either way."""
-        if self._sums_of_p is None:
-            keys = [(id(r), c) for r, c, kind, _ in self.sig.sums if kind == "P" and r.op == "mean"]
+        if kind not in self._tensor_sum_stages:
+            keys = [(id(r), c) for r, c, k, _ in self.sig.sums if k == kind and r.op == "mean"]
             A, X, B, Y, C = self.dims
-            r = [te.reduce_axis((0, n), f"r{k}") for k, n in enumerate((self.K, A, B, Y, C))]
+            extents = (self.K, A, B, Y, C) if kind == "P" else (A, X, B, C, self.L)
+            r = [te.reduce_axis((0, n), f"r{k}") for k, n in enumerate(extents)]
             stage = te.compute((1, 1, 1, 1, 1), lambda *_: _reduce([self.sums[key][1][tuple(r)] for key in keys], r),
-                               name="mean_P")
-            self._sums_of_p = dict(zip(keys, _as_list(stage)))
-        return self._sums_of_p
+                               name=f"mean_{kind}")
+            self._tensor_sum_stages[kind] = dict(zip(keys, _as_list(stage)))
+        return self._tensor_sum_stages[kind]
 
     # --- outputs ---------------------------------------------------------------------
     def value(self, node: Node, k: int) -> te.Tensor:

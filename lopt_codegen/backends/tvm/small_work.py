@@ -451,7 +451,7 @@ class GroupStep(GroupValues):
         for (r, _), partial in zip(sig.x_sums, p):
             parts.setdefault(id(r), []).append(partial.reshape(count, -1).sum(1) if r.op == "mean" else partial.sum(1))
         for (r, _), partial in zip(sig.y_sums, q):
-            parts.setdefault(id(r), []).append(partial.sum(-1))
+            parts.setdefault(id(r), []).append(partial.reshape(count, -1).sum(1) if r.op == "mean" else partial.sum(-1))
         for r in {id(r): r for r, _ in sig.x_sums + sig.y_sums}.values():
             if id(r) not in self.memo:
                 self.finish_sum(r, torch.stack(parts[id(r)], 1).reshape(count, r.channels, *self.level_shape(r.level)))
