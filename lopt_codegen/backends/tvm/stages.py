@@ -23,7 +23,7 @@ from tvm import te, tirx
 
 from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import LEAVES, Level, Node
-from .mlp_stages import build_mlp_stages
+from .mlp_stages import AlongAxes, build_mlp_stages
 from .printer import F32, ElementPrinter, expanded_sizes
 from .signature import PassSignature
 from .view import LANES, ROW_LANES, ROWS_PER_BLOCK, THREADS, WARP, padded
@@ -182,6 +182,21 @@ class _Inputs:
         return names
 
 
+def _along_axes(sig: PassSignature, dims: tuple) -> AlongAxes | None:
+    """Where the MLP's first layer takes features constant along Y or X as per-row and
+    per-column sums (mlp_stages.AlongAxes): CPU kernels vectorized along Y, not folded
+    (where values without Y are periodic along the row)."""
+    view = sig.view
+    if view.gpu or view.folded or not view.vector_y or view.x_axis is None:
+        return None
+
+    def constant(node: Node, axis: int) -> bool:
+        extent = view.kernel_small_dims(node.level, dims)[axis]
+        return node.level < Level.ELEMENT and isinstance(extent, int) and extent == 1
+    A, X, B, Y, C = dims
+    return AlongAxes(lambda n: constant(n, 3), lambda n: constant(n, 1), (A, X, B, 1, C), (A, 1, B, Y, C), Y)
+
+
 def _masked(inside: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Select(inside, value, tirx.const(0, F32))
 
@@ -302,15 +317,20 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
     casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
     mlp = None
     tile_blocks: list[str] = []
+    periodic_extra: list[str] = []
     if sig.outputs and (kernel is None or elements):
         # The element stages (E and the MLP) run over the padded Y extent; O stores real Y.
         element_y = Y if sig.view.vectors else sig.view.element_y or Y
         element_dims = (flat[0],) if flat is not None else (A, X, B, element_y, C)
         if sig.mlp is not None:
-            features = [feat for feat, _, _, _ in MlpFold.of(sig.mlp).element_parts]
+            along = _along_axes(sig, dims)
+            features = [feat for feat, _, _, _ in MlpFold.of(sig.mlp).element_parts
+                        if along is None or not (along.y_const(feat) or along.x_const(feat))]
             tile_blocks += inputs.own_stages(features, element_dims)
-            mlp = build_mlp_stages(sig.mlp, element_dims, inputs.mlp, lambda i: inputs.printer(i, padded=True))
+            mlp = build_mlp_stages(sig.mlp, element_dims, inputs.mlp, lambda i: inputs.printer(i, padded=True), along)
             tile_blocks += mlp.block_names()
+            if mlp.row_sums is not None:   # per row, where the schedule computes periodic values
+                periodic_extra.append(mlp.row_sums.op.name)
         mlp_out = mlp.output if mlp is not None else None
         tile_blocks += inputs.own_stages(list(sig.output_nodes.values()), element_dims, mlp_out)
         E = te.compute(element_dims, lambda *i: [inputs.printer(i, mlp_out, padded=True).expr(sig.output_nodes[name], c)
@@ -319,7 +339,7 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
         stored_dims = element_dims if flat is not None else (A, X, B, Y, C)
         O = te.compute(stored_dims, lambda *i: [from_float32(e[i], dt) for e, dt in zip(E, casts)], name="O")
         stages["E"] = _as_list(O)
-        periodic_blocks["E"] = inputs.take_periodic()
+        periodic_blocks["E"] = inputs.take_periodic() + periodic_extra
     elif sig.outputs:   # another kernel of the pass: the outputs only as arguments
         stages["E"] = [te.placeholder((A, X, B, Y, C), storage_dtype(dt), f"O_unused{k}") for k, dt in enumerate(casts)]
     built = {name for name in stages if kernel is None or name == kernel or (name == "E" and elements)}
