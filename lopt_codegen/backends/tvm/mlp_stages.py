@@ -56,14 +56,17 @@ def _sum(terms: list) -> tirx.PrimExpr:
 class AlongAxes:
     """Where features constant along Y or along X enter the first layer as per-row and
     per-column partial sums (CPU kernels vectorized along Y): `y_const(feature)` and
-    `x_const(feature)` tell them apart, `rows` / `cols` are those sums' dims and `y` the
-    real Y (element indices past it, in padded vectors, read its last column)."""
+    `x_const(feature)` tell them apart; `rows` / `cols` are those sums' dims, `row_at` /
+    `col_at` map an element's index to its row's (column's) there, and `row_point`
+    an index there to an element of that row whose features it holds."""
 
     y_const: Callable[[Node], bool]
     x_const: Callable[[Node], bool]
     rows: tuple
     cols: tuple
-    y: object
+    row_at: Callable[[tuple], tuple]
+    col_at: Callable[[tuple], tuple]
+    row_point: Callable[[tuple], tuple]
 
 
 def build_mlp_stages(mlp: Node, dims: tuple, weights: list[te.Tensor],
@@ -88,22 +91,21 @@ def build_mlp_stages(mlp: Node, dims: tuple, weights: list[te.Tensor],
     last = len(sizes) - 2
     w, b = weights[0], weights[1]
 
-    def partial_sums(kind: str, at: tuple, name: str) -> te.Tensor | None:
+    def partial_sums(kind: str, at: tuple, point: Callable[[tuple], tuple], name: str) -> te.Tensor | None:
         """W1' times the features of one kind, at each of their positions (`at` dims)."""
         if not parts[kind]:
             return None
-        return te.compute((sizes[1], *at), lambda k, *i: _sum([w[k, f] * printer(i).expr(feat, c)
+        return te.compute((sizes[1], *at), lambda k, *i: _sum([w[k, f] * printer(point(i)).expr(feat, c)
                                                               for f, feat, c in parts[kind]]), name=name)
-    rows = partial_sums("row", along.rows, "Hr") if along is not None else None
-    cols = partial_sums("col", along.cols, "Hc") if along is not None else None
+    rows = partial_sums("row", along.rows, along.row_point, "Hr") if along is not None else None
+    cols = partial_sums("col", along.cols, lambda i: i, "Hc") if along is not None else None
 
     def first(k, *i):
         total = b[k]
-        a, x, bb, y, c = i if len(i) == 5 else (None,) * 5
         if rows is not None:
-            total = total + rows[k, a, x, bb, 0, c]
+            total = total + rows[(k, *along.row_at(i))]
         if cols is not None:
-            total = total + cols[k, a, 0, bb, tirx.min(y, along.y - 1), c]
+            total = total + cols[(k, *along.col_at(i))]
         for (f, _, _), feature in zip(parts["element"], features):
             total = total + w[k, f] * feature[i]
         return total if last == 0 else act(total)

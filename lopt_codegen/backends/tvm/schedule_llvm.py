@@ -107,7 +107,7 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         return fused
 
     def periodic_at(stage: str, loop) -> None:
-        for name in pf.periodic_blocks.get(stage, []):
+        for name in reversed(pf.periodic_blocks.get(stage, [])):   # consumers first (Hr reads them)
             blk = sch.get_sblock(name)
             sch.compute_at(blk, loop)
             sch.set_scope(blk, 0, _TILE_SCOPE)

@@ -184,17 +184,25 @@ class _Inputs:
 
 def _along_axes(sig: PassSignature, dims: tuple) -> AlongAxes | None:
     """Where the MLP's first layer takes features constant along Y or X as per-row and
-    per-column sums (mlp_stages.AlongAxes): CPU kernels vectorized along Y, not folded
-    (where values without Y are periodic along the row)."""
+    per-column sums (mlp_stages.AlongAxes): CPU kernels vectorized along Y. In a folded
+    kernel (dims: Y x C as one axis) a value without Y repeats along the row with period
+    C; its row sums too, so they are laid out LANES x C per row (as _Inputs._periodic's)."""
     view = sig.view
-    if view.gpu or view.folded or not view.vector_y or view.x_axis is None:
+    if view.gpu or not view.vector_y or view.x_axis is None:
         return None
 
     def constant(node: Node, axis: int) -> bool:
         extent = view.kernel_small_dims(node.level, dims)[axis]
         return node.level < Level.ELEMENT and isinstance(extent, int) and extent == 1
     A, X, B, Y, C = dims
-    return AlongAxes(lambda n: constant(n, 3), lambda n: constant(n, 1), (A, X, B, 1, C), (A, 1, B, Y, C), Y)
+    last_column = lambda i: (i[0], 0, i[2], tirx.min(i[3], Y - 1), i[4])  # noqa: E731 - (padded vectors)
+    if view.folded:   # (B = C = 1 in the kernel's dims)
+        every = LANES * view.period
+        return AlongAxes(lambda n: constant(n, 3), lambda n: constant(n, 1), (A, X, 1, 1, every), (A, 1, 1, Y, 1),
+                         lambda i: (i[0], i[1], 0, 0, tirx.floormod(i[3], every)), last_column,
+                         lambda j: (j[0], j[1], 0, j[4], 0))
+    return AlongAxes(lambda n: constant(n, 3), lambda n: constant(n, 1), (A, X, B, 1, C), (A, 1, B, Y, C),
+                     lambda i: (i[0], i[1], i[2], 0, i[4]), last_column, lambda j: j)
 
 
 def _masked(inside: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
