@@ -57,9 +57,13 @@ def test_step_time_cases_and_plan_cost():
     gpt, resnet = step_time.case_shapes("gpt"), step_time.case_shapes("resnet")
     assert (len(gpt), sum(math.prod(s) for s in gpt)) == (76, 13_891_584)
     assert (len(resnet), sum(math.prod(s) for s in resnet)) == (62, 11_689_512)
+    # Multiply-adds per element: the first layer over the element-level features only.
+    # VeLO, factored: 18 of its 30 features (12 are row/column values), 18x4 + 4x4 + 4x3.
     nbytes, macs = step_time.plan_cost("velo", [(64, 48)])
-    assert nbytes == 88 * 64 * 48 and macs == 148 * 64 * 48
-    assert step_time.plan_cost("small_fc_lopt", [(7,)])[1] == 2336 * 7
+    assert nbytes == 88 * 64 * 48 and macs == 100 * 64 * 48
+    assert step_time.plan_cost("velo", [(48,)])[1] == 148 * 48   # unfactored: all 30
+    # small_fc_lopt, unfactored: 28 of its 39 inputs (11 step-level time features fold into the bias).
+    assert step_time.plan_cost("small_fc_lopt", [(7,)])[1] == (28 * 32 + 32 * 32 + 32 * 2) * 7
 
 
 def test_gpu_check_dry_run_prints_its_table(capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .mlp_fold import MlpFold
 from .nodes import LEAVES, REDUCE, Level, Node, reachable, topo_order
 from .program import Program, VariantGraph, is_factored
 
@@ -25,7 +26,7 @@ class Pass:
     small_inputs: list[str] = field(default_factory=list)  # row/col/tensor/step values read
     reductions: list[str] = field(default_factory=list)
     ops: int = 0          # elementwise operations per element (one per channel)
-    macs: int = 0         # MLP multiply-adds per element
+    macs: int = 0         # MLP multiply-adds per element (_element_macs)
     nodes: list[Node] = field(default_factory=list)          # element nodes computed
     roots: list[Node] = field(default_factory=list)          # what the pass must produce
     reduce_nodes: list[Node] = field(default_factory=list)   # reductions finished after it
@@ -128,9 +129,8 @@ def plan_variant(variant: str, graph: VariantGraph) -> Plan:
             else:
                 p.nodes.append(n)
                 if n.op == "mlp":
-                    sizes = n.attrs[0]
-                    p.macs += sum(a * b for a, b in zip(sizes, sizes[1:]))
-                    p.ops += sum(sizes[1:-1])  # activations
+                    p.macs += _element_macs(n)
+                    p.ops += sum(n.attrs[0][1:-1])  # activations
                 elif n.op not in ("concat", "channel"):
                     p.ops += n.channels
         for op, label in _REDUCTION_NAMES.items():
@@ -151,6 +151,15 @@ def plan_variant(variant: str, graph: VariantGraph) -> Plan:
             network_after = p.index
     waiting += [c for c in calls if phase[id(c)] > last]
     return Plan(variant, passes, between, network_after, waiting)
+
+
+def _element_macs(mlp: Node) -> int:
+    """The MLP's multiply-adds per element: its first layer over the element-level
+    features only (inputs at tensor level fold into its bias; at row, column or batch
+    level they enter once per row or column), then its other layers."""
+    sizes = mlp.attrs[0]
+    features = sum(ch for feat, _, _, ch in MlpFold.of(mlp).element_parts if feat.level == Level.ELEMENT)
+    return features * sizes[1] + sum(a * b for a, b in zip(sizes[1:], sizes[2:]))
 
 
 def plan_program(program: Program) -> dict[str, Plan]:
