@@ -183,7 +183,8 @@ class TvmBackend(Backend):
 
     def small_kernels(self, task: TensorTask, sigs: list[PassSignature]) -> dict[str, SmallKernel] | None:
         """The compiled small work of a tensor kind (shape-generic; the finish functions per
-        layout of the tensor means' sums), by consumer; None for the GPU kernels (their sums have the GPU layout; the small work runs in torch) and
+        layout of the tensor means' sums, PassSignature.means_over_y), by consumer; None for
+        the GPU kernels (their sums have the GPU layout; the small work runs in torch) and
         around tensor functions (they run in torch: so does the small work around them)."""
         key = (task.variant, sigs[0].view.x_axis, sigs[0].view.gpu, sigs[0].means_over_y)
         if key not in self._small:   # (deriving the signatures took a third of Adam's time outside the kernels)

@@ -364,7 +364,8 @@ class GroupStep(GroupValues):
         """Each tensor's input and output pointers as the pass takes them, from its bases
         (_tensor_bases)."""
         index = {name: i for i, name in enumerate(self.kept.base_names)}
-        slots = [(index[leaf], 0) for leaf in sig.leaves] + [(index[name], c) for name, c in sig.accumulators + sig.outputs]
+        slots = [(index[leaf], 0) for leaf in sig.leaves]
+        slots += [(index[name], c) for name, c in sig.accumulators + sig.outputs]
         pointers = [[row[i][0] + c * row[i][1] for i, c in slots] for row in bases]
         split = len(sig.leaves) + len(sig.accumulators)
         return [row[:split] for row in pointers], [row[split:] for row in pointers]
