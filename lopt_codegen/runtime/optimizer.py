@@ -36,14 +36,18 @@ ROUTE_KEY = "__route"   # in a routed optimizer's per-parameter state (spec name
 _ALIGN_FLOATS = 16   # 64 bytes: compiled kernels take each channel as an aligned buffer
 
 
-def _channel_aligned(values: torch.Tensor) -> torch.Tensor:
-    """A float32 copy of `values` ([channels, *shape]) whose channels each start on a
-    64-byte boundary (the channel stride is padded), so kernels use them without copies."""
-    channels, shape = values.shape[0], values.shape[1:]
-    numel = values[0].numel()
+def _aligned_zeros(channels: int, shape: list[int], device: torch.device) -> torch.Tensor:
+    """float32 zeros [channels, *shape] whose channels each start on a 64-byte boundary
+    (the channel stride is padded), so kernels use them without copies."""
+    numel = math.prod(shape)
     padded = -(-numel // _ALIGN_FLOATS) * _ALIGN_FLOATS
-    storage = torch.zeros(channels, max(padded, 1), dtype=torch.float32, device=values.device)
-    out = storage[:, :numel].view(channels, *shape)
+    storage = torch.zeros(channels, max(padded, 1), dtype=torch.float32, device=device)
+    return storage[:, :numel].view(channels, *shape)
+
+
+def _channel_aligned(values: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of `values` ([channels, *shape]), laid out as _aligned_zeros."""
+    out = _aligned_zeros(values.shape[0], list(values.shape[1:]), values.device)
     out.copy_(values)
     return out
 
@@ -183,8 +187,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for name, per_variant in self.program.state_levels.items():
             if variant in per_variant:
                 level, channels = per_variant[variant]
-                state[name] = _channel_aligned(torch.zeros([channels, *level_shape(p.shape, level, axes)],
-                                                           dtype=torch.float32, device=p.device))
+                # (zeros in place: a copy of zeros took a third of the first step's state)
+                state[name] = _aligned_zeros(channels, list(level_shape(p.shape, level, axes)), p.device)
         network = self._network(p.device)
         if network is not None:
             state.update(network.initial_state(p.device))
