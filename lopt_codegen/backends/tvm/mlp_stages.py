@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tvm import te, tirx
+from tvm import te
 
 from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import Node
@@ -43,13 +43,6 @@ class MlpStages:
         for layer in range(1, len(self.layers)):
             names += [f"S{layer}", f"H{layer}"]
         return names
-
-
-def _sum(terms: list) -> tirx.PrimExpr:
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total
 
 
 @dataclass
@@ -95,8 +88,10 @@ def build_mlp_stages(mlp: Node, dims: tuple, weights: list[te.Tensor],
         """W1' times the features of one kind, at each of their positions (`at` dims)."""
         if not parts[kind]:
             return None
-        return te.compute((sizes[1], *at), lambda k, *i: _sum([w[k, f] * printer(point(i)).expr(feat, c)
-                                                              for f, feat, c in parts[kind]]), name=name)
+        def row_sum(k, *i):
+            terms = [w[k, f] * printer(point(i)).expr(feat, c) for f, feat, c in parts[kind]]
+            return sum(terms[1:], terms[0])
+        return te.compute((sizes[1], *at), row_sum, name=name)
     rows = partial_sums("row", along.rows, along.row_point, "Hr") if along is not None else None
     cols = partial_sums("col", along.cols, lambda i: i, "Hc") if along is not None else None
 

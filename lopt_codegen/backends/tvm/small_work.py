@@ -317,7 +317,8 @@ class GroupStep(GroupValues):
                     kept.leaf_columns[key].copy_(self.ev.leaf(node).reshape(-1, node.channels))
                     kept.written[key] = written
             self._filled.add(key)
-        kept.hyper_seen = dict(shared) if shared is not None else None
+        if not unchanged:
+            kept.hyper_seen = dict(shared) if shared is not None else None
 
     def _hyper_values(self, name: str) -> tuple[float, ...]:
         """Hyperparameter `name` of each tensor; one value where all share their param
