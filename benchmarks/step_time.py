@@ -9,9 +9,11 @@ interleaved with torch.optim.AdamW(fused=True), the anchor of every ratio, and
 AdamW(foreach=True), on tensors of the same shapes, so machine noise hits all alike.
 
 Each spec also gets its floors in the same run: the traffic floor (the bytes its plan's
-passes move over these tensors, at the bandwidth fused AdamW reached: 28 B/element) and
-the FMA floor (its MLP's multiply-adds over these tensors, at the rate torch.mm of
-1024x1024 matrices reached). `torch.compile(opt.step)` of the reference backend is
+passes move over these tensors, at the bandwidth fused AdamW reached: 28 B/element), the
+FMA floor (its MLP's multiply-adds over these tensors, at the rate torch.mm of 1024x1024
+matrices reached) and the pass floor (each pass at the slower of the two, one pass after
+another: a spec whose passes are some memory-bound, some FMA-bound cannot go below it).
+`torch.compile(opt.step)` of the reference backend is
 measured in a child process (a compile that fails or runs past --compile-timeout is
 recorded as n/a with the reason), against its own fused AdamW.
 
@@ -169,9 +171,10 @@ def available_backends(device: str) -> list[str]:
 
 
 # --- floors -----------------------------------------------------------------------------
-def plan_cost(spec: str, shapes: list[tuple[int, ...]]) -> tuple[int, int]:
-    """(bytes, multiply-adds) of one step's passes over float32 tensors of `shapes`, from
-    the spec's plan: what each tensor's passes read and write, and its MLP's work."""
+def plan_cost(spec: str, shapes: list[tuple[int, ...]]) -> list[tuple[int, int]]:
+    """(bytes, multiply-adds) of each pass of one step over float32 tensors of `shapes`, from
+    the spec's plan: what each tensor's passes read and write, and its MLP's work. Pass k of
+    every tensor runs before pass k+1 of any (its small work needs pass k's sums)."""
     from lopt_codegen.ir.plan import plan_program
     from lopt_codegen.runtime.axes import factored_axes
 
@@ -179,12 +182,22 @@ def plan_cost(spec: str, shapes: list[tuple[int, ...]]) -> tuple[int, int]:
     if program.routes:
         raise NotImplementedError(f"{spec}: the floors of a spec with routes need its routing rule")
     plans = plan_program(program)
-    nbytes = macs = 0
+    rounds: list[tuple[int, int]] = []
     for shape in shapes:
         variant = "unfactored" if factored_axes(shape, program.factored_axes) is None else "factored"
-        nbytes += math.prod(shape) * sum(p.bytes_per_element for p in plans[variant].passes)
-        macs += math.prod(shape) * sum(p.macs for p in plans[variant].passes)
-    return nbytes, macs
+        for k, p in enumerate(plans[variant].passes):
+            if k == len(rounds):
+                rounds.append((0, 0))
+            nbytes, macs = rounds[k]
+            rounds[k] = (nbytes + math.prod(shape) * p.bytes_per_element, macs + math.prod(shape) * p.macs)
+    return rounds
+
+
+def pass_floor(rounds: list[tuple[int, int]], bandwidth: float, rate: float) -> float:
+    """The step's floor with each pass at its own bound: its traffic at `bandwidth` or its
+    multiply-adds at `rate`, whichever is slower, the passes one after another (units: those
+    of bandwidth and rate, e.g. B/ms and MACs/ms give ms)."""
+    return sum(max(nbytes / bandwidth, macs / rate) for nbytes, macs in rounds)
 
 
 def mm_rate(device: str, reps: int = 5) -> float:
@@ -346,11 +359,13 @@ def run(args) -> dict:
             res = measure_case_spec(spec, token, backends, args)
             fused = res["medians"].get("adamw_fused", 0.0) * 1e3 or None
             foreach = res["medians"].get("adamw_foreach", 0.0) * 1e3 or None
-            nbytes, macs = plan_cost(spec, shapes)
+            rounds = plan_cost(spec, shapes)
+            nbytes, macs = sum(b for b, _ in rounds), sum(m for _, m in rounds)
             # Fused AdamW's bandwidth (B/ms) and torch.mm's rate (MACs/ms), both of this run.
             bandwidth = ADAMW_BYTES * n_params / fused if fused else None
             floors = {"traffic_floor_ms": nbytes / bandwidth if bandwidth else None,
                       "fma_floor_ms": macs / (res["mm_rate"] / 1e3) if macs else None,
+                      "pass_floor_ms": pass_floor(rounds, bandwidth, res["mm_rate"] / 1e3) if bandwidth else None,
                       "bandwidth_gbs": bandwidth / 1e6 if bandwidth else None,
                       "mm_gmacs": res["mm_rate"] / 1e9, "bytes_per_param": nbytes / n_params}
             spec_rows = []
@@ -378,6 +393,7 @@ def run(args) -> dict:
                 r["ratio_compiled"] = _ratio(r["ratio_adamw"], comp and comp["ratio_adamw"])
                 r["ratio_traffic"] = _ratio(r["ratio_adamw"], _ratio(r["traffic_floor_ms"], fused))
                 r["ratio_fma"] = _ratio(r["ratio_adamw"], _ratio(r["fma_floor_ms"], fused))
+                r["ratio_pass"] = _ratio(r["ratio_adamw"], _ratio(r["pass_floor_ms"], fused))
                 print(f"    {r['method']:<26} " + (f"{r['ms']:9.3f} ms  x{r['ratio_adamw']:.1f} fused AdamW, "
                                                    f"x{r['ratio_traffic']:.2f} traffic floor"
                                                    if r["ms"] is not None else f"n/a: {r['note']}"), flush=True)
@@ -403,12 +419,14 @@ def to_markdown(results: dict) -> str:
              "the same against AdamW(foreach=True). Floors, per spec and case, in the same run: `traffic floor` = "
              f"the bytes its plan's passes move / the bandwidth fused AdamW reached ({ADAMW_BYTES} B/param); `FMA "
              "floor` = its MLP's multiply-adds / the rate torch.mm of 1024x1024 matrices reached; `x traffic` and "
-             "`x FMA` = step time / that floor. `x ref` and `x compiled` divide this row's `x fused` by that of the "
+             "`x FMA` = step time / that floor; `pass floor` = each pass at the slower of its traffic and "
+             "its multiply-adds at those rates, the passes one after another (pass k of every tensor before pass "
+             "k+1: its small work needs pass k's sums), `x pass` = step time / that floor. `x ref` and `x compiled` divide this row's `x fused` by that of the "
              "reference backend and of `torch.compile(opt.step)` of the reference backend (timed in a child "
              "process against its own fused AdamW).", "",
              "| case | params | tensors | spec | method | step (ms) | fused AdamW (ms) | x fused | x foreach | "
-             "traffic floor (ms) | x traffic | FMA floor (ms) | x FMA | x ref | x compiled |",
-             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "traffic floor (ms) | x traffic | FMA floor (ms) | x FMA | pass floor (ms) | x pass | x ref | x compiled |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for r in results["rows"]:
         method = r["method"]
@@ -424,7 +442,8 @@ def to_markdown(results: dict) -> str:
                      f"{_fmt(r['ms'])} | {_fmt(r['adamw_ms'], '.3f')} | {_fmt(r['ratio_adamw'], '.1f', 'x')} | "
                      f"{_fmt(r.get('ratio_foreach'), '.2f', 'x')} | {_fmt(r.get('traffic_floor_ms'))} | "
                      f"{_fmt(r.get('ratio_traffic'), '.2f', 'x')} | {_fmt(r.get('fma_floor_ms'))} | "
-                     f"{_fmt(r.get('ratio_fma'), '.2f', 'x')} | "
+                     f"{_fmt(r.get('ratio_fma'), '.2f', 'x')} | {_fmt(r.get('pass_floor_ms'))} | "
+                     f"{_fmt(r.get('ratio_pass'), '.2f', 'x')} | "
                      f"{_fmt(r.get('ratio_reference'), '.2f', 'x')} | {_fmt(r.get('ratio_compiled'), '.2f', 'x')} |")
     rates = {}
     for r in results["rows"]:

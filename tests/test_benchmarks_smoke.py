@@ -36,12 +36,16 @@ def test_step_time_quick_run_writes_consistent_results(tmp_path):
         assert r["note"] is None, r
         assert r["finite"] is True, r
         for key in ("ms", "adamw_ms", "ratio_adamw", "foreach_ms", "ratio_foreach", "traffic_floor_ms",
-                    "ratio_traffic", "fma_floor_ms", "ratio_fma"):
+                    "ratio_traffic", "fma_floor_ms", "ratio_fma", "pass_floor_ms", "ratio_pass"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["ratio_adamw"] == pytest.approx(r["ms"] / r["adamw_ms"], rel=1e-9)
         assert r["ratio_foreach"] == pytest.approx(r["ms"] / r["foreach_ms"], rel=1e-9)
         assert r["ratio_traffic"] == pytest.approx(r["ms"] / r["traffic_floor_ms"], rel=1e-9)
         assert r["ratio_fma"] == pytest.approx(r["ms"] / r["fma_floor_ms"], rel=1e-9)
+        assert r["ratio_pass"] == pytest.approx(r["ms"] / r["pass_floor_ms"], rel=1e-9)
+        # Each pass at its slower bound: at least either floor, at most their sum.
+        assert max(r["traffic_floor_ms"], r["fma_floor_ms"]) <= r["pass_floor_ms"] * (1 + 1e-9)
+        assert r["pass_floor_ms"] <= (r["traffic_floor_ms"] + r["fma_floor_ms"]) * (1 + 1e-9)
         # The floors from the plans: Adam moves fused AdamW's 28 B/param; VeLO 88 on a matrix.
         assert r["bytes_per_param"] == 28 if r["spec"] == "adam" else r["bytes_per_param"] > 28
         if r["spec"] == "adam":
@@ -59,11 +63,17 @@ def test_step_time_cases_and_plan_cost():
     assert (len(resnet), sum(math.prod(s) for s in resnet)) == (62, 11_689_512)
     # Multiply-adds per element: the first layer over the element-level features only.
     # VeLO, factored: 18 of its 30 features (12 are row/column values), 18x4 + 4x4 + 4x3.
-    nbytes, macs = step_time.plan_cost("velo", [(64, 48)])
-    assert nbytes == 88 * 64 * 48 and macs == 100 * 64 * 48
-    assert step_time.plan_cost("velo", [(48,)])[1] == 148 * 48   # unfactored: all 30
+    # Per pass, (bytes, MACs): VeLO's three passes, its MLP in the last (88 B in all).
+    n = 64 * 48
+    assert step_time.plan_cost("velo", [(64, 48)]) == [(24 * n, 0), (36 * n, 0), (28 * n, 100 * n)]
+    assert step_time.plan_cost("velo", [(48,)])[2][1] == 148 * 48   # unfactored: all 30
+    # A factored and an unfactored tensor: pass k of both in one round.
+    rounds = step_time.plan_cost("velo", [(64, 48), (48,)])
+    assert [r[0] for r in rounds] == [24 * n + 48 * 48, 36 * n + 36 * 48, 28 * n + 40 * 48]
     # small_fc_lopt, unfactored: 28 of its 39 inputs (11 step-level time features fold into the bias).
-    assert step_time.plan_cost("small_fc_lopt", [(7,)])[1] == (28 * 32 + 32 * 32 + 32 * 2) * 7
+    assert sum(m for _, m in step_time.plan_cost("small_fc_lopt", [(7,)])) == (28 * 32 + 32 * 32 + 32 * 2) * 7
+    # The pass floor: each pass at its slower bound (1 B/ms, 1 MAC/ms).
+    assert step_time.pass_floor([(10, 2), (3, 7)], 1.0, 1.0) == 17
 
 
 def test_gpu_check_dry_run_prints_its_table(capsys):

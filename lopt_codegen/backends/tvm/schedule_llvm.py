@@ -91,15 +91,36 @@ def _own_values_at(sch: s_tir.Schedule, names: list[str], anchor) -> None:
                 sch.vectorize(loop)
 
 
+def _rows_in_one_loop(sch: s_tir.Schedule, blocks: list, parallel: bool) -> None:
+    """The nests of `blocks` (Q's, then E's) in one loop over the rows (a, x), fused and
+    parallel where the tensor's own loops are: a row's sums, then its outputs, which read
+    the row again from the cache, where a loop over the tensor each read it twice from
+    memory (VeLO's second pass moved 56 B an element, not its plan's 36). Q stays first:
+    E may write the inputs Q reads (in place). Before the stages under them are scheduled:
+    TVM parallelizes only a loop whose blocks are still whole."""
+    nests = [tuple(sch.get_loops(blk)[:2]) for blk in blocks]
+    # Fused only to be parallel: over symbolic sizes, a fused loop's divisions index the
+    # tile buffers, which TVM's LLVM codegen simplified for minutes inside NaN-tested
+    # Selects (164 s for one generic kernel, 0.6 s unfused).
+    if parallel:
+        nests = [(sch.fuse(*nest),) for nest in nests]
+    merged = nests[0]
+    for nest in nests[1:]:
+        merged = tuple(sch.merge(mine, theirs) for mine, theirs in zip(merged, nest))
+    if parallel:
+        sch.parallel(merged[0])
+
+
 def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
     sch = s_tir.Schedule(pf.func)
+    row_blocks = ([reduction_block(sch, "Q_rows" if sig.view.folded else "Q")] if pf.has_q else []) + \
+        ([blocks_of(sch, "E", len(sig.outputs))[0]] if pf.has_e else [])
+    if row_blocks:
+        _rows_in_one_loop(sch, row_blocks, sig.view.parallel_within)
 
     def parallel(*loops):
-        """The loops, fused and parallel where the tensor's own loops are; the innermost
-        loop over them (a folded view's rows: where its periodic values are computed)."""
-        # Fused only to be parallel: over symbolic sizes, a fused loop's divisions index the
-        # tile buffers, which TVM's LLVM codegen simplified for minutes inside NaN-tested
-        # Selects (164 s for one generic kernel, 0.6 s unfused).
+        """P's loops over its row chunks, fused and parallel where the tensor's own loops
+        are; the innermost loop over them."""
         if not sig.view.parallel_within:
             return loops[-1]
         fused = sch.fuse(*loops)
@@ -126,9 +147,9 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         sch.decompose_reduction(blk, r)   # after vectorize (TVM_NOTES.md)
     if pf.has_q and sig.view.folded:   # Q_rows per row, in vectors over LANES x C; then Q
         blk = reduction_block(sch, "Q_rows")
-        a, x, b, i, q = sch.get_loops(blk)
-        sch.reorder(a, x, b, q, i)
-        row = parallel(a, x)
+        *rows, b, i, q = sch.get_loops(blk)   # (rows: _rows_in_one_loop's)
+        sch.reorder(b, q, i)
+        row = rows[-1]
         vector, lanes = sch.split(i, [None, LANES])
         sch.vectorize(lanes)
         _own_values_at(sch, pf.sum_blocks.get("Q", []), vector)
@@ -140,9 +161,8 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         sch.decompose_reduction(blk, q)
     elif pf.has_q:
         blk = reduction_block(sch, "Q")
-        a, x, b, c, l, q = sch.get_loops(blk)
-        sch.reorder(a, x, b, c, q, l)
-        parallel(a, x)
+        *_, b, c, l, q = sch.get_loops(blk)
+        sch.reorder(b, c, q, l)
         if sig.lanes > 1:
             sch.vectorize(l)
         _own_values_at(sch, pf.sum_blocks.get("Q", []), q)
@@ -152,8 +172,8 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         # input of a tile is read before any output (which may alias it) is written.
         e_blocks = blocks_of(sch, "E", len(sig.outputs))
         o_blocks = blocks_of(sch, "O", len(sig.outputs))
-        a, x, b, y, c = sch.get_loops(e_blocks[0])
-        row = parallel(a, x)
+        *rows, b, y, c = sch.get_loops(e_blocks[0])
+        row = rows[-1]
         vectorized = sig.view.vector_y
         if vectorized:   # vectors along Y (strided loads when C > 1), b and c outside
             sch.reorder(b, c, y)
