@@ -17,7 +17,7 @@ from generated.adam import Adam
 from generated.small_fc_lopt import SmallFcLopt
 from generated.velo import VeLO
 from lopt_codegen.backends.base import TensorTask
-from lopt_codegen.backends.tvm import TvmBackend, unsupported_reason
+from lopt_codegen.backends.tvm import TvmBackend, small_work, unsupported_reason
 from lopt_codegen.backends.tvm.build import llvm_target
 from lopt_codegen.backends.tvm.printer import _UNARY
 
@@ -75,9 +75,20 @@ def run_and_compare(ref_params, ref, tvm_params, opt, gen, steps=STEPS) -> float
     return worst
 
 
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """The kernels' row buffers (partial sums, values for the small work) made full of NaN:
+    a kernel that leaves a partial sum unwritten fails, where fresh memory (zeros) hid it."""
+    original = small_work.empty_rows
+
+    def empty_rows(*args, **kwargs):
+        return original(*args, **kwargs).fill_(float("nan"))
+    monkeypatch.setattr(small_work, "empty_rows", empty_rows)
+
+
 @pytest.mark.parametrize("kernels", ["generic", "specialized", "generic, torch small work"])
 @pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "velo"])
-def test_matches_reference_on_every_shape(name, kernels):
+def test_matches_reference_on_every_shape(name, kernels, poisoned_buffers):
     shapes = SHAPES + VECTOR_SHAPES + FOLDED_SHAPES
     # Specialized: the larger shapes split their own loops across the cores, the smaller
     # ones run whole per core (both kinds of CPU parallel loop). Torch small work: the
@@ -105,13 +116,23 @@ def test_matches_reference_on_every_shape(name, kernels):
 
 
 @pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
-def test_folded_kernels_match_reference_run_whole_per_core(name):
+def test_folded_kernels_match_reference_run_whole_per_core(name, poisoned_buffers):
     """Conv-like tensors take folded kernels (each row's Y x C elements as one contiguous
     axis); here each runs whole on a core (the test above splits their loops)."""
     pair = make_pair(name, FOLDED_SHAPES + [(16, 32, 3, 3)], specialize_from=0)
     assert run_and_compare(*pair, steps=4) <= RTOL
     views = {k.sig.view for ks in pair[3].backend._kernels.values() for k in ks}
     assert {(v.folded, v.parallel_within) for v in views} == {(True, False)}
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
+def test_folded_kernels_split_across_the_cores(name, poisoned_buffers):
+    """Conv-like tensors of many rows, their loops split across the cores: each row's
+    sums, outputs and copy of its sums (Q_rows to Q) by the core that runs the row."""
+    pair = make_pair(name, [(64, 32, 3, 3), (2, 96, 16, 3)], specialize_from=0, parallel_within_from=64)
+    assert run_and_compare(*pair, steps=3) <= RTOL
+    views = {k.sig.view for ks in pair[3].backend._kernels.values() for k in ks}
+    assert {(v.folded, v.parallel_within) for v in views} == {(True, True)}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -91,19 +91,33 @@ def _own_values_at(sch: s_tir.Schedule, names: list[str], anchor) -> None:
                 sch.vectorize(loop)
 
 
-def _rows_in_one_loop(sch: s_tir.Schedule, blocks: list, parallel: bool) -> None:
-    """The nests of `blocks` (Q's, then E's) in one loop over the rows (a, x), fused and
-    parallel where the tensor's own loops are: a row's sums, then its outputs, which read
-    the row again from the cache, where a loop over the tensor each read it twice from
-    memory (VeLO's second pass moved 56 B an element, not its plan's 36). Q stays first:
-    E may write the inputs Q reads (in place). Before the stages under them are scheduled:
-    TVM parallelizes only a loop whose blocks are still whole."""
-    nests = [tuple(sch.get_loops(blk)[:2]) for blk in blocks]
+def _rows_in_one_loop(sch: s_tir.Schedule, p_block, row_blocks: list, chunks: int, parallel: bool) -> None:
+    """P's, Q's and E's nests (each where the pass has it) in one loop over the rows: a
+    row's sums, then its outputs, which read the row again from the cache, where a loop
+    over the tensor each read it two or three times from memory (VeLO's second pass moved
+    56 B an element, not its plan's 36). With P, the rows as P's chunks of rows (t, a, r;
+    P sums per chunk): (a, x) otherwise. The tensor's own loops over them fused and
+    parallel where they are (View.parallel_within). The sums stay first: E may write the
+    inputs they read (in place). Done before the stages under them are scheduled: TVM
+    parallelizes only a loop whose blocks are still whole."""
+    nests = []
+    if p_block is not None:
+        t, a, b, y, c, r = sch.get_loops(p_block)
+        sch.reorder(t, a, r, b, y, c)
+        nests.append((t, a, r))
+    for blk in row_blocks:
+        a, x = sch.get_loops(blk)[:2]
+        if p_block is None:
+            nests.append((a, x))
+            continue
+        t, r = sch.split(x, [chunks, None])
+        sch.reorder(t, a)
+        nests.append((t, a, r))
     # Fused only to be parallel: over symbolic sizes, a fused loop's divisions index the
     # tile buffers, which TVM's LLVM codegen simplified for minutes inside NaN-tested
     # Selects (164 s for one generic kernel, 0.6 s unfused).
     if parallel:
-        nests = [(sch.fuse(*nest),) for nest in nests]
+        nests = [(sch.fuse(*nest[:2]), *nest[2:]) for nest in nests]
     merged = nests[0]
     for nest in nests[1:]:
         merged = tuple(sch.merge(mine, theirs) for mine, theirs in zip(merged, nest))
@@ -115,17 +129,12 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
     sch = s_tir.Schedule(pf.func)
     row_blocks = ([reduction_block(sch, "Q_rows" if sig.view.folded else "Q")] if pf.has_q else []) + \
         ([blocks_of(sch, "E", len(sig.outputs))[0]] if pf.has_e else [])
-    if row_blocks:
-        _rows_in_one_loop(sch, row_blocks, sig.view.parallel_within)
-
-    def parallel(*loops):
-        """P's loops over its row chunks, fused and parallel where the tensor's own loops
-        are; the innermost loop over them."""
-        if not sig.view.parallel_within:
-            return loops[-1]
-        fused = sch.fuse(*loops)
-        sch.parallel(fused)
-        return fused
+    if pf.has_q and sig.view.folded:   # Q's copy of each row's Q_rows, at the row (before the
+        # loops are merged, after which TVM's regions took the whole of Q_rows at every row)
+        for copy in blocks_of(sch, "Q", len(sig.y_sums)):
+            sch.reverse_compute_at(copy, sch.get_loops(row_blocks[0])[1])
+    _rows_in_one_loop(sch, reduction_block(sch, "P") if pf.has_p else None, row_blocks, sig.chunks,
+                      sig.view.parallel_within)
 
     def periodic_at(stage: str, loop) -> None:
         for name in reversed(pf.periodic_blocks.get(stage, [])):   # consumers first (Hr reads them)
@@ -135,10 +144,8 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
 
     if pf.has_p:
         blk = reduction_block(sch, "P")
-        t, a, b, y, c, r = sch.get_loops(blk)
-        sch.reorder(t, a, r, b, y, c)
-        parallel(t, a)
-        inner = c   # unfused where not vectorized (see parallel)
+        *_, r, b, y, c = sch.get_loops(blk)   # (chunks and rows: _rows_in_one_loop's)
+        inner = c
         if sig.view.fixed_y and math.prod(sig.view.dims[2:]) % LANES == 0:
             inner, lanes = sch.split(sch.fuse(b, y, c), [None, LANES])
             sch.vectorize(lanes)
@@ -155,8 +162,6 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         _own_values_at(sch, pf.sum_blocks.get("Q", []), vector)
         for k in range(len(sig.y_sums)):
             sch.set_scope(blk, k, _TILE_SCOPE)
-        for copy in blocks_of(sch, "Q", len(sig.y_sums)):
-            sch.reverse_compute_at(copy, row)
         periodic_at("Q", row)
         sch.decompose_reduction(blk, q)
     elif pf.has_q:
