@@ -125,6 +125,39 @@ def test_busy_or_quiet_the_same_results(monkeypatch, quiet_machine):
     assert omp_launcher().launch_thread_limit() == 0
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 torch threads")
+def test_busy_steps_run_torch_ops_on_one_thread_then_restore_them(monkeypatch, quiet_machine):
+    """While busy, the step's torch ops (the network, the small work) run on one thread
+    too; torch's thread count is back after the step, and quiet steps keep it."""
+    seen, after = [], []
+    run_groups, step = TvmBackend._run_groups, TvmBackend.step
+
+    def recording(self, *args):
+        seen.append(torch.get_num_threads())
+        return run_groups(self, *args)
+
+    def stepping(self, batch):
+        step(self, batch)
+        after.append(torch.get_num_threads())
+    monkeypatch.setattr(TvmBackend, "_run_groups", recording)
+    monkeypatch.setattr(TvmBackend, "step", stepping)
+    quiet = _run_velo(0, 2)
+    assert seen and set(seen) == set(after) == {2}
+    seen.clear()
+    after.clear()
+    monkeypatch.setattr(CONTENTION, "probe", lambda: 64 * (os.cpu_count() or 1))
+    monkeypatch.setattr(CONTENTION, "steps", 0)
+    busy = _run_velo(0, 2)
+    assert seen and set(seen) == {1}
+    assert set(after) == {2}
+    for a, b in zip(quiet, busy):
+        assert torch.equal(a, b)
+    CONTENTION.probe = lambda: 0
+    CONTENTION.steps = 0
+    CONTENTION.before_step()
+    assert not CONTENTION.busy
+
+
 def _child(script: str, cache: Path, **env) -> str:
     env = dict(os.environ, LOPT_CACHE_DIR=str(cache), PYTHONPATH=ROOT, **env)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

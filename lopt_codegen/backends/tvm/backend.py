@@ -230,7 +230,8 @@ class TvmBackend(Backend):
                        groups)
 
     def _step(self, batch: StepBatch, groups: dict[tuple, list[TensorTask]]) -> None:
-        if any(t.param.device.type == "cpu" for t in batch.tasks):
+        cpu = any(t.param.device.type == "cpu" for t in batch.tasks)
+        if cpu:
             CONTENTION.before_step()   # one thread while other processes want the cores
         ranks = RankSums.of(batch, self.program)   # FSDP2: the collectives across ranks
         # The kept arguments of groups this step lacks go (their buffers with them).
@@ -245,7 +246,7 @@ class TvmBackend(Backend):
             self.builds.start()
         # On torch's threads less one where a build runs: on all of them, the reference's
         # step beside a build took 10.4 s against 2.5 s.
-        with self._core_left():
+        with CONTENTION.torch_ops_too() if cpu else contextlib.nullcontext(), self._core_left():
             if reference:
                 self.fallback.step(batch)
             else:

@@ -11,14 +11,15 @@ region of the OpenMP runtime torch loaded (its soname, libgomp.so.1, resolves to
 copy), with torch.get_num_threads() threads. Where the launcher cannot be built (a
 compiler without OpenMP), the kernels keep TVM's pool, sized like torch's, with a warning.
 
-On a busy machine the kernels run on one thread (Contention): with every core's thread
-in a region, a competing process makes the region wait for a thread the OS has
-descheduled while the others spin (benchmarks/busy_machine.md: a VeLO step 13-25x slower
+On a busy machine the kernels, and the step's torch ops, run on one thread (Contention):
+with every core's thread in a region, a competing process makes the region wait for a
+thread the OS has descheduled while the others spin (benchmarks/busy_machine.md: a VeLO step 13-25x slower
 on 2 cores, torch's fused AdamW 6-24x; on one thread both keep their quiet time). Their
 results do not depend on the thread count: the sums' order is fixed by the shape.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -26,7 +27,7 @@ import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch   # loaded first: the launcher binds to torch's OpenMP runtime
 
@@ -177,6 +178,22 @@ class Contention:
         launcher = _launcher_or_none()
         if launcher is not None and launcher.launch_thread_limit() != limit:
             launcher.set_launch_threads(limit)
+
+    @contextlib.contextmanager
+    def torch_ops_too(self) -> Iterator[None]:
+        """While busy, torch's own ops of the step (the network, the small work) on one
+        thread too, for the step: a region of torch's threads waits for a descheduled one
+        as the kernels' did (VeLO on 0.1M parameters, 2 threads, one busy process: 8.3 ms
+        a step against 3.8 quiet; 4.9-5.2 ms with these on one thread too)."""
+        threads = torch.get_num_threads()
+        if not self.busy or threads < 2:
+            yield
+            return
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 CONTENTION = Contention()   # one for the process, as the launcher's limit is
