@@ -27,3 +27,12 @@ SHAPES = [(), (1,), (7,), (5, 3), (3, 5), (4, 4), (1, 6), (6, 1), (2, 3, 4), (3,
 def programs():
     return {name: lower_spec(load_spec(os.path.join(SPECS, f"{name}.yaml")))
             for name in ("small_fc_lopt", "velo", "adam", "elo", "mulo", "celo2", "elo_celo2")}
+
+
+@pytest.fixture
+def quiet_machine(monkeypatch):
+    """The tvm backend's steps on torch's threads whatever else runs (make test's other
+    worker): no look at the machine finds it busy (threads.Contention)."""
+    from lopt_codegen.backends.tvm.threads import CONTENTION
+    monkeypatch.setattr(CONTENTION, "probe", lambda: 0)
+    monkeypatch.setattr(CONTENTION, "steps", 0)

@@ -23,12 +23,6 @@ from lopt_codegen.backends.tvm.threads import (CONTENTION, SAMPLE_EVERY, Content
                                                 other_runnable)
 
 
-@pytest.fixture
-def quiet_machine(monkeypatch):
-    """The kernels on torch's threads whatever else runs (make test's other worker)."""
-    monkeypatch.setattr(CONTENTION, "probe", lambda: 0)
-    monkeypatch.setattr(CONTENTION, "steps", 0)
-
 SHAPES = [(33, 40), (5, 8, 9), (1000,), (33, 40)]   # factored, 3-D, flat; a group of two
 
 

@@ -100,7 +100,8 @@ def test_the_step_that_starts_the_builds_leaves_them_a_core(tmp_path, monkeypatc
     assert (seen, after) == ([1], 2)
 
 
-def test_a_step_on_the_stand_ins_runs_on_every_core_and_starts_the_builds_as_it_ends(tmp_path, monkeypatch):
+def test_a_step_on_the_stand_ins_runs_on_every_core_and_starts_the_builds_as_it_ends(tmp_path, monkeypatch,
+                                                                                    quiet_machine):
     """The builds a step asks for start when it ends (a step on the reference starts them
     at once: it takes seconds); from the next step on, the step leaves them a core."""
     cache, gen = BuildCache(tmp_path), torch.Generator().manual_seed(15)

@@ -8,7 +8,7 @@ import math
 
 from tvm import s_tir, tirx
 
-from .signature import PassSignature
+from .signature import ROW_CHUNKS, PassSignature
 from .stages import PassFunction
 from .view import LANES
 
@@ -92,7 +92,7 @@ def _own_values_at(sch: s_tir.Schedule, names: list[str], anchor) -> None:
 
 
 def _rows_in_one_loop(sch: s_tir.Schedule, p_block, row_blocks: list, chunks: int, parallel: bool) -> None:
-    """P's, Q's and E's nests (each where the pass has it) in one loop over the rows: a
+    """P's, Q's and E's nests (those given) in one loop over the rows: a
     row's sums, then its outputs, which read the row again from the cache, where a loop
     over the tensor each read it two or three times from memory (VeLO's second pass moved
     56 B an element, not its plan's 36). With P, the rows as P's chunks of rows (t, a, r;
@@ -133,8 +133,14 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         # loops are merged, after which TVM's regions took the whole of Q_rows at every row)
         for copy in blocks_of(sch, "Q", len(sig.y_sums)):
             sch.reverse_compute_at(copy, sch.get_loops(row_blocks[0])[1])
-    _rows_in_one_loop(sch, reduction_block(sch, "P") if pf.has_p else None, row_blocks, sig.chunks,
-                      sig.view.parallel_within)
+    p_block = reduction_block(sch, "P") if pf.has_p else None
+    if p_block is not None and sig.view.parallel_within and sig.chunks != ROW_CHUNKS:
+        # Fewer chunks (rows a prime, 50257 say: one) split unevenly across the cores, or
+        # not at all: P keeps a loop of its own, the rows' loop all the cores.
+        _rows_in_one_loop(sch, p_block, [], sig.chunks, True)
+        p_block = None
+    if p_block is not None or row_blocks:
+        _rows_in_one_loop(sch, p_block, row_blocks, sig.chunks, sig.view.parallel_within)
 
     def periodic_at(stage: str, loop) -> None:
         for name in reversed(pf.periodic_blocks.get(stage, [])):   # consumers first (Hr reads them)

@@ -14,7 +14,10 @@ from .view import LANES, View
 MEANS_OVER_Y_FROM = 384
 
 
-def _chunks(n: int, limit: int = 16) -> int:
+ROW_CHUNKS = 16   # at most this many row chunks of axis-X partial sums
+
+
+def _chunks(n: int, limit: int = ROW_CHUNKS) -> int:
     """The largest divisor of n that is <= limit: the row chunks of axis-X partial sums
     (a fixed partition, so the reduction order never depends on the thread count)."""
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)

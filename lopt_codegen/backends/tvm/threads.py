@@ -13,9 +13,10 @@ compiler without OpenMP), the kernels keep TVM's pool, sized like torch's, with 
 
 On a busy machine the kernels, and the step's torch ops, run on one thread (Contention):
 with every core's thread in a region, a competing process makes the region wait for a
-thread the OS has descheduled while the others spin (benchmarks/busy_machine.md: a VeLO step 13-25x slower
-on 2 cores, torch's fused AdamW 6-24x; on one thread both keep their quiet time). Their
-results do not depend on the thread count: the sums' order is fixed by the shape.
+thread the OS has descheduled while the others spin (benchmarks/busy_machine.md: a VeLO
+step 13-25x slower on 2 cores, torch's fused AdamW 6-24x; on one thread both keep their
+quiet time). The kernels' results do not depend on the thread count: the sums' order is
+fixed by the shape (torch's ops may round differently on one thread).
 """
 from __future__ import annotations
 
