@@ -26,16 +26,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tvm import te, tirx
+from tvm import s_tir, te, tirx
 
 from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import REDUCE, Level, Node, reachable, topo_order
 from ...ir.program import VariantGraph
 from .batched import batch_over_tensors
 from .printer import F32, op_expr
+from .schedule_llvm import reduction_block
 from .signature import PassSignature
 from .stages import _as_list, _reduce
-from .view import View
+from .view import LANES, View
+
+LANE_SUMS = "mean_Q_lanes"   # the stage of Q's tensor means per lane (_SmallStages._lane_sums)
 
 COLUMN_LEAVES = ("hyper", "step", "shape", "loss_features", "skip_step", "net_out")   # one value per tensor
 
@@ -248,12 +251,31 @@ class _SmallStages:
         if kind not in self._tensor_sum_stages:
             keys = [(id(r), c) for r, c, k, _ in self.sig.sums if k == kind and r.op == "mean"]
             A, X, B, Y, C = self.dims
-            extents = (self.K, A, B, Y, C) if kind == "P" else (A, X, B, C, self.L)
-            r = [te.reduce_axis((0, n), f"r{k}") for k, n in enumerate(extents)]
-            stage = te.compute((1, 1, 1, 1, 1), lambda *_: _reduce([self.sums[key][1][tuple(r)] for key in keys], r),
-                               name=f"mean_{kind}")
+            if kind == "Q" and self.sig.means_over_y:
+                stage = self._lane_sums(keys)
+            else:
+                extents = (self.K, A, B, Y, C) if kind == "P" else (A, X, B, C, self.L)
+                r = [te.reduce_axis((0, n), f"r{k}") for k, n in enumerate(extents)]
+                stage = te.compute((1, 1, 1, 1, 1), lambda *_: _reduce([self.sums[key][1][tuple(r)] for key in keys],
+                                                                      r), name=f"mean_{kind}")
             self._tensor_sum_stages[kind] = dict(zip(keys, _as_list(stage)))
         return self._tensor_sum_stages[kind]
+
+    @property
+    def lane_sums(self) -> bool:
+        """Whether the outputs took Q's tensor means per lane (LANE_SUMS; after arguments())."""
+        return self.sig.means_over_y and "Q" in self._tensor_sum_stages
+
+    def _lane_sums(self, keys: list[tuple[int, int]]) -> te.Tensor | tuple:
+        """Tensor means from Q where its lanes are LANES (PassSignature.means_over_y): each
+        lane summed over the rows (LANE_SUMS, vectorized by build_small_function), then the
+        lanes in order."""
+        A, X, B, Y, C = self.dims
+        r = [te.reduce_axis((0, n), f"r{k}") for k, n in enumerate((A, X, B, C))]
+        lanes = _as_list(te.compute((LANES,), lambda l: _reduce([self.sums[key][1][(*r, l)] for key in keys], r),
+                                    name=LANE_SUMS))
+        lane = te.reduce_axis((0, LANES), "lane")
+        return te.compute((1, 1, 1, 1, 1), lambda *_: _reduce([x[lane] for x in lanes], lane), name="mean_Q")
 
     # --- outputs ---------------------------------------------------------------------
     def value(self, node: Node, k: int) -> te.Tensor:
@@ -311,5 +333,22 @@ def build_small_function(sig: SmallSignature) -> tirx.PrimFunc:
     """The small function over a group: main(table[tensors, buffers], A, X, B, Y, C, K, L),
     the loop over the tensors parallel."""
     stages = _SmallStages(sig)
+    sizes = [*stages.dims, stages.K, stages.L]
     func = te.create_prim_func(stages.arguments())
-    return batch_over_tensors(func, parallel=True, shape_vars=[*stages.dims, stages.K, stages.L])
+    if stages.lane_sums:
+        func = _vectorized_lane_sums(func, sizes)
+    return batch_over_tensors(func, parallel=True, shape_vars=sizes)
+
+
+def _vectorized_lane_sums(func: tirx.PrimFunc, sizes: list[tirx.Var]) -> tirx.PrimFunc:
+    """LANE_SUMS with its lanes innermost, as one vector: a vector add per row and channel.
+    (Scheduled with the sizes as parameters, which a schedule needs defined; then without,
+    as batch_over_tensors takes a function of buffers.)"""
+    buffers = list(func.params)
+    sch = s_tir.Schedule(tirx.PrimFunc([*buffers, *sizes], func.body, attrs=func.attrs))
+    blk = reduction_block(sch, LANE_SUMS)
+    lane, *rows = sch.get_loops(blk)
+    sch.reorder(*rows, lane)
+    sch.vectorize(lane)
+    sch.decompose_reduction(blk, rows[0])   # after vectorize (TVM_NOTES.md)
+    return tirx.PrimFunc(buffers, sch.mod["main"].body, attrs=func.attrs)
