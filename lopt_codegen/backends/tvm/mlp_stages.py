@@ -88,10 +88,10 @@ def build_mlp_stages(mlp: Node, dims: tuple, weights: list[te.Tensor],
         """W1' times the features of one kind, at each of their positions (`at` dims)."""
         if not parts[kind]:
             return None
-        def row_sum(k, *i):
+        def weighted(k, *i):
             terms = [w[k, f] * printer(point(i)).expr(feat, c) for f, feat, c in parts[kind]]
             return sum(terms[1:], terms[0])
-        return te.compute((sizes[1], *at), row_sum, name=name)
+        return te.compute((sizes[1], *at), weighted, name=name)
     rows = partial_sums("row", along.rows, along.row_point, "Hr") if along is not None else None
     cols = partial_sums("col", along.cols, lambda i: i, "Hc") if along is not None else None
 

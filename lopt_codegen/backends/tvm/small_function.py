@@ -250,10 +250,10 @@ class _SmallStages:
         384x1536, 16 such means, took 2.4 ms.) Each sum's order is the same either way."""
         if kind not in self._tensor_sum_stages:
             keys = [(id(r), c) for r, c, k, _ in self.sig.sums if k == kind and r.op == "mean"]
-            A, X, B, Y, C = self.dims
             if kind == "Q" and self.sig.means_over_y:
                 stage = self._lane_sums(keys)
             else:
+                A, X, B, Y, C = self.dims
                 extents = (self.K, A, B, Y, C) if kind == "P" else (A, X, B, C, self.L)
                 r = [te.reduce_axis((0, n), f"r{k}") for k, n in enumerate(extents)]
                 stage = te.compute((1, 1, 1, 1, 1), lambda *_: _reduce([self.sums[key][1][tuple(r)] for key in keys],
@@ -270,7 +270,7 @@ class _SmallStages:
         """Tensor means from Q where its lanes are LANES (PassSignature.means_over_y): each
         lane summed over the rows (LANE_SUMS, vectorized by build_small_function), then the
         lanes in order."""
-        A, X, B, Y, C = self.dims
+        A, X, B, _, C = self.dims
         r = [te.reduce_axis((0, n), f"r{k}") for k, n in enumerate((A, X, B, C))]
         lanes = _as_list(te.compute((LANES,), lambda l: _reduce([self.sums[key][1][(*r, l)] for key in keys], r),
                                     name=LANE_SUMS))
