@@ -9,6 +9,7 @@ import contextlib
 import time
 import warnings
 from dataclasses import replace
+from functools import partial
 from typing import Callable, ContextManager
 
 import torch
@@ -24,6 +25,7 @@ from ..reference import ReferenceBackend
 from ..sharded_groups import RankSums, run_group_calls
 from .background import BackgroundBuilds, background_builds_enabled
 from .build import build_kernel, cuda_kernels_path, kernel_built, llvm_target, load_cuda_kernels, load_kernel
+from .replay import StepRecord, step_key
 from .signature import PassSignature, pass_signature
 from .small_function import small_signatures
 from .small_work import GroupKept, GroupStep, SmallKernel
@@ -112,6 +114,7 @@ class TvmBackend(Backend):
         self._small: dict[tuple, dict[str, SmallKernel]] = {}
         self._kept: dict[tuple, GroupKept] = {}   # group key -> its kept arguments
         self._warned: set[str] = set()
+        self._record: StepRecord | None = None   # the last step's ops, if it may be replayed (replay.py)
 
     def view(self, task: TensorTask) -> View:
         """The kernels' view of a tensor (CUDA tensors: the GPU kernels' one)."""
@@ -199,13 +202,24 @@ class TvmBackend(Backend):
         return [load_kernel(self.program, variant, s, self.target, self.cache) for s in sigs]
 
     def step(self, batch: StepBatch) -> None:
+        key = step_key(batch, self._with_calls)
+        last, self._record = self._record, None   # (only ever the last step's: replay.py)
+        if key is not None and last is not None and last.key == key:
+            CONTENTION.before_step()
+            with CONTENTION.torch_ops_too(), self._core_left():
+                last.replay()
+            self._record = last
+            return
+        record = StepRecord(key) if key is not None else None
         try:
-            self._step_supported(batch)
+            self._step_supported(batch, record)
         finally:
             if self.builds is not None:   # the builds this step asked for (background.py)
                 self.builds.start()
+        if record is not None and record.valid:
+            self._record = record
 
-    def _step_supported(self, batch: StepBatch) -> None:
+    def _step_supported(self, batch: StepBatch, record: StepRecord | None = None) -> None:
         groups, rest = _groups(batch.tasks), []
         for key, tasks in list(groups.items()):   # (checked per group where its tensors share the reason)
             reason = _kind_unsupported(tasks[0])
@@ -217,6 +231,8 @@ class TvmBackend(Backend):
                     del groups[key]
         for _, reason in rest:
             self._warn_once(reason)
+        if rest and record is not None:
+            record.invalidate()
         if rest and batch.network is not None:
             # The network couples all tensors of a step: one backend must run them all.
             with self._core_left():
@@ -227,9 +243,9 @@ class TvmBackend(Backend):
                 self.fallback.step(replace(batch, tasks=[t for t, _ in rest]))
         if groups:
             self._step(replace(batch, tasks=[t for tasks in groups.values() for t in tasks]) if rest else batch,
-                       groups)
+                       groups, record)
 
-    def _step(self, batch: StepBatch, groups: dict[tuple, list[TensorTask]]) -> None:
+    def _step(self, batch: StepBatch, groups: dict[tuple, list[TensorTask]], record: StepRecord | None = None) -> None:
         cpu = any(t.param.device.type == "cpu" for t in batch.tasks)
         if cpu:
             CONTENTION.before_step()   # one thread while other processes want the cores
@@ -240,6 +256,9 @@ class TvmBackend(Backend):
         wait = self.builds is None or ranks is not None
         kernels = {key: self._group_kernels(key, tasks[0], wait) for key, tasks in groups.items()}
         reference = any(k is None for k in kernels.values())   # kernels still building: this step on the reference
+        if record is not None and (reference or ranks is not None or
+                                   any(self._kept[key].kernels is None for key in groups)):
+            record.invalidate()   # (better kernels to come: their step is not this one)
         if reference and self.builds is not None:
             # The reference's step takes seconds that the builds need not wait. (Else they
             # start when the step ends, so that it runs on all the cores: step() below.)
@@ -250,14 +269,15 @@ class TvmBackend(Backend):
             if reference:
                 self.fallback.step(batch)
             else:
-                self._run_groups(batch, groups, kernels, ranks)
+                self._run_groups(batch, groups, kernels, ranks, record)
 
     def _core_left(self) -> ContextManager:
         """Torch's threads less one while a background build runs (background.py)."""
         return self.builds.core_left() if self.builds is not None else contextlib.nullcontext()
 
     def _run_groups(self, batch: StepBatch, groups: dict[tuple, list[TensorTask]],
-                    kernels: dict[tuple, list[_Kernel]], ranks: RankSums | None) -> None:
+                    kernels: dict[tuple, list[_Kernel]], ranks: RankSums | None,
+                    record: StepRecord | None = None) -> None:
         runs = []
         for key, tasks in groups.items():
             sigs = [k.sig for k in kernels[key]]
@@ -266,7 +286,7 @@ class TvmBackend(Backend):
             kept = self._kept[key]   # (made by _group_kernels)
             if kept.view is None:
                 kept.view = self.view(tasks[0])
-            group = GroupStep(tasks, batch, kept.view, kept, sigs, small, ranks)
+            group = GroupStep(tasks, batch, kept.view, kept, sigs, small, ranks, record)
             runs.append((group, kernels[key]))
         steps = [group for group, _ in runs]
         before, after = [], []   # the passes up to the network, then the rest
@@ -314,7 +334,7 @@ class TvmBackend(Backend):
             return
         table, write_back, p, q = group.kernel_args(sig)
         if not sig.view.gpu:
-            kernel.func(table, *sig.view.size_args(group.view.dims))
+            group.do(partial(kernel.func, table, *sig.view.size_args(group.view.dims)))
         else:
             with _on_device(table.device):
                 kernel.func(table, *group.view.dims, *([group.view.gpu_chunks()] if sig.x_sums else []))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -18,6 +19,7 @@ from ...ir.nodes import Level, Node
 from ..base import StepBatch, TensorTask, checked_accumulator
 from ..group_values import GroupValues
 from ..sharded_groups import RankSums
+from .replay import StepRecord, copy_stacked
 from .signature import PassSignature
 from .small_function import SmallSignature
 from .view import ROWS_PER_BLOCK, WARP, View, padded
@@ -150,9 +152,10 @@ class GroupStep(GroupValues):
 
     def __init__(self, tasks: list[TensorTask], batch: StepBatch, view: View, kept: GroupKept,
                  sigs: list[PassSignature], small: dict[str, SmallKernel] | None = None,
-                 ranks: RankSums | None = None):
+                 ranks: RankSums | None = None, record: StepRecord | None = None):
         super().__init__(tasks, batch, ranks)
         self.view, self.kept, self.small = view, kept, small
+        self.record = record   # the step's ops, for its replay (replay.py)
         self._pass_sigs = {s.index: s for s in sigs}
         self._elements: dict[tuple[int, str, int], torch.Tensor] = {}
         self._bases: list[dict[str, tuple[int, int]]] | None = None   # _tensor_bases'
@@ -180,6 +183,18 @@ class GroupStep(GroupValues):
                     self._elements[(t, name, c)] = x.view(self.view.dims)
         return self._elements[key]
 
+    def do(self, op: Callable[[], object]) -> None:
+        """Runs one of the step's ops (a compiled call or a copy) and records it for the
+        step's replay."""
+        op()
+        if self.record is not None:
+            self.record.ops.append(op)
+
+    def unrecorded(self) -> None:
+        """This step did work its record cannot replay: no replay of it."""
+        if self.record is not None:
+            self.record.invalidate()
+
     # --- kernel arguments ------------------------------------------------------------
     def kernel_args(self, sig: PassSignature) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]],
                                                       list[torch.Tensor], list[torch.Tensor]]:
@@ -197,6 +212,7 @@ class GroupStep(GroupValues):
             kept.bases, kept.row_table = None, row_pointers(count, kept.rows)
             kept.rows_of, kept.values = (sig, count), len(values)
         if self.small is None:
+            self.unrecorded()
             for row, value in zip(kept.rows, self._small_values(sig)):
                 row.copy_(value)
         else:
@@ -205,6 +221,7 @@ class GroupStep(GroupValues):
         p, q = sums[:len(sig.x_sums)], sums[len(sig.x_sums):]
         bases = self._tensor_bases()
         if bases is None:   # a misaligned or strided tensor: aligned copies, a table for this step only
+            self.unrecorded()
             table, back = self._table_with_copies(sig, kept.rows)
             kept.bases = None
         else:
@@ -266,7 +283,7 @@ class GroupStep(GroupValues):
             mlp_in = kept.rows
         table = kept.table_over([self.kept.leaves, *states, *sums, *finished, *mlp_in, *outputs])
         first = self._pass_sigs[0]   # the layout of every pass's sums (the view's)
-        small.func(table, *self.view.dims, first.chunks, first.lanes)
+        self.do(partial(small.func, table, *self.view.dims, first.chunks, first.lanes))
 
     def _copy_mlp_weights(self, name: str, rows: list[torch.Tensor], first: int) -> None:
         """rows[i] <- the MLP's weight list from `first` on, one row per tensor. Skipped where
@@ -281,6 +298,8 @@ class GroupStep(GroupValues):
             last = self.kept.mlp_copied.get(name)
             if last is not None and last[1] == seen:
                 return
+        else:   # (per-tensor weights: copied every step)
+            self.unrecorded()
         self.kept.mlp_copied.pop(name, None)
         for row, weight in zip(rows, self.ev.mlp_weights[first:]):
             row.copy_(weight)
@@ -307,13 +326,13 @@ class GroupStep(GroupValues):
             if key in self._filled or node.op == "net_out" and not self.ev.net_out:
                 continue
             if node.op == "step":   # the counts as they are (ev.leaf's conversions took 10 us a group)
-                tasks = self.tasks
-                kept.leaf_columns[key].copy_(tasks[0].state["step"] if len(tasks) == 1 else
-                                             torch.stack([t.state["step"] for t in tasks]).unsqueeze(1))
+                self.do(partial(copy_stacked, kept.leaf_columns[key], [t.state["step"] for t in self.tasks]))
             elif not (unchanged and node.op == "hyper"):
                 written = self._hyper_values(node.attrs[0]) if node.op == "hyper" else \
                     "shape" if node.op == "shape" else None
                 if written is None or kept.written.get(key) != written:
+                    if written is None:   # (a value of this step: a replay would copy the old one)
+                        self.unrecorded()
                     kept.leaf_columns[key].copy_(self.ev.leaf(node).reshape(-1, node.channels))
                     kept.written[key] = written
             self._filled.add(key)
@@ -333,8 +352,8 @@ class GroupStep(GroupValues):
         rows = self.kept.states.get(id(node))
         if rows is None or tuple(rows.shape) != shape:
             rows = self.kept.states[id(node)] = empty_rows(shape[0], shape[1:])
-        if id(node) not in self._filled:
-            rows.copy_(self.ev.leaf(node).reshape(shape))
+        if id(node) not in self._filled:   # (ev.leaf's: the tensors' states stacked)
+            self.do(partial(copy_stacked, rows, [t.state[node.attrs[0]] for t in self.tasks]))
             self._filled.add(id(node))
         return rows
 
@@ -349,16 +368,18 @@ class GroupStep(GroupValues):
 
     def network_input(self, node: Node) -> None:
         """Compiled small work: the network's input, computed now (GroupValues.dense reads it)."""
+        self.unrecorded()
         if self.small is not None:
             self.finish(node, self._small_outputs("network", [node])[0])
 
     def write_small_accumulators(self, accumulators: dict[str, Node]) -> None:
         if self.small is None:
+            self.unrecorded()
             super().write_small_accumulators(accumulators)
             return
         small = {name: n for name, n in accumulators.items() if n.level < Level.ELEMENT}
         for name, value in zip(small, self._small_outputs("accumulators", list(small.values()))):
-            torch._foreach_copy_([t.state[name] for t in self.tasks], list(value.unbind(0)))
+            self.do(partial(torch._foreach_copy_, [t.state[name] for t in self.tasks], list(value.unbind(0))))
 
     def _own_pointers(self, sig: PassSignature, bases: list[list[tuple[int, int]]]) \
             -> tuple[list[list[int]], list[list[int]]]:
@@ -448,6 +469,7 @@ class GroupStep(GroupValues):
             if finish is not None:
                 self._small_outputs(finish.sig.name, finish.sig.values, p + q)
             return
+        self.unrecorded()
         count = len(self)
         parts: dict[int, list[torch.Tensor]] = {}
         for (r, _), partial in zip(sig.x_sums, p):

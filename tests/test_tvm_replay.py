@@ -1,0 +1,148 @@
+"""The TVM backend's replay of a steady CPU step (backends/tvm/replay.py): a step whose
+tensors, state, hyperparameters and MLP weights are as at the last step repeats its
+recorded calls. Checked against the same optimizer stepped without replay, bit for bit,
+through every change a training loop makes between steps; each change either keeps
+the replay (what is read through pointers: gradients written in place) or is noticed."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import pytest
+import torch
+
+from generated.adam import Adam
+from generated.small_fc_lopt import SmallFcLopt
+from generated.velo import VeLO
+from lopt_codegen.backends.tvm import replay
+
+SHAPES = [(5, 3), (5, 3), (7,), (4, 4), (2, 3, 4), ()]
+CLASSES = {"adam": (Adam, {}), "small_fc_lopt": (SmallFcLopt, {"weights": "random"})}
+
+
+class Run:
+    """One optimizer, its params and what the changes keep alive (so that a new tensor
+    cannot take a freed one's address)."""
+
+    def __init__(self, name: str, start: list[torch.Tensor]):
+        cls, extra = CLASSES[name]
+        self.params = [torch.nn.Parameter(p.clone()) for p in start]
+        self.opt = cls(self.params, lr=0.1, weight_decay=0.1, backend="tvm", **extra)
+        self.kept: list = []
+        self.saved: dict | None = None
+
+
+def _new_grads(run: Run, grads: list[torch.Tensor]) -> None:
+    run.kept += [p.grad for p in run.params]
+    for p, g in zip(run.params, grads):
+        p.grad = g.clone()
+
+
+def _grads_in_place(run: Run, grads: list[torch.Tensor]) -> None:
+    for p, g in zip(run.params, grads):
+        if p.grad is not None:
+            p.grad.copy_(g)
+
+
+def _lr(value: float) -> Callable[[Run, list], None]:
+    def change(run: Run, grads: list[torch.Tensor]) -> None:
+        _grads_in_place(run, grads)
+        run.opt.param_groups[0]["lr"] = value
+    return change
+
+
+def _param_moved(run: Run, grads: list[torch.Tensor]) -> None:
+    _grads_in_place(run, grads)
+    run.kept.append(run.params[1].data)
+    run.params[1].data = run.params[1].data.clone()
+
+
+def _save(run: Run, grads: list[torch.Tensor]) -> None:
+    _grads_in_place(run, grads)
+    run.saved = copy.deepcopy(run.opt.state_dict())
+
+
+def _load(run: Run, grads: list[torch.Tensor]) -> None:
+    _grads_in_place(run, grads)
+    run.kept.append([dict(s) for s in run.opt.state.values()])
+    run.opt.load_state_dict(run.saved)
+
+
+def _step_count_replaced(run: Run, grads: list[torch.Tensor]) -> None:
+    _grads_in_place(run, grads)
+    state = run.opt.state[run.params[0]]
+    run.kept.append(state["step"])
+    state["step"] = torch.tensor(50.0)
+
+
+def _mlp_weights_written(run: Run, grads: list[torch.Tensor]) -> None:
+    _grads_in_place(run, grads)
+    for w in run.opt._mlp_weights(torch.device("cpu")):
+        w.mul_(1.25)
+
+
+def _one_grad_gone(run: Run, grads: list[torch.Tensor]) -> None:
+    _grads_in_place(run, grads)
+    run.kept.append(run.params[2].grad)
+    run.params[2].grad = None
+
+
+def _grad_back(run: Run, grads: list[torch.Tensor]) -> None:
+    run.params[2].grad = torch.zeros_like(run.params[2])
+    _grads_in_place(run, grads)
+
+
+def _param_added(run: Run, grads: list[torch.Tensor]) -> None:
+    _grads_in_place(run, grads)
+    extra = torch.nn.Parameter(torch.linspace(-1, 1, 10).reshape(2, 5))
+    extra.grad = torch.linspace(0.5, -0.3, 10).reshape(2, 5)
+    run.params.append(extra)
+    run.opt.add_param_group({"params": [extra], "lr": 0.05})
+    grads.append(extra.grad)
+
+
+# (change before the step, whether the step replays the last one)
+CHANGES = [(_new_grads, False), (_grads_in_place, True), (_grads_in_place, True), (_new_grads, False),
+           (_save, True), (_lr(0.05), False), (_grads_in_place, True), (_lr(0.1), False), (_param_moved, False),
+           (_grads_in_place, True), (_load, False), (_step_count_replaced, False), (_mlp_weights_written, False),
+           (_one_grad_gone, False), (_grads_in_place, True), (_grad_back, False), (_param_added, False),
+           (_grads_in_place, True)]
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_replayed_steps_match_steps_without_replay_through_every_change(name, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=gen) for s in SHAPES]
+    replaying, plain = Run(name, start), Run(name, start)
+    replayed: list[bool] = []
+    original = replay.StepRecord.replay
+
+    def counted(record: replay.StepRecord) -> None:
+        replayed.append(True)
+        original(record)
+    monkeypatch.setattr(replay.StepRecord, "replay", counted)
+    for step, (change, replays) in enumerate(CHANGES):
+        grads = [torch.randn(p.shape, generator=gen) for p in replaying.params]
+        for run in (replaying, plain):
+            change(run, list(grads))
+        replayed.clear()
+        replaying.opt.step()
+        assert replayed == ([True] if replays else []), f"step {step} ({change.__name__})"
+        plain.opt.step()
+        plain.opt.backend._record = None   # the next step found again, as before replays
+        for p, q in zip(replaying.params, plain.params):
+            assert torch.equal(p.detach(), q.detach()), f"step {step} ({change.__name__}): param {tuple(p.shape)}"
+            for key, value in plain.opt.state[q].items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(replaying.opt.state[p][key], value), f"step {step}: state {key}"
+
+
+def test_steps_with_a_network_are_not_recorded():
+    """VeLO's network runs in torch every step (and reads the loss): never replayed."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(6, 4), (9,)]]
+    opt = VeLO(params, lr=0.1, num_steps=40, weights="random", backend="tvm")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step(loss=1.0)
+    assert opt.backend._record is None
