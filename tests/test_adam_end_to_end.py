@@ -3,6 +3,7 @@ torch.optim.Adam: the end-to-end proof that specs, IR, backend and runtime agree
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -64,3 +65,42 @@ def test_update_matches_per_step_on_odd_shapes():
             rounding = 2 * torch.finfo(torch.float32).eps * b.abs().max()
             assert (d_ours - d_ref).abs().max() <= 1e-5 * d_ref.abs().max() + rounding
             p.data.copy_(q.detach())  # keep both on the same trajectory
+
+
+@pytest.mark.parametrize("backend", ["reference", "tvm"])
+def test_step_counts_through_unset_grads_checkpoints_and_replaced_counts(backend):
+    """Each tensor's t, as torch.optim.Adam counts it (its bias correction reads it):
+    CPU counts are views into one buffer (runtime/step_counts.py), made again when a
+    gradient is left unset, a checkpoint is loaded or a count is replaced."""
+    gen = torch.Generator().manual_seed(4)
+    start = [torch.randn(s, generator=gen) for s in [(5, 3), (7,), (4, 4)]]
+    ours_params = [torch.nn.Parameter(p.clone()) for p in start]
+    ref_params = [torch.nn.Parameter(p.clone()) for p in start]
+    ours = Adam(ours_params, lr=0.1, backend=backend)
+    ref = torch.optim.Adam(ref_params, lr=0.1, foreach=False)
+    saved = {}
+
+    def before(step: int, opt, params) -> None:
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+        if step == 2:
+            params[2].grad = None
+        if step == 4:
+            buffer = io.BytesIO()
+            torch.save(opt.state_dict(), buffer)
+            saved[id(opt)] = buffer.getvalue()
+        if step == 6:
+            opt.load_state_dict(torch.load(io.BytesIO(saved[id(opt)]), weights_only=False))
+        if step == 7:
+            opt.state[params[0]]["step"] = torch.tensor(10.0)
+
+    for step in range(9):
+        for opt, params in ((ours, ours_params), (ref, ref_params)):
+            before(step, opt, params)
+            opt.step()
+        counts = [float(ours.state[p]["step"]) for p in ours_params]
+        assert counts == [float(ref.state[p]["step"]) for p in ref_params], f"step {step}"
+        for p, q in zip(ours_params, ref_params):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert counts == [12.0, 7.0, 6.0]
+    assert len({ours.state[p]["step"].untyped_storage().data_ptr() for p in ours_params}) == 1

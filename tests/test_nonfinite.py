@@ -136,7 +136,7 @@ SKIP_CASES = [(name, backend) for name in ("adam", "velo", "celo2") for backend 
 
 
 @pytest.mark.parametrize("name, backend", SKIP_CASES)
-def test_skip_leaves_parameters_and_state_as_if_the_step_never_happened(skipping, name, backend):
+def test_skip_leaves_parameters_and_state_as_if_the_step_never_happened(skipping, name, backend, quiet_machine):
     cls = skipping[f"{name}_skip"]
     skipped_params, skipped = run_steps(cls, backend, poison_at=2)
     clean_params, clean = run_steps(cls, backend, poison_at=None)

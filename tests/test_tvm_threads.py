@@ -100,8 +100,21 @@ def test_a_busy_machine_limits_the_kernels_to_one_thread(monkeypatch):
             others[0] = 0
         contention.before_step()
         limits.append(launcher.launch_thread_limit())
-    assert len(probe_calls) == 2
+    assert len(probe_calls) == 3   # (a busy look is taken twice)
     assert limits == [1] * SAMPLE_EVERY + [0] * SAMPLE_EVERY
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 torch threads")
+def test_one_busy_look_alone_leaves_the_threads():
+    """A look that finds the machine busy is taken again at once; busy only if both are
+    (on a quiet machine one look in a hundred counted a thread of ours as another's)."""
+    looks = iter([4, 0, 4, 4])
+    contention = Contention(lambda: next(looks))
+    contention.before_step()
+    assert not contention.busy
+    contention.steps = 0
+    contention.before_step()
+    assert contention.busy
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 torch threads")

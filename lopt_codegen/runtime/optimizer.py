@@ -24,6 +24,7 @@ from .axes import factored_axes
 from .routes import Router
 from .checkpoint import fold_global_state, local_accumulator, sharded_accumulator, unfold_global_state
 from .sharding import TensorSharding, agree, dtensor_grad, dtensor_rows, is_dtensor
+from .step_counts import StepCounts
 from .weights import resolve_weights
 
 if TYPE_CHECKING:
@@ -151,6 +152,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{program.class_name}(shard=...) shards replicated parameters (DDP); these are "
                              "DTensors, already sharded (FSDP2's fully_shard): leave shard unset")
         self._dtensors = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
+        self._step_counts = StepCounts(views=self._sharding is None and not self._dtensors)
         if self._dtensors or self._sharding is not None:   # ready for torch.distributed.checkpoint
             self._init_all_state()
 
@@ -255,6 +257,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         tasks, mesh_group = self._tasks()
         if not tasks and sharding is None:
             return loss
+        self._step_counts.track([task.state for task in tasks])   # (the backends read them)
         # A rank of a sharded step that owns no tensor still joins its collectives.
         device = tasks[0].param.device if tasks else self.param_groups[0]["params"][0].device
         batch = StepBatch(tasks, mlp_weights=self._mlp_weights(device), network=self._network(device),
@@ -279,7 +282,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.backend.step(batch)
         elif batch.network is not None:
             self._join_network(batch)
-        self._count_step([task.state["step"] for task in tasks], batch.skip_step, device)
+        self._count_step(batch.skip_step, device)
         if sharding is not None:
             sharding.gather_params(stepped)
         return loss
@@ -354,15 +357,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         network.forward(rows, {k: torch.empty(0, v.numel(), device=network.device)
                                for k, v in network.initial_state(network.device).items()})
 
-    def _count_step(self, steps: list[torch.Tensor], skip: torch.Tensor | None, device: torch.device) -> None:
-        """Each tensor's t, and under grad.nonfinite: skip the count of skipped steps."""
+    def _count_step(self, skip: torch.Tensor | None, device: torch.device) -> None:
+        """Each tensor's t (the counts tracked for this step), and under grad.nonfinite:
+        skip the count of skipped steps."""
         if skip is None:
-            if steps:
-                torch._foreach_add_(steps, 1.0)
+            self._step_counts.add(1.0)
             return
-        taken = 1.0 - skip.reshape(())   # a skipped step counts as no step (bias corrections, schedules by t)
-        if steps:
-            torch._foreach_add_(steps, [taken.to(s.device) for s in steps])
+        # A skipped step counts as no step (bias corrections, schedules by t).
+        self._step_counts.add(1.0 - skip.reshape(()))
         skipped = self.state.get("skipped_steps")
         if skipped is None or skipped.device != device:   # the first, or a loaded checkpoint's
             skipped = torch.zeros((), device=device) if skipped is None else skipped.to(device, torch.float32)

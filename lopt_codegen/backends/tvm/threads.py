@@ -170,8 +170,10 @@ class Contention:
     def before_step(self) -> None:
         threads = torch.get_num_threads()
         if threads > 1 and self.steps % SAMPLE_EVERY == 0:
-            others = self.probe()
-            self.busy = others is not None and others + threads > _cores()
+            # A busy look is taken again at once: on a quiet machine about one look in a
+            # hundred counted a thread of ours that stopped running between the files it
+            # reads, and the next SAMPLE_EVERY steps ran on one thread.
+            self.busy = self._outnumbered(threads) and self._outnumbered(threads)
         self.steps += 1
         limit = 1 if self.busy and threads > 1 else 0   # 0: torch's threads
         if not _launcher_or_none.cache_info().currsize:   # no kernel loaded yet: nothing to limit
@@ -179,6 +181,11 @@ class Contention:
         launcher = _launcher_or_none()
         if launcher is not None and launcher.launch_thread_limit() != limit:
             launcher.set_launch_threads(limit)
+
+    def _outnumbered(self, threads: int) -> bool:
+        """Whether other processes' runnable threads and `threads` outnumber the cores."""
+        others = self.probe()
+        return others is not None and others + threads > _cores()
 
     @contextlib.contextmanager
     def torch_ops_too(self) -> Iterator[None]:
