@@ -25,7 +25,7 @@ class StepCounts:
     def track(self, states: list[dict]) -> None:
         """This step's counts: those of `states` (made views into a buffer if they are not)."""
         self._steps = [state["step"] for state in states]
-        if [s.data_ptr() for s in self._steps] != self._pointers:
+        if self.views and [s.data_ptr() for s in self._steps] != self._pointers:
             self._make_views(states)
 
     def add(self, amount: float | torch.Tensor) -> None:
@@ -40,7 +40,7 @@ class StepCounts:
         """The counts as views into a new buffer, in the states (unless views are not
         wanted or not all counts are on the CPU: then they stay as they are)."""
         self._buffer, self._pointers = None, []
-        if not self.views or not self._steps or not all(s.is_cpu for s in self._steps):
+        if not self._steps or not all(s.is_cpu for s in self._steps):
             return
         self._buffer = torch.stack([s.detach().reshape(()).to(torch.float32) for s in self._steps])
         self._steps = list(self._buffer.unbind(0))

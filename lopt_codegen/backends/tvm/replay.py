@@ -10,10 +10,10 @@ The key holds everything the host side reads: each tensor's param and gradient (
 dtype, shape, layout), its state values (address, dtype, strides), its hyperparameters,
 route and factored axes, and the shared MLP weights (object, version, address). The
 kernels read through addresses; the recorded copies hold the tensors they read, so
-that no other tensor can take their addresses while the record lives. Hyperparameters and shape facts are written to the kept leaves only when they
-change, MLP weights only when they were written to; the record is therefore only ever
-the last step's (any step not replayed drops it first), so that what it did not record
-is still in place. Steps with a network, a loss, a skip flag, tensor functions, shards,
+that no other tensor can take their addresses while the record lives. Hyperparameters
+and shape facts are written to the kept leaves only when they change, MLP weights only
+when they were written to; the record is therefore only ever the last step's (any step
+not replayed drops it first), so that what it did not record is still in place. Steps with a network, a loss, a skip flag, tensor functions, shards,
 non-CPU tensors or the reference's fallback are not recorded."""
 from __future__ import annotations
 
