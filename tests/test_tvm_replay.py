@@ -1,8 +1,10 @@
 """The TVM backend's replay of a steady CPU step (backends/tvm/replay.py): a step whose
 tensors, state, hyperparameters and MLP weights are as at the last step repeats its
-recorded calls. Checked against the same optimizer stepped without replay, bit for bit,
-through every change a training loop makes between steps; each change either keeps
-the replay (what is read through pointers: gradients written in place) or is noticed."""
+recorded calls, with its gradients' new addresses written into the recorded pointer
+tables. Checked against the same optimizer stepped without replay, bit for bit, through
+every change a training loop makes between steps; each change either keeps the replay
+(gradients written in place or made anew, as backward after zero_grad() makes them) or
+is noticed."""
 from __future__ import annotations
 
 import copy
@@ -30,12 +32,15 @@ class Run:
         self.opt = cls(self.params, lr=0.1, weight_decay=0.1, backend="tvm", **extra)
         self.kept: list = []
         self.saved: dict | None = None
+        self.first_grads: list[torch.Tensor] = []   # the first step's (its tables point to them)
 
 
 def _new_grads(run: Run, grads: list[torch.Tensor]) -> None:
+    """New gradient tensors (the old ones kept alive: new addresses for sure)."""
     run.kept += [p.grad for p in run.params]
     for p, g in zip(run.params, grads):
         p.grad = g.clone()
+    run.first_grads = run.first_grads or [p.grad for p in run.params]
 
 
 def _grads_in_place(run: Run, grads: list[torch.Tensor]) -> None:
@@ -49,6 +54,24 @@ def _lr(value: float) -> Callable[[Run, list], None]:
         _grads_in_place(run, grads)
         run.opt.param_groups[0]["lr"] = value
     return change
+
+
+def _first_grads_and_lr(run: Run, grads: list[torch.Tensor]) -> None:
+    """The first step's gradient tensors again, at the addresses for which the step not
+    replayed before built its tables (replays wrote others in), in a step not replayed (lr)."""
+    for p, g, first in zip(run.params, grads, run.first_grads):
+        p.grad = first
+        p.grad.copy_(g)
+    run.opt.param_groups[0]["lr"] = 0.07
+
+
+def _misaligned_grads(run: Run, grads: list[torch.Tensor]) -> None:
+    """Gradients at odd offsets into a bigger buffer (DDP's buckets): copied, not replayed."""
+    run.kept += [p.grad for p in run.params]
+    for p, g in zip(run.params, grads):
+        bucket = torch.empty(g.numel() + 1)
+        p.grad = bucket[1:].view(g.shape)
+        p.grad.copy_(g)
 
 
 def _param_moved(run: Run, grads: list[torch.Tensor]) -> None:
@@ -102,11 +125,12 @@ def _param_added(run: Run, grads: list[torch.Tensor]) -> None:
 
 
 # (change before the step, whether the step replays the last one)
-CHANGES = [(_new_grads, False), (_grads_in_place, True), (_grads_in_place, True), (_new_grads, False),
-           (_save, True), (_lr(0.05), False), (_grads_in_place, True), (_lr(0.1), False), (_param_moved, False),
-           (_grads_in_place, True), (_load, False), (_step_count_replaced, False), (_mlp_weights_written, False),
-           (_one_grad_gone, False), (_grads_in_place, True), (_grad_back, False), (_param_added, False),
-           (_grads_in_place, True)]
+CHANGES = [(_new_grads, False), (_grads_in_place, True), (_new_grads, True), (_new_grads, True),
+           (_first_grads_and_lr, False), (_new_grads, True), (_save, True), (_lr(0.05), False),
+           (_grads_in_place, True), (_lr(0.1), False), (_param_moved, False), (_grads_in_place, True),
+           (_misaligned_grads, False), (_misaligned_grads, False), (_new_grads, False), (_new_grads, True),
+           (_load, False), (_step_count_replaced, False), (_mlp_weights_written, False), (_one_grad_gone, False),
+           (_grads_in_place, True), (_grad_back, False), (_param_added, False), (_grads_in_place, True)]
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
@@ -117,9 +141,9 @@ def test_replayed_steps_match_steps_without_replay_through_every_change(name, mo
     replayed: list[bool] = []
     original = replay.StepRecord.replay
 
-    def counted(record: replay.StepRecord) -> None:
+    def counted(record: replay.StepRecord, grads: list[int]) -> None:
         replayed.append(True)
-        original(record)
+        original(record, grads)
     monkeypatch.setattr(replay.StepRecord, "replay", counted)
     for step, (change, replays) in enumerate(CHANGES):
         grads = [torch.randn(p.shape, generator=gen) for p in replaying.params]
@@ -146,3 +170,32 @@ def test_steps_with_a_network_are_not_recorded():
             p.grad = torch.randn(p.shape)
         opt.step(loss=1.0)
     assert opt.backend._record is None
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_a_training_loop_replays_its_steps(name, monkeypatch):
+    """zero_grad() then backward: new gradient tensors every step, mostly at new
+    addresses. The steps after the first replay it, and match steps without replay."""
+    cls, extra = CLASSES[name]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    twin = copy.deepcopy(model)
+    replaying = cls(model.parameters(), lr=0.01, backend="tvm", **extra)
+    plain = cls(twin.parameters(), lr=0.01, backend="tvm", **extra)
+    replayed = []
+    original = replay.StepRecord.replay
+
+    def counted(record: replay.StepRecord, grads: list[int]) -> None:
+        replayed.append(True)
+        original(record, grads)
+    monkeypatch.setattr(replay.StepRecord, "replay", counted)
+    x, y = torch.randn(16, 12), torch.randn(16, 3)
+    for _ in range(6):
+        for m, opt in ((model, replaying), (twin, plain)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+        plain.backend._record = None
+    assert len(replayed) == 5
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

@@ -202,21 +202,22 @@ class TvmBackend(Backend):
         return [load_kernel(self.program, variant, s, self.target, self.cache) for s in sigs]
 
     def step(self, batch: StepBatch) -> None:
-        key = step_key(batch, self._with_calls)
+        found = step_key(batch, self._with_calls)
         last, self._record = self._record, None   # (only ever the last step's: replay.py)
-        if key is not None and last is not None and last.key == key:
+        if found is not None and last is not None and last.key == found[0]:
             CONTENTION.before_step()
             with CONTENTION.torch_ops_too(), self._core_left():
-                last.replay()
+                last.replay(found[1])
             self._record = last
             return
-        record = StepRecord(key) if key is not None else None
+        record = StepRecord(*found, batch.tasks) if found is not None else None
         try:
             self._step_supported(batch, record)
         finally:
             if self.builds is not None:   # the builds this step asked for (background.py)
                 self.builds.start()
         if record is not None and record.valid:
+            record.recorded()
             self._record = record
 
     def _step_supported(self, batch: StepBatch, record: StepRecord | None = None) -> None:

@@ -20,6 +20,7 @@ from tvm import tirx
 
 
 SHAPE_VARS = "AXBYCVT"   # View.kernel_dims, then the row chunks of a GPU kernel's sums
+ALIGNMENT = 64   # bytes; the kernels load and store each buffer of the table as 64-byte aligned
 
 
 def _shape_vars(buffers: list) -> list[tirx.Var]:

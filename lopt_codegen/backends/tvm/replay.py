@@ -6,56 +6,84 @@ step that finds its key (`step_key`) equal to the last step's runs the ops recor
 then (`StepRecord`), without the Python that found them: 2 groups of Adam spent ~80 us
 a step there against ~5 us in their kernels' calls on tiny tensors.
 
-The key holds everything the host side reads: each tensor's param and gradient (address,
-dtype, shape, layout), its state values (address, dtype, strides), its hyperparameters,
-route and factored axes, and the shared MLP weights (object, version, address). The
-kernels read through addresses; the recorded copies hold the tensors they read, so
-that no other tensor can take their addresses while the record lives. Hyperparameters
+The key holds everything the host side reads: each tensor's param (address, dtype, shape,
+layout) and gradient (dtype, layout, alignment), its state values (address, dtype,
+strides), its hyperparameters, route and factored axes, and the shared MLP weights
+(object, version, address). The kernels read through addresses; the recorded copies hold
+the tensors they read, so that no other tensor can take their addresses while the
+record lives. Gradients are the exception: backward after zero_grad() makes new ones,
+most steps at new addresses, so a replay writes the new addresses into the recorded
+pointer tables (`StepRecord.grads_in`) instead of finding the step again. Hyperparameters
 and shape facts are written to the kept leaves only when they change, MLP weights only
 when they were written to; the record is therefore only ever the last step's (any step
 not replayed drops it first), so that what it did not record is still in place. Steps with a network, a loss, a skip flag, tensor functions, shards,
 non-CPU tensors or the reference's fallback are not recorded."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..base import StepBatch
+from ..base import StepBatch, TensorTask
+
+from .batched import ALIGNMENT
+
+if TYPE_CHECKING:
+    from .small_work import KeptArgs
 
 
-def step_key(batch: StepBatch, with_calls: set[str]) -> tuple | None:
-    """What a replay of the last step needs unchanged (see the module's doc); None for a
-    step that is never recorded."""
+def step_key(batch: StepBatch, with_calls: set[str]) -> tuple[tuple, list[int]] | None:
+    """What a replay of the last step needs unchanged (see the module's doc), and the
+    gradients' addresses; None for a step that is never recorded."""
     if batch.network is not None or batch.loss_features is not None or batch.skip_step is not None:
         return None
     key: list = []
+    grads = []
     for task in batch.tasks:
         p, g = task.param, task.grad
         if not p.is_cpu or task.shard is not None or task.variant in with_calls:
             return None
-        key += (p.data_ptr(), p.dtype, p.shape, p.is_contiguous(), g.data_ptr(), g.dtype, g.is_contiguous(),
+        at = g.data_ptr()
+        grads.append(at)
+        key += (p.data_ptr(), p.dtype, p.shape, p.is_contiguous(), g.dtype, g.is_contiguous(), at % ALIGNMENT == 0,
                 task.hyper, task.variant, task.axes)
         for value in task.state.values():
             if isinstance(value, torch.Tensor):
                 key += (value.data_ptr(), value.dtype, value.stride())
     key += [(id(w), w._version, w.data_ptr()) for w in batch.mlp_weights or ()]
-    return tuple(key)
+    return tuple(key), grads
 
 
 class StepRecord:
     """The ops a step ran (zero-argument calls, in order), kept for replay unless a part
-    of the step could not be recorded (`invalidate`)."""
+    of the step could not be recorded (`invalidate`); and where its pointer tables hold
+    gradients' addresses."""
 
-    def __init__(self, key: tuple):
-        self.key = key
+    def __init__(self, key: tuple, grads: list[int], tasks: list[TensorTask]):
+        self.key, self.grads = key, grads
         self.ops: list[Callable[[], object]] = []
         self.valid = True
+        # (a pass's kept arguments, the table's gradient column, its rows' tasks in the step)
+        self._grad_columns: list[tuple[KeptArgs, int, list[int]]] = []
+        self._position = {id(t): i for i, t in enumerate(tasks)}   # (while recording)
 
     def invalidate(self) -> None:
         self.valid = False
 
-    def replay(self) -> None:
+    def grads_in(self, kept: KeptArgs, column: int, tasks: list[TensorTask]) -> None:
+        """Column `column` of kept.table holds the gradients of `tasks`, one a row."""
+        self._grad_columns.append((kept, column, [self._position[id(t)] for t in tasks]))
+
+    def recorded(self) -> None:
+        self._position = {}
+
+    def replay(self, grads: list[int]) -> None:
+        """The step again, on gradients at `grads` (the step's, in order)."""
+        if grads != self.grads:
+            for kept, column, rows in self._grad_columns:
+                kept.table[:, column] = torch.tensor([grads[i] for i in rows], dtype=torch.int64)
+                kept.bases = None   # (the table no longer holds what the normal path kept)
+            self.grads = grads
         for op in self.ops:
             op()
 

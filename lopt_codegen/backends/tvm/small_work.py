@@ -19,12 +19,11 @@ from ...ir.nodes import Level, Node
 from ..base import StepBatch, TensorTask, checked_accumulator
 from ..group_values import GroupValues
 from ..sharded_groups import RankSums
+from .batched import ALIGNMENT
 from .replay import StepRecord, copy_stacked
 from .signature import PassSignature
 from .small_function import SmallSignature
 from .view import ROWS_PER_BLOCK, WARP, View, padded
-
-ALIGNMENT = 64   # bytes; TVM's kernels load and store buffers as 64-byte aligned
 
 
 def aligned(tensors: list[torch.Tensor], written: bool) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -228,6 +227,8 @@ class GroupStep(GroupValues):
             if bases != kept.bases:
                 own = self._own_pointers(sig, bases)
                 kept.table, kept.bases = pointer_table(own[0], kept.row_table, own[1]).to(device), bases
+            if self.record is not None and "grad" in sig.leaves:   # (own pointers first: leaves, in order)
+                self.record.grads_in(kept, sig.leaves.index("grad"), self.tasks)
             table, back = kept.table, []
         if self.view.gpu:   # the sums as laid out on the CPU, without the padding
             A, X, B, Y, C = self.view.dims
