@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 
 from ..base import StepBatch, TensorTask
@@ -63,8 +64,9 @@ class StepRecord:
         self.key, self.grads = key, grads
         self.ops: list[Callable[[], object]] = []
         self.valid = True
-        # (a pass's kept arguments, the table's gradient column, its rows' tasks in the step)
-        self._grad_columns: list[tuple[KeptArgs, int, list[int]]] = []
+        # (a pass's kept arguments, its table as an array (a column written in 0.4 us, by
+        # torch in 5), the table's gradient column, its rows' tasks in the step)
+        self._grad_columns: list[tuple[KeptArgs, np.ndarray, int, list[int]]] = []
         self._position = {id(t): i for i, t in enumerate(tasks)}   # (while recording)
 
     def invalidate(self) -> None:
@@ -72,7 +74,7 @@ class StepRecord:
 
     def grads_in(self, kept: KeptArgs, column: int, tasks: list[TensorTask]) -> None:
         """Column `column` of kept.table holds the gradients of `tasks`, one a row."""
-        self._grad_columns.append((kept, column, [self._position[id(t)] for t in tasks]))
+        self._grad_columns.append((kept, kept.table.numpy(), column, [self._position[id(t)] for t in tasks]))
 
     def recorded(self) -> None:
         self._position = {}
@@ -80,8 +82,8 @@ class StepRecord:
     def replay(self, grads: list[int]) -> None:
         """The step again, on gradients at `grads` (the step's, in order)."""
         if grads != self.grads:
-            for kept, column, rows in self._grad_columns:
-                kept.table[:, column] = torch.tensor([grads[i] for i in rows], dtype=torch.int64)
+            for kept, table, column, rows in self._grad_columns:
+                table[:, column] = [grads[i] for i in rows]
                 kept.bases = None   # (the table no longer holds what the normal path kept)
             self.grads = grads
         for op in self.ops:
