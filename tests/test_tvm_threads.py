@@ -92,7 +92,7 @@ def test_a_busy_machine_limits_the_kernels_to_one_thread(monkeypatch):
         probe_calls.append(others[0])
         return others[0]
 
-    contention = Contention(probe)
+    contention = Contention(probe, interval=0.0)
     launcher = _launcher_or_none()   # (made when the first kernel loads)
     limits = []
     for step in range(2 * SAMPLE_EVERY):
@@ -102,6 +102,21 @@ def test_a_busy_machine_limits_the_kernels_to_one_thread(monkeypatch):
         limits.append(launcher.launch_thread_limit())
     assert len(probe_calls) == 3   # (a busy look is taken twice)
     assert limits == [1] * SAMPLE_EVERY + [0] * SAMPLE_EVERY
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 torch threads")
+def test_looks_at_the_machine_are_at_least_an_interval_apart():
+    """Fast steps look every SAMPLE_EVERY steps only once `interval` has passed (a look
+    reads /proc: 50 us); the first step always looks."""
+    looks = []
+    contention = Contention(lambda: looks.append(0) or 0, interval=3600.0)
+    for _ in range(4 * SAMPLE_EVERY):
+        contention.before_step()
+    assert len(looks) == 1
+    contention.interval = 0.0
+    for _ in range(2 * SAMPLE_EVERY):
+        contention.before_step()
+    assert len(looks) == 3
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 torch threads")

@@ -35,6 +35,7 @@ ROUTE_KEY = "__route"   # in a routed optimizer's per-parameter state (spec name
 
 
 _ALIGN_FLOATS = 16   # 64 bytes: compiled kernels take each channel as an aligned buffer
+_ROUTES_KEPT = 256
 
 
 def _aligned_zeros(channels: int, shape: list[int], device: torch.device) -> torch.Tensor:
@@ -135,6 +136,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._weights = resolve_weights(program, weights, seed)
         self.backend = select_backend(program, backend)
         self._router = Router(program)
+        self._routes: dict[tuple, tuple] = {}   # (shape, hyperparameter values) -> _route's
         self._parameter_values = _parameter_values_used(program)
         self._skips_nonfinite = any(n.op == "skip_step" for g in program.variants.values() for n in topo_order(g.roots()))
         # Scratch values per graph: never saved, so made again after a load_state_dict.
@@ -295,8 +297,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         mesh_group = None
         for group in self.param_groups:
             hyper = {k: float(group[k]) for k in program.hyperparameters}
-            # A group's tensors of one shape take one route, unless per-parameter values (μP) count.
-            routes: dict[torch.Size, tuple] = {}
+            values_now = tuple(hyper.values())
             for p in group["params"]:
                 # An empty tensor has nothing to update, and its means (NaN) would reach the
                 # other tensors through cross-tensor network inputs (VeLO's max over tensors).
@@ -304,11 +305,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     continue
                 self._check_param(p)
                 grad = self._grad(p)
-                route = routes.get(p.shape)
+                # Tensors of one shape and hyperparameters take one route, unless per-parameter
+                # values (μP) count: found once (2 us a shape and step).
+                route = self._routes.get((p.shape, values_now))
                 if route is None:
                     route = self._route(p, group, hyper)
                     if not self._parameter_values:
-                        routes[p.shape] = route
+                        if len(self._routes) >= _ROUTES_KEPT:   # (a schedule: new values every step)
+                            self._routes.clear()
+                        self._routes[(p.shape, values_now)] = route
                 axes, task_hyper, variant = route
                 values, row_shard = p, None
                 if is_dtensor(p):

@@ -25,6 +25,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -134,7 +135,9 @@ def use_torch_threads(library: Path) -> None:
         launcher.use_omp_threads(str(library))
 
 
-SAMPLE_EVERY = 8   # steps between two looks at the machine (each reads ~10 small /proc files)
+SAMPLE_EVERY = 8   # steps between two looks at the machine (each reads ~10 small /proc files: 50 us)
+# ... and at least this long: every 8 steps was 6 us a step of Adam's on a 1M matrix.
+LOOK_INTERVAL_S = 0.02
 
 
 def _cores() -> int:
@@ -161,15 +164,19 @@ def other_runnable() -> int | None:
 
 
 class Contention:
-    """Every SAMPLE_EVERY steps: do other processes' runnable threads leave torch's threads
-    fewer cores than they are? Then the kernels run on one thread until they do not."""
+    """Every SAMPLE_EVERY steps, at least `interval` seconds apart (the first step always):
+    do other processes' runnable threads leave torch's threads fewer cores than they
+    are? Then the kernels run on one thread until they do not."""
 
-    def __init__(self, probe: Callable[[], int | None] = other_runnable):
+    def __init__(self, probe: Callable[[], int | None] = other_runnable, interval: float = LOOK_INTERVAL_S):
         self.probe, self.steps, self.busy = probe, 0, False
+        self.interval, self._looked = interval, 0.0
 
     def before_step(self) -> None:
         threads = torch.get_num_threads()
-        if threads > 1 and self.steps % SAMPLE_EVERY == 0:
+        if threads > 1 and self.steps % SAMPLE_EVERY == 0 and \
+                (self.steps == 0 or time.monotonic() - self._looked >= self.interval):
+            self._looked = time.monotonic()
             # A busy look is taken again at once: on a quiet machine about one look in a
             # hundred counted a thread of ours that stopped running between the files it
             # reads, and the next SAMPLE_EVERY steps ran on one thread.
