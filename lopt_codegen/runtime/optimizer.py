@@ -35,7 +35,7 @@ ROUTE_KEY = "__route"   # in a routed optimizer's per-parameter state (spec name
 
 
 _ALIGN_FLOATS = 16   # 64 bytes: compiled kernels take each channel as an aligned buffer
-_ROUTES_KEPT = 256
+_ROUTES_KEPT = 256   # routes kept across steps (LearnedOptimizer._tasks)
 
 
 def _aligned_zeros(channels: int, shape: list[int], device: torch.device) -> torch.Tensor:
