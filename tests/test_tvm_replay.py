@@ -124,6 +124,19 @@ def _param_added(run: Run, grads: list[torch.Tensor]) -> None:
     grads.append(extra.grad)
 
 
+@pytest.fixture
+def replays(monkeypatch) -> list[int]:
+    """Torch's thread count at each replay of a step, as the replay starts."""
+    seen: list[int] = []
+    original = replay.StepRecord.replay
+
+    def counted(record: replay.StepRecord, grads: list[int]) -> None:
+        seen.append(torch.get_num_threads())
+        original(record, grads)
+    monkeypatch.setattr(replay.StepRecord, "replay", counted)
+    return seen
+
+
 # (change before the step, whether the step replays the last one)
 CHANGES = [(_new_grads, False), (_grads_in_place, True), (_new_grads, True), (_new_grads, True),
            (_first_grads_and_lr, False), (_new_grads, True), (_save, True), (_lr(0.05), False),
@@ -134,24 +147,17 @@ CHANGES = [(_new_grads, False), (_grads_in_place, True), (_new_grads, True), (_n
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
-def test_replayed_steps_match_steps_without_replay_through_every_change(name, monkeypatch):
+def test_replayed_steps_match_steps_without_replay_through_every_change(name, replays):
     gen = torch.Generator().manual_seed(3)
     start = [torch.randn(s, generator=gen) for s in SHAPES]
     replaying, plain = Run(name, start), Run(name, start)
-    replayed: list[bool] = []
-    original = replay.StepRecord.replay
-
-    def counted(record: replay.StepRecord, grads: list[int]) -> None:
-        replayed.append(True)
-        original(record, grads)
-    monkeypatch.setattr(replay.StepRecord, "replay", counted)
-    for step, (change, replays) in enumerate(CHANGES):
+    for step, (change, replays_now) in enumerate(CHANGES):
         grads = [torch.randn(p.shape, generator=gen) for p in replaying.params]
         for run in (replaying, plain):
             change(run, list(grads))
-        replayed.clear()
+        replays.clear()
         replaying.opt.step()
-        assert replayed == ([True] if replays else []), f"step {step} ({change.__name__})"
+        assert len(replays) == replays_now, f"step {step} ({change.__name__})"
         plain.opt.step()
         plain.opt.backend._record = None   # the next step found again, as before replays
         for p, q in zip(replaying.params, plain.params):
@@ -173,7 +179,7 @@ def test_steps_with_a_network_are_not_recorded():
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
-def test_a_training_loop_replays_its_steps(name, monkeypatch):
+def test_a_training_loop_replays_its_steps(name, replays):
     """zero_grad() then backward: new gradient tensors every step, mostly at new
     addresses. The steps after the first replay it, and match steps without replay."""
     cls, extra = CLASSES[name]
@@ -182,13 +188,6 @@ def test_a_training_loop_replays_its_steps(name, monkeypatch):
     twin = copy.deepcopy(model)
     replaying = cls(model.parameters(), lr=0.01, backend="tvm", **extra)
     plain = cls(twin.parameters(), lr=0.01, backend="tvm", **extra)
-    replayed = []
-    original = replay.StepRecord.replay
-
-    def counted(record: replay.StepRecord, grads: list[int]) -> None:
-        replayed.append(True)
-        original(record, grads)
-    monkeypatch.setattr(replay.StepRecord, "replay", counted)
     x, y = torch.randn(16, 12), torch.randn(16, 3)
     for _ in range(6):
         for m, opt in ((model, replaying), (twin, plain)):
@@ -196,6 +195,25 @@ def test_a_training_loop_replays_its_steps(name, monkeypatch):
             torch.nn.functional.mse_loss(m(x), y).backward()
             opt.step()
         plain.backend._record = None
-    assert len(replayed) == 5
+    assert len(replays) == 5
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 torch threads")
+def test_replayed_steps_on_a_busy_machine_run_on_one_thread(replays, monkeypatch, quiet_machine):
+    """A replay takes the busy machine's single thread as the step it repeats did, and
+    gives torch its threads back after."""
+    from lopt_codegen.backends.tvm.threads import CONTENTION
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(6, 10), (10,)]]
+    opt = Adam(params, lr=0.1, backend="tvm")
+    for busy in (False, True):
+        if busy:
+            monkeypatch.setattr(CONTENTION, "probe", lambda: 64)
+            monkeypatch.setattr(CONTENTION, "steps", 0)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            opt.step()
+            assert torch.get_num_threads() == 2
+    assert replays == [2, 2, 1, 1, 1]   # (the first step records; busy or not, the rest replay)

@@ -206,10 +206,7 @@ class TvmBackend(Backend):
         last, self._record = self._record, None   # (only ever the last step's: replay.py)
         if found is not None and last is not None and last.key == found[0]:
             CONTENTION.before_step()
-            if CONTENTION.busy or self.builds is not None and self.builds.running():
-                with CONTENTION.torch_ops_too(), self._core_left():
-                    last.replay(found[1])
-            else:   # (the two contexts took 3 us of a 57 us step)
+            with self._step_threads(cpu=True):
                 last.replay(found[1])
             self._record = last
             return
@@ -269,7 +266,7 @@ class TvmBackend(Backend):
             self.builds.start()
         # On torch's threads less one where a build runs: on all of them, the reference's
         # step beside a build took 10.4 s against 2.5 s.
-        with CONTENTION.torch_ops_too() if cpu else contextlib.nullcontext(), self._core_left():
+        with self._step_threads(cpu):
             if reference:
                 self.fallback.step(batch)
             else:
@@ -278,6 +275,20 @@ class TvmBackend(Backend):
     def _core_left(self) -> ContextManager:
         """Torch's threads less one while a background build runs (background.py)."""
         return self.builds.core_left() if self.builds is not None else contextlib.nullcontext()
+
+    def _step_threads(self, cpu: bool) -> ContextManager:
+        """Torch's threads for a step: one while the machine is busy (CPU steps:
+        Contention.torch_ops_too), less one while a build runs. No context where neither
+        holds: the two took 3 us of a replayed 57 us step."""
+        busy = cpu and CONTENTION.busy
+        building = self.builds is not None and self.builds.running()
+        if not (busy or building):
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if busy:
+            stack.enter_context(CONTENTION.torch_ops_too())
+        stack.enter_context(self._core_left())
+        return stack
 
     def _run_groups(self, batch: StepBatch, groups: dict[tuple, list[TensorTask]],
                     kernels: dict[tuple, list[_Kernel]], ranks: RankSums | None,
