@@ -46,7 +46,7 @@ def test_step_time_quick_run_writes_consistent_results(tmp_path):
         # Each pass at its slower bound: at least either floor, at most their sum.
         assert max(r["traffic_floor_ms"], r["fma_floor_ms"]) <= r["pass_floor_ms"] * (1 + 1e-9)
         assert r["pass_floor_ms"] <= (r["traffic_floor_ms"] + r["fma_floor_ms"]) * (1 + 1e-9)
-        # The floors from the plans: Adam moves fused AdamW's 28 B/param; VeLO 88 on a matrix.
+        # The floors from the plans: Adam moves fused AdamW's 28 B/param; VeLO 72 on a matrix.
         assert r["bytes_per_param"] == 28 if r["spec"] == "adam" else r["bytes_per_param"] > 28
         if r["spec"] == "adam":
             assert r["traffic_floor_ms"] == pytest.approx(r["adamw_ms"], rel=1e-9)
@@ -63,13 +63,13 @@ def test_step_time_cases_and_plan_cost():
     assert (len(resnet), sum(math.prod(s) for s in resnet)) == (62, 11_689_512)
     # Multiply-adds per element: the first layer over the element-level features only.
     # VeLO, factored: 18 of its 30 features (12 are row/column values), 18x4 + 4x4 + 4x3.
-    # Per pass, (bytes, MACs): VeLO's three passes, its MLP in the last (88 B in all).
+    # Per pass, (bytes, MACs): VeLO's three passes, its MLP in the last (72 B in all).
     n = 64 * 48
-    assert step_time.plan_cost("velo", [(64, 48)]) == [(24 * n, 0), (36 * n, 0), (28 * n, 100 * n)]
+    assert step_time.plan_cost("velo", [(64, 48)]) == [(8 * n, 0), (36 * n, 0), (28 * n, 100 * n)]
     assert step_time.plan_cost("velo", [(48,)])[2][1] == 148 * 48   # unfactored: all 30
     # A factored and an unfactored tensor: pass k of both in one round.
     rounds = step_time.plan_cost("velo", [(64, 48), (48,)])
-    assert [r[0] for r in rounds] == [24 * n + 48 * 48, 36 * n + 36 * 48, 28 * n + 40 * 48]
+    assert [r[0] for r in rounds] == [8 * n + 44 * 48, 36 * n + 36 * 48, 28 * n + 40 * 48]
     # small_fc_lopt, unfactored: 28 of its 39 inputs (11 step-level time features fold into the bias).
     assert sum(m for _, m in step_time.plan_cost("small_fc_lopt", [(7,)])) == (28 * 32 + 32 * 32 + 32 * 2) * 7
     # The pass floor: each pass at its slower bound (1 B/ms, 1 MAC/ms).
@@ -89,7 +89,7 @@ def test_gpu_check_dry_run_prints_its_table(capsys):
     assert len(steps) == 4
     assert {r.split(" | ")[1] for r in steps} == {"cuda", "tvm"}
     assert all("parity PASS" in r for r in steps)
-    assert "velo: its passes move 88.25 B/element" in table
+    assert "velo: its passes move 72.25 B/element" in table
 
 
 def test_distributed_quick_run_writes_its_table(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lopt_codegen.cli import run
+from lopt_codegen.ir.nodes import REDUCE, reachable
 from lopt_codegen.ir.plan import plan_program
 
 from conftest import ROOT, SPECS
@@ -119,6 +120,46 @@ def test_pass_counts(programs, name, variant, n_passes):
     # features are recomputed, never stored: only accumulators and the param are written
     written = {w for p in plan.passes for w in p.writes}
     assert written <= set(programs[name].state_levels) | {"param"}
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo", "adam", "elo", "mulo", "celo2", "elo_celo2"])
+def test_every_reduction_is_finished_before_a_pass_or_the_network_uses_it(programs, name):
+    """Reductions may run later than their earliest pass (plan._placed_reductions), never
+    so late that a pass, a tensor function or the network would read them unfinished."""
+    for variant, plan in plan_program(programs[name]).items():
+        graph = programs[name].variants[variant]
+        done = {id(r): p.index for p in plan.passes for r in p.reduce_nodes}
+        assert len(done) == sum(len(p.reduce_nodes) for p in plan.passes)   # each in one pass
+
+        def reductions_read(roots):   # through element and small work, not into reductions' arguments
+            nodes = reachable(roots, lambda n: id(n) not in done)
+            return [n for n in nodes if id(n) in done]
+
+        for p in plan.passes:
+            element = [n for n in p.roots if n.op not in REDUCE] + [r.args[0] for r in p.reduce_nodes]
+            stored = set(p.stored)
+            for r in reductions_read([a for n in element for a in ([n] if id(n) not in stored else [])]):
+                assert done[id(r)] < p.index, (variant, p.index, r.op)
+            for call in p.calls:
+                assert all(done[id(r)] < p.index for r in reductions_read(list(call.args))), (variant, call.attrs)
+        if graph.network_input is not None:
+            assert all(done[id(r)] <= plan.network_after for r in reductions_read([graph.network_input]))
+
+
+def test_velo_means_run_in_the_pass_that_reads_their_inputs_anyway(programs):
+    """VeLO keeps the means of m and v (m_mean, v_mean) for the next step's LSTM, and the
+    moments of the new m and v run in the pass that writes them: its first pass then
+    reads only the gradient and the parameter (72 B an element in all, not 88)."""
+    plan = plan_program(programs["velo"])["factored"]
+    assert [set(p.reads) for p in plan.passes] == [{"grad", "param"}, {"grad", "m", "v"}, {"grad", "m", "v", "param"}]
+    assert [p.bytes_per_element for p in plan.passes] == [8, 36, 28]
+    # Pass 1: the moments of g, clip(g) and p, the row and column means; the rest in pass 2.
+    assert [p.reductions for p in plan.passes] == [
+        ["tensor means: 3 channels", "row means (over d0): 1 channels", "col means (over d1): 1 channels"],
+        ["tensor means: 25 channels"], []]
+    # The earliest pass is kept where no later one reads the inputs anyway (param's moments).
+    unfactored = plan_program(programs["velo"])["unfactored"]
+    assert [p.bytes_per_element for p in unfactored.passes] == [44, 36, 40]
 
 
 def test_velo_accumulators_are_written_after_their_last_old_read(programs):

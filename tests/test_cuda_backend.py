@@ -148,15 +148,15 @@ def test_mlp_first_layer_is_folded(programs, name, variant, inputs):
 
 def test_pass_traffic_counts_inputs_writes_and_line_sums(programs):
     """gpu_check rates each pass's bandwidth by this count: Adam's one pass reads g, p, m,
-    v and writes m, v, p; VeLO's factored first pass reads g, p, 3 momenta and the rms
-    and sums one row/col mean argument (two floats per 32 elements)."""
+    v and writes m, v, p; VeLO's factored first pass reads g and p and sums one row/col
+    mean argument (two floats per 32 elements)."""
     from lopt_codegen.backends.cuda.render import render_cuda
 
     (adam,) = render_cuda(programs["adam"], "adam").layouts["unfactored"]
     assert adam.element_bytes() == 7 * 4
     assert adam.element_bytes(param_size=2, grad_size=2) == 4 * 4 + 3 * 2   # m, v stay float32
     velo_first = render_cuda(programs["velo"], "velo").layouts["factored"][0]
-    assert velo_first.element_bytes() == 6 * 4 + 2 * 4 / 32
+    assert velo_first.element_bytes() == 2 * 4 + 2 * 4 / 32
 
 
 class _CountOps(TorchDispatchMode):

@@ -64,7 +64,7 @@ def test_velo_state_includes_lstm_and_loss_buffer():
     opt = build("velo", params)
     run(opt, params, 2)
     sd = opt.state_dict()
-    assert {"lstm_h", "lstm_c", "m", "v", "fr", "step"} <= set(sd["state"][0])
+    assert {"lstm_h", "lstm_c", "m", "v", "fr", "m_mean", "v_mean", "step"} <= set(sd["state"][0])
     assert float(sd["state"]["loss_buffer"]["loss_iteration"]) == 2.0
     assert float(sd["state"][0]["step"]) == 2.0
 
@@ -261,3 +261,23 @@ def test_reference_step_compiles_with_torch_compile():
         step()
     for p, q in zip(eager_params, compiled_params):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_a_state_without_an_accumulator_fails_to_load_and_leaves_the_state():
+    """A state saved by an earlier VeLO (without the means it now keeps) is refused whole,
+    naming what is missing; the optimizer's own state is untouched."""
+    params = make_params()
+    opt = build("velo", params)
+    run(opt, params, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    for entry in saved["state"].values():
+        if isinstance(entry, dict):
+            entry.pop("m_mean", None)
+    run(opt, params, 1, first_seed=2)
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in params}
+    with pytest.raises(ValueError, match="has no 'm_mean'.*another version of its spec"):
+        opt.load_state_dict(saved)
+    for p in params:
+        for key, value in before[id(p)].items():
+            assert torch.equal(opt.state[p][key], value), key
+    assert float(opt.state[params[0]]["step"]) == 3.0

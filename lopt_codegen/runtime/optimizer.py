@@ -438,12 +438,33 @@ class LearnedOptimizer(torch.optim.Optimizer):
         # torch casts floating state to each parameter's dtype; ours is float32 by design
         # (bf16 accumulators would lose the round trip), so restore it as saved.
         state_dict = {**state_dict, "state": unfold_global_state(state_dict["state"])}
-        super().load_state_dict(state_dict)
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        self._check_saved_state(state_dict["state"], saved_ids, params)
+        super().load_state_dict(state_dict)
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
         for index, (p, group) in zip(saved_ids, params):
             if index in state_dict["state"]:
                 self.state[p] = {k: self._restore(k, v, p, group) for k, v in state_dict["state"][index].items()}
+
+    def _check_saved_state(self, saved: dict[Any, Any], saved_ids: list[int],
+                           params: list[tuple[torch.Tensor, dict]]) -> None:
+        """Every accumulator this optimizer keeps is in each saved entry (before anything
+        is loaded: a state saved by another version of the spec fails whole)."""
+        program = self.program
+        for index, (p, group) in zip(saved_ids, params):
+            entry = saved.get(index)
+            if not entry:   # no state yet (or another rank's, under shard=...)
+                continue
+            variant = entry.get(ROUTE_KEY) or self._route(p, group)[2]
+            missing = sorted(name for name, per_variant in program.state_levels.items()
+                             if variant in per_variant and name not in entry and not is_scratch(name))
+            if missing:
+                raise ValueError(f"{program.class_name}.load_state_dict: the saved state of parameter {index} "
+                                 f"(shape {tuple(p.shape)}) has no {', '.join(map(repr, missing))}, which this "
+                                 f"{program.class_name} keeps: it was saved by another version of its spec or "
+                                 "by another optimizer. Load a state this version saved, or start afresh "
+                                 "without loading one.")
 
     def _restore(self, key: str, value: Any, p: torch.Tensor, group: dict) -> Any:
         if not torch.is_tensor(value):
