@@ -103,8 +103,9 @@ def test_matches_reference_on_every_shape(name, kernels, poisoned_buffers):
     assert (compiled >= expected) == backend.compiled_small_work, compiled
     views = {k.sig.view for ks in backend._kernels.values() for k in ks}
     assert all(not v.symbolic for v in views) == (kernels == "specialized")
-    if name != "adam" and kernels == "specialized":   # tensor means over X (P) and along rows (Q) at once
-        assert {k.sig.means_over_y for ks in backend._kernels.values() for k in ks} == {False, True}
+    if name != "adam" and kernels == "specialized":   # tensor means per row chunk (M), and over X (P) where
+        # the rows split unevenly across the cores, at once
+        assert {k.sig.means_in_m for ks in backend._kernels.values() for k in ks} == {False, True}
     assert {v.parallel_within for v in views} == ({False, True} if kernels == "specialized" else {False})
     if kernels != "specialized":   # shape-generic: vectorized where the dims allow (View.vectors), else scalar
         assert {v.vectors for v in views} == {False, True}

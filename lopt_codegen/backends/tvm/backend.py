@@ -186,10 +186,10 @@ class TvmBackend(Backend):
 
     def small_kernels(self, task: TensorTask, sigs: list[PassSignature]) -> dict[str, SmallKernel] | None:
         """The compiled small work of a tensor kind (shape-generic; the finish functions per
-        layout of the tensor means' sums, PassSignature.means_over_y), by consumer; None for
+        layout of the tensor means' sums, PassSignature.means_over_y and means_in_m), by consumer; None for
         the GPU kernels (their sums have the GPU layout; the small work runs in torch) and
         around tensor functions (they run in torch: so does the small work around them)."""
-        key = (task.variant, sigs[0].view.x_axis, sigs[0].view.gpu, sigs[0].means_over_y)
+        key = (task.variant, sigs[0].view.x_axis, sigs[0].view.gpu, sigs[0].means_over_y, sigs[0].means_in_m)
         if key not in self._small:   # (deriving the signatures took a third of Adam's time outside the kernels)
             small = self._small_signatures(task, sigs)
             self._small[key] = {s.name: SmallKernel(s, load_kernel(self.program, task.variant, s, self.target,
@@ -347,7 +347,7 @@ class TvmBackend(Backend):
         if group.view.numel == 0:   # FSDP2: this rank holds no rows of the group's tensors
             group.finish_sums(sig, *group.no_sums(sig))
             return
-        table, write_back, p, q = group.kernel_args(sig)
+        table, write_back, *sums = group.kernel_args(sig)
         if not sig.view.gpu:
             group.do(partial(kernel.func, table, *sig.view.size_args(group.view.dims)))
         else:
@@ -355,7 +355,7 @@ class TvmBackend(Backend):
                 kernel.func(table, *group.view.dims, *([group.view.gpu_chunks()] if sig.x_sums else []))
         for original, copy in write_back:
             original.copy_(copy)
-        group.finish_sums(sig, p, q)
+        group.finish_sums(sig, *sums)
 
     def _warn_once(self, reason: str) -> None:
         if reason not in self._warned:

@@ -91,23 +91,28 @@ def _own_values_at(sch: s_tir.Schedule, names: list[str], anchor) -> None:
                 sch.vectorize(loop)
 
 
-def _rows_in_one_loop(sch: s_tir.Schedule, p_block, row_blocks: list, chunks: int, parallel: bool) -> None:
-    """P's, Q's and E's nests (those given) in one loop over the rows: a
-    row's sums, then its outputs, which read the row again from the cache, where a loop
-    over the tensor each read it two or three times from memory (VeLO's second pass moved
-    56 B an element, not its plan's 36). With P, the rows as P's chunks of rows (t, a, r;
-    P sums per chunk): (a, x) otherwise. The tensor's own loops over them fused and
-    parallel where they are (View.parallel_within). The sums stay first: E may write the
-    inputs they read (in place). Done before the stages under them are scheduled: TVM
-    parallelizes only a loop whose blocks are still whole."""
+def _rows_in_one_loop(sch: s_tir.Schedule, chunk_blocks: list, row_blocks: list, chunks: int,
+                      parallel: bool) -> None:
+    """P's, M's, Q's and E's nests (those given) in one loop over the rows: a row's sums,
+    then its outputs, which read the row again from the cache, where a loop over the
+    tensor each read it two or three times from memory (VeLO's second pass moved 56 B
+    an element, not its plan's 36). With P or M (chunk_blocks), the rows as their chunks
+    of rows (t, a, r; they sum per chunk): (a, x) otherwise. The tensor's own loops over
+    them fused and parallel where they are (View.parallel_within). The sums stay first:
+    E may write the inputs they read (in place). Done before the stages under them are
+    scheduled: TVM parallelizes only a loop whose blocks are still whole."""
     nests = []
-    if p_block is not None:
-        t, a, b, y, c, r = sch.get_loops(p_block)
-        sch.reorder(t, a, r, b, y, c)
+    for blk in chunk_blocks:
+        loops = sch.get_loops(blk)
+        if sch.get(blk).name_hint.startswith("P"):   # t, a, b, y, c over r
+            t, a, b, y, c, r = loops
+            sch.reorder(t, a, r, b, y, c)
+        else:   # M: t, a, r, b, c, q, l (reordered by schedule_llvm)
+            t, a, r = loops[:3]
         nests.append((t, a, r))
     for blk in row_blocks:
         a, x = sch.get_loops(blk)[:2]
-        if p_block is None:
+        if not chunk_blocks:
             nests.append((a, x))
             continue
         t, r = sch.split(x, [chunks, None])
@@ -133,14 +138,25 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
         # loops are merged, after which TVM's regions took the whole of Q_rows at every row)
         for copy in blocks_of(sch, "Q", len(sig.y_sums)):
             sch.reverse_compute_at(copy, sch.get_loops(row_blocks[0])[1])
+    m_block = reduction_block(sch, "M") if pf.has_m else None
+    if m_block is not None:   # per row, one vector a channel along it (lanes innermost); its own
+        # values before the rows' loops merge, after which TVM computed them for the whole
+        # tensor at every vector
+        t, a, l, r, b, c, q = sch.get_loops(m_block)
+        sch.reorder(t, a, r, b, c, q, l)
+        if sig.lanes > 1:
+            sch.vectorize(l)
+        _own_values_at(sch, pf.sum_blocks.get("M", []), q)
     p_block = reduction_block(sch, "P") if pf.has_p else None
     if p_block is not None and sig.view.parallel_within and sig.chunks != ROW_CHUNKS:
         # Fewer chunks (rows a prime, 50257 say: one) split unevenly across the cores, or
-        # not at all: P keeps a loop of its own, the rows' loop all the cores.
-        _rows_in_one_loop(sch, p_block, [], sig.chunks, True)
+        # not at all: P keeps a loop of its own, the rows' loop all the cores (and tensor
+        # means are not in M: PassSignature.means_in_m).
+        _rows_in_one_loop(sch, [p_block], [], sig.chunks, True)
         p_block = None
-    if p_block is not None or row_blocks:
-        _rows_in_one_loop(sch, p_block, row_blocks, sig.chunks, sig.view.parallel_within)
+    chunk_blocks = [b for b in (p_block, m_block) if b is not None]
+    if chunk_blocks or row_blocks:
+        _rows_in_one_loop(sch, chunk_blocks, row_blocks, sig.chunks, sig.view.parallel_within)
 
     def periodic_at(stage: str, loop) -> None:
         for name in reversed(pf.periodic_blocks.get(stage, [])):   # consumers first (Hr reads them)
@@ -148,6 +164,11 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
             sch.compute_at(blk, loop)
             sch.set_scope(blk, 0, _TILE_SCOPE)
 
+    if pf.has_m:
+        blk = reduction_block(sch, "M")
+        r = sch.get_loops(blk)[-5]   # r, b, c, q, l innermost (chunks and rows: _rows_in_one_loop's)
+        periodic_at("M", r)
+        sch.decompose_reduction(blk, r)
     if pf.has_p:
         blk = reduction_block(sch, "P")
         *_, r, b, y, c = sch.get_loops(blk)   # (chunks and rows: _rows_in_one_loop's)

@@ -37,6 +37,7 @@ class PassSignature:
     mlp: Node | None = None
     x_sums: list[tuple[Node, int]] = field(default_factory=list)    # (reduction, channel) from stage P
     y_sums: list[tuple[Node, int]] = field(default_factory=list)    # ... from stage Q
+    m_sums: list[tuple[Node, int]] = field(default_factory=list)    # ... tensor means from stage M
     outputs: list[tuple[str, int]] = field(default_factory=list)    # ("param" | accumulator, channel)
     output_nodes: dict[str, Node] = field(default_factory=dict)
     stored: dict[int, str] = field(default_factory=dict)
@@ -55,8 +56,19 @@ class PassSignature:
         return LANES if self.view.folded or (self.view.fixed_y and y % LANES == 0 and c == 1) else 1
 
     @property
+    def means_in_m(self) -> bool:
+        """Whether tensor means sum in M (stages._m_sums): one vector a channel per row
+        chunk, kept in registers along each row, where P keeps every column's sums (17
+        channels of VeLO's on a 512x512x3x3 conv: a load and a store each per vector, its
+        pass 1.6x slower than on a 512x4608 matrix) and Q every row's (its finish read 13 MB
+        a step of VeLO's on GPT-2). CPU kernels whose rows split into ROW_CHUNKS chunks, or
+        that run whole per core (else P's rows keep a loop of their own, _rows_in_one_loop)."""
+        view = self.view
+        return not view.gpu and (not view.parallel_within or self.chunks == ROW_CHUNKS)
+
+    @property
     def means_over_y(self) -> bool:
-        """Whether tensor means sum along the rows (Q), not over X (P): on the CPU, where a
+        """(Where not means_in_m) Whether tensor means sum along the rows (Q), not over X (P): on the CPU, where a
         row is long and Q's sums are vectors, a row's sums stay in registers, where P loads
         and stores every channel's column sums at every row, and these no longer fit in L1
         (VeLO on GPT-2's tensors: 7% faster a step). Not for shorter rows (more partial sums
@@ -79,6 +91,9 @@ def pass_signature(p: Pass, graph_new_param: Node, accumulators: dict[str, Node]
         sig.output_nodes[name] = node
         sig.outputs += [(name, c) for c in range(node.channels)]
     for r in p.reduce_nodes:
+        if r.op == "mean" and sig.means_in_m:
+            sig.m_sums.extend((r, c) for c in range(r.channels))
+            continue
         over_x = not sig.means_over_y if r.op == "mean" else view.reduced_axis(r.op) == "X"
         (sig.x_sums if over_x else sig.y_sums).extend((r, c) for c in range(r.channels))
     seen: set[int] = set()

@@ -55,12 +55,13 @@ class SmallSignature:
     x_axis: str | None
     columns: list[Node]           # the leaves row: these nodes' channels, in order
     states: list[Node]            # small state leaves read
-    sums: list[tuple[Node, int, str, int]] = field(default_factory=list)   # (reduction, channel, "P"|"Q", its index)
+    sums: list[tuple[Node, int, str, int]] = field(default_factory=list)   # (reduction, channel, "P"|"Q"|"M", its index)
     finished: list[tuple[Node, int, int]] = field(default_factory=list)     # (reduction, its pass, its output there)
     values: list[Node] = field(default_factory=list)
     scalars: list[Node] = field(default_factory=list)
     mlp: Node | None = None
     means_over_y: bool = False    # (finish functions) tensor means from Q, not P (PassSignature's)
+    means_in_m: bool = False      # (finish functions) tensor means from M (PassSignature's)
 
     @property
     def column_count(self) -> int:
@@ -78,7 +79,7 @@ def column_leaves(graph: VariantGraph) -> list[Node]:
 
 def reductions(sig: PassSignature) -> list[Node]:
     """The reductions a pass's partial sums give, each once, in order."""
-    return list({id(r): r for r, _ in sig.x_sums + sig.y_sums}.values())
+    return list({id(r): r for r, _ in sig.x_sums + sig.y_sums + sig.m_sums}.values())
 
 
 def small_signatures(graph: VariantGraph, sigs: list[PassSignature]) -> list[SmallSignature]:
@@ -101,11 +102,12 @@ def small_signatures(graph: VariantGraph, sigs: list[PassSignature]) -> list[Sma
                                   values=list(values), scalars=list(scalars), mlp=mlp))
 
     for s in sigs:
-        if s.x_sums or s.y_sums:
+        if s.x_sums or s.y_sums or s.m_sums:
             sums = [(r, c, "P", k) for k, (r, c) in enumerate(s.x_sums)]
             sums += [(r, c, "Q", k) for k, (r, c) in enumerate(s.y_sums)]
+            sums += [(r, c, "M", k) for k, (r, c) in enumerate(s.m_sums)]
             out.append(SmallSignature(f"finish{s.index}", s.view.x_axis, columns, [], sums, values=reductions(s),
-                                      means_over_y=s.means_over_y))
+                                      means_over_y=s.means_over_y, means_in_m=s.means_in_m))
         consumer(f"pass{s.index}", s.small, s.scalar_nodes, s.mlp)
     if graph.network_input is not None:
         consumer("network", [graph.network_input])
@@ -154,7 +156,7 @@ class _SmallStages:
                        for n in sig.states}
         self.sums = {}
         for r, c, kind, k in sig.sums:
-            shape = (self.K, A, B, Y, C) if kind == "P" else (A, X, B, C, self.L)
+            shape = {"P": (self.K, A, B, Y, C), "Q": (A, X, B, C, self.L), "M": (self.K, A, self.L)}[kind]
             self.sums[(id(r), c)] = (kind, te.placeholder(shape, F32, f"{kind}{k}"))
         self.finished = {id(r): te.placeholder((r.channels, *self.shape(r.level)), F32, f"finished{k}_pass{p}")
                          for r, p, k in sig.finished}
@@ -221,7 +223,7 @@ class _SmallStages:
     def _finished(self, node: Node) -> list[Channel]:
         """A mean of element values from the partial sums of the pass that reduced it:
         P[k, a, b, y, c] (sums over row chunk k of X), Q[a, x, b, c, l] (lane l's sums over Y);
-        a tensor mean from either, all summed."""
+        a tensor mean from either, or from M[k, a, l], all summed."""
         A, X, B, Y, C = self.dims
         out = []
         for c in range(node.channels):
@@ -254,7 +256,7 @@ class _SmallStages:
                 stage = self._lane_sums(keys)
             else:
                 A, X, B, Y, C = self.dims
-                extents = (self.K, A, B, Y, C) if kind == "P" else (A, X, B, C, self.L)
+                extents = {"P": (self.K, A, B, Y, C), "Q": (A, X, B, C, self.L), "M": (self.K, A, self.L)}[kind]
                 r = [te.reduce_axis((0, n), f"r{k}") for k, n in enumerate(extents)]
                 stage = te.compute((1, 1, 1, 1, 1), lambda *_: _reduce([self.sums[key][1][tuple(r)] for key in keys],
                                                                       r), name=f"mean_{kind}")

@@ -196,17 +196,18 @@ class GroupStep(GroupValues):
 
     # --- kernel arguments ------------------------------------------------------------
     def kernel_args(self, sig: PassSignature) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]],
-                                                      list[torch.Tensor], list[torch.Tensor]]:
+                                                      list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """The pass's pointer table for the group (on the kernels' device), the (original,
-        aligned copy) pairs of outputs to write back after the kernel, and its P and Q
+        aligned copy) pairs of outputs to write back after the kernel, and its P, Q and M
         partial-sum buffers ([tensors, ...] each, finished by finish_sums)."""
         count = len(self)
         kept = self.kept.passes.get(sig.index) or self.kept.passes.setdefault(sig.index, KeptArgs())
         device = self.tasks[0].param.device
         if kept.rows_of is None or kept.rows_of[0] is not sig or kept.rows_of[1] != count:   # (the view is fixed)
-            p_shape, q_shape = self._sum_shapes(sig)
+            p_shape, q_shape, m_shape = self._sum_shapes(sig)
             values = self._value_shapes(sig)
-            shapes = values + [(count, *p_shape)] * len(sig.x_sums) + [(count, *q_shape)] * len(sig.y_sums)
+            shapes = values + [(count, *p_shape)] * len(sig.x_sums) + [(count, *q_shape)] * len(sig.y_sums) \
+                + [(count, *m_shape)] * len(sig.m_sums)
             kept.rows = [empty_rows(s[0], s[1:], device=device) for s in shapes]
             kept.bases, kept.row_table = None, row_pointers(count, kept.rows)
             kept.rows_of, kept.values = (sig, count), len(values)
@@ -217,7 +218,8 @@ class GroupStep(GroupValues):
         else:
             self._fill_values(sig, kept.rows[:kept.values])
         sums = kept.rows[kept.values:]
-        p, q = sums[:len(sig.x_sums)], sums[len(sig.x_sums):]
+        p, q, m = sums[:len(sig.x_sums)], sums[len(sig.x_sums):len(sig.x_sums) + len(sig.y_sums)], \
+            sums[len(sig.x_sums) + len(sig.y_sums):]
         bases = self._tensor_bases()
         if bases is None:   # a misaligned or strided tensor: aligned copies, a table for this step only
             self.unrecorded()
@@ -234,7 +236,7 @@ class GroupStep(GroupValues):
             A, X, B, Y, C = self.view.dims
             p = [x[:, :, :A * B * Y * C].reshape(count, -1, A, B, Y, C) for x in p]
             q = [x[:, :A * X * B * C].reshape(count, A, X, B, C, 1) for x in q]
-        return table, back, p, q
+        return table, back, p, q, m
 
     def _value_shapes(self, sig: PassSignature) -> list[tuple[int, ...]]:
         """The [tensors, ...] shapes of the pass's small values, scalars and MLP weights."""
@@ -454,21 +456,22 @@ class GroupStep(GroupValues):
             back += copies
         return pointer_table(own, row_pointers(len(self), rows), outputs).to(self.tasks[0].param.device), back
 
-    def _sum_shapes(self, sig: PassSignature) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The kernel's P and Q buffers of one tensor (stages.py: _x_sums, _y_sums)."""
+    def _sum_shapes(self, sig: PassSignature) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """The kernel's P, Q and M buffers of one tensor (stages.py: _x_sums, _y_sums, _m_sums)."""
         A, X, B, Y, C = self.view.dims
         if not self.view.gpu:
-            return (sig.chunks, A, B, Y, C), (A, X, B, C, sig.lanes)
-        return (self.view.gpu_chunks(), padded(A * B * Y * C, WARP)), (padded(A * X * B * C, ROWS_PER_BLOCK), 1)
+            return (sig.chunks, A, B, Y, C), (A, X, B, C, sig.lanes), (sig.chunks, A, sig.lanes)
+        return (self.view.gpu_chunks(), padded(A * B * Y * C, WARP)), (padded(A * X * B * C, ROWS_PER_BLOCK), 1), ()
 
     # --- after a kernel --------------------------------------------------------------
-    def finish_sums(self, sig: PassSignature, p: list[torch.Tensor], q: list[torch.Tensor]) -> None:
+    def finish_sums(self, sig: PassSignature, p: list[torch.Tensor], q: list[torch.Tensor],
+                    m: list[torch.Tensor]) -> None:
         """Completes the reductions from the kernels' partial sums (fixed order). Compiled
         small work finishes them in its own function, into the rows its later functions read."""
         if self.small is not None:
             finish = self.small.get(f"finish{sig.index}")
             if finish is not None:
-                self._small_outputs(finish.sig.name, finish.sig.values, p + q)
+                self._small_outputs(finish.sig.name, finish.sig.values, p + q + m)
             return
         self.unrecorded()
         count = len(self)
@@ -477,13 +480,16 @@ class GroupStep(GroupValues):
             parts.setdefault(id(r), []).append(partial.reshape(count, -1).sum(1) if r.op == "mean" else partial.sum(1))
         for (r, _), partial in zip(sig.y_sums, q):
             parts.setdefault(id(r), []).append(partial.reshape(count, -1).sum(1) if r.op == "mean" else partial.sum(-1))
-        for r in {id(r): r for r, _ in sig.x_sums + sig.y_sums}.values():
+        for (r, _), partial in zip(sig.m_sums, m):
+            parts.setdefault(id(r), []).append(partial.reshape(count, -1).sum(1))
+        for r in {id(r): r for r, _ in sig.x_sums + sig.y_sums + sig.m_sums}.values():
             if id(r) not in self.memo:
                 self.finish_sum(r, torch.stack(parts[id(r)], 1).reshape(count, r.channels, *self.level_shape(r.level)))
 
-    def no_sums(self, sig: PassSignature) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The P and Q sums of a rank that holds no rows of the group's tensors (FSDP2's
+    def no_sums(self, sig: PassSignature) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """The P, Q and M sums of a rank that holds no rows of the group's tensors (FSDP2's
         last ranks may hold none): zeros, laid out as finish_sums reads them."""
         A, X, B, Y, C = self.view.dims
         zeros = lambda *shape: torch.zeros(len(self), *shape, device=self.tasks[0].param.device)  # noqa: E731
-        return [zeros(1, A, B, Y, C) for _ in sig.x_sums], [zeros(A, X, B, C, 1) for _ in sig.y_sums]
+        return ([zeros(1, A, B, Y, C) for _ in sig.x_sums], [zeros(A, X, B, C, 1) for _ in sig.y_sums],
+                [zeros(1, A, 1) for _ in sig.m_sums])

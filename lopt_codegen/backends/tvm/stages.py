@@ -3,13 +3,15 @@
   P  partial sums over axis X (tensor means and the row/col means over X):
      P[t, a, b, y, c] = sum of the element values over row chunk t of X
   Q  partial sums over axis Y: Q[a, x, b, c, l] = sum over q of e(a, x, b, q*L + l, c)
+  M  (CPU) tensor means: M[t, a, l] = sum over row chunk t of X, b, c and q of
+     e(a, x, b, q*L + l, c)
   E  every element value the pass stores (accumulators, the new parameter), computed
      together into per-tile buffers, then
   O  stored into the outputs.
 On the GPU, E and O index the elements flat, in two kernels: E over the whole tiles of
 THREADS elements (no bounds checks) and T over the tail (batched.py offsets its pointers).
-The partials are finished in torch in a fixed order (deterministic, no atomics). Outputs
-alias inputs (in place); that is safe because P and Q run before E, and each tile of E
+The partials are finished in a fixed order (deterministic, no atomics). Outputs
+alias inputs (in place); that is safe because P, Q and M run before E, and each tile of E
 reads all it needs before O writes that tile.
 """
 from __future__ import annotations
@@ -36,9 +38,10 @@ class PassFunction:
     has_q: bool
     has_e: bool
     tile_blocks: list[str]   # stages computed per tile before E (own values, the MLP), producers first
-    sum_blocks: dict[str, list[str]] = field(default_factory=dict)   # P, Q -> their own values' stages
+    sum_blocks: dict[str, list[str]] = field(default_factory=dict)   # P, Q, M -> their own values' stages
     offsets: dict[str, tirx.PrimExpr] = field(default_factory=dict)   # buffer -> first element (batched.py)
-    periodic_blocks: dict[str, list[str]] = field(default_factory=dict)   # P, Q, E -> their periodic values' stages
+    periodic_blocks: dict[str, list[str]] = field(default_factory=dict)   # P, Q, M, E -> their periodic values' stages
+    has_m: bool = False
 
 
 # bfloat16 travels as its bits (uint16) and is converted here: TVM 0.27's own bfloat16
@@ -290,6 +293,22 @@ def _y_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
     return _across_threads(te.compute((WARP, padded(rows, ROWS_PER_BLOCK), 1), thread_sums, name="Q_threads"), "Q")
 
 
+def _m_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
+    """M: CPU, [chunks, A, lanes]: each tensor mean's sums over row chunk t of X (P's
+    split) and all of b and c, in sig.lanes interleaved lanes along Y (one vector a
+    channel, which a row's loop keeps in a register)."""
+    A, X, B, Y, C = inputs.dims
+    L, rows = sig.lanes, X // sig.chunks
+    axes = [te.reduce_axis((0, n), name) for n, name in ((rows, "r"), (B, "b"), (C, "c"), (Y // L, "q"))]
+    r, b, c, q = axes
+    # (one chunk: the row is r, not t * X + r, which TVM cannot bound where X is a
+    # variable: it then computed its own values over the whole tensor at every vector)
+    row = (lambda t: r) if sig.chunks == 1 else (lambda t: t * rows + r)
+    return _as_list(te.compute((sig.chunks, A, L), lambda t, a, l: _reduce(
+        [inputs.printer((a, row(t), b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.m_sums],
+        axes), name="M"))
+
+
 # A pass's kernels on the GPU, in launch order: the sums over X and over Y, then the
 # element values over the whole tiles of THREADS elements (E, no bounds checks) and over
 # the rest (T, the tail: under one tile).
@@ -316,7 +335,7 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
     stages: dict[str, list[te.Tensor]] = {}
     sum_blocks = {}
     periodic_blocks = {}
-    for name, sums, stage in (("P", sig.x_sums, _x_sums), ("Q", sig.y_sums, _y_sums)):
+    for name, sums, stage in (("P", sig.x_sums, _x_sums), ("Q", sig.y_sums, _y_sums), ("M", sig.m_sums, _m_sums)):
         if sums:
             sum_blocks[name] = sums_inputs.own_stages([node.args[0] for node, _ in sums], dims)
             stages[name] = stage(sums_inputs, sig)
@@ -361,4 +380,4 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
         offsets = {buf.name: flat[1] for buf in func.params
                    if len(buf.shape) == 1 and tvm_ffi.structural_equal(buf.shape[0], flat[0])}
     return PassFunction(func, "P" in built, "Q" in built, "E" in built, tile_blocks, sum_blocks, offsets,
-                        periodic_blocks)
+                        periodic_blocks, has_m="M" in built)
