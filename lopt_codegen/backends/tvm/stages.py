@@ -301,11 +301,8 @@ def _m_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
     L, rows = sig.lanes, X // sig.chunks
     axes = [te.reduce_axis((0, n), name) for n, name in ((rows, "r"), (B, "b"), (C, "c"), (Y // L, "q"))]
     r, b, c, q = axes
-    # (one chunk: the row is r, not t * X + r, which TVM cannot bound where X is a
-    # variable: it then computed its own values over the whole tensor at every vector)
-    row = (lambda t: r) if sig.chunks == 1 else (lambda t: t * rows + r)
     return _as_list(te.compute((sig.chunks, A, L), lambda t, a, l: _reduce(
-        [inputs.printer((a, row(t), b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.m_sums],
+        [inputs.printer((a, t * rows + r, b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.m_sums],
         axes), name="M"))
 
 
