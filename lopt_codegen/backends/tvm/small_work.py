@@ -381,8 +381,13 @@ class GroupStep(GroupValues):
             super().write_small_accumulators(accumulators)
             return
         small = {name: n for name, n in accumulators.items() if n.level < Level.ELEMENT}
-        for name, value in zip(small, self._small_outputs("accumulators", list(small.values()))):
-            self.do(partial(torch._foreach_copy_, [t.state[name] for t in self.tasks], list(value.unbind(0))))
+        if not small:
+            return
+        values = self._small_outputs("accumulators", list(small.values()))
+        # One copy for all of them: a call took about 2 us a group and accumulator (VeLO's
+        # four on 200 small tensors: 1.6 ms a step)
+        self.do(partial(torch._foreach_copy_, [t.state[name] for name in small for t in self.tasks],
+                        [row for value in values for row in value.unbind(0)]))
 
     def _own_pointers(self, sig: PassSignature, bases: list[list[tuple[int, int]]]) \
             -> tuple[list[list[int]], list[list[int]]]:
