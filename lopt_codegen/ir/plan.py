@@ -53,7 +53,7 @@ class Plan:
 
 def _phases(graph: VariantGraph, placed: dict[int, int] | None = None) -> dict[int, int]:
     """Each node's phase; `placed`: id(reduction) -> the pass it runs in, where later
-    than the earliest (_Placement)."""
+    than the earliest (_placed_reductions)."""
     placed = placed or {}
     phase: dict[int, int] = {}
     # The network input goes first so its phase is known when its outputs (net_out) appear.

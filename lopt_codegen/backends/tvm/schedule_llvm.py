@@ -164,11 +164,10 @@ def schedule_llvm(pf: PassFunction, sig: PassSignature) -> s_tir.Schedule:
             sch.compute_at(blk, loop)
             sch.set_scope(blk, 0, _TILE_SCOPE)
 
-    if pf.has_m:
-        blk = reduction_block(sch, "M")
-        r = sch.get_loops(blk)[-5]   # r, b, c, q, l innermost (chunks and rows: _rows_in_one_loop's)
+    if m_block is not None:
+        r = sch.get_loops(m_block)[-5]   # r, b, c, q, l innermost (chunks and rows: _rows_in_one_loop's)
         periodic_at("M", r)
-        sch.decompose_reduction(blk, r)
+        sch.decompose_reduction(m_block, r)
     if pf.has_p:
         blk = reduction_block(sch, "P")
         *_, r, b, y, c = sch.get_loops(blk)   # (chunks and rows: _rows_in_one_loop's)

@@ -55,7 +55,7 @@ class SmallSignature:
     x_axis: str | None
     columns: list[Node]           # the leaves row: these nodes' channels, in order
     states: list[Node]            # small state leaves read
-    sums: list[tuple[Node, int, str, int]] = field(default_factory=list)   # (reduction, channel, "P"|"Q"|"M", its index)
+    sums: list[tuple[Node, int, str, int]] = field(default_factory=list)   # (reduction, channel, P|Q|M, its index)
     finished: list[tuple[Node, int, int]] = field(default_factory=list)     # (reduction, its pass, its output there)
     values: list[Node] = field(default_factory=list)
     scalars: list[Node] = field(default_factory=list)

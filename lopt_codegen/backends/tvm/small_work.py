@@ -217,9 +217,8 @@ class GroupStep(GroupValues):
                 row.copy_(value)
         else:
             self._fill_values(sig, kept.rows[:kept.values])
-        sums = kept.rows[kept.values:]
-        p, q, m = sums[:len(sig.x_sums)], sums[len(sig.x_sums):len(sig.x_sums) + len(sig.y_sums)], \
-            sums[len(sig.x_sums) + len(sig.y_sums):]
+        sums, x, y = kept.rows[kept.values:], len(sig.x_sums), len(sig.y_sums)
+        p, q, m = sums[:x], sums[x:x + y], sums[x + y:]
         bases = self._tensor_bases()
         if bases is None:   # a misaligned or strided tensor: aligned copies, a table for this step only
             self.unrecorded()
