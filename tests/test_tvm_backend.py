@@ -90,11 +90,12 @@ def poisoned_buffers(monkeypatch):
 @pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "velo"])
 def test_matches_reference_on_every_shape(name, kernels, poisoned_buffers):
     shapes = SHAPES + VECTOR_SHAPES + FOLDED_SHAPES
-    # Specialized: the larger shapes split their own loops across the cores, the smaller
-    # ones run whole per core (both kinds of CPU parallel loop). Torch small work: the
-    # path CUDA groups take.
+    # The larger shapes split their own loops across the cores (shape-generic: where their
+    # rows split into chunks too), the smaller ones run whole per core (both kinds of CPU
+    # parallel loop). Torch small work: the path CUDA groups take.
     options = {"specialized": {"specialize_from": 0, "parallel_within_from": 64},
-               "generic": {}, "generic, torch small work": {"compiled_small_work": False}}[kernels]
+               "generic": {"parallel_within_from": 64},
+               "generic, torch small work": {"compiled_small_work": False}}[kernels]
     pair = make_pair(name, shapes, **options)
     assert run_and_compare(*pair) <= RTOL
     backend = pair[3].backend
@@ -106,7 +107,7 @@ def test_matches_reference_on_every_shape(name, kernels, poisoned_buffers):
     if name != "adam" and kernels == "specialized":   # tensor means per row chunk (M), and over X (P) where
         # the rows split unevenly across the cores, at once
         assert {k.sig.means_in_m for ks in backend._kernels.values() for k in ks} == {False, True}
-    assert {v.parallel_within for v in views} == ({False, True} if kernels == "specialized" else {False})
+    assert {v.parallel_within for v in views} == ({False} if kernels == "generic, torch small work" else {False, True})
     if kernels != "specialized":   # shape-generic: vectorized where the dims allow (View.vectors), else scalar
         assert {v.vectors for v in views} == {False, True}
     if kernels == "specialized" and name != "adam":   # Adam's tensors are flat (unfactored)

@@ -8,13 +8,18 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+import lopt_codegen.backends.tvm.backend as tvm_backend
+import lopt_codegen.backends.tvm.build as tvm_build
 from conftest import ROOT
+from generated.adam import Adam
 from lopt_codegen.backends.build_cache import BuildCache
+from lopt_codegen.backends.tvm import TvmBackend
 from lopt_codegen.backends.tvm.backend import generic_signatures
 from lopt_codegen.backends.tvm.build import load_cuda_kernels
 from lopt_codegen.cli import run
@@ -76,15 +81,37 @@ def test_corrupted_kernel_file_is_rebuilt(tmp_path):
     assert again["sum"] == first["sum"]
 
 
-def test_cli_prebuilds_the_shape_generic_kernels(tmp_path):
+def test_cli_prebuilds_the_shape_generic_kernels_that_stand_in_at_the_first_step(tmp_path, monkeypatch):
     env = dict(os.environ, LOPT_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "lopt_codegen.cli", "--backend", "tvm", "--out", str(tmp_path / "gen"),
            os.path.join(ROOT, "specs", "adam.yaml")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    # (f32, bf16, f16) x 1 pass x (any size, vectors: View.vectors), and the pass's small function
-    assert "7 shape-generic TVM CPU kernels for Adam" in done.stdout
-    assert len(list((tmp_path / "cache" / "tvm-llvm").glob("*/kernel.so"))) == 7
+    # (f32, bf16, f16) x 1 pass x (any size, vectors: View.vectors, vectors split across the
+    # cores), and the pass's small function
+    assert "10 shape-generic TVM CPU kernels for Adam" in done.stdout
+    assert len(list((tmp_path / "cache" / "tvm-llvm").glob("*/kernel.so"))) == 10
+
+    # A new model's first step runs on them, building nothing first: a tensor that splits
+    # across the cores (rows in chunks), one that runs whole per core, one without vectors.
+    gate = threading.Event()
+    monkeypatch.setattr(tvm_backend, "build_kernel", lambda *args: gate.wait(60))   # its own kernels: held
+    monkeypatch.setattr(tvm_build, "_LOADED", {})
+    cache = BuildCache(tmp_path / "cache")
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 80), (80,), (3, 5)]]
+    opt = Adam(params, lr=0.1, backend="tvm")
+    opt.backend = TvmBackend(Adam.program, cache=cache, parallel_within_from=64, background=True)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    try:
+        opt.step()
+        views = {k.sig.view for ks in opt.backend._kernels.values() for k in ks}
+        assert cache.builds == 0 and cache.hits > 0
+        assert {(v.symbolic, v.vectors, v.parallel_within) for v in views} == \
+            {(True, True, True), (True, True, False), (True, False, False)}
+    finally:
+        gate.set()
+        opt.backend.builds.wait()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

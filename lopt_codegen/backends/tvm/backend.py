@@ -30,7 +30,7 @@ from .signature import PassSignature, pass_signature
 from .small_function import small_signatures
 from .small_work import GroupKept, GroupStep, SmallKernel
 from .threads import CONTENTION
-from .view import PARALLEL_WITHIN_FROM, SYMBOLIC_BELOW, View, view_of
+from .view import LANES, PARALLEL_WITHIN_FROM, ROW_CHUNKS, SYMBOLIC_BELOW, View, view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -138,14 +138,13 @@ class TvmBackend(Backend):
         started in the background. And whether they are the best (no better to come)."""
         p = task.param
         view = self.view(task)   # the GPU's is always shape-generic
+        if not view.gpu and view.numel >= self.parallel_within_from:
+            view = replace(view, parallel_within=True)
         if view.numel < self.specialize_from:
             view = view.generic()
-        elif not view.gpu and view.numel >= self.parallel_within_from:
-            view = replace(view, parallel_within=True)
         arch = cuda_arch(p.device) if p.device.type == "cuda" else None
         wait = wait or view.gpu   # (CUDA kernels are shape-generic already)
-        # Best first. (A shape-generic kernel that splits one tensor across the cores took
-        # over 10 minutes to compile: the stand-in runs a tensor per core.)
+        # Best first; the stand-in splits a tensor across the cores only as View.generic allows.
         tiers = [view] if wait or view.symbolic else [view, view.generic()]
         keys = [(task.variant, v.x_axis, v.symbolic or v.dims, v.vectors, v.gpu, v.parallel_within, p.dtype,
                  task.grad.dtype, arch) for v in tiers]
@@ -368,14 +367,17 @@ def generic_signatures(program: Program, dtype: str, gpu: bool = False) -> dict[
     """The passes of the shape-generic kernels (gpu: the CUDA ones), per tensor kind:
     '<variant>-d0' for factored ones (d0 is the lower-numbered factored axis), '<variant>-d1', and
     '<variant>' for unfactored ones (variants: 'factored', 'unfactored' or '<route>_factored'...); on
-    the CPU each also '<label>-vectors', for tensors whose dims allow vectors (View.vectors)."""
+    the CPU each also '<label>-vectors', for tensors whose dims allow vectors (View.vectors), and
+    '<label>-vectors-parallel' for those that also split across the cores (View.generic)."""
     out = {}
     for variant, plan in plan_program(program).items():
         graph = program.variants[variant]
         views = {f"{variant}-d0": view_of((32, 16), (0, 1), gpu), f"{variant}-d1": view_of((16, 32), (1, 0), gpu)} \
-            if is_factored(variant) else {variant: view_of((32,), None, gpu)}
+            if is_factored(variant) else {variant: view_of((ROW_CHUNKS * LANES,), None, gpu)}   # (rows that split)
         for label, view in views.items():
-            kinds = {label: view.fully_generic(), **({} if gpu else {f"{label}-vectors": view.generic()})}
+            kinds = {label: view.fully_generic()} if gpu else {
+                label: view.fully_generic(), f"{label}-vectors": view.generic(),
+                f"{label}-vectors-parallel": replace(view, parallel_within=True).generic()}
             for kind, generic in kinds.items():
                 out[kind] = [pass_signature(p, graph.new_param, graph.accumulators, generic, dtype, dtype)
                              for p in plan.passes]

@@ -19,21 +19,22 @@ import tvm
 from tvm import tirx
 
 
-SHAPE_VARS = "AXBYCVT"   # View.kernel_dims, then the row chunks of a GPU kernel's sums
+SHAPE_VARS = "AXRBYCVT"   # View.kernel_dims, then the row chunks of a GPU kernel's sums
 ALIGNMENT = 64   # bytes; the kernels load and store each buffer of the table as 64-byte aligned
 
 
 def _shape_vars(buffers: list) -> list[tirx.Var]:
     """The symbolic sizes of a shape-generic function (A, X, B, Y, C and, in GPU kernels
-    that sum over X, T; X and V for a View.vectors one), in that order; none for a
+    that sum over X, T; X (or R) and V for a View.vectors one), in that order; none for a
     function built for one shape."""
     found: dict[str, tirx.Var] = {}
     for buf in buffers:
         for dim in buf.shape:
             for var in tirx.analysis.undefined_vars(dim) if not isinstance(dim, tirx.IntImm) else []:
                 found.setdefault(var.name, var)
-    if found and not (set("AXBYC") <= set(found) <= set("AXBYCT") or set(found) == set("XV")):
-        raise ValueError(f"expected the shape variables A, X, B, Y, C (and T), or X and V; got {sorted(found)}")
+    if found and not (set("AXBYC") <= set(found) <= set("AXBYCT") or set(found) in ({"X", "V"}, {"R", "V"})):
+        raise ValueError(f"expected the shape variables A, X, B, Y, C (and T), X and V, or R and V; "
+                         f"got {sorted(found)}")
     return [found[n] for n in SHAPE_VARS if n in found]
 
 

@@ -7,14 +7,11 @@ from dataclasses import dataclass, field
 from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import LEAVES, Level, Node
 from ...ir.plan import Pass
-from .view import LANES, View
+from .view import LANES, ROW_CHUNKS, View
 
 # Rows from this long sum tensor means along the rows (PassSignature.means_over_y): VeLO's
 # 16 such channels then keep 24 KB of column sums, most of L1 beside the streamed values.
 MEANS_OVER_Y_FROM = 384
-
-
-ROW_CHUNKS = 16   # at most this many row chunks of axis-X partial sums
 
 
 def _chunks(n: int, limit: int = ROW_CHUNKS) -> int:

@@ -21,6 +21,7 @@ SYMBOLIC_BELOW = 4096   # smaller tensors share one shape-generic (scalar) kerne
 # CPU: a tensor with fewer elements is too little work to split across cores; its group's
 # kernel runs whole tensors on each core instead (View.parallel_within).
 PARALLEL_WITHIN_FROM = 1 << 16
+ROW_CHUNKS = 16   # at most this many row chunks of axis-X partial sums (PassSignature.chunks)
 WARP = 32         # CUDA: threads of a warp (the contiguous lanes of a reduction)
 ROW_LANES = 8     # CUDA: threads summing rows of one column tile of the axis-X partial sums
 ROWS_PER_BLOCK = 8   # CUDA: rows of the axis-Y sums per thread block (a warp each)
@@ -49,21 +50,29 @@ class View:
     vectors: bool = False
 
     def generic(self) -> "View":
-        """The shape-generic view: vectorized over Y where the dims allow (`vectors`)."""
-        a, _, b, y, c = self.dims
-        return replace(self, symbolic=True, parallel_within=False,
-                       vectors=not self.gpu and a == b == c == 1 and y % LANES == 0)
+        """The shape-generic view: vectorized over Y where the dims allow (`vectors`). A
+        tensor that splits its loops across the cores keeps doing so where its rows also
+        split into ROW_CHUNKS chunks: its kernel is built for X = ROW_CHUNKS x R
+        (kernel_dims), so the chunks' loop needs no bounds checks (a tensor per core left
+        GPT-2's embedding, a quarter of its elements, on one core of two)."""
+        a, x, b, y, c = self.dims
+        vectors = not self.gpu and a == b == c == 1 and y % LANES == 0
+        return replace(self, symbolic=True, vectors=vectors,
+                       parallel_within=self.parallel_within and vectors and x % ROW_CHUNKS == 0)
 
     def fully_generic(self) -> "View":
         """The shape-generic view for any dims (one build for all tensors of a kind)."""
-        return replace(self.generic(), vectors=False)
+        return replace(self.generic(), vectors=False, parallel_within=False)
 
     def size_args(self, dims: tuple) -> tuple:
         """What a kernel built for this view takes as its size arguments, for a tensor of
-        `dims`: none (built for its shape), (X, Y / LANES) (`vectors`) or all five."""
+        `dims`: none (built for its shape), (X, Y / LANES) or (X / ROW_CHUNKS, Y / LANES)
+        (`vectors`, parallel_within) or all five."""
         if not self.symbolic:
             return ()
-        return (dims[1], dims[3] // LANES) if self.vectors else tuple(dims)
+        if self.vectors:
+            return (dims[1] // ROW_CHUNKS if self.parallel_within else dims[1], dims[3] // LANES)
+        return tuple(dims)
 
     def gpu_chunks(self) -> int:
         """CUDA: the row chunks of the axis-X partial sums (blockIdx.y): enough blocks to
@@ -75,9 +84,11 @@ class View:
 
     def kernel_dims(self) -> tuple:
         """The dims a kernel is built for: the sizes (`folded`: Y x C as one axis), or
-        variables bound at call time (V: the vectors along Y of a `vectors` view)."""
+        variables bound at call time (V: the vectors along Y of a `vectors` view; R: its
+        rows per chunk where parallel_within)."""
         if self.vectors:
-            return (1, tirx.Var("X", "int32"), 1, tirx.Var("V", "int32") * LANES, 1)
+            rows = tirx.Var("R", "int32") * ROW_CHUNKS if self.parallel_within else tirx.Var("X", "int32")
+            return (1, rows, 1, tirx.Var("V", "int32") * LANES, 1)
         if self.symbolic:
             return tuple(tirx.Var(n, "int32") for n in "AXBYC")
         a, x, b, y, c = self.dims
