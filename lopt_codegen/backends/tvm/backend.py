@@ -112,6 +112,7 @@ class TvmBackend(Backend):
             else None
         self._kernels: dict[tuple, list[_Kernel]] = {}
         self._small: dict[tuple, dict[str, SmallKernel]] = {}
+        self._small_sigs: dict[tuple, list] = {}
         self._kept: dict[tuple, GroupKept] = {}   # group key -> its kept arguments
         self._warned: set[str] = set()
         self._record: StepRecord | None = None   # the last step's ops, if it may be replayed (replay.py)
@@ -174,10 +175,15 @@ class TvmBackend(Backend):
         return self.builds.done(key, lambda: self._build(variant, jobs), stand_in)
 
     def _small_signatures(self, task: TensorTask, sigs: list[PassSignature]) -> list:
-        """The small functions small_kernels will load for these kernels (none: torch's)."""
-        if sigs[0].view.gpu or not self.compiled_small_work or task.variant in self._with_calls:
-            return []
-        return [s for s in small_signatures(self.program.variants[task.variant], sigs) if not s.empty]
+        """The small functions small_kernels will load for these kernels (none: torch's),
+        derived once per _small_key (each derivation walks the graph: 1-2 ms, 15 of them
+        in VeLO's first step on GPT-2)."""
+        key = _small_key(task, sigs)
+        if key not in self._small_sigs:
+            skip = sigs[0].view.gpu or not self.compiled_small_work or task.variant in self._with_calls
+            self._small_sigs[key] = [] if skip else \
+                [s for s in small_signatures(self.program.variants[task.variant], sigs) if not s.empty]
+        return self._small_sigs[key]
 
     def _build(self, variant: str, sigs: list) -> None:
         for sig in sigs:
@@ -188,7 +194,7 @@ class TvmBackend(Backend):
         layout of the tensor means' sums, PassSignature.means_over_y and means_in_m), by consumer; None for
         the GPU kernels (their sums have the GPU layout; the small work runs in torch) and
         around tensor functions (they run in torch: so does the small work around them)."""
-        key = (task.variant, sigs[0].view.x_axis, sigs[0].view.gpu, sigs[0].means_over_y, sigs[0].means_in_m)
+        key = _small_key(task, sigs)
         if key not in self._small:   # (deriving the signatures took a third of Adam's time outside the kernels)
             small = self._small_signatures(task, sigs)
             self._small[key] = {s.name: SmallKernel(s, load_kernel(self.program, task.variant, s, self.target,
@@ -361,6 +367,12 @@ class TvmBackend(Backend):
             self._warned.add(reason)
             warnings.warn(f"{self.program.class_name}: {reason}; using the reference backend for it",
                           RuntimeWarning, stacklevel=4)
+
+
+def _small_key(task: TensorTask, sigs: list[PassSignature]) -> tuple:
+    """What a tensor kind's small functions depend on besides the spec: the same for all
+    its views and dims (TvmBackend.small_kernels)."""
+    return task.variant, sigs[0].view.x_axis, sigs[0].view.gpu, sigs[0].means_over_y, sigs[0].means_in_m
 
 
 def generic_signatures(program: Program, dtype: str, gpu: bool = False) -> dict[str, list[PassSignature]]:
