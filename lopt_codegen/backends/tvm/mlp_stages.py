@@ -50,8 +50,8 @@ class AlongAxes:
     """Where features constant along Y or along X enter the first layer as per-row and
     per-column partial sums (CPU kernels vectorized along Y): `y_const(feature)` and
     `x_const(feature)` tell them apart; `rows` / `cols` are those sums' dims, `row_at` /
-    `col_at` map an element's index to its row's (column's) there, and `row_point`
-    an index there to an element of that row whose features it holds."""
+    `col_at` map an element's index to its row's (column's) there, and `row_point` /
+    `col_point` an index there to an element of that row (column) whose features it holds."""
 
     y_const: Callable[[Node], bool]
     x_const: Callable[[Node], bool]
@@ -60,6 +60,7 @@ class AlongAxes:
     row_at: Callable[[tuple], tuple]
     col_at: Callable[[tuple], tuple]
     row_point: Callable[[tuple], tuple]
+    col_point: Callable[[tuple], tuple]
 
 
 def build_mlp_stages(mlp: Node, dims: tuple, weights: list[te.Tensor],
@@ -93,7 +94,7 @@ def build_mlp_stages(mlp: Node, dims: tuple, weights: list[te.Tensor],
             return sum(terms[1:], terms[0])
         return te.compute((sizes[1], *at), weighted, name=name)
     rows = partial_sums("row", along.rows, along.row_point, "Hr") if along is not None else None
-    cols = partial_sums("col", along.cols, lambda i: i, "Hc") if along is not None else None
+    cols = partial_sums("col", along.cols, along.col_point, "Hc") if along is not None else None
 
     def first(k, *i):
         total = b[k]

@@ -185,11 +185,15 @@ class _Inputs:
         return names
 
 
-def _along_axes(sig: PassSignature, dims: tuple) -> AlongAxes | None:
+def _along_axes(sig: PassSignature, dims: tuple, element_y) -> AlongAxes | None:
     """Where the MLP's first layer takes features constant along Y or X as per-row and
     per-column sums (mlp_stages.AlongAxes): CPU kernels vectorized along Y. In a folded
     kernel (dims: Y x C as one axis) a value without Y repeats along the row with period
-    C; its row sums too, so they are laid out LANES x C per row (as _Inputs._periodic's)."""
+    C; its row sums too, so they are laid out LANES x C per row (as _Inputs._periodic's).
+    The column sums span the element stages' Y (`element_y`: padded to whole vectors), the
+    padding's lanes those of the last real column, so that a vector of them is one load
+    (clamped per lane, each vector's sums were gathered a lane at a time: small_fc_lopt on
+    100x60, 32 sums a vector, took 1.6x the time an element of 64x128)."""
     view = sig.view
     if view.gpu or not view.vector_y or view.x_axis is None:
         return None
@@ -198,18 +202,15 @@ def _along_axes(sig: PassSignature, dims: tuple) -> AlongAxes | None:
         extent = view.kernel_small_dims(node.level, dims)[axis]
         return node.level < Level.ELEMENT and isinstance(extent, int) and extent == 1
     A, X, B, Y, C = dims
-    # A padded Y's extra lanes read the last column; whole vectors need no clamp (in a
-    # shape-generic kernel TVM cannot drop it: each vector's column sums were then
-    # gathered a lane at a time, 1.6x the time of VeLO's MLP pass).
-    last_column = (lambda i: (i[0], 0, i[2], i[3], i[4])) if view.whole_vectors else \
-        (lambda i: (i[0], 0, i[2], tirx.min(i[3], Y - 1), i[4]))
+    col_at = lambda i: (i[0], 0, i[2], i[3], i[4])  # noqa: E731
+    col_point = col_at if view.whole_vectors else lambda i: (i[0], 0, i[2], tirx.min(i[3], Y - 1), i[4])  # noqa: E731
     if view.folded:   # (B = C = 1 in the kernel's dims)
         every = LANES * view.period
         return AlongAxes(lambda n: constant(n, 3), lambda n: constant(n, 1), (A, X, 1, 1, every), (A, 1, 1, Y, 1),
-                         lambda i: (i[0], i[1], 0, 0, tirx.floormod(i[3], every)), last_column,
-                         lambda j: (j[0], j[1], 0, j[4], 0))
-    return AlongAxes(lambda n: constant(n, 3), lambda n: constant(n, 1), (A, X, B, 1, C), (A, 1, B, Y, C),
-                     lambda i: (i[0], i[1], i[2], 0, i[4]), last_column, lambda j: j)
+                         lambda i: (i[0], i[1], 0, 0, tirx.floormod(i[3], every)), col_at,
+                         lambda j: (j[0], j[1], 0, j[4], 0), col_point)
+    return AlongAxes(lambda n: constant(n, 3), lambda n: constant(n, 1), (A, X, B, 1, C), (A, 1, B, element_y, C),
+                     lambda i: (i[0], i[1], i[2], 0, i[4]), col_at, lambda j: j, col_point)
 
 
 def _masked(inside: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -351,7 +352,7 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
         element_y = Y if sig.view.vectors else sig.view.element_y or Y
         element_dims = (flat[0],) if flat is not None else (A, X, B, element_y, C)
         if sig.mlp is not None:
-            along = _along_axes(sig, dims)
+            along = _along_axes(sig, dims, element_y)
             features = [feat for feat, _, _, _ in MlpFold.of(sig.mlp).element_parts
                         if along is None or not (along.y_const(feat) or along.x_const(feat))]
             tile_blocks += inputs.own_stages(features, element_dims)
