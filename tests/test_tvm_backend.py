@@ -137,11 +137,14 @@ def test_folded_kernels_split_across_the_cores(name, poisoned_buffers):
     assert {(v.folded, v.parallel_within) for v in views} == {(True, True)}
 
 
+@pytest.mark.parametrize("kernels", ["specialized", "generic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
-def test_low_precision_params_within_rounding(name, dtype):
-    shapes = [(7,), (5, 3), (32, 48)]
-    ref_params, ref, tvm_params, opt, gen = make_pair(name, shapes, dtype=dtype, specialize_from=100)
+def test_low_precision_params_within_rounding(name, dtype, kernels):
+    shapes = [(7,), (5, 3), (32, 48)]   # generic: (32, 48) split across the cores, in row chunks
+    options = {"specialize_from": 100} if kernels == "specialized" else {"specialize_from": 1 << 40,
+                                                                          "parallel_within_from": 64}
+    ref_params, ref, tvm_params, opt, gen = make_pair(name, shapes, dtype=dtype, **options)
     for step in range(3):
         for p, q in zip(ref_params, tvm_params):
             g = torch.randn(p.shape, generator=gen).to(dtype)
@@ -158,6 +161,8 @@ def test_low_precision_params_within_rounding(name, dtype):
             q.data.copy_(p.data)
             for key, value in ref.state[p].items():
                 opt.state[q][key].copy_(value)
+    views = {k.sig.view for ks in opt.backend._kernels.values() for k in ks}
+    assert any(v.symbolic and v.parallel_within for v in views) == (kernels == "generic")
 
 
 def test_misaligned_views_and_state_loaded_from_a_checkpoint():
