@@ -144,21 +144,38 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def other_runnable() -> int | None:
-    """Threads of other processes ready to run now (Linux: /proc/stat's procs_running less
-    this process's running threads); None where /proc cannot tell."""
+def _our_running_threads() -> int:
+    """This process's threads in state R (Linux: /proc/self/task/*/stat)."""
+    ours = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:   # the thread ended meanwhile
+            continue
+        ours += stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"R"
+    return ours
+
+
+def _procs_running() -> int:
+    """Threads ready to run now on the whole machine (Linux: /proc/stat's procs_running)."""
+    with open("/proc/stat", "rb") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(b"procs_running"))
+
+
+def other_runnable(ours: Callable[[], int] = _our_running_threads,
+                   total: Callable[[], int] = _procs_running) -> int | None:
+    """Threads of other processes ready to run now: the machine's less this process's;
+    None where /proc cannot tell. Ours are read first. Torch's OpenMP workers spin for a
+    moment after each op, then sleep: one that stops between the two reads is then in
+    ours and not in the total (others undercounted, by at most that moment), where the
+    other order counted it as another process's. That made a quiet machine look busy
+    right after torch's ops (both looks of a sample fell in the same moment), and the
+    next SAMPLE_EVERY steps ran on one thread: small_fc_lopt's steps on ResNet-18 at half
+    speed, 8 at a time (make bench)."""
     try:
-        with open("/proc/stat", "rb") as f:
-            total = next(int(line.split()[1]) for line in f if line.startswith(b"procs_running"))
-        ours = 0
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:   # the thread ended meanwhile
-                continue
-            ours += stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"R"
-        return max(0, total - ours)
+        mine = ours()
+        return max(0, total() - mine)
     except (OSError, StopIteration, ValueError):
         return None
 
@@ -166,21 +183,26 @@ def other_runnable() -> int | None:
 class Contention:
     """Every SAMPLE_EVERY steps, at least `interval` seconds apart (the first step always):
     do other processes' runnable threads leave torch's threads fewer cores than they
-    are? Then the kernels run on one thread until they do not."""
+    are? Then the kernels run on one thread until they do not. A quiet machine turns busy
+    only when the next step's look finds it so too: on this quiet machine about one look
+    in a hundred saw another process's thread that ran for a moment (a look takes ~50 us;
+    a second look at once saw it again, and the next SAMPLE_EVERY steps ran on one thread:
+    small_fc_lopt's ResNet-18 steps at half speed in make bench), while a competing
+    process is there at every look."""
 
     def __init__(self, probe: Callable[[], int | None] = other_runnable, interval: float = LOOK_INTERVAL_S):
         self.probe, self.steps, self.busy = probe, 0, False
         self.interval, self._looked = interval, 0.0
+        self._seen_busy = False   # the last step's look found a quiet machine busy: look again
 
     def before_step(self) -> None:
         threads = torch.get_num_threads()
-        if threads > 1 and self.steps % SAMPLE_EVERY == 0 and \
-                (self.steps == 0 or time.monotonic() - self._looked >= self.interval):
+        if threads > 1 and (self._seen_busy or self.steps % SAMPLE_EVERY == 0 and
+                            (self.steps == 0 or time.monotonic() - self._looked >= self.interval)):
             self._looked = time.monotonic()
-            # A busy look is taken again at once: on a quiet machine about one look in a
-            # hundred counted a thread of ours that stopped running between the files it
-            # reads, and the next SAMPLE_EVERY steps ran on one thread.
-            self.busy = self._outnumbered(threads) and self._outnumbered(threads)
+            outnumbered = self._outnumbered(threads)
+            self.busy = outnumbered and (self.busy or self._seen_busy)
+            self._seen_busy = outnumbered and not self.busy
         self.steps += 1
         limit = 1 if self.busy and threads > 1 else 0   # 0: torch's threads
         if not _launcher_or_none.cache_info().currsize:   # no kernel loaded yet: nothing to limit
