@@ -185,7 +185,7 @@ class _Inputs:
         return names
 
 
-def _along_axes(sig: PassSignature, dims: tuple, element_y) -> AlongAxes | None:
+def _along_axes(sig: PassSignature, dims: tuple, element_y: int | tirx.PrimExpr) -> AlongAxes | None:
     """Where the MLP's first layer takes features constant along Y or X as per-row and
     per-column sums (mlp_stages.AlongAxes): CPU kernels vectorized along Y. In a folded
     kernel (dims: Y x C as one axis) a value without Y repeats along the row with period

@@ -166,13 +166,11 @@ def _procs_running() -> int:
 def other_runnable(ours: Callable[[], int] = _our_running_threads,
                    total: Callable[[], int] = _procs_running) -> int | None:
     """Threads of other processes ready to run now: the machine's less this process's;
-    None where /proc cannot tell. Ours are read first. Torch's OpenMP workers spin for a
-    moment after each op, then sleep: one that stops between the two reads is then in
-    ours and not in the total (others undercounted, by at most that moment), where the
-    other order counted it as another process's. That made a quiet machine look busy
-    right after torch's ops (both looks of a sample fell in the same moment), and the
-    next SAMPLE_EVERY steps ran on one thread: small_fc_lopt's steps on ResNet-18 at half
-    speed, 8 at a time (make bench)."""
+    None where /proc cannot tell. Ours are read first: torch's OpenMP workers spin for a
+    moment after each op, then sleep, and one that stops between the two reads is then
+    in ours and not in the total (others undercounted for that moment), where the other
+    order counted it as another process's. (Other processes' threads that run for a
+    moment are seen too: Contention looks again before it believes them.)"""
     try:
         mine = ours()
         return max(0, total() - mine)
