@@ -103,7 +103,12 @@ def test_matches_reference_on_every_shape(name, kernels, poisoned_buffers):
     expected = {"pass0"} | ({"finish0", "finish1", "pass1", "accumulators"} if name != "adam" else set())
     assert (compiled >= expected) == backend.compiled_small_work, compiled
     views = {k.sig.view for ks in backend._kernels.values() for k in ks}
-    assert all(not v.symbolic for v in views) == (kernels == "specialized")
+    if kernels == "specialized":   # built for their shapes, but where the shape-generic kernels split a
+        # tensor across the cores: those are its own (TvmBackend.kernels)
+        assert all(not v.symbolic or v.parallel_within for v in views)
+        assert any(not v.symbolic for v in views) and any(v.symbolic for v in views)
+    else:
+        assert all(v.symbolic for v in views)
     if name != "adam" and kernels == "specialized":   # tensor means per row chunk (M), and over X (P) where
         # the rows split unevenly across the cores, at once
         assert {k.sig.means_in_m for ks in backend._kernels.values() for k in ks} == {False, True}
