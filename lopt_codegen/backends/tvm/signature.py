@@ -42,8 +42,12 @@ class PassSignature:
     @property
     def chunks(self) -> int:
         """Row chunks of the axis-X sums: a tensor that splits its loops across the cores
-        splits X; in a group run a tensor per core, one chunk (fewer sums to finish)."""
-        return _chunks(self.view.dims[1]) if self.view.parallel_within else 1
+        splits X (a shape-generic kernel always in ROW_CHUNKS: it is built for X =
+        ROW_CHUNKS x R, whatever tensor's dims its view holds); in a group run a tensor per
+        core, one chunk (fewer sums to finish)."""
+        if not self.view.parallel_within:
+            return 1
+        return ROW_CHUNKS if self.view.symbolic else _chunks(self.view.dims[1])
 
     @property
     def lanes(self) -> int:
