@@ -1,7 +1,7 @@
 """The TVM backend's replay of a steady CPU step (backends/tvm/replay.py): a step whose
-tensors, state, hyperparameters and MLP weights are as at the last step repeats its
+tensors, state and MLP weights are as at the last step (runtime/steady.py) repeats its
 recorded calls, with its gradients' new addresses written into the recorded pointer
-tables. Checked against the same optimizer stepped without replay, bit for bit, through
+tables and its hyperparameters' new values into the leaves. Checked against the same optimizer stepped without replay, bit for bit, through
 every change a training loop makes between steps; each change either keeps the replay
 (gradients written in place or made anew, as backward after zero_grad() makes them) or
 is noticed."""
@@ -17,6 +17,7 @@ from generated.adam import Adam
 from generated.small_fc_lopt import SmallFcLopt
 from generated.velo import VeLO
 from lopt_codegen.backends.tvm import replay
+from lopt_codegen.runtime.steady import SteadyTasks
 
 SHAPES = [(5, 3), (5, 3), (7,), (4, 4), (2, 3, 4), ()]
 CLASSES = {"adam": (Adam, {}), "small_fc_lopt": (SmallFcLopt, {"weights": "random"})}
@@ -49,20 +50,24 @@ def _grads_in_place(run: Run, grads: list[torch.Tensor]) -> None:
             p.grad.copy_(g)
 
 
-def _lr(value: float) -> Callable[[Run, list], None]:
+def _lr(value: float, group: int = 0) -> Callable[[Run, list], None]:
+    """A schedule's change: new gradients and a new learning rate."""
     def change(run: Run, grads: list[torch.Tensor]) -> None:
-        _grads_in_place(run, grads)
-        run.opt.param_groups[0]["lr"] = value
+        _new_grads(run, grads)
+        run.opt.param_groups[group]["lr"] = value
+    change.__name__ = f"lr {value} in group {group}"
     return change
 
 
-def _first_grads_and_lr(run: Run, grads: list[torch.Tensor]) -> None:
+def _first_grads_and_state_dict(run: Run, grads: list[torch.Tensor]) -> None:
     """The first step's gradient tensors again, at the addresses for which the step not
-    replayed before built its tables (replays wrote others in), in a step not replayed (lr)."""
+    replayed before built its tables (replays wrote others in), in a step not replayed (a
+    parameter's state dict replaced by one holding the same tensors)."""
     for p, g, first in zip(run.params, grads, run.first_grads):
         p.grad = first
         p.grad.copy_(g)
-    run.opt.param_groups[0]["lr"] = 0.07
+    run.kept.append(run.opt.state[run.params[0]])
+    run.opt.state[run.params[0]] = dict(run.opt.state[run.params[0]])
 
 
 def _misaligned_grads(run: Run, grads: list[torch.Tensor]) -> None:
@@ -124,26 +129,33 @@ def _param_added(run: Run, grads: list[torch.Tensor]) -> None:
     grads.append(extra.grad)
 
 
+def _forget(opt: torch.optim.Optimizer) -> None:
+    """The next step found again, as before replays and steady tasks (runtime/steady.py)."""
+    opt.backend._record = None
+    opt._steady = SteadyTasks()
+
+
 @pytest.fixture
 def replays(monkeypatch) -> list[int]:
     """Torch's thread count at each replay of a step, as the replay starts."""
     seen: list[int] = []
     original = replay.StepRecord.replay
 
-    def counted(record: replay.StepRecord, grads: list[int]) -> None:
+    def counted(record: replay.StepRecord, batch, grads: list[int]) -> None:
         seen.append(torch.get_num_threads())
-        original(record, grads)
+        original(record, batch, grads)
     monkeypatch.setattr(replay.StepRecord, "replay", counted)
     return seen
 
 
 # (change before the step, whether the step replays the last one)
 CHANGES = [(_new_grads, False), (_grads_in_place, True), (_new_grads, True), (_new_grads, True),
-           (_first_grads_and_lr, False), (_new_grads, True), (_save, True), (_lr(0.05), False),
-           (_grads_in_place, True), (_lr(0.1), False), (_param_moved, False), (_grads_in_place, True),
-           (_misaligned_grads, False), (_misaligned_grads, False), (_new_grads, False), (_new_grads, True),
-           (_load, False), (_step_count_replaced, False), (_mlp_weights_written, False), (_one_grad_gone, False),
-           (_grads_in_place, True), (_grad_back, False), (_param_added, False), (_grads_in_place, True)]
+           (_first_grads_and_state_dict, False), (_new_grads, True), (_save, True), (_lr(0.05), True),
+           (_grads_in_place, True), (_lr(0.1), True), (_lr(0.09), True), (_param_moved, False),
+           (_grads_in_place, True), (_misaligned_grads, False), (_misaligned_grads, False), (_new_grads, False),
+           (_new_grads, True), (_load, False), (_step_count_replaced, False), (_mlp_weights_written, False),
+           (_one_grad_gone, False), (_grads_in_place, True), (_grad_back, False), (_param_added, False),
+           (_grads_in_place, True), (_lr(0.02, group=1), True), (_lr(0.08), True), (_grads_in_place, True)]
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
@@ -159,7 +171,7 @@ def test_replayed_steps_match_steps_without_replay_through_every_change(name, re
         replaying.opt.step()
         assert len(replays) == replays_now, f"step {step} ({change.__name__})"
         plain.opt.step()
-        plain.opt.backend._record = None   # the next step found again, as before replays
+        _forget(plain.opt)
         for p, q in zip(replaying.params, plain.params):
             assert torch.equal(p.detach(), q.detach()), f"step {step} ({change.__name__}): param {tuple(p.shape)}"
             for key, value in plain.opt.state[q].items():
@@ -194,7 +206,7 @@ def test_a_training_loop_replays_its_steps(name, replays):
             opt.zero_grad()
             torch.nn.functional.mse_loss(m(x), y).backward()
             opt.step()
-        plain.backend._record = None
+        _forget(plain)
     assert len(replays) == 5
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)

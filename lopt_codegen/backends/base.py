@@ -63,6 +63,11 @@ class StepBatch:
     loss_features: torch.Tensor | None = None      # (channels,) from the loss buffer
     skip_step: torch.Tensor | None = None          # (1,): 1.0 when this step is skipped (grad.nonfinite: skip)
     tensor_functions: dict[str, FunctionIR] = field(default_factory=dict)   # the program's, by name
+    # The tasks' generation (runtime/steady.py): a step of the same generation as another
+    # has the same task objects, params, state and routes; only the tasks' gradients and
+    # hyperparameters (the param groups' values `hyper_values`) may differ. None: unknown.
+    generation: int | None = None
+    hyper_values: tuple = ()
 
 
 class Backend:

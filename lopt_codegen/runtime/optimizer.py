@@ -24,6 +24,7 @@ from .axes import factored_axes
 from .routes import Router
 from .checkpoint import fold_global_state, local_accumulator, sharded_accumulator, unfold_global_state
 from .sharding import TensorSharding, agree, dtensor_grad, dtensor_rows, is_dtensor
+from .steady import SteadyTasks, host_key
 from .step_counts import StepCounts
 from .weights import resolve_weights
 
@@ -155,6 +156,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                              "DTensors, already sharded (FSDP2's fully_shard): leave shard unset")
         self._dtensors = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
         self._step_counts = StepCounts(views=self._sharding is None and not self._dtensors)
+        self._steady = SteadyTasks()
         if self._dtensors or self._sharding is not None:   # ready for torch.distributed.checkpoint
             self._init_all_state()
 
@@ -168,6 +170,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: a parameter appears twice in one param group; list each "
                              "parameter once (model.parameters() does)")
         super().add_param_group({**param_group, "params": params})
+        if hasattr(self, "_dtensors") and any(is_dtensor(p) for p in params):   # (added after the constructor)
+            self._dtensors = True
 
     def _check_param(self, p: torch.Tensor) -> None:
         if p.dtype not in SUPPORTED_DTYPES:
@@ -256,14 +260,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
             stepped = [p for g in self.param_groups for p in g["params"] if p.grad is not None and p.numel()]
             if sharding.reduce_grads:
                 sharding.average_grads(stepped)
-        tasks, mesh_group = self._tasks()
+        tasks, mesh_group, generation = self._step_tasks()
         if not tasks and sharding is None:
             return loss
-        self._step_counts.track([task.state for task in tasks])   # (the backends read them)
         # A rank of a sharded step that owns no tensor still joins its collectives.
         device = tasks[0].param.device if tasks else self.param_groups[0]["params"][0].device
         batch = StepBatch(tasks, mlp_weights=self._mlp_weights(device), network=self._network(device),
-                          tensor_functions=program.tensor_functions)
+                          tensor_functions=program.tensor_functions, generation=generation,
+                          hyper_values=self._steady.hyper)
         if self._skips_nonfinite:
             batch.skip_step = _nonfinite_flag([t.grad for t in tasks], device)
         loss_t = None
@@ -281,13 +285,39 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{program.class_name} runs one network over all tensors: put all parameters "
                                "on one device")
         if tasks:
-            self.backend.step(batch)
+            try:
+                self.backend.step(batch)
+            finally:
+                self._steady.drop_grads()
         elif batch.network is not None:
             self._join_network(batch)
         self._count_step(batch.skip_step, device)
         if sharding is not None:
             sharding.gather_params(stepped)
         return loss
+
+    def _step_tasks(self) -> tuple[list[TensorTask], ProcessGroup | None, int | None]:
+        """This step's tasks with their step counts tracked, the process group of FSDP2's
+        mesh, and the tasks' generation (steady.py): the last step's tasks where nothing
+        but gradients and hyperparameter values changed since. Steps over shards or
+        DTensors are not kept (None)."""
+        if self._sharding is not None or self._dtensors:
+            tasks, mesh_group = self._tasks()
+            self._step_counts.track([task.state for task in tasks])
+            return tasks, mesh_group, None
+        steady, groups, names = self._steady, self.param_groups, self.program.hyperparameters
+        hyper = tuple(tuple(float(group[k]) for k in names) for group in groups)
+        key, grads = host_key(groups, self.state, self._parameter_values)
+        # (a route reads the values: each task's found again where its group's changed)
+        route = (lambda task, g: self._cached_route(task.param, groups[g], hyper[g])) \
+            if self._router.hyper_names or self._parameter_values else None
+        if key == steady.key and steady.take(grads, hyper, names, route):
+            return steady.tasks, None, steady.generation
+        tasks, _ = self._tasks()
+        self._step_counts.track([task.state for task in tasks])   # (the backends read them)
+        # The key again: the first step made state, and the counts may be new views.
+        steady.remember(host_key(groups, self.state, self._parameter_values)[0], tasks, hyper, groups, self.state)
+        return tasks, None, steady.generation
 
     def _tasks(self) -> tuple[list[TensorTask], ProcessGroup | None]:
         """This step's tensors (under shard=..., this rank's; under FSDP2, this rank's rows of
@@ -296,8 +326,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         tasks: list[TensorTask] = []
         mesh_group = None
         for group in self.param_groups:
-            hyper = {k: float(group[k]) for k in program.hyperparameters}
-            values_now = tuple(hyper.values())
+            values_now = tuple(float(group[k]) for k in program.hyperparameters)
             for p in group["params"]:
                 # An empty tensor has nothing to update, and its means (NaN) would reach the
                 # other tensors through cross-tensor network inputs (VeLO's max over tensors).
@@ -305,16 +334,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     continue
                 self._check_param(p)
                 grad = self._grad(p)
-                # Tensors of one shape and hyperparameters take one route, unless per-parameter
-                # values (μP) count: found once (2 us a shape and step).
-                route = self._routes.get((p.shape, values_now))
-                if route is None:
-                    route = self._route(p, group, hyper)
-                    if not self._parameter_values:
-                        if len(self._routes) >= _ROUTES_KEPT:   # (a schedule: new values every step)
-                            self._routes.clear()
-                        self._routes[(p.shape, values_now)] = route
-                axes, task_hyper, variant = route
+                axes, task_hyper, variant = self._cached_route(p, group, values_now)
                 values, row_shard = p, None
                 if is_dtensor(p):
                     values, row_shard = dtensor_rows(p, program.class_name)
@@ -332,6 +352,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     state.update({k: v for k, v in self._init_state(values, variant, axes).items() if is_scratch(k)})
                 tasks.append(TensorTask(values, grad, state, task_hyper, variant, axes, row_shard))
         return tasks, mesh_group
+
+    def _cached_route(self, p: torch.Tensor, group: dict, values: tuple[float, ...]
+                      ) -> tuple[tuple[int, int] | None, dict[str, float], str]:
+        """_route's for the group's hyperparameter `values`, kept: tensors of one shape and
+        values take one route, unless per-parameter values (μP) count: found once (2 us a
+        shape and step)."""
+        key = (p.shape, values)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._route(p, group, dict(zip(self.program.hyperparameters, values)))
+            if not self._parameter_values:
+                if len(self._routes) >= _ROUTES_KEPT:   # (a schedule: new values every step)
+                    self._routes.clear()
+                self._routes[key] = route
+        return route
 
     def _route(self, p: torch.Tensor, group: dict, hyper: dict[str, float] | None = None
                ) -> tuple[tuple[int, int] | None, dict[str, float], str]:

@@ -25,7 +25,7 @@ from ..reference import ReferenceBackend
 from ..sharded_groups import RankSums, run_group_calls
 from .background import BackgroundBuilds, background_builds_enabled
 from .build import build_kernel, cuda_kernels_path, kernel_built, llvm_target, load_cuda_kernels, load_kernel
-from .replay import StepRecord, step_key
+from .replay import StepRecord, recordable, step_key
 from .signature import PassSignature, pass_signature
 from .small_function import small_signatures
 from .small_work import GroupKept, GroupStep, SmallKernel
@@ -212,15 +212,16 @@ class TvmBackend(Backend):
         return [load_kernel(self.program, variant, s, self.target, self.cache) for s in sigs]
 
     def step(self, batch: StepBatch) -> None:
-        found = step_key(batch, self._with_calls)
+        key = step_key(batch)
         last, self._record = self._record, None   # (only ever the last step's: replay.py)
-        if found is not None and last is not None and last.key == found[0]:
+        grads = last.gradients(batch) if key is not None and last is not None and last.key == key else None
+        if grads is not None:
             CONTENTION.before_step()
             with self._step_threads(cpu=True):
-                last.replay(found[1])
+                last.replay(batch, grads)
             self._record = last
             return
-        record = StepRecord(*found, batch.tasks) if found is not None else None
+        record = StepRecord(key, batch) if key is not None and recordable(batch, self._with_calls) else None
         try:
             self._step_supported(batch, record)
         finally:

@@ -142,6 +142,28 @@ def _rows(kept: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> list[torch
     return [empty_rows(s[0], s[1:]) for s in shapes]
 
 
+def write_hyper(kept: GroupKept, tasks: list[TensorTask], nodes: list[Node]) -> None:
+    """The leaves' columns of hyperparameters `nodes` (one value a tensor), where the
+    tasks' values are not those written last (all tensors' from one dict equal to the one
+    written last: none to check; else a tuple per node: 3 us a group and name)."""
+    shared = tasks[0].hyper
+    if any(t.hyper is not shared for t in tasks):
+        shared = None
+    elif kept.hyper_seen == shared:
+        return
+    for node in nodes:
+        name = node.attrs[0]
+        written = (shared[name],) if shared is not None else tuple([t.hyper[name] for t in tasks])
+        if kept.written.get(id(node)) != written:
+            column = kept.leaf_columns[id(node)]
+            if shared is not None:
+                column.fill_(written[0])
+            else:
+                column.copy_(torch.tensor(written).reshape(column.shape))
+            kept.written[id(node)] = written
+    kept.hyper_seen = dict(shared) if shared is not None else None
+
+
 class GroupStep(GroupValues):
     """A group's step through the TVM kernels: each tensor's kernel arguments and
     outputs, and the reductions finished from the kernels' partial sums. With `small`
@@ -161,7 +183,6 @@ class GroupStep(GroupValues):
         self._bases_read = False
         self._copies: list[torch.Tensor] = []   # _table_with_copies'
         self._filled: set[int] = set()   # leaves and states read this step
-        self._hyper_dicts: list[dict[str, float]] | None = None   # _hyper_values'
 
     def element(self, t: int, name: str, channel: int = 0) -> torch.Tensor:
         """Tensor t's param, grad or accumulator channel viewed as the kernels' dims; made
@@ -318,35 +339,27 @@ class GroupStep(GroupValues):
             starts = itertools.accumulate([n.channels for n in columns], initial=0)
             kept.leaf_columns = {id(n): kept.leaves[:, start:start + n.channels] for n, start in zip(columns, starts)}
             kept.hyper_seen = None
-        # All tensors' hyperparameters from one dict equal to the one written last: none to check.
-        if self._hyper_dicts is None:
-            self._hyper_dicts = list({id(t.hyper): t.hyper for t in self.tasks}.values())
-        shared = self._hyper_dicts[0] if len(self._hyper_dicts) == 1 else None
-        unchanged = shared is not None and kept.hyper_seen == shared
+        hyper = []
         for node in columns:
             key = id(node)
             if key in self._filled or node.op == "net_out" and not self.ev.net_out:
                 continue
             if node.op == "step":   # the counts as they are (ev.leaf's conversions took 10 us a group)
                 self.do(partial(copy_stacked, kept.leaf_columns[key], [t.state["step"] for t in self.tasks]))
-            elif not (unchanged and node.op == "hyper"):
-                written = self._hyper_values(node.attrs[0]) if node.op == "hyper" else \
-                    "shape" if node.op == "shape" else None
+            elif node.op == "hyper":
+                hyper.append(node)
+            else:
+                written = "shape" if node.op == "shape" else None
                 if written is None or kept.written.get(key) != written:
                     if written is None:   # (a value of this step: a replay would copy the old one)
                         self.unrecorded()
                     kept.leaf_columns[key].copy_(self.ev.leaf(node).reshape(-1, node.channels))
                     kept.written[key] = written
             self._filled.add(key)
-        if not unchanged:
-            kept.hyper_seen = dict(shared) if shared is not None else None
-
-    def _hyper_values(self, name: str) -> tuple[float, ...]:
-        """Hyperparameter `name` of each tensor; one value where all share their param
-        group's (then all have it): a tuple per tensor took 3 us a group and name."""
-        if len(self._hyper_dicts) == 1:
-            return (self._hyper_dicts[0][name],)
-        return tuple([t.hyper[name] for t in self.tasks])
+        if hyper:
+            write_hyper(kept, self.tasks, hyper)
+            if self.record is not None:   # (a replay's values may be new: a schedule's)
+                self.record.hyper_in(partial(write_hyper, kept, self.tasks, hyper))
 
     def _state_rows(self, node: Node) -> torch.Tensor:
         """A small accumulator's values before this step, as [tensors, channels, *small dims]."""
