@@ -18,7 +18,9 @@ measured in a child process (a compile that fails or runs past --compile-timeout
 recorded as n/a with the reason), against its own fused AdamW.
 
 Gradients are random, fixed, and set once before timing: only the optimizer step is timed.
-VeLO gets a constant loss. Writes results.md, results.json and (with matplotlib) a plot.
+Every optimizer steps under an LR schedule, as in training (each step's learning rate a
+little lower than the last one's: its hyperparameters change at every step). VeLO gets
+a constant loss. Writes results.md, results.json and (with matplotlib) a plot.
 
     python benchmarks/step_time.py                     # 1M, 4M, many, gpt, resnet; 20 timed steps
     python benchmarks/step_time.py --sizes 1M,16M --steps 10 --no-compile
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -144,11 +147,24 @@ def make_optimizer(spec: str, backend: str, params):
     return cls(params, lr=LR, weights="random", seed=0, backend=backend, **kwargs)
 
 
-def step_fn(opt, step: Callable | None = None) -> Callable[[], object]:
+def step_fn(opt, step: Callable | None = None, schedule: bool = False) -> Callable[[], object]:
+    """One step of `opt` (with a loss where it needs one); with `schedule`, each step's
+    learning rate a little lower than the last one's, as under a training run's LR
+    schedule (the hyperparameters then change at every step)."""
     loss = torch.tensor(1.0, device=opt.param_groups[0]["params"][0].device)
     step = step or opt.step
     needs_loss = getattr(getattr(opt, "program", None), "needs_loss", False)
-    return (lambda: step(loss=loss)) if needs_loss else (lambda: step())
+    once = (lambda: step(loss=loss)) if needs_loss else (lambda: step())
+    if not schedule:
+        return once
+    groups, steps = opt.param_groups, itertools.count(1)
+
+    def scheduled() -> object:
+        decay = 1.0 - 1e-4 * (next(steps) % 1000)
+        for group in groups:
+            group["lr"] = LR * decay
+        return once()
+    return scheduled
 
 
 def available_backends(device: str) -> list[str]:
@@ -256,11 +272,11 @@ def measure_case_spec(spec: str, token: str, backends: list[str], args) -> dict:
     base, grads = make_tensors(shapes, args.seed, args.device)
     fns, opts, errors = {}, {}, {}
     for name, flavour in (("adamw_fused", "fused"), ("adamw_foreach", "foreach")):
-        fns[name] = step_fn(torch.optim.AdamW(clone_params(base, grads), lr=LR, **{flavour: True}))
+        fns[name] = step_fn(torch.optim.AdamW(clone_params(base, grads), lr=LR, **{flavour: True}), schedule=True)
     for backend in backends:
         try:
             opts[backend] = make_optimizer(spec, backend, clone_params(base, grads))
-            fns[backend] = step_fn(opts[backend])
+            fns[backend] = step_fn(opts[backend], schedule=True)
         except Exception as exc:  # noqa: BLE001
             errors[backend] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     medians, run_errors = time_interleaved(fns, args.warmup, args.steps, args.device)
@@ -414,7 +430,8 @@ def to_markdown(results: dict) -> str:
     lines = ["# Optimizer step time", "",
              f"Median of {cfg['steps']} steps after {cfg['warmup']} warmup steps, interleaved with "
              "torch.optim.AdamW(fused=True) and AdamW(foreach=True) on tensors of the same shapes; only `opt.step()` "
-             "is timed (fixed random gradients). Learned optimizers use weights=\"random\" (the work per step does "
+             "is timed (fixed random gradients), each step's learning rate a little lower than the last one's, "
+             "as under a training run's LR schedule. Learned optimizers use weights=\"random\" (the work per step does "
              "not depend on the weights). `x fused` = step time / fused AdamW's step time, the anchor; `x foreach` "
              "the same against AdamW(foreach=True). Floors, per spec and case, in the same run: `traffic floor` = "
              f"the bytes its plan's passes move / the bandwidth fused AdamW reached ({ADAMW_BYTES} B/param); `FMA "

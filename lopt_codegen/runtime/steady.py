@@ -108,14 +108,15 @@ class SteadyTasks:
             changed = {g: dict(zip(names, values)) for g, (old, values) in enumerate(zip(self.hyper, hyper))
                        if old != values}
             if route is None:
-                routes = [(task, (task.axes, changed[g], task.variant))
-                          for task, g in zip(self.tasks, self._groups) if g in changed]
+                for task, g in zip(self.tasks, self._groups):
+                    if g in changed:
+                        task.hyper = changed[g]
             else:
                 routes = [(task, route(task, g)) for task, g in zip(self.tasks, self._groups) if g in changed]
-            if any((axes, variant) != (task.axes, task.variant) for task, (axes, _, variant) in routes):
-                return False
-            for task, (_, task_hyper, _) in routes:
-                task.hyper = task_hyper
+                if any((axes, variant) != (task.axes, task.variant) for task, (axes, _, variant) in routes):
+                    return False
+                for task, (_, task_hyper, _) in routes:
+                    task.hyper = task_hyper
             self.hyper = hyper
         for task, slot in zip(self.tasks, self._slots):
             task.grad = grads[slot]

@@ -10,6 +10,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from operator import attrgetter
 from typing import Callable
 
 import torch
@@ -142,12 +143,16 @@ def _rows(kept: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> list[torch
     return [empty_rows(s[0], s[1:]) for s in shapes]
 
 
+_HYPER = attrgetter("hyper")
+
+
 def write_hyper(kept: GroupKept, tasks: list[TensorTask], nodes: list[Node]) -> None:
     """The leaves' columns of hyperparameters `nodes` (one value a tensor), where the
     tasks' values are not those written last (all tensors' from one dict equal to the one
     written last: none to check; else a tuple per node: 3 us a group and name)."""
-    shared = tasks[0].hyper
-    if any(t.hyper is not shared for t in tasks):
+    hypers = list(map(_HYPER, tasks))
+    shared = hypers[0]
+    if hypers.count(shared) != len(hypers):   # (equal dicts: one object each, mostly)
         shared = None
     elif kept.hyper_seen == shared:
         return
