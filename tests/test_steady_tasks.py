@@ -201,11 +201,13 @@ def _infshape_replaced(run: Run, grads: list[torch.Tensor]) -> None:
     run.params[1].infshape = InfShape(2, 2.0)
 
 
-# (change before the step, whether the step takes the last step's tasks)
-# (change before the step, whether the step takes the last step's tasks)
+# (change before the step, whether the step takes the last step's tasks; "replays": unless
+# the backend replays steps through the state's addresses)
+# (change before the step, whether the step takes the last step's tasks; "replays": unless
+# the backend replays steps through the state's addresses)
 CHANGES = [(_new_grads, False), (_new_grads, True), (_grads_in_place, True), (_hyper("lr", 0.07), True),
            (_hyper("lr", 0.06), True), (_hyper("lr", 0.02, group=-1), True), (_state_reset, False),
-           (_new_grads, True), (_state_dict_copied, False), (_new_grads, True), (_state_tensor_moved, False), (_new_grads, True), (_param_moved, False),
+           (_new_grads, True), (_state_dict_copied, False), (_new_grads, True), (_state_tensor_moved, "replays"), (_new_grads, True), (_param_moved, False),
            (_new_grads, True), (_param_to_bf16, False), (_new_grads, True), (_grad_in_float32, False),
            (_grads_in_place, True), (_scalar_made_vector, False), (_new_grads, True),
            (_state_value_replaced_by_a_view, False), (_grads_in_place, True), (_one_grad_gone, False),
@@ -231,6 +233,8 @@ def test_steps_on_the_last_steps_tasks_match_steps_that_find_them_afresh(name, b
         afresh.opt._steady = SteadyTasks()   # (its next step finds its tasks afresh)
         if keeps is None:   # (what reads it: MuLO's tasks do, the others' do not)
             keeps = name != "mulo"
+        elif keeps == "replays":   # (state addresses: only a backend that replays steps reads them)
+            keeps = not steady.opt.backend.replays_steps
         assert (steady.opt._steady.generation == before) == keeps, f"step {step} ({change.__name__})"
         for p, q in zip(steady.params, afresh.params):
             assert torch.equal(p.detach(), q.detach()), f"step {step} ({change.__name__}): param {tuple(p.shape)}"

@@ -179,15 +179,19 @@ def test_replayed_steps_match_steps_without_replay_through_every_change(name, re
                     assert torch.equal(replaying.opt.state[p][key], value), f"step {step}: state {key}"
 
 
-def test_steps_with_a_network_are_not_recorded():
-    """VeLO's network runs in torch every step (and reads the loss): never replayed."""
+@pytest.mark.parametrize("name", ["velo", *CLASSES])
+def test_a_backend_records_steps_only_where_it_says_it_replays_them(name):
+    """VeLO's network runs in torch every step (and reads the loss): never replayed, and
+    its task generations leave the state's addresses out (Backend.replays_steps)."""
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(6, 4), (9,)]]
-    opt = VeLO(params, lr=0.1, num_steps=40, weights="random", backend="tvm")
+    cls, extra = (VeLO, {"num_steps": 40, "weights": "random"}) if name == "velo" else CLASSES[name]
+    opt = cls(params, lr=0.1, backend="tvm", **extra)
     for _ in range(2):
         for p in params:
             p.grad = torch.randn(p.shape)
         opt.step(loss=1.0)
-    assert opt.backend._record is None
+    assert opt.backend.replays_steps == (name != "velo")
+    assert (opt.backend._record is not None) == opt.backend.replays_steps
 
 
 @pytest.mark.parametrize("name", list(CLASSES))

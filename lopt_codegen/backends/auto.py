@@ -36,6 +36,7 @@ class AutoBackend(Backend):
     def __init__(self, program: Program):
         super().__init__(program)
         self.cpu = _cpu_backend(program)   # also sends what TVM cannot take to the reference
+        self.replays_steps = self.cpu.replays_steps
         self.reference = ReferenceBackend(program)
         self._warned: set[str] = set()
 

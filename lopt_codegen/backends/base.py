@@ -72,6 +72,9 @@ class StepBatch:
 
 class Backend:
     name: str = "base"
+    # Whether a step of the last step's task generation (StepBatch.generation) may repeat
+    # it through the addresses it read: the generation then covers the state's addresses.
+    replays_steps: bool = False
 
     def __init__(self, program: Program):
         self.program = program

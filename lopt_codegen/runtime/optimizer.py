@@ -307,7 +307,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             return tasks, mesh_group, None
         steady, groups, names = self._steady, self.param_groups, self.program.hyperparameters
         hyper = tuple(tuple(float(group[k]) for k in names) for group in groups)
-        key, grads = host_key(groups, self.state, self._parameter_values)
+        addresses = self.backend.replays_steps
+        key, grads = host_key(groups, self.state, self._parameter_values, addresses)
         # (a route reads the values: each task's found again where its group's changed)
         route = (lambda task, g: self._cached_route(task.param, groups[g], hyper[g])) \
             if self._router.hyper_names or self._parameter_values else None
@@ -316,7 +317,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         tasks, _ = self._tasks()
         self._step_counts.track([task.state for task in tasks])   # (the backends read them)
         # The key again: the first step made state, and the counts may be new views.
-        steady.remember(host_key(groups, self.state, self._parameter_values)[0], tasks, hyper, groups, self.state)
+        steady.remember(host_key(groups, self.state, self._parameter_values, addresses)[0], tasks, hyper, groups,
+                        self.state)
         return tasks, None, steady.generation
 
     def _tasks(self) -> tuple[list[TensorTask], ProcessGroup | None]:

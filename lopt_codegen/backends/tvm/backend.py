@@ -105,6 +105,10 @@ class TvmBackend(Backend):
         self.plans = plan_program(program)
         self._with_calls = {v for v, graph in program.variants.items()
                             if any(n.op == "call" for n in topo_order(graph.roots()))}
+        # (steps with a network, a loss or a skip flag are never recorded: replay.py)
+        skips = any(n.op == "skip_step" for g in program.variants.values() for n in topo_order(g.roots()))
+        self.replays_steps = program.network is None and not program.needs_loss and not skips and \
+            len(self._with_calls) < len(program.variants)
         self.fallback = ReferenceBackend(program)
         # New kernels build in the background while the step runs on the tier below
         # (background.py); None: each is built when first needed, the step waiting.
