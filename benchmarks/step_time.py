@@ -10,8 +10,8 @@ AdamW(foreach=True), on tensors of the same shapes, so machine noise hits all al
 
 Each spec also gets its floors in the same run: the traffic floor (the bytes its plan's
 passes move over these tensors, at the bandwidth fused AdamW reached: 28 B/element), the
-FMA floor (its MLP's multiply-adds over these tensors, at the rate torch.mm of 1024x1024
-matrices reached) and the pass floor (each pass at the slower of the two, one pass after
+FMA floor (its MLP's multiply-adds over these tensors, and its network's, at the rate
+torch.mm of 1024x1024 matrices reached) and the pass floor (each pass at the slower of the two, one pass after
 another: a spec whose passes are some memory-bound, some FMA-bound cannot go below it).
 `torch.compile(opt.step)` of the reference backend is
 measured in a child process (a compile that fails or runs past --compile-timeout is
@@ -190,9 +190,13 @@ def available_backends(device: str) -> list[str]:
 def plan_cost(spec: str, shapes: list[tuple[int, ...]]) -> list[tuple[int, int]]:
     """(bytes, multiply-adds) of each pass of one step over float32 tensors of `shapes`, from
     the spec's plan: what each tensor's passes read and write, and its MLP's work. Pass k of
-    every tensor runs before pass k+1 of any (its small work needs pass k's sums)."""
+    every tensor runs before pass k+1 of any (its small work needs pass k's sums). A spec's
+    network (VeLO's LSTM) is one more round: its weights read once, its layers'
+    multiply-adds once per tensor."""
+    from lopt_codegen.ir.network import network_cost
     from lopt_codegen.ir.plan import plan_program
     from lopt_codegen.runtime.axes import factored_axes
+    from lopt_codegen.runtime.weights import resolve_weights
 
     program = import_spec(spec).program
     if program.routes:
@@ -206,6 +210,11 @@ def plan_cost(spec: str, shapes: list[tuple[int, ...]]) -> list[tuple[int, int]]
                 rounds.append((0, 0))
             nbytes, macs = rounds[k]
             rounds[k] = (nbytes + math.prod(shape) * p.bytes_per_element, macs + math.prod(shape) * p.macs)
+    if program.network is not None:
+        weights = resolve_weights(program, "random", 0)
+        each, once, floats = network_cost(program.network, {g: {k: tuple(v.shape) for k, v in weights[g].items()}
+                                                            for g in program.network.groups})
+        rounds.append((4 * floats, each * len(shapes) + once))
     return rounds
 
 
@@ -434,11 +443,13 @@ def to_markdown(results: dict) -> str:
              "as under a training run's LR schedule. Learned optimizers use weights=\"random\" (the work per step does "
              "not depend on the weights). `x fused` = step time / fused AdamW's step time, the anchor; `x foreach` "
              "the same against AdamW(foreach=True). Floors, per spec and case, in the same run: `traffic floor` = "
-             f"the bytes its plan's passes move / the bandwidth fused AdamW reached ({ADAMW_BYTES} B/param); `FMA "
-             "floor` = its MLP's multiply-adds / the rate torch.mm of 1024x1024 matrices reached; `x traffic` and "
+             f"the bytes its plan's passes move (and its network's weights, read once) / the bandwidth fused AdamW "
+             f"reached ({ADAMW_BYTES} B/param); `FMA "
+             "floor` = its MLP's multiply-adds (and its network's: VeLO's LSTM, once per tensor) / the rate torch.mm of "
+             "1024x1024 matrices reached; `x traffic` and "
              "`x FMA` = step time / that floor; `pass floor` = each pass at the slower of its traffic and "
-             "its multiply-adds at those rates, the passes one after another (pass k of every tensor before pass "
-             "k+1: its small work needs pass k's sums), `x pass` = step time / that floor. `x ref` and `x compiled` divide this row's `x fused` by that of the "
+             "its multiply-adds at those rates, the passes (and the network) one after another (pass k of every tensor "
+             "before pass k+1: its small work needs pass k's sums), `x pass` = step time / that floor. `x ref` and `x compiled` divide this row's `x fused` by that of the "
              "reference backend and of `torch.compile(opt.step)` of the reference backend (timed in a child "
              "process against its own fused AdamW).", "",
              "| case | params | tensors | spec | method | step (ms) | fused AdamW (ms) | x fused | x foreach | "

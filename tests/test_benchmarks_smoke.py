@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,16 +65,57 @@ def test_step_time_cases_and_plan_cost():
     # Multiply-adds per element: the first layer over the element-level features only.
     # VeLO, factored: 18 of its 30 features (12 are row/column values), 18x4 + 4x4 + 4x3.
     # Per pass, (bytes, MACs): VeLO's three passes, its MLP in the last (72 B in all).
+    # Its LSTM network, a fourth round: its weights read once, its layers once per tensor,
+    # as many multiply-adds as torch counts running it on 3 tensors' rows.
     n = 64 * 48
-    assert step_time.plan_cost("velo", [(64, 48)]) == [(8 * n, 0), (36 * n, 0), (28 * n, 100 * n)]
+    network = step_time.plan_cost("velo", [(64, 48)])[3]
+    assert step_time.plan_cost("velo", [(64, 48)]) == [(8 * n, 0), (36 * n, 0), (28 * n, 100 * n), network]
     assert step_time.plan_cost("velo", [(48,)])[2][1] == 148 * 48   # unfactored: all 30
     # A factored and an unfactored tensor: pass k of both in one round.
     rounds = step_time.plan_cost("velo", [(64, 48), (48,)])
-    assert [r[0] for r in rounds] == [8 * n + 44 * 48, 36 * n + 36 * 48, 28 * n + 40 * 48]
+    assert [r[0] for r in rounds] == [8 * n + 44 * 48, 36 * n + 36 * 48, 28 * n + 40 * 48, network[0]]
+    assert rounds[3][1] == 2 * network[1]
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.flop_counter import FlopCounterMode
+    from generated.velo import VeLO
+
+    class Reads(TorchDispatchMode):
+        """The data pointers of every tensor an op reads."""
+        def __init__(self):
+            super().__init__()
+            self.pointers: set[int] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.pointers |= {a.data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+            return func(*args, **(kwargs or {}))
+
+    opt = VeLO([torch.nn.Parameter(torch.randn(3))], num_steps=10, weights="random")
+    net = opt._network(torch.device("cpu"))
+    state = {k: v.reshape(1, -1).expand(3, -1) for k, v in net.initial_state(torch.device("cpu")).items()}
+    inputs = next(g.network_input.channels for g in VeLO.program.variants.values())
+    with FlopCounterMode(display=False) as counter, Reads() as reads:
+        net.forward(torch.randn(3, inputs), state)
+    assert counter.get_total_flops() == 2 * 3 * network[1]
+    assert network[0] == 4 * sum(w.numel() for keys in net.weights.values() for w in keys.values()
+                                 if w.data_ptr() in reads.pointers)
     # small_fc_lopt, unfactored: 28 of its 39 inputs (11 step-level time features fold into the bias).
     assert sum(m for _, m in step_time.plan_cost("small_fc_lopt", [(7,)])) == (28 * 32 + 32 * 32 + 32 * 2) * 7
     # The pass floor: each pass at its slower bound (1 B/ms, 1 MAC/ms).
     assert step_time.pass_floor([(10, 2), (3, 7)], 1.0, 1.0) == 17
+
+
+def test_network_cost_counts_a_layer_over_a_shared_row_once():
+    """A linear or project layer over one row shared by all tensors (a reduction over the
+    tensors) costs once a step; over rows, once per tensor. Unread weights are not read."""
+    from lopt_codegen.ir.network import NetworkIR, network_cost
+
+    body = (("set", "h", ("linear", ("var", "x"), "g", "a")),
+            ("set", "s", ("linear", ("over_tensors", "max", ("var", "h")), "g", "b")),
+            ("set", "y", ("op", "add", (("var", "h"), ("project", ("var", "s"), "g", "p")))))
+    shapes = {"g": {"a.weight": (4, 3), "a.bias": (4,), "b.weight": (5, 4), "b.bias": (5,), "p": (5, 4),
+                    "unused": (7,)}}
+    assert network_cost(NetworkIR({}, body, {"y": 4}, (), ("g",)), shapes) == (12, 20 + 20, 12 + 4 + 20 + 5 + 20)
 
 
 def test_gpu_check_dry_run_prints_its_table(capsys):

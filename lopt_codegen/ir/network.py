@@ -243,3 +243,42 @@ def check_loss_buffer(state_exprs: dict[str, Expr], body: tuple, mark: Mark, hyp
     if "loss_features" not in scope:
         raise SpecError(mark, "the loss buffer's body must set `loss_features` (the spec's expressions read it)")
     return NetworkIR(state, tuple(out), {"loss_features": scope["loss_features"][1]}, (), ())
+
+
+def network_cost(ir: NetworkIR, shapes: dict[str, dict[str, tuple[int, ...]]]) -> tuple[int, int, int]:
+    """The multiply-adds of one step of the network, from its linear and project layers
+    (its body and its MLP weights), per tensor and once for the step; and the floats of
+    the weights it reads. `shapes`: its weights' (group -> key -> shape)."""
+    rows = {"x", *ir.state}   # (the names whose values have a row per tensor)
+    read: set[tuple[str, str]] = set()
+
+    def cost(e: tuple) -> tuple[bool, int, int]:   # (a row per tensor?, per tensor, once)
+        kind = e[0]
+        if kind == "var":
+            return e[1] in rows, 0, 0
+        if kind == "weight":
+            read.add((e[1], e[2]))
+        if kind in ("const", "weight", "fold", "hyper"):
+            return False, 0, 0
+        if kind in ("linear", "project"):
+            per_row, each, once = cost(e[1])
+            keys = [f"{e[3]}.weight", f"{e[3]}.bias"] if kind == "linear" else [e[3]]
+            read.update((e[2], k) for k in keys)
+            macs = math.prod(shapes[e[2]][keys[0]])
+            return per_row, each + macs * per_row, once + macs * (not per_row)
+        if kind == "over_tensors":
+            return (False, *cost(e[2])[1:])
+        parts = [cost(a) for a in (e[1] if kind == "concat" else e[2] if kind == "op" else
+                                   [e[2]] if kind == "full" else [e[1]])]
+        return any(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts)
+
+    each = once = 0
+    for _, name, expr in ir.body:
+        per_row, e, o = cost(expr)
+        if per_row:
+            rows.add(name)
+        each, once = each + e, once + o
+    for expr in ir.mlp:
+        _, e, o = cost(expr)
+        each, once = each + e, once + o
+    return each, once, sum(math.prod(shapes[g][k]) for g, k in read)
