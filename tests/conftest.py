@@ -36,3 +36,16 @@ def quiet_machine(monkeypatch):
     from lopt_codegen.backends.tvm.threads import CONTENTION
     monkeypatch.setattr(CONTENTION, "probe", lambda: 0)
     monkeypatch.setattr(CONTENTION, "steps", 0)
+
+
+class InfShape:
+    """What mup.set_base_shapes attaches to a parameter, as far as MuLO reads it."""
+
+    def __init__(self, ninf: int, width_mult: float):
+        self._ninf, self._width_mult = ninf, width_mult
+
+    def ninf(self) -> int:
+        return self._ninf
+
+    def width_mult(self) -> float:
+        return self._width_mult

@@ -12,26 +12,15 @@ from typing import Callable
 import pytest
 import torch
 
+from conftest import InfShape
 from generated.adam import Adam
 from generated.celo2 import CELO2
 from generated.mulo import MuLO
 from generated.small_fc_lopt import SmallFcLopt
 from lopt_codegen.runtime.steady import SteadyTasks
+from test_tvm_replay import _grad_back, _grads_in_place, _one_grad_gone, _param_moved
 
 SHAPES = [(5, 3), (5, 3), (7,), (4, 4), (2, 3, 4), ()]
-
-
-class InfShape:
-    """What mup.set_base_shapes attaches to a parameter, as far as MuLO reads it."""
-
-    def __init__(self, ninf: int, width_mult: float):
-        self._ninf, self._width_mult = ninf, width_mult
-
-    def ninf(self) -> int:
-        return self._ninf
-
-    def width_mult(self) -> float:
-        return self._width_mult
 
 
 def _adam(params, backend):
@@ -66,12 +55,6 @@ def _new_grads(run: Run, grads: list[torch.Tensor]) -> None:
     run.kept += [p.grad for p in run.params]
     for p, g in zip(run.params, grads):
         p.grad = g.to(p.dtype if p.grad is None else p.grad.dtype, copy=True)
-
-
-def _grads_in_place(run: Run, grads: list[torch.Tensor]) -> None:
-    for p, g in zip(run.params, grads):
-        if p.grad is not None:
-            p.grad.copy_(g.reshape(p.grad.shape))
 
 
 def _hyper(name: str, value: float, group: int = 0) -> Callable[[Run, list], None]:
@@ -111,13 +94,6 @@ def _param_to_bf16(run: Run, grads: list[torch.Tensor]) -> None:
     run.kept.append(p.data)
     p.data = p.data.to(torch.bfloat16)
     p.grad = p.grad.to(torch.bfloat16)
-
-
-def _param_moved(run: Run, grads: list[torch.Tensor]) -> None:
-    """`.data = ` a copy: the same parameter object at a new address."""
-    _grads_in_place(run, grads)
-    run.kept.append(run.params[1].data)
-    run.params[1].data = run.params[1].data.clone()
 
 
 def _scalar_made_vector(run: Run, grads: list[torch.Tensor]) -> None:
@@ -164,25 +140,12 @@ def _grads_strided(run: Run, grads: list[torch.Tensor]) -> None:
     p.grad = p.grad.t().contiguous().t()
 
 
-def _one_grad_gone(run: Run, grads: list[torch.Tensor]) -> None:
-    _grads_in_place(run, grads)
-    run.kept.append(run.params[2].grad)
-    run.params[2].grad = None
-
-
 def _grad_moved(run: Run, grads: list[torch.Tensor]) -> None:
     """One parameter's gradient unset and another's set (as many as before, of one kind)."""
     _grads_in_place(run, grads)
     run.params[2].grad = grads[2].clone()
     run.kept.append(run.params[4].grad)
     run.params[4].grad = None
-
-
-def _grad_back(run: Run, grads: list[torch.Tensor]) -> None:
-    for p in run.params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    _grads_in_place(run, grads)
 
 
 def _param_appended(run: Run, grads: list[torch.Tensor]) -> None:

@@ -47,7 +47,7 @@ def _new_grads(run: Run, grads: list[torch.Tensor]) -> None:
 def _grads_in_place(run: Run, grads: list[torch.Tensor]) -> None:
     for p, g in zip(run.params, grads):
         if p.grad is not None:
-            p.grad.copy_(g)
+            p.grad.copy_(g.reshape(p.grad.shape))
 
 
 def _lr(value: float, group: int = 0) -> Callable[[Run, list], None]:
@@ -116,7 +116,10 @@ def _one_grad_gone(run: Run, grads: list[torch.Tensor]) -> None:
 
 
 def _grad_back(run: Run, grads: list[torch.Tensor]) -> None:
-    run.params[2].grad = torch.zeros_like(run.params[2])
+    """Every unset gradient set again."""
+    for p in run.params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     _grads_in_place(run, grads)
 
 

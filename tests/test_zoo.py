@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SHAPES
+from conftest import SHAPES, InfShape
 from generated.celo2 import CELO2
 from generated.elo import ELO
 from generated.elo_celo2 import ELO_CELO2
@@ -58,19 +58,6 @@ def test_elo_defaults_are_pylos():
     defaults = {k: v.default for k, v in inspect.signature(ELO.__init__).parameters.items()}
     assert (defaults["lr"], defaults["exp_mult"], defaults["weight_decay"], defaults["clip_grad"],
             defaults["clip_norm"]) == (0.001, 0.001, 0.0, 0, 1.0)
-
-
-class InfShape:
-    """What mup.set_base_shapes attaches to a parameter, as far as MuLO reads it."""
-
-    def __init__(self, ninf: int, width_mult: float):
-        self._ninf, self._width_mult = ninf, width_mult
-
-    def ninf(self) -> int:
-        return self._ninf
-
-    def width_mult(self) -> float:
-        return self._width_mult
 
 
 class MuLOOracle:
