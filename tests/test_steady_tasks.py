@@ -5,6 +5,7 @@ for bit, through every change a training loop (or a user) makes between steps; e
 change either keeps the tasks (a schedule, new gradients) or is noticed."""
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 from typing import Callable
@@ -238,6 +239,22 @@ def test_the_optimizer_holds_no_gradient_after_its_step(backend):
         opt.zero_grad(set_to_none=True)
         gc.collect()
         assert all(g() is None for g in gone)
+
+
+def test_a_loaded_state_frees_the_old_one():
+    """The last step's tasks hold the state they were found with: load_state_dict drops
+    them, so that the old state's tensors go with it."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opt = _small_fc_lopt(params, "reference")
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    old = [weakref.ref(v) for state in opt.state.values() for v in state.values()   # (the accumulators)
+           if isinstance(v, torch.Tensor) and v.dim()]
+    opt.load_state_dict(saved)
+    gc.collect()
+    assert old and all(v() is None for v in old)
 
 
 def test_two_optimizers_never_share_a_generation():

@@ -478,6 +478,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         self._check_saved_state(state_dict["state"], saved_ids, params)
+        self._steady = SteadyTasks()   # (its tasks hold the old state's tensors: freed with it)
         super().load_state_dict(state_dict)
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         for index, (p, group) in zip(saved_ids, params):
