@@ -36,6 +36,8 @@ def quiet_machine(monkeypatch):
     from lopt_codegen.backends.tvm.threads import CONTENTION
     monkeypatch.setattr(CONTENTION, "probe", lambda: 0)
     monkeypatch.setattr(CONTENTION, "steps", 0)
+    monkeypatch.setattr(CONTENTION, "busy", False)
+    monkeypatch.setattr(CONTENTION, "_seen_change", False)
 
 
 class InfShape:

@@ -181,26 +181,29 @@ def other_runnable(ours: Callable[[], int] = _our_running_threads,
 class Contention:
     """Every SAMPLE_EVERY steps, at least `interval` seconds apart (the first step always):
     do other processes' runnable threads leave torch's threads fewer cores than they
-    are? Then the kernels run on one thread until they do not. A quiet machine turns busy
-    only when the next step's look finds it so too: on this quiet machine about one look
-    in a hundred saw another process's thread that ran for a moment (a look takes ~50 us;
-    a second look at once saw it again, and the next SAMPLE_EVERY steps ran on one thread:
-    small_fc_lopt's ResNet-18 steps at half speed in make bench), while a competing
-    process is there at every look."""
+    are? Then the kernels run on one thread until they do not. The machine turns busy, or
+    quiet, only when the next step's look finds it so too: on this quiet machine about
+    one look in a hundred saw another process's thread that ran for a moment (a look
+    takes ~50 us; a second look at once saw it again, and the next SAMPLE_EVERY steps ran
+    on one thread: small_fc_lopt's ResNet-18 steps at half speed in make bench), and on a
+    busy one a look can miss the competing process (other_runnable undercounts where a
+    worker of ours stops between its reads; the next SAMPLE_EVERY steps then waited for
+    a descheduled thread), while a competing process is there at every look."""
 
     def __init__(self, probe: Callable[[], int | None] = other_runnable, interval: float = LOOK_INTERVAL_S):
         self.probe, self.steps, self.busy = probe, 0, False
         self.interval, self._looked = interval, 0.0
-        self._seen_busy = False   # the last step's look found a quiet machine busy: look again
+        self._seen_change = False   # the last step's look disagreed with `busy`: look again
 
     def before_step(self) -> None:
         threads = torch.get_num_threads()
-        if threads > 1 and (self._seen_busy or self.steps % SAMPLE_EVERY == 0 and
+        if threads > 1 and (self._seen_change or self.steps % SAMPLE_EVERY == 0 and
                             (self.steps == 0 or time.monotonic() - self._looked >= self.interval)):
             self._looked = time.monotonic()
-            outnumbered = self._outnumbered(threads)
-            self.busy = outnumbered and (self.busy or self._seen_busy)
-            self._seen_busy = outnumbered and not self.busy
+            changed = self._outnumbered(threads) != self.busy
+            if changed and self._seen_change:
+                self.busy = not self.busy
+            self._seen_change = changed and not self._seen_change
         self.steps += 1
         limit = 1 if self.busy and threads > 1 else 0   # 0: torch's threads
         if not _launcher_or_none.cache_info().currsize:   # no kernel loaded yet: nothing to limit
