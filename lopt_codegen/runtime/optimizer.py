@@ -129,6 +129,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{program.class_name}(): {name} must be a number, got {value!r}")
             if name in ("lr", "weight_decay") and value < 0:
                 raise ValueError(f"{program.class_name}(): invalid {name} {value}: must be >= 0")
+        self._dtensors = False   # (add_param_group sets it, from the constructor's groups on)
         super().__init__(params, dict(hyper))
         _opaque_to_dynamo(type(self))
         for group in self.param_groups:
@@ -151,10 +152,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                              "sharded step: pass shard=True (or a process group) too")
         self._sharding = None if shard is False else \
             TensorSharding(None if shard is True else shard, reduce_grads, program.class_name)
-        if self._sharding is not None and any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+        if self._sharding is not None and self._dtensors:
             raise ValueError(f"{program.class_name}(shard=...) shards replicated parameters (DDP); these are "
                              "DTensors, already sharded (FSDP2's fully_shard): leave shard unset")
-        self._dtensors = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
         self._step_counts = StepCounts(views=self._sharding is None and not self._dtensors)
         self._steady = SteadyTasks()
         if self._dtensors or self._sharding is not None:   # ready for torch.distributed.checkpoint
@@ -170,8 +170,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: a parameter appears twice in one param group; list each "
                              "parameter once (model.parameters() does)")
         super().add_param_group({**param_group, "params": params})
-        if hasattr(self, "_dtensors") and any(is_dtensor(p) for p in params):   # (added after the constructor)
-            self._dtensors = True
+        self._dtensors = self._dtensors or any(is_dtensor(p) for p in params)
 
     def _check_param(self, p: torch.Tensor) -> None:
         if p.dtype not in SUPPORTED_DTYPES:

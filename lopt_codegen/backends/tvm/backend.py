@@ -105,7 +105,8 @@ class TvmBackend(Backend):
         self.plans = plan_program(program)
         self._with_calls = {v for v, graph in program.variants.items()
                             if any(n.op == "call" for n in topo_order(graph.roots()))}
-        # (steps with a network, a loss or a skip flag are never recorded: replay.py)
+        # Steps with a network, a loss or a skip flag are never recorded (values of the step
+        # computed in torch: replay.py), nor those of graphs with tensor functions (recordable).
         skips = any(n.op == "skip_step" for g in program.variants.values() for n in topo_order(g.roots()))
         self.replays_steps = program.network is None and not program.needs_loss and not skips and \
             len(self._with_calls) < len(program.variants)
@@ -216,7 +217,7 @@ class TvmBackend(Backend):
         return [load_kernel(self.program, variant, s, self.target, self.cache) for s in sigs]
 
     def step(self, batch: StepBatch) -> None:
-        key = step_key(batch)
+        key = step_key(batch) if self.replays_steps else None
         last, self._record = self._record, None   # (only ever the last step's: replay.py)
         grads = last.gradients(batch) if key is not None and last is not None and last.key == key else None
         if grads is not None:

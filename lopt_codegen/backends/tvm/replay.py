@@ -38,9 +38,8 @@ _GRAD = attrgetter("grad")
 
 def step_key(batch: StepBatch) -> tuple | None:
     """What a replay of the last step needs unchanged (see the module's doc); None for a
-    step that is never recorded."""
-    if batch.generation is None or batch.network is not None or batch.loss_features is not None or \
-            batch.skip_step is not None:
+    step of tasks without a generation (not the optimizer's)."""
+    if batch.generation is None:
         return None
     return (batch.generation, *[(id(w), w._version, w.data_ptr()) for w in batch.mlp_weights or ()])
 
