@@ -19,7 +19,7 @@ from generated.velo import VeLO
 from lopt_codegen.backends.base import TensorTask
 from lopt_codegen.backends.tvm import TvmBackend, small_work, unsupported_reason
 from lopt_codegen.backends.tvm.build import llvm_target
-from lopt_codegen.backends.tvm.printer import _UNARY
+from lopt_codegen.backends.tvm.printer import _BINARY, _UNARY, F32
 
 STEPS = 10
 RTOL = 1e-5
@@ -311,6 +311,29 @@ def test_cuda_tensors_take_tvm_cuda_kernels_given_nvcc():
                            is_contiguous=lambda: True)   # stands in for a CUDA tensor on this CPU build
     reason = unsupported_reason(TensorTask(cuda, cuda, {}, {}, "unfactored", None))
     assert reason is None if shutil.which("nvcc") else "nvcc" in reason
+
+
+@pytest.mark.parametrize("op", ["min", "max"])
+def test_vectorized_min_and_max_keep_nan_as_torch(op):
+    """The kernels' min and max (printer._nan_first: one x86 min/max, and a NaN test of a
+    bound that is not a constant) against torch's, NaN from either operand, infinities
+    and signed zeros, with a varying bound and a constant one on either side."""
+    edges = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 0.5, -2.0, 3.0])
+    a = torch.cat([edges.repeat_interleave(len(edges)), torch.randn(4096)])
+    b = torch.cat([edges.repeat(len(edges)), torch.randn(4096)])
+    A, B = (te.placeholder((a.numel(),), "float32", n) for n in "ab")
+    rule = _BINARY[op]
+    outs = te.compute(A.shape, lambda i: [rule(A[i], B[i]), rule(A[i], tvm.tirx.const(0.5, F32)),
+                                          rule(tvm.tirx.const(-2.0, F32), A[i])], name="y")
+    sch = s_tir.Schedule(te.create_prim_func([A, B, *outs]))
+    (loop,) = sch.get_loops(sch.get_sblock("y_v0"))
+    sch.vectorize(sch.split(loop, [None, 16])[1])
+    got = [torch.empty_like(a) for _ in outs]
+    tvm.compile(sch.mod, target=llvm_target())["main"](a, b, *got)
+    torch_op = {"min": torch.minimum, "max": torch.maximum}[op]
+    expected = [torch_op(a, b), torch_op(a, torch.tensor(0.5)), torch_op(torch.tensor(-2.0), a)]
+    for y, ref in zip(got, expected):
+        torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
 
 
 def test_vectorized_exp_is_within_a_few_ulp():

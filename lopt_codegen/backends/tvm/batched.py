@@ -19,6 +19,10 @@ import tvm
 from tvm import tirx
 
 
+# An int32 that is 0 at run time, which LLVM cannot know: the sign bits of a tensor's
+# first pointer (a user-space address, below 2^62). A pass function takes it as a scalar
+# parameter, bound here per tensor (mlp_stages.py: weights read in the loop).
+OPAQUE_ZERO = tirx.Var("opaque_zero", "int32")
 SHAPE_VARS = "AXRBYCVT"   # View.kernel_dims, then the row chunks of a GPU kernel's sums
 ALIGNMENT = 64   # bytes; the kernels load and store each buffer of the table as 64-byte aligned
 
@@ -41,7 +45,8 @@ def _shape_vars(buffers: list) -> list[tirx.Var]:
 def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False, parallel: bool = False,
                        offsets: dict[str, tirx.PrimExpr] | None = None,
                        shape_vars: list[tirx.Var] | None = None) -> tirx.PrimFunc:
-    """`func` (whose parameters are all buffers) over a table of pointers: parameters
+    """`func` (whose parameters are buffers, and OPAQUE_ZERO where it reads it) over a
+    table of pointers: parameters
     (table, *shape vars); row t of the table holds, in func's parameter order, the data
     pointers of tensor t's buffers (64-byte aligned, as func assumes). gpu: func is one
     GPU kernel and the loop over tensors is its blockIdx.z (the table in device memory):
@@ -49,7 +54,7 @@ def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False, parallel: bool = 
     cores (func has no parallel loop of its own then). offsets: buffer name -> the element
     of the tensor at which that buffer starts (a GPU tail kernel's element buffers).
     shape_vars: the size arguments, in place of those found in the buffers' shapes."""
-    buffers = list(func.params)
+    buffers = [p for p in func.params if not p.same_as(OPAQUE_ZERO)]
     tensors = tirx.Var("tensors", "int32")
     table = tirx.decl_buffer((tensors, len(buffers)), "int64", "table")
     t = tirx.Var("t", "int32")
@@ -61,6 +66,9 @@ def batch_over_tensors(func: tirx.PrimFunc, gpu: bool = False, parallel: bool = 
             address = address + offsets[buf.name].astype("int64") * (buf.dtype.bits // 8)
         declare.append(tirx.LetStmt(ptr, tirx.reinterpret("handle", address)))
         declare.append(tirx.DeclBuffer(buf, data=ptr))
+    if len(buffers) < len(func.params):
+        first_pointer = tirx.BufferLoad(table, [t, tirx.const(0, "int32")])
+        declare.append(tirx.LetStmt(OPAQUE_ZERO, (first_pointer >> tirx.const(62, "int64")).astype("int32")))
     if gpu:
         over = tirx.IterVar(tvm.ir.Range(0, tensors), t, tirx.IterVar.ThreadIndex, "blockIdx.z")
         body = tirx.For(t, 0, tensors, tirx.ForKind.THREAD_BINDING, tirx.SeqStmt([*declare, func.body]),

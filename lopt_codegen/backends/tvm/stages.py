@@ -25,6 +25,7 @@ from tvm import te, tirx
 
 from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import LEAVES, Level, Node
+from .batched import OPAQUE_ZERO
 from .mlp_stages import AlongAxes, build_mlp_stages
 from .printer import F32, ElementPrinter, expanded_sizes
 from .signature import PassSignature
@@ -345,6 +346,7 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
             sums_inputs.own.clear()   # computed where this stage reads them, so for it alone
     casts = [sig.param_dtype if name == "param" else F32 for name, _ in sig.outputs]
     mlp = None
+    scalars: list[tirx.Var] = []   # scalar parameters (batched.py binds them)
     tile_blocks: list[str] = []
     periodic_extra: list[str] = []
     if sig.outputs and (kernel is None or elements):
@@ -356,7 +358,12 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
             features = [feat for feat, _, _, _ in MlpFold.of(sig.mlp).element_parts
                         if along is None or not (along.y_const(feat) or along.x_const(feat))]
             tile_blocks += inputs.own_stages(features, element_dims)
-            mlp = build_mlp_stages(sig.mlp, element_dims, inputs.mlp, lambda i: inputs.printer(i, padded=True), along)
+            reread = None
+            if not sig.view.gpu:   # (vectors run along Y: the offset is the same for all lanes)
+                reread = lambda i: tirx.bitwise_and(i[1] + i[3] // LANES, OPAQUE_ZERO)  # noqa: E731
+                scalars.append(OPAQUE_ZERO)
+            mlp = build_mlp_stages(sig.mlp, element_dims, inputs.mlp, lambda i: inputs.printer(i, padded=True), along,
+                                   reread)
             tile_blocks += mlp.block_names()
             if mlp.row_sums is not None:   # per row, where the schedule computes periodic values
                 periodic_extra.append(mlp.row_sums.op.name)
@@ -376,7 +383,7 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
     for name, tensors in stages.items():
         outputs += tensors if name in built else [te.placeholder(t.shape, t.dtype, f"{name}_unused{k}")
                                                   for k, t in enumerate(tensors)]
-    func = te.create_prim_func(inputs.arguments() + outputs)
+    func = te.create_prim_func(inputs.arguments() + outputs + scalars)
     offsets = {}
     if kernel == "T" and flat is not None:   # the tail's element buffers start past the whole tiles
         offsets = {buf.name: flat[1] for buf in func.params
