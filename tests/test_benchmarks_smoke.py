@@ -173,3 +173,14 @@ def test_busy_machine_run_writes_its_table(tmp_path):
                                                  for name in ("VeLO (tvm)", "AdamW (fused)")]
     assert [int(r[1]) for r in rows][2::4] == [1, 1]   # the one-thread runs
     assert all(float(v) > 0 for r in rows for v in r[3:7])
+
+
+def test_memory_rates_run_writes_its_table(tmp_path):
+    """Each pattern at each size, with a rate from its own bytes and time."""
+    out = tmp_path / "rates.md"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "memory_rates.py"), "--sizes", "1,2",
+                    "--steps", "2", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "GB/s" not in line]
+    patterns = ["read (torch.sum)", "read and write in place (a.add_(b))", "fused AdamW (28 B a parameter)"]
+    assert [(r[0][2:], r[1]) for r in rows] == [(p, mb) for mb in ("1", "2") for p in patterns]
+    assert all(float(r[2].rstrip(" |")) > 0 for r in rows)
