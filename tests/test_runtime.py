@@ -69,6 +69,36 @@ def test_velo_state_includes_lstm_and_loss_buffer():
     assert float(sd["state"][0]["step"]) == 2.0
 
 
+@pytest.mark.parametrize("backend", ["reference", "tvm"])
+def test_velo_network_state_is_read_from_its_rows_only_while_it_is_theirs(backend):
+    """After a step the tensors' network states are rows of one tensor, which the next step
+    reads and writes whole (reference.run_network); a run whose states are separate
+    tensors before every step takes the same steps, bit for bit, and so does one whose
+    states a user replaces midway (both runs alike)."""
+    params, other = make_params(), make_params()
+    opt, separate = (build("velo", ps, backend=backend) for ps in (params, other))
+    for i in range(5):
+        if i == 3:   # replaced by the user: new tensors, new values
+            for o, ps in ((opt, params), (separate, other)):
+                for p in ps:
+                    o.state[p]["lstm_h"] = torch.full_like(o.state[p]["lstm_h"], 0.25)
+        for p in other if i else ():   # (the state is made at the first step)
+            for k in ("lstm_h", "lstm_c"):
+                separate.state[p][k] = separate.state[p][k].clone()
+        kept = [opt.state[p]["lstm_c"] for p in params] if i else []
+        for o, ps in ((opt, params), (separate, other)):
+            set_grads(ps, i)
+            o.step(loss=torch.tensor(1.0 / (i + 1)))
+        if i == 4:   # a step on the rows writes them in place: the same tensors stay the state
+            assert all(a is opt.state[p]["lstm_c"] for a, p in zip(kept, params))
+    for p, q in zip(params, other):
+        assert torch.equal(p, q)
+        for k in ("lstm_h", "lstm_c"):
+            assert torch.equal(opt.state[p][k], separate.state[q][k])
+    for k in ("lstm_h", "lstm_c"):
+        assert len({opt.state[p][k].untyped_storage().data_ptr() for p in params}) == 1
+
+
 def test_bf16_params_keep_float32_state_through_load():
     params = make_params(torch.bfloat16)
     opt = build("small_fc_lopt", params)

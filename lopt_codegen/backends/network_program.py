@@ -24,6 +24,11 @@ class SpecNetwork:
         # (kind, rows) -> the shared row; a sharded step (runtime/sharding.py) reduces over
         # every rank's tensors.
         self.over_tensors: Callable[[str, torch.Tensor], torch.Tensor] = _over_local_tensors
+        # State key -> (rows (T, channels), the row views that are the last step's tensors'
+        # state, in their order): while the tensors' states are those views, a step reads
+        # the rows and writes its new state with one copy, where stacking and writing back
+        # 200 tensors' states took about 1.2 ms a step (reference.run_network).
+        self.state_rows: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     def initial_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         """One tensor's network state before its first step: each (channels,)."""

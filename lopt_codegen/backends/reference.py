@@ -6,6 +6,7 @@ It is the oracle the compiled backends are tested against, and the fallback ever
 """
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import torch
@@ -213,11 +214,23 @@ def run_network(batch: StepBatch, tasks: list[TensorTask], x: torch.Tensor
     tensor's new network state; returns the outputs {name: (T, channels)} and the MLP
     weights [(T, ...), ...], row i for tasks[i]."""
     net = batch.network
-    state = {k: torch.stack([t.state[k] for t in tasks]) for k in net.state_keys}
+    state, own = {}, {}
+    for k in net.state_keys:
+        values = [t.state[k] for t in tasks]
+        kept = net.state_rows.get(k)
+        own[k] = kept is not None and len(kept[1]) == len(values) and all(map(operator.is_, kept[1], values))
+        state[k] = kept[0] if own[k] else torch.stack(values)
     outputs, mlp, new_state = net.forward(x, state)
     if batch.skip_step is not None:   # a skipped step leaves the network's state too
         keep = batch.skip_step.reshape(()) != 0
         new_state = {k: torch.where(keep, state[k], new_state[k]) for k in net.state_keys}
-    for k in net.state_keys:   # one call per key, not one per tensor
-        torch._foreach_copy_([t.state[k] for t in tasks], list(new_state[k].unbind(0)))
+    for k in net.state_keys:
+        if own[k]:
+            state[k].copy_(new_state[k])
+        else:   # the tasks' states become rows of one tensor, in their order (SpecNetwork.state_rows)
+            rows = new_state[k].clone(memory_format=torch.contiguous_format)
+            views = list(rows.unbind(0))
+            for t, view in zip(tasks, views):
+                t.state[k] = view
+            net.state_rows[k] = (rows, views)
     return outputs, mlp
