@@ -30,14 +30,13 @@ def rates(sizes_mb: list[int], steps: int) -> list[tuple[str, int, float]]:
         param = torch.nn.Parameter(torch.randn(n))
         param.grad = torch.randn(n)
         adamw = torch.optim.AdamW([param], lr=1e-4, fused=True)
-        moved = {"read (torch.sum)": 4 * n, "read and write in place (a.add_(b))": 12 * n,
-                 "fused AdamW (28 B a parameter)": 28 * n}
-        fns = {"read (torch.sum)": a.sum, "read and write in place (a.add_(b))": lambda: a.add_(b, alpha=1e-3),
-               "fused AdamW (28 B a parameter)": adamw.step}
-        medians, errors = time_interleaved(fns, 3, steps, "cpu")
+        patterns = {"read (torch.sum)": (a.sum, 4 * n),   # (the call, the bytes it moves)
+                    "read and write in place (a.add_(b))": (lambda: a.add_(b, alpha=1e-3), 12 * n),
+                    "fused AdamW (28 B a parameter)": (adamw.step, 28 * n)}
+        medians, errors = time_interleaved({name: fn for name, (fn, _) in patterns.items()}, 3, steps, "cpu")
         if errors:
             raise RuntimeError(f"memory rates: {errors}")
-        rows += [(name, mb, moved[name] / medians[name] / 1e9) for name in fns]
+        rows += [(name, mb, moved / medians[name] / 1e9) for name, (_, moved) in patterns.items()]
     return rows
 
 
