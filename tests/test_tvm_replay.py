@@ -1,10 +1,11 @@
 """The TVM backend's replay of a steady CPU step (backends/tvm/replay.py): a step whose
 tensors, state and MLP weights are as at the last step (runtime/steady.py) repeats its
 recorded calls, with its gradients' new addresses written into the recorded pointer
-tables and its hyperparameters' new values into the leaves. Checked against the same optimizer stepped without replay, bit for bit, through
-every change a training loop makes between steps; each change either keeps the replay
-(gradients written in place or made anew, as backward after zero_grad() makes them) or
-is noticed."""
+tables, its hyperparameters' new values and the loss's features into the leaves, and
+its network run again. Checked against the same optimizer stepped without replay, bit
+for bit, through every change a training loop makes between steps; each change either
+keeps the replay (gradients written in place or made anew, as backward after
+zero_grad() makes them) or is noticed."""
 from __future__ import annotations
 
 import copy
@@ -14,13 +15,18 @@ import pytest
 import torch
 
 from generated.adam import Adam
+from generated.elo import ELO
 from generated.small_fc_lopt import SmallFcLopt
 from generated.velo import VeLO
 from lopt_codegen.backends.tvm import replay
 from lopt_codegen.runtime.steady import SteadyTasks
 
 SHAPES = [(5, 3), (5, 3), (7,), (4, 4), (2, 3, 4), ()]
-CLASSES = {"adam": (Adam, {}), "small_fc_lopt": (SmallFcLopt, {"weights": "random"})}
+# (VeLO and ELO run a network every step; VeLO's reads the loss)
+CLASSES = {"adam": (Adam, {"weight_decay": 0.1}),
+           "small_fc_lopt": (SmallFcLopt, {"weights": "random", "weight_decay": 0.1}),
+           "velo": (VeLO, {"weights": "random", "weight_decay": 0.1, "num_steps": 40}),
+           "elo": (ELO, {"weights": "random"})}
 
 
 class Run:
@@ -30,7 +36,7 @@ class Run:
     def __init__(self, name: str, start: list[torch.Tensor]):
         cls, extra = CLASSES[name]
         self.params = [torch.nn.Parameter(p.clone()) for p in start]
-        self.opt = cls(self.params, lr=0.1, weight_decay=0.1, backend="tvm", **extra)
+        self.opt = cls(self.params, lr=0.1, backend="tvm", **extra)
         self.kept: list = []
         self.saved: dict | None = None
         self.first_grads: list[torch.Tensor] = []   # the first step's (its tables point to them)
@@ -103,10 +109,22 @@ def _step_count_replaced(run: Run, grads: list[torch.Tensor]) -> None:
     state["step"] = torch.tensor(50.0)
 
 
-def _mlp_weights_written(run: Run, grads: list[torch.Tensor]) -> None:
+def _weights_written(run: Run, grads: list[torch.Tensor]) -> None:
+    """The MLP's shared weights written in place (not replayed: the record holds their
+    copies), or where the network gives each tensor its MLP, the network's (replayed:
+    it reads them at every step)."""
     _grads_in_place(run, grads)
-    for w in run.opt._mlp_weights(torch.device("cpu")):
+    device = torch.device("cpu")
+    shared = run.opt._mlp_weights(device)
+    written = shared if shared is not None else \
+        [w for group in run.opt._network(device).weights.values() for w in group.values()]
+    for w in written:
         w.mul_(1.25)
+
+
+def _network_mlp(run: Run) -> bool:
+    """Whether the network gives each tensor its MLP weights (the spec shares none)."""
+    return run.opt._mlp_weights(torch.device("cpu")) is None
 
 
 def _one_grad_gone(run: Run, grads: list[torch.Tensor]) -> None:
@@ -151,12 +169,12 @@ def replays(monkeypatch) -> list[int]:
     return seen
 
 
-# (change before the step, whether the step replays the last one)
+# (change before the step, whether the step replays the last one (or what tells it, of the Run))
 CHANGES = [(_new_grads, False), (_grads_in_place, True), (_new_grads, True), (_new_grads, True),
            (_first_grads_and_state_dict, False), (_new_grads, True), (_save, True), (_lr(0.05), True),
            (_grads_in_place, True), (_lr(0.1), True), (_lr(0.09), True), (_param_moved, False),
            (_grads_in_place, True), (_misaligned_grads, False), (_misaligned_grads, False), (_new_grads, False),
-           (_new_grads, True), (_load, False), (_step_count_replaced, False), (_mlp_weights_written, False),
+           (_new_grads, True), (_load, False), (_step_count_replaced, False), (_weights_written, _network_mlp),
            (_one_grad_gone, False), (_grads_in_place, True), (_grad_back, False), (_param_added, False),
            (_grads_in_place, True), (_lr(0.02, group=1), True), (_lr(0.08), True), (_grads_in_place, True)]
 
@@ -168,12 +186,14 @@ def test_replayed_steps_match_steps_without_replay_through_every_change(name, re
     replaying, plain = Run(name, start), Run(name, start)
     for step, (change, replays_now) in enumerate(CHANGES):
         grads = [torch.randn(p.shape, generator=gen) for p in replaying.params]
+        loss = 2.0 + torch.rand((), generator=gen).item()   # (new features every step: VeLO reads them)
         for run in (replaying, plain):
             change(run, list(grads))
         replays.clear()
-        replaying.opt.step()
-        assert len(replays) == replays_now, f"step {step} ({change.__name__})"
-        plain.opt.step()
+        replaying.opt.step(loss=loss)
+        expected = replays_now(replaying) if callable(replays_now) else replays_now
+        assert len(replays) == expected, f"step {step} ({change.__name__})"
+        plain.opt.step(loss=loss)
         _forget(plain.opt)
         for p, q in zip(replaying.params, plain.params):
             assert torch.equal(p.detach(), q.detach()), f"step {step} ({change.__name__}): param {tuple(p.shape)}"
@@ -182,18 +202,30 @@ def test_replayed_steps_match_steps_without_replay_through_every_change(name, re
                     assert torch.equal(replaying.opt.state[p][key], value), f"step {step}: state {key}"
 
 
-@pytest.mark.parametrize("name", ["velo", *CLASSES])
-def test_a_backend_records_steps_only_where_it_says_it_replays_them(name):
-    """VeLO's network runs in torch every step (and reads the loss): never replayed, and
-    its task generations leave the state's addresses out (Backend.replays_steps)."""
+@pytest.fixture(scope="module")
+def adam_skip(tmp_path_factory) -> type:
+    """Adam under `grad.nonfinite: skip`: its skip flag is a value of the step."""
+    from conftest import SPECS
+    from test_examples import compile_and_import
+
+    out = tmp_path_factory.mktemp("skip")
+    (out / "adam_skip.yaml").write_text(f"extends: {SPECS}/adam.yaml\nname: adam_skip\nclass_name: AdamSkip\n"
+                                        "grad:\n  nonfinite: skip\n")
+    return compile_and_import(str(out), "lopt_replay_skip", [str(out / "adam_skip.yaml")])["adam_skip"]
+
+
+@pytest.mark.parametrize("name", ["adam_skip", *CLASSES])
+def test_a_backend_records_steps_only_where_it_says_it_replays_them(name, request):
+    """Steps under a skip flag are never replayed, and their task generations leave the
+    state's addresses out (Backend.replays_steps); the others are, networks too."""
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(6, 4), (9,)]]
-    cls, extra = (VeLO, {"num_steps": 40, "weights": "random"}) if name == "velo" else CLASSES[name]
+    cls, extra = (request.getfixturevalue("adam_skip"), {}) if name == "adam_skip" else CLASSES[name]
     opt = cls(params, lr=0.1, backend="tvm", **extra)
     for _ in range(2):
         for p in params:
             p.grad = torch.randn(p.shape)
         opt.step(loss=1.0)
-    assert opt.backend.replays_steps == (name != "velo")
+    assert opt.backend.replays_steps == (name != "adam_skip")
     assert (opt.backend._record is not None) == opt.backend.replays_steps
 
 
@@ -211,8 +243,9 @@ def test_a_training_loop_replays_its_steps(name, replays):
     for _ in range(6):
         for m, opt in ((model, replaying), (twin, plain)):
             opt.zero_grad()
-            torch.nn.functional.mse_loss(m(x), y).backward()
-            opt.step()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            opt.step(loss=loss)
         _forget(plain)
     assert len(replays) == 5
     for p, q in zip(model.parameters(), twin.parameters()):

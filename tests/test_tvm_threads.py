@@ -18,6 +18,7 @@ from generated.velo import VeLO
 from lopt_codegen.backends.build_cache import BuildCache
 from lopt_codegen.backends.tvm import TvmBackend
 from lopt_codegen.backends.tvm.backend import generic_signatures
+from lopt_codegen.backends.tvm.replay import StepRecord
 from lopt_codegen.backends.tvm.build import llvm_target, load_kernel
 from lopt_codegen.backends.tvm.threads import (CONTENTION, SAMPLE_EVERY, Contention, _launcher_or_none, omp_launcher,
                                                 other_runnable)
@@ -191,18 +192,24 @@ def test_busy_or_quiet_the_same_results(monkeypatch, quiet_machine):
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 torch threads")
 def test_busy_steps_run_torch_ops_on_one_thread_then_restore_them(monkeypatch, quiet_machine):
     """While busy, the step's torch ops (the network, the small work) run on one thread
-    too; torch's thread count is back after the step, and quiet steps keep it."""
+    too, replayed or not; torch's thread count is back after the step, and quiet steps
+    keep it."""
     seen, after = [], []
-    run_groups, step = TvmBackend._run_groups, TvmBackend.step
+    run_groups, replay, step = TvmBackend._run_groups, StepRecord.replay, TvmBackend.step
 
     def recording(self, *args):
         seen.append(torch.get_num_threads())
         return run_groups(self, *args)
 
+    def replaying(self, *args):
+        seen.append(torch.get_num_threads())
+        return replay(self, *args)
+
     def stepping(self, batch):
         step(self, batch)
         after.append(torch.get_num_threads())
     monkeypatch.setattr(TvmBackend, "_run_groups", recording)
+    monkeypatch.setattr(StepRecord, "replay", replaying)
     monkeypatch.setattr(TvmBackend, "step", stepping)
     quiet = _run_velo(0, 2)
     assert seen and set(seen) == set(after) == {2}

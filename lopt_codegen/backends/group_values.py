@@ -217,9 +217,14 @@ def _scratch_names(accumulators: dict[str, Node]) -> dict[int, str]:
     return {id(node): name for name, node in accumulators.items() if is_scratch(name)}
 
 
-def run_network_over_groups(batch: StepBatch, groups: list[GroupValues], inputs: list[Node]) -> None:
+NetworkOut = tuple[dict[str, torch.Tensor], list[torch.Tensor]]   # (outputs, MLP weights), row i tensor i's
+
+
+def run_network_over_groups(batch: StepBatch, groups: list[GroupValues], inputs: list[Node],
+                            hold: Callable[[NetworkOut], NetworkOut] | None = None) -> None:
     """One network call over every tensor of the step (inputs[i]: the network input node
-    of groups[i]); each group takes its rows of the outputs and MLP weights."""
+    of groups[i]); each group takes its rows of the outputs and MLP weights (of
+    `hold(outputs, mlp)`'s where given: tensors of the caller's)."""
     x = torch.cat([g.dense(node).reshape(len(g), -1) for g, node in zip(groups, inputs)])
     tasks = [t for g in groups for t in g.tasks]
     if any(t.shard is not None for t in tasks):
@@ -232,6 +237,8 @@ def run_network_over_groups(batch: StepBatch, groups: list[GroupValues], inputs:
         outputs, mlp = {k: v[back] for k, v in outputs.items()}, [w[back] for w in mlp]
     else:
         outputs, mlp = run_network(batch, tasks, x)
+    if hold is not None:
+        outputs, mlp = hold((outputs, mlp))
     start = 0
     for g in groups:
         g.ev.take_network(outputs, mlp, slice(start, start + len(g)))

@@ -104,6 +104,12 @@ class SteadyTasks:
         self._held = _objects(param_groups, state)
         self.generation = next(_GENERATIONS)
 
+    def rekey(self, key: tuple, param_groups: list[dict], state: dict) -> None:
+        """The same tasks, generation and all, whose step replaced state tensors (a network's
+        first step makes the tensors' states rows of one: SpecNetwork.state_rows): `key`,
+        host_key's after that step, is the one later steps are compared with."""
+        self.key, self._held = key, _objects(param_groups, state)
+
     def take(self, grads: list, hyper: tuple, names: list[str], route: Route | None) -> bool:
         """The last step's tasks on this step's gradients and hyperparameter values
         (`hyper`: each param group's values of `names`), if these leave every task's

@@ -25,7 +25,7 @@ from ..reference import ReferenceBackend
 from ..sharded_groups import RankSums, run_group_calls
 from .background import BackgroundBuilds, background_builds_enabled
 from .build import build_kernel, cuda_kernels_path, kernel_built, llvm_target, load_cuda_kernels, load_kernel
-from .replay import StepRecord, recordable, step_key
+from .replay import NetworkCall, StepRecord, recordable, step_key
 from .signature import PassSignature, pass_signature
 from .small_function import small_signatures
 from .small_work import GroupKept, GroupStep, SmallKernel
@@ -105,11 +105,10 @@ class TvmBackend(Backend):
         self.plans = plan_program(program)
         self._with_calls = {v for v, graph in program.variants.items()
                             if any(n.op == "call" for n in topo_order(graph.roots()))}
-        # Steps with a network, a loss or a skip flag are never recorded (values of the step
-        # computed in torch: replay.py), nor those of graphs with tensor functions (recordable).
+        # Steps with a skip flag are never recorded (the flag is a value of the step, computed
+        # in torch: replay.py), nor those of graphs with tensor functions (recordable).
         skips = any(n.op == "skip_step" for g in program.variants.values() for n in topo_order(g.roots()))
-        self.replays_steps = program.network is None and not program.needs_loss and not skips and \
-            len(self._with_calls) < len(program.variants)
+        self.replays_steps = not skips and len(self._with_calls) < len(program.variants)
         self.fallback = ReferenceBackend(program)
         # New kernels build in the background while the step runs on the tier below
         # (background.py); None: each is built when first needed, the step waiting.
@@ -328,10 +327,15 @@ class TvmBackend(Backend):
             after.append((group, kernels[split:]))
         self._run_passes(before, ranks)
         if batch.network is not None:
-            for group in steps:
-                group.network_input(self.program.variants[group.tasks[0].variant].network_input)
-            run_network_over_groups(batch, steps, [self.program.variants[g.tasks[0].variant].network_input
-                                                   for g in steps])
+            inputs = [self.program.variants[g.tasks[0].variant].network_input for g in steps]
+            for group, node in zip(steps, inputs):
+                group.network_input(node)
+            if record is None:
+                run_network_over_groups(batch, steps, inputs)
+            else:
+                network = NetworkCall(batch, steps, inputs)
+                network()
+                record.ops.append(network)
         self._run_passes(after, ranks)
         run_group_calls([(group, self.plans[group.tasks[0].variant].calls_after) for group in steps], self.program,
                         ranks)

@@ -13,11 +13,13 @@ generation leaves free to change is written before the ops run: gradients (backw
 after zero_grad() makes new ones, most steps at new addresses) into the recorded
 pointer tables (`StepRecord.grads_in`), and hyperparameter values that changed (an LR
 schedule's, every step) into the leaves the small functions read
-(`StepRecord.hyper_in`). Shape facts are written to the kept leaves once, MLP weights
-only when they were written to; the record is therefore only ever the last step's (any
-step not replayed drops it first), so that what it did not record is still in place.
-Steps with a network, a loss, a skip flag, tensor functions, shards, non-CPU tensors or
-the reference's fallback are not recorded."""
+(`StepRecord.hyper_in`), and the loss's features into theirs (`StepRecord.loss_in`).
+A network runs again as one recorded op (`NetworkCall`) that writes its outputs into
+the tensors the recorded copies after it read. Shape facts are written to the kept
+leaves once, shared MLP weights only when they were written to; the record is therefore
+only ever the last step's (any step not replayed drops it first), so that what it did
+not record is still in place. Steps with a skip flag, tensor functions, shards, non-CPU
+tensors or the reference's fallback are not recorded."""
 from __future__ import annotations
 
 from operator import attrgetter
@@ -26,7 +28,9 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from ...ir.nodes import Node
 from ..base import StepBatch, TensorTask
+from ..group_values import GroupValues, NetworkOut, run_network_over_groups
 
 from .batched import ALIGNMENT
 
@@ -41,7 +45,9 @@ def step_key(batch: StepBatch) -> tuple | None:
     step of tasks without a generation (not the optimizer's)."""
     if batch.generation is None:
         return None
-    return (batch.generation, *[(id(w), w._version, w.data_ptr()) for w in batch.mlp_weights or ()])
+    # (the network object: the optimizer's for the device, held by the record's ops)
+    return (batch.generation, id(batch.network),
+            *[(id(w), w._version, w.data_ptr()) for w in batch.mlp_weights or ()])
 
 
 def recordable(batch: StepBatch, with_calls: set[str]) -> bool:
@@ -67,6 +73,7 @@ class StepRecord:
         # torch in 5), the table's gradient column, its rows' tasks in the step)
         self._grad_columns: list[tuple[KeptArgs, np.ndarray, int, list[int]]] = []
         self._hyper_writes: list[Callable[[], object]] = []
+        self._loss_columns: list[torch.Tensor] = []
         self._position = {id(t): i for i, t in enumerate(batch.tasks)}   # (while recording)
 
     def invalidate(self) -> None:
@@ -80,6 +87,10 @@ class StepRecord:
         """`write()` writes the tasks' hyperparameter values (as they are then) where the
         ops read them."""
         self._hyper_writes.append(write)
+
+    def loss_in(self, column: torch.Tensor) -> None:
+        """`column` ([tensors, channels]) holds the step's loss features in every row."""
+        self._loss_columns.append(column)
 
     def recorded(self) -> None:
         self._position = {}
@@ -101,6 +112,8 @@ class StepRecord:
             for write in self._hyper_writes:
                 write()
             self.hyper = batch.hyper_values
+        for column in self._loss_columns:
+            column.copy_(batch.loss_features.reshape(1, -1))
         for op in self.ops:
             op()
 
@@ -108,3 +121,25 @@ class StepRecord:
 def copy_stacked(dst: torch.Tensor, sources: list[torch.Tensor]) -> None:
     """dst <- the sources stacked (one: as it is), in dst's shape."""
     dst.copy_(sources[0].reshape(dst.shape) if len(sources) == 1 else torch.stack(sources).reshape(dst.shape))
+
+
+class NetworkCall:
+    """The network's call over a step's groups (run_network_over_groups) as an op of its
+    record: its outputs and MLP weights are kept, and a replay writes its own into
+    them, where the copies recorded after the call read them."""
+
+    def __init__(self, batch: StepBatch, groups: list[GroupValues], inputs: list[Node]):
+        self.batch, self.groups, self.inputs = batch, groups, inputs
+        self.kept: NetworkOut | None = None
+
+    def __call__(self) -> None:
+        run_network_over_groups(self.batch, self.groups, self.inputs, self._hold)
+
+    def _hold(self, out: NetworkOut) -> NetworkOut:
+        outputs, mlp = out
+        if self.kept is None:   # (copies: an output may be a view of a kept constant, a shared row)
+            own = lambda v: v.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # noqa: E731
+            self.kept = ({k: own(v) for k, v in outputs.items()}, [own(w) for w in mlp])
+        else:
+            torch._foreach_copy_([*self.kept[0].values(), *self.kept[1]], [*map(outputs.get, self.kept[0]), *mlp])
+        return self.kept

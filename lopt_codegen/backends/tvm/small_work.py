@@ -326,13 +326,13 @@ class GroupStep(GroupValues):
             last = self.kept.mlp_copied.get(name)
             if last is not None and last[1] == seen:
                 return
-        else:   # (per-tensor weights: copied every step)
-            self.unrecorded()
         self.kept.mlp_copied.pop(name, None)
-        for row, weight in zip(rows, self.ev.mlp_weights[first:]):
-            row.copy_(weight)
+        weights = self.ev.mlp_weights[first:first + len(rows)]
         if sources is not None:
+            torch._foreach_copy_(rows, weights)
             self.kept.mlp_copied[name] = (held, seen)
+        else:   # (per-tensor weights, views of the network's outputs: copied every step, NetworkCall)
+            self.do(partial(torch._foreach_copy_, rows, weights))
 
     def _fill_leaves(self, columns: list[Node]) -> None:
         """The leaves row's columns that are known by now (network outputs: after it ran).
@@ -349,17 +349,26 @@ class GroupStep(GroupValues):
             key = id(node)
             if key in self._filled or node.op == "net_out" and not self.ev.net_out:
                 continue
+            column = kept.leaf_columns[key]
             if node.op == "step":   # the counts as they are (ev.leaf's conversions took 10 us a group)
-                self.do(partial(copy_stacked, kept.leaf_columns[key], [t.state["step"] for t in self.tasks]))
+                self.do(partial(copy_stacked, column, [t.state["step"] for t in self.tasks]))
             elif node.op == "hyper":
                 hyper.append(node)
-            else:
-                written = "shape" if node.op == "shape" else None
-                if written is None or kept.written.get(key) != written:
-                    if written is None:   # (a value of this step: a replay would copy the old one)
+            elif node.op == "shape":
+                if kept.written.get(key) != "shape":
+                    column.copy_(self.ev.leaf(node).reshape(-1, node.channels))
+                    kept.written[key] = "shape"
+            else:   # a value of this step
+                value = self.ev.leaf(node).reshape(-1, node.channels)
+                if node.op == "net_out":   # (a view of the network's outputs, which a replay writes: NetworkCall)
+                    self.do(partial(torch.Tensor.copy_, column, value))
+                else:
+                    column.copy_(value)
+                    if node.op == "loss_features" and self.record is not None:
+                        self.record.loss_in(column)
+                    else:
                         self.unrecorded()
-                    kept.leaf_columns[key].copy_(self.ev.leaf(node).reshape(-1, node.channels))
-                    kept.written[key] = written
+                kept.written[key] = None
             self._filled.add(key)
         if hyper:
             write_hyper(kept, self.tasks, hyper)
@@ -387,9 +396,11 @@ class GroupStep(GroupValues):
         return [r.reshape(count, n.channels, *self.level_shape(n.level)) for r, n in zip(kept.rows, nodes)]
 
     def network_input(self, node: Node) -> None:
-        """Compiled small work: the network's input, computed now (GroupValues.dense reads it)."""
-        self.unrecorded()
-        if self.small is not None:
+        """Compiled small work: the network's input, computed now into the rows of its small
+        function (GroupValues.dense reads them; a replay's NetworkCall too)."""
+        if self.small is None:
+            self.unrecorded()   # (evaluated in torch when the network reads it)
+        else:
             self.finish(node, self._small_outputs("network", [node])[0])
 
     def write_small_accumulators(self, accumulators: dict[str, Node]) -> None:
