@@ -8,6 +8,7 @@ import torch
 
 from ..ir.network import NetworkIR
 from ..ir.program import mlp_weight_shapes
+from .network_fold import FOLD_FROM_ROWS, fold_linears, variables_read
 from .torch_ops import BINARY, UNARY
 
 
@@ -20,6 +21,9 @@ class SpecNetwork:
         self._consts: dict[tuple, torch.Tensor] = {}   # made once: a steady step copies nothing from the host
         self._hyper: dict[str, float] = {}
         self.state_keys = tuple(ir.state)
+        # The body as it runs: linear layers over a concat folded through the layer before (network_fold.py)
+        reads = {*ir.outputs, *ir.state}.union(*(variables_read(e) for e in ir.mlp))
+        self.body = fold_linears(ir.body, weights, reads)
         self.mlp_shapes = [] if mlp_sizes is None else mlp_weight_shapes(mlp_sizes)
         # (kind, rows) -> the shared row; a sharded step (runtime/sharding.py) reduces over
         # every rank's tensors.
@@ -50,7 +54,7 @@ class SpecNetwork:
         """The body's values from its inputs and state (scope), each (T or 1, channels)."""
         self._hyper = hyper or {}
         scope = dict(scope)
-        for _, name, expr in self.ir.body:
+        for _, name, expr in self.body:
             scope[name] = self._eval(expr, scope)
         return scope
 
@@ -94,10 +98,13 @@ class SpecNetwork:
             w = self.weights[e[2]][e[3]]
             return self._eval(e[1], scope) @ w.reshape(w.shape[0], -1)
         if kind == "concat":
-            parts = [self._eval(a, scope) for a in e[1]]
-            # A shared row (1, C) beside rows (T, C) takes T rows; T is 0 on a rank with no tensors.
-            count = 0 if any(p.shape[0] == 0 for p in parts) else max(p.shape[0] for p in parts)
-            return torch.cat([p.expand(count, p.shape[1]) for p in parts], dim=1)
+            return _concat([self._eval(a, scope) for a in e[1]])
+        if kind == "folded_linear":
+            fold = e[1]
+            parts = [self._eval(a, scope) for a in fold.parts]
+            if max(p.shape[0] for p in parts) < FOLD_FROM_ROWS:
+                return self._eval(fold.written, scope)
+            return fold.apply(self.weights, parts, _concat, scope[fold.shared])
         if kind == "slice":
             return self._eval(e[1], scope)[:, e[2]:e[2] + e[3]]
         if kind == "over_tensors":
@@ -109,6 +116,12 @@ class SpecNetwork:
 
 
 _CONSTS_LIMIT = 4096
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    # A shared row (1, C) beside rows (T, C) takes T rows; T is 0 on a rank with no tensors.
+    count = 0 if any(p.shape[0] == 0 for p in parts) else max(p.shape[0] for p in parts)
+    return torch.cat([p.expand(count, p.shape[1]) for p in parts], dim=1)
 
 
 def _over_local_tensors(kind: str, x: torch.Tensor) -> torch.Tensor:
