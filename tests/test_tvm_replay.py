@@ -9,6 +9,7 @@ zero_grad() makes them) or is noticed."""
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Callable
 
 import pytest
@@ -271,3 +272,24 @@ def test_replayed_steps_on_a_busy_machine_run_on_one_thread(replays, monkeypatch
     # The first step records; busy or not, the rest replay (the machine busy from the step
     # after the look that first found it so: Contention looks again before it believes it).
     assert replays == [2, 2, 2, 1, 1]
+
+
+@pytest.mark.parametrize("pick", ["evenly spaced", "one", "unevenly spaced", "reversed", "two bases", "not views"])
+def test_stacked_into_writes_the_sources_as_they_are_when_it_runs(pick):
+    """stacked_into's op (the step counts' and small states' copies, recorded for replays)
+    copies the sources' values at each run: from one strided view of their base where they
+    are evenly spaced views of it, else stacked."""
+    gen = torch.Generator().manual_seed(4)
+    base, other = torch.randn(12, 3, generator=gen), torch.randn(12, 3, generator=gen)
+    rows = {"evenly spaced": [base[1], base[4], base[7], base[10]], "one": [base[5]],
+            "unevenly spaced": [base[1], base[4], base[6], base[10]], "reversed": [base[9], base[6], base[3]],
+            "two bases": [base[0], other[2], base[4]], "not views": [torch.randn(3, generator=gen) for _ in range(3)]}[pick]
+    dst = torch.empty(len(rows), 1, 3)
+    op = replay.stacked_into(dst, rows)
+    for _ in range(2):
+        op()
+        assert torch.equal(dst, torch.stack(rows).reshape(dst.shape))
+        base.mul_(-1.5)   # (the next run sees the new values)
+        other.add_(1.0)
+    one_copy = isinstance(op, functools.partial) and op.func is torch.Tensor.copy_
+    assert one_copy == (pick == "evenly spaced")

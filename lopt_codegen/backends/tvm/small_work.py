@@ -21,7 +21,7 @@ from ..base import StepBatch, TensorTask, checked_accumulator
 from ..group_values import GroupValues
 from ..sharded_groups import RankSums
 from .batched import ALIGNMENT
-from .replay import StepRecord, copy_stacked
+from .replay import StepRecord, stacked_into
 from .signature import PassSignature
 from .small_function import SmallSignature
 from .view import ROWS_PER_BLOCK, WARP, View, padded
@@ -351,7 +351,7 @@ class GroupStep(GroupValues):
                 continue
             column = kept.leaf_columns[key]
             if node.op == "step":   # the counts as they are (ev.leaf's conversions took 10 us a group)
-                self.do(partial(copy_stacked, column, [t.state["step"] for t in self.tasks]))
+                self.do(stacked_into(column, [t.state["step"] for t in self.tasks]))
             elif node.op == "hyper":
                 hyper.append(node)
             elif node.op == "shape":
@@ -382,7 +382,7 @@ class GroupStep(GroupValues):
         if rows is None or tuple(rows.shape) != shape:
             rows = self.kept.states[id(node)] = empty_rows(shape[0], shape[1:])
         if id(node) not in self._filled:   # (ev.leaf's: the tensors' states stacked)
-            self.do(partial(copy_stacked, rows, [t.state[node.attrs[0]] for t in self.tasks]))
+            self.do(stacked_into(rows, [t.state[node.attrs[0]] for t in self.tasks]))
             self._filled.add(id(node))
         return rows
 
