@@ -99,6 +99,43 @@ def test_velo_network_state_is_read_from_its_rows_only_while_it_is_theirs(backen
         assert len({opt.state[p][k].untyped_storage().data_ptr() for p in params}) == 1
 
 
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
+def test_small_states_of_a_group_are_its_rows_while_they_are_theirs(name):
+    """The tvm backend makes the row, column and tensor statistics kept as state (fr, fc;
+    VeLO's m_mean, v_mean too) of a group's tensors rows of one tensor (small_work.py:
+    GroupStep._state_rows), read and written whole; a run whose states are separate
+    tensors before every step takes the same steps, bit for bit, and so does one whose
+    states a user replaces midway (both runs alike)."""
+    shapes = [(6, 5), (6, 5), (6, 5), (4, 7), (4, 7), (9,)]
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    params, other = ([torch.nn.Parameter(p.clone()) for p in start] for _ in range(2))
+    opt, separate = (build(name, ps, backend="tvm") for ps in (params, other))
+    small = lambda o, p: [k for k, v in o.state[p].items() if k != "step" and v.numel() < p.numel()]  # noqa: E731
+    for i in range(5):
+        if i == 3:   # replaced by the user: new tensors, new values
+            for o, ps in ((opt, params), (separate, other)):
+                o.state[ps[1]]["fc"] = torch.full_like(o.state[ps[1]]["fc"], 0.25)
+        for p in other if i else ():   # (the state is made at the first step)
+            for k in small(separate, p):
+                separate.state[p][k] = separate.state[p][k].clone()
+        kept = {(id(p), k): opt.state[p][k] for p in params for k in small(opt, p)}
+        for o, ps in ((opt, params), (separate, other)):
+            set_grads(ps, i)
+            o.step(loss=torch.tensor(1.0 / (i + 1)))
+        if i == 4:   # a step on the rows writes them in place: the same tensors stay the state
+            assert all(v is opt.state[p][k] for p in params for k in small(opt, p) for v in [kept[(id(p), k)]])
+    keys = small(opt, params[0])
+    assert {"fr", "fc"} <= set(keys)
+    for p, q in zip(params, other):
+        assert torch.equal(p, q)
+        for k in small(opt, p):
+            assert torch.equal(opt.state[p][k], separate.state[q][k]), k
+    for group in (params[:3], params[3:5]):
+        for k in keys:
+            assert len({opt.state[p][k].untyped_storage().data_ptr() for p in group}) == 1, k
+
+
 def test_bf16_params_keep_float32_state_through_load():
     params = make_params(torch.bfloat16)
     opt = build("small_fc_lopt", params)

@@ -68,6 +68,10 @@ class StepBatch:
     # hyperparameters (the param groups' values `hyper_values`) may differ. None: unknown.
     generation: int | None = None
     hyper_values: tuple = ()
+    # The state keys whose tensors the step replaced (made them rows of one tensor: views),
+    # so the optimizer keys its tasks again after the step (SteadyTasks.rekey). One list,
+    # shared by the copies a backend makes of the batch (dataclasses.replace).
+    replaced_states: list[str] = field(default_factory=list)
 
 
 class Backend:

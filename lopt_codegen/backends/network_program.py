@@ -33,7 +33,6 @@ class SpecNetwork:
         # the rows and writes its new state with one copy, where stacking and writing back
         # 200 tensors' states took about 0.7 ms of VeLO's 21-22 ms step (reference.run_network).
         self.state_rows: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        self.rows_made = 0   # how many times the rows were made (new state tensors: SteadyTasks.rekey)
 
     def initial_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         """One tensor's network state before its first step: each (channels,)."""

@@ -233,5 +233,5 @@ def run_network(batch: StepBatch, tasks: list[TensorTask], x: torch.Tensor
             for t, view in zip(tasks, views):
                 t.state[k] = view
             net.state_rows[k] = (rows, views)
-            net.rows_made += 1
+            batch.replaced_states.append(k)
     return outputs, mlp

@@ -284,12 +284,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{program.class_name} runs one network over all tensors: put all parameters "
                                "on one device")
         if tasks:
-            made = batch.network.rows_made if batch.network is not None else 0
             try:
                 self.backend.step(batch)
             finally:
                 self._steady.drop_grads()
-            if generation is not None and batch.network is not None and batch.network.rows_made != made:
+            if generation is not None and batch.replaced_states:
                 self._steady.rekey(host_key(self.param_groups, self.state, self._parameter_values,
                                             self.backend.replays_steps)[0], self.param_groups, self.state)
         elif batch.network is not None:

@@ -105,9 +105,9 @@ class SteadyTasks:
         self.generation = next(_GENERATIONS)
 
     def rekey(self, key: tuple, param_groups: list[dict], state: dict) -> None:
-        """The same tasks, generation and all, whose step replaced state tensors (a network's
-        first step makes the tensors' states rows of one: SpecNetwork.state_rows): `key`,
-        host_key's after that step, is the one later steps are compared with."""
+        """The same tasks, generation and all, whose step replaced state tensors (made them
+        rows of one tensor: StepBatch.replaced_states): `key`, host_key's after that step,
+        is the one later steps are compared with."""
         self.key, self._held = key, _objects(param_groups, state)
 
     def take(self, grads: list, hyper: tuple, names: list[str], route: Route | None) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from dataclasses import dataclass, field
 from functools import partial
 from operator import attrgetter
@@ -21,7 +22,7 @@ from ..base import StepBatch, TensorTask, checked_accumulator
 from ..group_values import GroupValues
 from ..sharded_groups import RankSums
 from .batched import ALIGNMENT
-from .replay import StepRecord, stacked_into
+from .replay import StepRecord, copy_stacked, stacked_into
 from .signature import PassSignature
 from .small_function import SmallSignature
 from .view import ROWS_PER_BLOCK, WARP, View, padded
@@ -118,7 +119,9 @@ class GroupKept:
     leaf_nodes: list[Node] | None = None   # the leaves `leaves` holds (every small function's list)
     leaf_columns: dict[int, torch.Tensor] = field(default_factory=dict)   # id(leaf) -> its columns of `leaves`
     hyper_seen: dict[str, float] | None = None   # the hyperparameters `leaves` holds, where all tensors share them
-    states: dict[int, torch.Tensor] = field(default_factory=dict)   # id(state node) -> rows
+    states: dict[str, torch.Tensor] = field(default_factory=dict)   # small accumulator -> its rows
+    # small accumulator -> (its rows, the row views that are the tasks' states): _state_rows
+    state_views: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=dict)
     # id(accumulator) -> GroupStep._checked_base's (which holds it), as checked at an
     # earlier step: checked again when its data pointer, strides or dtype changed
     checked: dict[int, tuple] = field(default_factory=dict)
@@ -377,13 +380,29 @@ class GroupStep(GroupValues):
 
     def _state_rows(self, node: Node) -> torch.Tensor:
         """A small accumulator's values before this step, as [tensors, channels, *small dims]."""
-        shape = (len(self), node.channels, *self.view.small_dims(node.level))
-        rows = self.kept.states.get(id(node))
+        shape, name = (len(self), node.channels, *self.view.small_dims(node.level)), node.attrs[0]
+        rows = self.kept.states.get(name)
         if rows is None or tuple(rows.shape) != shape:
-            rows = self.kept.states[id(node)] = empty_rows(shape[0], shape[1:])
-        if id(node) not in self._filled:   # (ev.leaf's: the tensors' states stacked)
-            self.do(stacked_into(rows, [t.state[node.attrs[0]] for t in self.tasks]))
+            rows = self.kept.states[name] = empty_rows(shape[0], shape[1:])
+        if id(node) not in self._filled:
             self._filled.add(id(node))
+            held = self.kept.state_views.get(name)
+            if held is not None and held[0] is rows and all(map(operator.is_, (t.state[name] for t in self.tasks),
+                                                                held[1])):
+                return rows   # (the states are the rows)
+            states = [t.state[name] for t in self.tasks]
+            if not all(s.dtype == rows.dtype and s.device == rows.device for s in states):
+                self.do(stacked_into(rows, states))   # (kept as they are, copied every step)
+                return rows
+            # The states become the rows' views, as a network's (SpecNetwork.state_rows): a
+            # step then copies nothing in and one copy out (write_small_accumulators), where
+            # stacking 20 tensors and writing them back took ~45 us a group and state.
+            copy_stacked(rows, states)
+            views = [row.view(s.shape) for row, s in zip(rows.unbind(0), states)]
+            for task, view in zip(self.tasks, views):
+                task.state[name] = view
+            self.kept.state_views[name] = (rows, views)
+            self.ev.batch.replaced_states.append(name)
         return rows
 
     def _small_outputs(self, name: str, nodes: list[Node], sums: list[torch.Tensor] = ()) -> list[torch.Tensor]:
@@ -412,10 +431,20 @@ class GroupStep(GroupValues):
         if not small:
             return
         values = self._small_outputs("accumulators", list(small.values()))
+        computed = self.kept.small["accumulators"].rows   # (values' rows as computed: [tensors, *small dims])
+        into, out = [], []
+        for name, value, rows in zip(small, values, computed):
+            held = self.kept.state_views.get(name)
+            if held is not None and held[0].shape == rows.shape and \
+                    all(map(operator.is_, (t.state[name] for t in self.tasks), held[1])):
+                into.append(held[0])   # (the states are the rows: _state_rows)
+                out.append(rows)
+            else:
+                into += [t.state[name] for t in self.tasks]
+                out += value.unbind(0)
         # One copy for all of them: a call took about 2 us a group and accumulator (VeLO's
         # four on 200 small tensors: 1.6 ms a step)
-        self.do(partial(torch._foreach_copy_, [t.state[name] for name in small for t in self.tasks],
-                        [row for value in values for row in value.unbind(0)]))
+        self.do(partial(torch._foreach_copy_, into, out))
 
     def _own_pointers(self, sig: PassSignature, bases: list[list[tuple[int, int]]]) \
             -> tuple[list[list[int]], list[list[int]]]:
