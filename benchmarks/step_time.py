@@ -192,7 +192,9 @@ def plan_cost(spec: str, shapes: list[tuple[int, ...]]) -> list[tuple[int, int]]
     the spec's plan: what each tensor's passes read and write, and its MLP's work. Pass k of
     every tensor runs before pass k+1 of any (its small work needs pass k's sums). A spec's
     network (VeLO's LSTM) is one more round: its weights read once, its layers'
-    multiply-adds once per tensor."""
+    multiply-adds once per tensor (its folded layers' as they run, FOLD_FROM_ROWS tensors
+    or more: backends/network_fold.py)."""
+    from lopt_codegen.backends.network_fold import FOLD_FROM_ROWS, folded_body
     from lopt_codegen.ir.network import network_cost
     from lopt_codegen.ir.plan import plan_program
     from lopt_codegen.runtime.axes import factored_axes
@@ -214,6 +216,11 @@ def plan_cost(spec: str, shapes: list[tuple[int, ...]]) -> list[tuple[int, int]]
         weights = resolve_weights(program, "random", 0)
         each, once, floats = network_cost(program.network, {g: {k: tuple(v.shape) for k, v in weights[g].items()}
                                                             for g in program.network.groups})
+        if len(shapes) >= FOLD_FROM_ROWS:
+            for _, _, e in folded_body(program.network, weights):
+                if e[0] == "folded_linear":
+                    written, folded, bias = e[1].macs(weights)
+                    each, once = each - written + folded, once + bias
         rounds.append((4 * floats, each * len(shapes) + once))
     return rounds
 

@@ -101,3 +101,4 @@ def test_velo_folds_its_lstm_gates_through_the_input_mix():
     (fold,) = _folds(net)
     assert (fold.layer, fold.inner) == (("rnn", "lstm.linear"), ("rnn", "final_mix_layer"))
     assert "mixed" not in [name for _, name, _ in net.body]
+    assert fold.macs(net.weights) == (2048 * 1024, 2048 * (512 + 30), 2048 * 512)   # (the benchmarks' floors)

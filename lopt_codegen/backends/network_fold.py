@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from ..ir.network import NetworkIR
+
 Weights = dict[str, dict[str, torch.Tensor]]
 _SHARED_KINDS = {"const", "fold", "hyper", "weight", "over_tensors"}
 # Tensors (rows) from which the folded layer runs. VeLO's network, ms a call (folded /
@@ -48,6 +50,13 @@ class FoldedLinear:
         # (as the network's linear: (W x^T + b)^T, its rows the products' rows)
         return torch.addmm(self._bias(weights, widths, r).t(), self._weight(weights, widths), concat(parts).t()).t()
 
+    def macs(self, weights: Weights) -> tuple[int, int, int]:
+        """The multiply-adds of the layer as written, per tensor; folded, per tensor and
+        once a step (the bias's product)."""
+        out, width = weights[self.layer[0]][f"{self.layer[1]}.weight"].shape
+        v, x = weights[self.inner[0]][f"{self.inner[1]}.weight"].shape
+        return out * width, out * (width - v + x), out * v
+
     def _weight(self, weights: Weights, widths: list[int]) -> torch.Tensor:
         """[L_a | L_v F | L_b] for the parts' widths (v's own at `index`)."""
         w, f = weights[self.layer[0]][f"{self.layer[1]}.weight"], weights[self.inner[0]][f"{self.inner[1]}.weight"]
@@ -67,11 +76,16 @@ class FoldedLinear:
         return torch.addmm(b.unsqueeze(0), b_f.unsqueeze(0) + r, w[:, start:start + widths[self.index]].t())
 
 
-def fold_linears(body: tuple, weights: Weights, reads: set[str]) -> list[tuple]:
-    """The body's statements with each foldable `y = linear(concat(...), L)` as
+def folded_body(ir: NetworkIR, weights: Weights) -> list[tuple]:
+    """The network's statements with each foldable `y = linear(concat(...), L)` as
     ("folded_linear", FoldedLinear) reading x and r; v's statement then sets r (in a
-    variable of its own) and, where `reads` or another statement reads v, v too.
-    `reads`: the variables read outside the body (outputs, MLP weights, state)."""
+    variable of its own) and, where another statement, an output, the state or the MLP's
+    weights read v, v too."""
+    reads = {*ir.outputs, *ir.state}.union(*(variables_read(e) for e in ir.mlp))
+    return _fold_linears(ir.body, weights, reads)
+
+
+def _fold_linears(body: tuple, weights: Weights, reads: set[str]) -> list[tuple]:
     defs = {name: expr for _, name, expr in body}
     shared = _sharedvariables_read(body)
     plans: dict[int, tuple[str, FoldedLinear]] = {}   # statement -> (v, its fold)

@@ -8,7 +8,7 @@ import torch
 
 from ..ir.network import NetworkIR
 from ..ir.program import mlp_weight_shapes
-from .network_fold import FOLD_FROM_ROWS, fold_linears, variables_read
+from .network_fold import FOLD_FROM_ROWS, folded_body
 from .torch_ops import BINARY, UNARY
 
 
@@ -22,8 +22,7 @@ class SpecNetwork:
         self._hyper: dict[str, float] = {}
         self.state_keys = tuple(ir.state)
         # The body as it runs: linear layers over a concat folded through the layer before (network_fold.py)
-        reads = {*ir.outputs, *ir.state}.union(*(variables_read(e) for e in ir.mlp))
-        self.body = fold_linears(ir.body, weights, reads)
+        self.body = folded_body(ir, weights)
         self.mlp_shapes = [] if mlp_sizes is None else mlp_weight_shapes(mlp_sizes)
         # (kind, rows) -> the shared row; a sharded step (runtime/sharding.py) reduces over
         # every rank's tensors.
