@@ -30,7 +30,10 @@ def _network(r: tuple, weights: dict, reads_v: bool = False, v_first: bool = Tru
     parts = (("var", "v"), ("var", "h")) if v_first else (("var", "h"), ("var", "v"))
     body = (("set", "v", ("op", "add", (("linear", ("var", "x"), "g", "f"), r))),
             ("set", "y", ("linear", ("concat", parts), "g", "l")))
-    outputs = {"y": OUT, **({"v": V} if reads_v else {})}
+    return _pair(body, weights, {"y": OUT, **({"v": V} if reads_v else {})})
+
+
+def _pair(body: tuple, weights: dict, outputs: dict[str, int]) -> tuple[SpecNetwork, SpecNetwork]:
     ir = NetworkIR(state={"h": (("const", (0.0,) * H), H)}, body=body, outputs=outputs, mlp=(), groups=("g",))
     folded = SpecNetwork(ir, weights, None, torch.device("cpu"))
     written = SpecNetwork(ir, weights, None, torch.device("cpu"))
@@ -73,13 +76,21 @@ def test_v_is_still_computed_where_something_else_reads_it():
     _compare(folded, written, 30, gen)
 
 
-@pytest.mark.parametrize("case", ["r per tensor", "x wider than v"])
+@pytest.mark.parametrize("case", ["r per tensor", "x wider than v", "v set twice", "x set in the body"])
 def test_no_fold_where_the_identity_or_the_saving_fails(case):
     gen = torch.Generator().manual_seed(1)
+    v = ("op", "add", (("linear", ("var", "x"), "g", "f"), SHARED))
+    y = ("set", "y", ("linear", ("concat", (("var", "v"), ("var", "h"))), "g", "l"))
     if case == "r per tensor":   # (W r would be a product per tensor: no saving)
         folded, written = _network(("linear", ("var", "x"), "g", "m"), _weights(gen))
-    else:
+    elif case == "x wider than v":
         folded, written = _network(SHARED, _weights(gen, inner_out=X - 1))
+    elif case == "v set twice":   # (which v y reads is its place's)
+        twice = ("op", "add", (("linear", ("var", "x"), "g", "f"), ("const", (0.5,) * V)))
+        folded, written = _pair((("set", "v", v), y, ("set", "v", twice)), _weights(gen), {"y": OUT, "v": V})
+    else:   # (x's value at y's place is not v's)
+        x = ("set", "x", ("op", "mul", (("var", "x"), ("const", (2.0,)))))
+        folded, written = _pair((("set", "v", v), x, y), _weights(gen), {"y": OUT})
     assert _folds(folded) == [] and folded.body == list(written.body)
 
 

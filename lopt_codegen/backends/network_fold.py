@@ -86,11 +86,13 @@ def folded_body(ir: NetworkIR, weights: Weights) -> list[tuple]:
 
 
 def _fold_linears(body: tuple, weights: Weights, reads: set[str]) -> list[tuple]:
-    defs = {name: expr for _, name, expr in body}
-    shared = _sharedvariables_read(body)
+    # (v set once, before y, and x never: each then holds one value through the body)
+    assigned = [name for _, name, _ in body]
+    defs = {name: expr for _, name, expr in body if assigned.count(name) == 1}
+    shared = _shared_variables(body)
     plans: dict[int, tuple[str, FoldedLinear]] = {}   # statement -> (v, its fold)
     for k, (_, name, expr) in enumerate(body):
-        fold = _fold_of(expr, defs, shared, weights)
+        fold = _fold_of(expr, {v: e for v, e in defs.items() if v in assigned[:k]}, set(assigned), shared, weights)
         if fold is not None:
             plans[k] = fold
     if not plans:
@@ -118,8 +120,9 @@ def _shared_name(v: str) -> str:
     return f"{v}:shared"   # (not a name a spec can write)
 
 
-def _fold_of(expr: tuple, defs: dict[str, tuple], shared: set[str], weights: Weights
+def _fold_of(expr: tuple, defs: dict[str, tuple], assigned: set[str], shared: set[str], weights: Weights
              ) -> tuple[str, FoldedLinear] | None:
+    """(v, its fold) where expr is y's (module doc); defs: the variables set once before it."""
     if expr[0] != "linear" or expr[1][0] != "concat":
         return None
     parts = expr[1][1]
@@ -130,7 +133,7 @@ def _fold_of(expr: tuple, defs: dict[str, tuple], shared: set[str], weights: Wei
         if split is None or not _is_shared(split[1], shared):
             continue
         (_, x, group, layer), _ = split
-        if x[0] != "var":
+        if x[0] != "var" or x[1] in assigned:
             continue
         f = weights[group][f"{layer}.weight"]
         if f.shape[1] >= f.shape[0]:   # (no fewer multiply-adds)
@@ -155,7 +158,7 @@ def _split(expr: tuple) -> tuple[tuple, tuple] | None:
     return None
 
 
-def _sharedvariables_read(body: tuple) -> set[str]:
+def _shared_variables(body: tuple) -> set[str]:
     shared: set[str] = set()
     for _, name, expr in body:
         if _is_shared(expr, shared):
