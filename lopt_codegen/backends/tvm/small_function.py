@@ -355,7 +355,10 @@ def _long_axis_innermost(func: tirx.PrimFunc, sizes: list[tirx.Var]) -> tirx.Pri
         loops = sch.get_loops(block)
         long = [loop for loop in loops if extent(loop, (X, Y))]
         if len(long) == 1 and not loops[-1].same_as(long[0]) and not any(extent(loop, (K, L)) for loop in loops):
-            sch.reorder(*[loop for loop in loops if not loop.same_as(long[0])], long[0])
+            try:
+                sch.reorder(*[loop for loop in loops if not loop.same_as(long[0])], long[0])
+            except s_tir.ScheduleError:   # (a stage the schedule cannot reorder runs as te made it)
+                continue
     return tirx.PrimFunc(list(func.params), sch.mod["main"].body, attrs=func.attrs)
 
 
