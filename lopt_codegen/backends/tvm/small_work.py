@@ -191,6 +191,7 @@ class GroupStep(GroupValues):
         self._bases_read = False
         self._copies: list[torch.Tensor] = []   # _table_with_copies'
         self._filled: set[int] = set()   # leaves and states read this step
+        self._as_rows: set[str] = set()   # small accumulators whose states are their rows this step (_state_rows)
 
     def element(self, t: int, name: str, channel: int = 0) -> torch.Tensor:
         """Tensor t's param, grad or accumulator channel viewed as the kernels' dims; made
@@ -389,7 +390,8 @@ class GroupStep(GroupValues):
             held = self.kept.state_views.get(name)
             if held is not None and held[0] is rows and all(map(operator.is_, (t.state[name] for t in self.tasks),
                                                                 held[1])):
-                return rows   # (the states are the rows)
+                self._as_rows.add(name)
+                return rows
             states = [t.state[name] for t in self.tasks]
             if not all(s.dtype == rows.dtype and s.device == rows.device for s in states):
                 self.do(stacked_into(rows, states))   # (kept as they are, copied every step)
@@ -402,6 +404,7 @@ class GroupStep(GroupValues):
             for task, view in zip(self.tasks, views):
                 task.state[name] = view
             self.kept.state_views[name] = (rows, views)
+            self._as_rows.add(name)
             self.ev.batch.replaced_states.append(name)
         return rows
 
@@ -434,10 +437,8 @@ class GroupStep(GroupValues):
         computed = self.kept.small["accumulators"].rows   # (values' rows as computed: [tensors, *small dims])
         into, out = [], []
         for name, value, rows in zip(small, values, computed):
-            held = self.kept.state_views.get(name)
-            if held is not None and held[0].shape == rows.shape and \
-                    all(map(operator.is_, (t.state[name] for t in self.tasks), held[1])):
-                into.append(held[0])   # (the states are the rows: _state_rows)
+            if name in self._as_rows and self.kept.states[name].shape == rows.shape:
+                into.append(self.kept.states[name])   # (the states are the rows: _state_rows)
                 out.append(rows)
             else:
                 into += [t.state[name] for t in self.tasks]
