@@ -79,11 +79,11 @@ def run_and_compare(ref_params, ref, tvm_params, opt, gen, steps=STEPS) -> float
 def poisoned_buffers(monkeypatch):
     """The kernels' row buffers (partial sums, values for the small work) made full of NaN:
     a kernel that leaves a partial sum unwritten fails, where fresh memory (zeros) hid it."""
-    original = small_work.empty_rows
+    original = small_work.empty_rows_each
 
-    def empty_rows(*args, **kwargs):
-        return original(*args, **kwargs).fill_(float("nan"))
-    monkeypatch.setattr(small_work, "empty_rows", empty_rows)
+    def empty_rows_each(*args, **kwargs):
+        return [rows.fill_(float("nan")) for rows in original(*args, **kwargs)]
+    monkeypatch.setattr(small_work, "empty_rows_each", empty_rows_each)
 
 
 @pytest.mark.parametrize("kernels", ["generic", "specialized", "generic, torch small work"])

@@ -19,7 +19,8 @@ from generated.adam import Adam
 from generated.elo import ELO
 from generated.small_fc_lopt import SmallFcLopt
 from generated.velo import VeLO
-from lopt_codegen.backends.tvm import replay
+from lopt_codegen.backends.tvm import replay, small_work
+from lopt_codegen.backends.tvm.batched import ALIGNMENT
 from lopt_codegen.runtime.steady import SteadyTasks
 
 SHAPES = [(5, 3), (5, 3), (7,), (4, 4), (2, 3, 4), ()]
@@ -293,3 +294,17 @@ def test_stacked_into_writes_the_sources_as_they_are_when_it_runs(pick):
         other.add_(1.0)
     one_copy = isinstance(op, functools.partial) and op.func is torch.Tensor.copy_
     assert one_copy == (pick == "evenly spaced")
+
+
+def test_row_buffers_made_together_are_aligned_apart_and_pointed_at():
+    """empty_rows_each's buffers (one allocation) start each row on ALIGNMENT, overlap no
+    other buffer, and row_pointers gives each row's address."""
+    shapes = [(5, 3), (5, 1, 17), (2, 16), (7, 2, 2, 1), (1, 33)]
+    rows = small_work.empty_rows_each(shapes)
+    assert [tuple(r.shape) for r in rows] == shapes
+    for k, r in enumerate(rows):
+        r.fill_(k)
+        assert all(row.data_ptr() % ALIGNMENT == 0 for row in r)
+    assert all(torch.all(r == k) for k, r in enumerate(rows))   # (none overwrote another)
+    table = small_work.row_pointers(5, rows[:2])
+    assert table.tolist() == [[rows[0][i].data_ptr(), rows[1][i].data_ptr()] for i in range(5)]

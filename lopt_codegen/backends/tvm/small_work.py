@@ -46,10 +46,22 @@ def aligned(tensors: list[torch.Tensor], written: bool) -> tuple[list[torch.Tens
 def empty_rows(count: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> torch.Tensor:
     """[count, *shape] whose rows each start on an ALIGNMENT boundary (rows padded)."""
-    n = math.prod(shape)
-    per = ALIGNMENT // torch.empty((), dtype=dtype).element_size()
-    buf = torch.empty(count, -(-n // per) * per, dtype=dtype, device=device)
-    return buf[:, :n].view(count, *shape)
+    return empty_rows_each([(count, *shape)], dtype, device)[0]
+
+
+def empty_rows_each(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """empty_rows of each [count, *shape] in `shapes`, views of one allocation (a group's
+    kept buffers are made together: one allocation where one each took most of the time
+    making them at a first step)."""
+    per = ALIGNMENT // dtype.itemsize
+    widths = [-(-math.prod(s[1:]) // per) * per for s in shapes]
+    buf = torch.empty(sum(s[0] * w for s, w in zip(shapes, widths)), dtype=dtype, device=device)
+    out, start = [], 0
+    for s, w in zip(shapes, widths):
+        out.append(buf[start:start + s[0] * w].view(s[0], w)[:, :math.prod(s[1:])].view(s))
+        start += s[0] * w
+    return out
 
 
 def _storage(t: torch.Tensor) -> torch.Tensor:
@@ -59,9 +71,11 @@ def _storage(t: torch.Tensor) -> torch.Tensor:
 
 def row_pointers(count: int, rows: list[torch.Tensor]) -> torch.Tensor:
     """int64 [count tensors, buffers]: where each tensor's row of each [tensors, ...]
-    buffer starts (by arithmetic: a few torch calls per buffer, not one per tensor)."""
-    index = torch.arange(count, dtype=torch.int64).unsqueeze(1)
-    return torch.cat([index[:, :0], *(r.data_ptr() + index * (r.stride(0) * r.element_size()) for r in rows)], 1)
+    buffer starts (by arithmetic over all the buffers at once: one torch call per buffer
+    took most of a first step's host time on GPT-2's groups)."""
+    starts = torch.tensor([r.data_ptr() for r in rows], dtype=torch.int64)
+    steps = torch.tensor([r.stride(0) * r.element_size() for r in rows], dtype=torch.int64)
+    return starts + torch.arange(count, dtype=torch.int64).unsqueeze(1) * steps
 
 
 def pointer_table(own: list[list[int]], rows: torch.Tensor, outputs: list[list[int]]) -> torch.Tensor:
@@ -143,7 +157,7 @@ def _rows(kept: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> list[torch
     """`kept` if it has these shapes, else new aligned row buffers of them."""
     if [tuple(r.shape) for r in kept] == shapes:
         return kept
-    return [empty_rows(s[0], s[1:]) for s in shapes]
+    return empty_rows_each(shapes)
 
 
 _HYPER = attrgetter("hyper")
@@ -238,7 +252,7 @@ class GroupStep(GroupValues):
             values = self._value_shapes(sig)
             shapes = values + [(count, *p_shape)] * len(sig.x_sums) + [(count, *q_shape)] * len(sig.y_sums) \
                 + [(count, *m_shape)] * len(sig.m_sums)
-            kept.rows = [empty_rows(s[0], s[1:], device=device) for s in shapes]
+            kept.rows = empty_rows_each(shapes, device=device)
             kept.bases, kept.row_table = None, row_pointers(count, kept.rows)
             kept.rows_of, kept.values = (sig, count), len(values)
         if self.small is None:
