@@ -295,19 +295,19 @@ class _SmallStages:
         w1, b1 = self.mlp_in
         H = w1.shape[0]
 
+        # Each feature's column of W1 and its scale, once a tensor; an entry of W1' is then
+        # a load and a multiply. (The entry as a chain of Selects over the parts, which LLVM
+        # made masked gathers at every entry: small_fc_lopt's pass-2 function on 200 small
+        # tensors 0.87 -> 0.60 ms.)
+        columns, scales = [], []
+        for _, scale, col, ch in fold.element_parts:
+            values = [g((0,) * 5) for g in self.channels(scale)] if scale is not None else [tirx.const(1.0, F32)]
+            columns += [tirx.const(col + j, "int32") for j in range(ch)]
+            scales += [values[j if len(values) > 1 else 0] for j in range(ch)]
+        scale_of = te.compute((fold.features,), lambda f: _chain(f, scales), name="W1_scales")
+
         def column(h, f):
-            parts, start = [], 0
-            for _, scale, col, ch in fold.element_parts:
-                j = f - start
-                value = w1[h, col + j]
-                if scale is not None:
-                    value = value * _chain(j, [g((0,) * 5) for g in self.channels(scale)])
-                parts.append((start + ch, value))
-                start += ch
-            out = parts[-1][1]
-            for end, value in reversed(parts[:-1]):   # lazily: other parts' columns are out of range
-                out = tirx.if_then_else(f < end, value, out)
-            return out
+            return w1[h, _chain(f, columns)] * scale_of[f]
 
         def bias(h):
             out = b1[h]
