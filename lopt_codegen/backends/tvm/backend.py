@@ -27,7 +27,7 @@ from .background import BackgroundBuilds, background_builds_enabled
 from .build import build_kernel, cuda_kernels_path, kernel_built, llvm_target, load_cuda_kernels, load_kernel
 from .replay import NetworkCall, StepRecord, recordable, step_key
 from .signature import PassSignature, pass_signature
-from .small_function import small_signatures
+from .small_function import is_plain, small_signatures
 from .small_work import GroupKept, GroupStep, SmallKernel
 from .threads import CONTENTION
 from .view import LANES, PARALLEL_WITHIN_FROM, ROW_CHUNKS, SYMBOLIC_BELOW, View, view_of
@@ -191,7 +191,7 @@ class TvmBackend(Backend):
         if key not in self._small_sigs:
             skip = sigs[0].view.gpu or not self.compiled_small_work or task.variant in self._with_calls
             self._small_sigs[key] = [] if skip else \
-                [s for s in small_signatures(self.program.variants[task.variant], sigs) if not s.empty]
+                [s for s in small_signatures(self.program.variants[task.variant], sigs, plain=key[-1]) if not s.empty]
         return self._small_sigs[key]
 
     def _build(self, variant: str, sigs: list) -> None:
@@ -386,8 +386,11 @@ class TvmBackend(Backend):
 
 def _small_key(task: TensorTask, sigs: list[PassSignature]) -> tuple:
     """What a tensor kind's small functions depend on besides the spec: the same for all
-    its views and dims (TvmBackend.small_kernels)."""
-    return task.variant, sigs[0].view.x_axis, sigs[0].view.gpu, sigs[0].means_over_y, sigs[0].means_in_m
+    its views and dims (TvmBackend.small_kernels) but whether the tensor's are plain (the
+    kernels' view may be another tensor's: shape-generic kernels serve every shape)."""
+    view = sigs[0].view
+    plain = is_plain(view_of(tuple(task.param.shape), task.axes).dims)
+    return task.variant, view.x_axis, view.gpu, sigs[0].means_over_y, sigs[0].means_in_m, plain
 
 
 def generic_signatures(program: Program, dtype: str, gpu: bool = False) -> dict[str, list[PassSignature]]:
@@ -431,10 +434,12 @@ def prebuild(program: Program, cache: BuildCache = DEFAULT_CACHE, target: str = 
             for sig in sigs:
                 load_kernel(program, variant, sig, llvm, cache)
                 count += 1
-            for small in small_signatures(program.variants[variant], sigs):
-                # (the same functions for every dtype and view of a tensor kind)
-                if not small.empty and (variant, small.name, small.x_axis) not in smalls:
-                    smalls.add((variant, small.name, small.x_axis))
-                    load_kernel(program, variant, small, llvm, cache)
-                    count += 1
+            # (the same functions for every dtype and view of a tensor kind; not plain ones
+            # only where a tensor's view can have A, B or C > 1: factored ones)
+            for plain in (True, False) if sigs[0].view.x_axis is not None else (True,):
+                for small in small_signatures(program.variants[variant], sigs, plain):
+                    if not small.empty and (variant, small.name, small.x_axis, plain) not in smalls:
+                        smalls.add((variant, small.name, small.x_axis, plain))
+                        load_kernel(program, variant, small, llvm, cache)
+                        count += 1
     return count, time.perf_counter() - start

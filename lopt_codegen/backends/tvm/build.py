@@ -80,7 +80,7 @@ def _llvm_job(program: Program, variant: str, sig: LlvmSignature, target: tvm.ta
         return pass_key(program, variant, sig, target), lambda: compile_pass(sig, target)
     key = {"spec": program.spec_sha256, "compiler": compiler_version(), "tvm": tvm.__version__,
            "variant": variant, "small": sig.name, "x_axis": sig.x_axis, "means_over_y": sig.means_over_y,
-           "means_in_m": sig.means_in_m,
+           "means_in_m": sig.means_in_m, "plain": sig.plain,
            "target": str(target)}
 
     def compile_small() -> tvm.runtime.Module:
