@@ -102,6 +102,10 @@ def test_matches_reference_on_every_shape(name, kernels, poisoned_buffers):
     compiled = {name for functions in backend._small.values() for name in functions}
     expected = {"pass0"} | ({"finish0", "finish1", "pass1", "accumulators"} if name != "adam" else set())
     assert (compiled >= expected) == backend.compiled_small_work, compiled
+    # Matrices and flat tensors take the plain small functions, tensors with A, B or C > 1
+    # the ones built for any sizes (SmallSignature.plain); Adam's tensors are all flat.
+    plain = {small.sig.plain for functions in backend._small.values() for small in functions.values()}
+    assert plain == (set() if not backend.compiled_small_work else {True} if name == "adam" else {True, False})
     views = {k.sig.view for ks in backend._kernels.values() for k in ks}
     if kernels == "specialized":   # built for their shapes, but where the shape-generic kernels split a
         # tensor across the cores: those are its own (TvmBackend.kernels)
@@ -120,6 +124,19 @@ def test_matches_reference_on_every_shape(name, kernels, poisoned_buffers):
         assert any(v.element_y > v.dims[3] for v in vectorized), "no padded vector kernel tested"
         assert any(v.dims[4] > 1 and not v.folded for v in vectorized), "no strided vector kernel tested"
         assert {v.x_axis for v in views if v.folded} == {"d0", "d1"}, "folded kernels untested"
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
+@pytest.mark.parametrize("shapes", [[(3, 4), (2, 3, 4)], [(2, 5, 3), (5, 3)]], ids=["matrix first", "3-D first"])
+def test_tensors_sharing_shape_generic_kernels_take_their_own_small_functions(name, shapes, poisoned_buffers):
+    """Shape-generic kernels serve every shape of a kind, built with the first tensor's
+    view; a matrix takes the plain small functions and a tensor with A = 2 the ones for
+    any sizes, whichever comes first (the kernels' view once chose for both: NaN)."""
+    pair = make_pair(name, shapes)
+    assert run_and_compare(*pair, steps=3) <= RTOL
+    backend = pair[3].backend
+    assert len(backend._kernels) == 1, "the two tensors no longer share their kernels: the test tests nothing"
+    assert {small.sig.plain for functions in backend._small.values() for small in functions.values()} == {True, False}
 
 
 @pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
