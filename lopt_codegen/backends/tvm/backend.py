@@ -385,9 +385,9 @@ class TvmBackend(Backend):
 
 
 def _small_key(task: TensorTask, sigs: list[PassSignature]) -> tuple:
-    """What a tensor kind's small functions depend on besides the spec: the same for all
-    its views and dims (TvmBackend.small_kernels) but whether the tensor's are plain (the
-    kernels' view may be another tensor's: shape-generic kernels serve every shape)."""
+    """What a tensor's small functions depend on besides the spec (TvmBackend.small_kernels):
+    its kind, and whether its own view is plain (SmallSignature.plain; the kernels' view
+    may be another tensor's, since shape-generic kernels serve every shape of a kind)."""
     view = sigs[0].view
     plain = is_plain(view_of(tuple(task.param.shape), task.axes).dims)
     return task.variant, view.x_axis, view.gpu, sigs[0].means_over_y, sigs[0].means_in_m, plain
