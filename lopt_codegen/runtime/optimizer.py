@@ -236,7 +236,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         device = loss.device
         buffer = self._loss_buffer(device)
         hyper = {k: float(group[k]) for k in self.program.hyperparameters if group.get(k) is not None}
-        state = self.state.setdefault("loss_buffer", buffer.initial_state(device))
+        state = self.state.get("loss_buffer")
+        if state is None:   # (not setdefault: that made the initial state again at every step)
+            state = self.state["loss_buffer"] = buffer.initial_state(device)
         scope = buffer.run({"loss": loss.reshape(1, 1), **{k: v.reshape(1, -1) for k, v in state.items()}}, hyper)
         for k in buffer.state_keys:   # new tensors, in the shapes kept (a 0-D count from older checkpoints)
             new = scope[k].reshape(state[k].shape)
