@@ -183,11 +183,19 @@ class TvmBackend(Backend):
             return True
         return self.builds.done(key, lambda: self._build(variant, jobs), stand_in)
 
+    def _small_key(self, task: TensorTask, sigs: list[PassSignature]) -> tuple:
+        """What a tensor's small functions depend on besides the spec (small_kernels): its
+        kind, and whether its own view is plain (SmallSignature.plain; the kernels' view may
+        be another tensor's, since shape-generic kernels serve every shape of a kind)."""
+        view = sigs[0].view
+        return (task.variant, view.x_axis, view.gpu, sigs[0].means_over_y, sigs[0].means_in_m,
+                is_plain(self.view(task).dims))
+
     def _small_signatures(self, task: TensorTask, sigs: list[PassSignature]) -> list:
         """The small functions small_kernels will load for these kernels (none: torch's),
-        derived once per _small_key (each derivation walks the graph: 1-2 ms, 15 of them
+        derived once per small key (each derivation walks the graph: 1-2 ms, 15 of them
         in VeLO's first step on GPT-2)."""
-        key = _small_key(task, sigs)
+        key = self._small_key(task, sigs)
         if key not in self._small_sigs:
             skip = sigs[0].view.gpu or not self.compiled_small_work or task.variant in self._with_calls
             self._small_sigs[key] = [] if skip else \
@@ -203,7 +211,7 @@ class TvmBackend(Backend):
         layout of the tensor means' sums, PassSignature.means_over_y and means_in_m), by consumer; None for
         the GPU kernels (their sums have the GPU layout; the small work runs in torch) and
         around tensor functions (they run in torch: so does the small work around them)."""
-        key = _small_key(task, sigs)
+        key = self._small_key(task, sigs)
         if key not in self._small:   # (deriving the signatures took a third of Adam's time outside the kernels)
             small = self._small_signatures(task, sigs)
             self._small[key] = {s.name: SmallKernel(s, load_kernel(self.program, task.variant, s, self.target,
@@ -382,15 +390,6 @@ class TvmBackend(Backend):
             self._warned.add(reason)
             warnings.warn(f"{self.program.class_name}: {reason}; using the reference backend for it",
                           RuntimeWarning, stacklevel=4)
-
-
-def _small_key(task: TensorTask, sigs: list[PassSignature]) -> tuple:
-    """What a tensor's small functions depend on besides the spec (TvmBackend.small_kernels):
-    its kind, and whether its own view is plain (SmallSignature.plain; the kernels' view
-    may be another tensor's, since shape-generic kernels serve every shape of a kind)."""
-    view = sigs[0].view
-    plain = is_plain(view_of(tuple(task.param.shape), task.axes).dims)
-    return task.variant, view.x_axis, view.gpu, sigs[0].means_over_y, sigs[0].means_in_m, plain
 
 
 def generic_signatures(program: Program, dtype: str, gpu: bool = False) -> dict[str, list[PassSignature]]:
