@@ -191,6 +191,62 @@ def extends_error(tmp_path, base: str, child: str) -> SpecError:
     return info.value
 
 
+POWERS_SPEC = """\
+name: powers
+class_name: Powers
+hyperparameters:
+  lr: 0.01
+factored_axes: adafactor
+accumulators:
+  v: {ema: g * g, decays: [0.5]}
+update:
+  step: "g * (v + 1e-3) ** -0.5 + (v + 1) ** 0.5 + g ** 2 + (v + 1) ** -1 + g ** 1 + (v + 2) ** 0.7 + 2 ** 3 * g"
+"""
+
+
+class PowersOracle(torch.optim.Optimizer):
+    """POWERS_SPEC's rule with torch.pow for every power."""
+
+    def __init__(self, params, lr: float = 0.01):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                g, st = p.grad, self.state[p]
+                st["v"] = 0.5 * st.get("v", torch.zeros_like(p)) + 0.5 * g * g
+                v = st["v"]
+                step = (g * torch.pow(v + 1e-3, -0.5) + torch.pow(v + 1, 0.5) + torch.pow(g, 2) + torch.pow(v + 1, -1)
+                        + torch.pow(g, 1) + torch.pow(v + 2, 0.7) + 2.0 ** 3 * g)
+                p.sub_(group["lr"] * step)
+
+
+@pytest.fixture(scope="session")
+def powers(tmp_path_factory) -> type:
+    out = tmp_path_factory.mktemp("powers")
+    (out / "powers.yaml").write_text(POWERS_SPEC)
+    return compile_and_import(str(out), "lopt_powers", [str(out / "powers.yaml")])["powers"]
+
+
+def test_usual_powers_lower_to_vector_instructions(powers):
+    """x ** -0.5, 0.5, 2, -1, 1 as rsqrt, sqrt, a multiply, a divide, x itself (the CPU
+    kernels would call powf a lane at a time); other exponents, and powers of numbers,
+    stay powers."""
+    for graph in powers.program.variants.values():
+        nodes = topo_order(graph.roots())
+        assert sorted((n.args[0].op, n.args[1].attrs) for n in nodes if n.op == "pow") == [("add", (0.7,)),
+                                                                                       ("const", (3.0,))]
+        assert {"rsqrt", "sqrt", "div"} <= {n.op for n in nodes}
+
+
+@pytest.mark.parametrize("backend", ["reference", "tvm"])
+def test_usual_powers_match_torch_pow(powers, backend):
+    shapes = [(), (7,), (5, 3), (2, 3, 4), (33,)]
+    assert_updates_match(run_against_oracle(powers, PowersOracle, {}, backend, shapes=shapes, steps=3),
+                         f"powers on {backend}")
+
+
 def test_extends_merges_mappings_and_removes_keys(tmp_path):
     (tmp_path / "base.yaml").write_text(BASE + "hyperparameters:\n  beta: 0.5\n  gone: 1\n")
     (tmp_path / "child.yaml").write_text(

@@ -1004,9 +1004,9 @@ LOPT_HD void unfactored_pass2_element(const float* in, const float* w, float* ou
   const float t29_0 = (t12_0 + 1e-06f);  // add
   const float t29_1 = (t12_1 + 1e-06f);
   const float t29_2 = (t12_2 + 1e-06f);
-  const float t30_0 = powf(t29_0, (-0.5f));  // pow
-  const float t30_1 = powf(t29_1, (-0.5f));
-  const float t30_2 = powf(t29_2, (-0.5f));
+  const float t30_0 = lopt_rsqrt(t29_0);  // rsqrt
+  const float t30_1 = lopt_rsqrt(t29_1);
+  const float t30_2 = lopt_rsqrt(t29_2);
   const float t31_0 = (t4_0 * t30_0);  // mul
   const float t31_1 = (t4_1 * t30_1);
   const float t31_2 = (t4_2 * t30_2);
@@ -1184,9 +1184,9 @@ LOPT_HD void unfactored_pass3_element(const float* in, const float* w, float* ou
   const float t11_0 = (in[7] + 1e-06f);  // add
   const float t11_1 = (in[8] + 1e-06f);
   const float t11_2 = (in[9] + 1e-06f);
-  const float t12_0 = powf(t11_0, (-0.5f));  // pow
-  const float t12_1 = powf(t11_1, (-0.5f));
-  const float t12_2 = powf(t11_2, (-0.5f));
+  const float t12_0 = lopt_rsqrt(t11_0);  // rsqrt
+  const float t12_1 = lopt_rsqrt(t11_1);
+  const float t12_2 = lopt_rsqrt(t11_2);
   const float t13_0 = (in[10] * t12_0);  // mul
   const float t13_1 = (in[11] * t12_1);
   const float t13_2 = (in[12] * t12_2);

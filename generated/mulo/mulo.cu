@@ -822,9 +822,9 @@ LOPT_HD void unfactored_pass1_element(const float* in, const float* w, float* ou
   const float t28_0 = (t10_0 + 1e-06f);  // add
   const float t28_1 = (t10_1 + 1e-06f);
   const float t28_2 = (t10_2 + 1e-06f);
-  const float t29_0 = powf(t28_0, (-0.5f));  // pow
-  const float t29_1 = powf(t28_1, (-0.5f));
-  const float t29_2 = powf(t28_2, (-0.5f));
+  const float t29_0 = lopt_rsqrt(t28_0);  // rsqrt
+  const float t29_1 = lopt_rsqrt(t28_1);
+  const float t29_2 = lopt_rsqrt(t28_2);
   const float t30_0 = (t2_0 * t29_0);  // mul
   const float t30_1 = (t2_1 * t29_1);
   const float t30_2 = (t2_2 * t29_2);
@@ -1001,9 +1001,9 @@ LOPT_HD void unfactored_pass2_element(const float* in, const float* w, float* ou
   const float t9_0 = (in[5] + 1e-06f);  // add
   const float t9_1 = (in[6] + 1e-06f);
   const float t9_2 = (in[7] + 1e-06f);
-  const float t10_0 = powf(t9_0, (-0.5f));  // pow
-  const float t10_1 = powf(t9_1, (-0.5f));
-  const float t10_2 = powf(t9_2, (-0.5f));
+  const float t10_0 = lopt_rsqrt(t9_0);  // rsqrt
+  const float t10_1 = lopt_rsqrt(t9_1);
+  const float t10_2 = lopt_rsqrt(t9_2);
   const float t11_0 = (in[8] * t10_0);  // mul
   const float t11_1 = (in[9] * t10_1);
   const float t11_2 = (in[10] * t10_2);
