@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import tvm_ffi
 from tvm import te, tirx
@@ -218,6 +219,26 @@ def _masked(inside: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Select(inside, value, tirx.const(0, F32))
 
 
+def _sums_padded(sig: PassSignature) -> bool:
+    """Whether the CPU sums along Y (Q, M) run over the element stages' Y padded to whole
+    vectors (View.element_y; loads clamped), the padding masked out (_along_y)."""
+    view = sig.view
+    return sig.lanes > 1 and not view.folded and view.element_y not in (None, view.kernel_dims()[3])
+
+
+def _summed_y(sig: PassSignature, Y) -> int | tirx.PrimExpr:
+    """The Y extent of the CPU sums along Y: padded where _sums_padded."""
+    return sig.view.element_y if _sums_padded(sig) else Y
+
+
+def _along_y(inputs: _Inputs, sig: PassSignature, index: tuple, Y) -> Callable[[Node, int], tirx.PrimExpr]:
+    """The value of a sum's operand at `index` (its y past Y in the padding: 0 there).
+    A printer each (its Let variables are defined once per expression)."""
+    if not _sums_padded(sig):
+        return lambda node, ch: inputs.printer(index, padded=True).expr(node, ch)
+    return lambda node, ch: _masked(index[3] < Y, inputs.printer(index, padded=True).expr(node, ch))
+
+
 def _x_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
     """P: CPU, [chunks, A, B, Y, C], a fixed split of X into sig.chunks row ranges.
     CUDA: [T, A*B*Y*C padded], T row chunks (T bound from P's shape, View.gpu_chunks), each
@@ -283,10 +304,12 @@ def _y_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
                 q), name="Q_rows"))
             return _as_list(te.compute((A, X, B, period, L), lambda a, x, b, c, l: [r[a, x, b, l * period + c]
                                                                                   for r in rows], name="Q"))
-        q = te.reduce_axis((0, Y // L), "q")
-        return _as_list(te.compute((A, X, B, C, L), lambda a, x, b, c, l: _reduce(
-            [inputs.printer((a, x, b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.y_sums], q),
-            name="Q"))
+        q = te.reduce_axis((0, _summed_y(sig, Y) // L), "q")
+
+        def row_sums(a, x, b, c, l):
+            value = _along_y(inputs, sig, (a, x, b, q * L + l, c), Y)
+            return _reduce([value(node.args[0], ch) for node, ch in sig.y_sums], q)
+        return _as_list(te.compute((A, X, B, C, L), row_sums, name="Q"))
     i = te.reduce_axis((0, tirx.indexdiv(Y + WARP - 1, WARP)), "i")
     rows = A * X * B * C
 
@@ -305,11 +328,13 @@ def _m_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
     channel, which a row's loop keeps in a register)."""
     A, X, B, Y, C = inputs.dims
     L, rows = sig.lanes, X // sig.chunks
-    axes = [te.reduce_axis((0, n), name) for n, name in ((rows, "r"), (B, "b"), (C, "c"), (Y // L, "q"))]
+    axes = [te.reduce_axis((0, n), name) for n, name in ((rows, "r"), (B, "b"), (C, "c"), (_summed_y(sig, Y) // L, "q"))]
     r, b, c, q = axes
-    return _as_list(te.compute((sig.chunks, A, L), lambda t, a, l: _reduce(
-        [inputs.printer((a, t * rows + r, b, q * L + l, c)).expr(node.args[0], ch) for node, ch in sig.m_sums],
-        axes), name="M"))
+
+    def chunk_sums(t, a, l):
+        value = _along_y(inputs, sig, (a, t * rows + r, b, q * L + l, c), Y)
+        return _reduce([value(node.args[0], ch) for node, ch in sig.m_sums], axes)
+    return _as_list(te.compute((sig.chunks, A, L), chunk_sums, name="M"))
 
 
 # A pass's kernels on the GPU, in launch order: the sums over X and over Y, then the
@@ -340,7 +365,8 @@ def build_pass_function(sig: PassSignature, kernel: str | None = None) -> PassFu
     periodic_blocks = {}
     for name, sums, stage in (("P", sig.x_sums, _x_sums), ("Q", sig.y_sums, _y_sums), ("M", sig.m_sums, _m_sums)):
         if sums:
-            sum_blocks[name] = sums_inputs.own_stages([node.args[0] for node, _ in sums], dims)
+            sum_dims = dims if name == "P" else (A, X, B, _summed_y(sig, Y), C)   # (Q, M: over the padding too)
+            sum_blocks[name] = sums_inputs.own_stages([node.args[0] for node, _ in sums], sum_dims)
             stages[name] = stage(sums_inputs, sig)
             periodic_blocks[name] = sums_inputs.take_periodic()
             sums_inputs.own.clear()   # computed where this stage reads them, so for it alone

@@ -4,8 +4,11 @@ A contiguous tensor of any rank is viewed, without copying, as 5-D [A, X, B, Y, 
 for a factored tensor X and Y are its two factored axes (X the lower-numbered one) and
 A, B, C the products of the axes before, between and after them; row, col and batch
 values then have size 1 on the axes they lack. An unfactored tensor is flat and viewed
-as [1, N/16, 1, 16, 1] (or [1, N, 1, 1, 1]) so its tensor means vectorize (on the GPU
-[1, N/32, 1, 32, 1], a warp's width).
+as [1, N/16, 1, 16, 1] so its tensor means vectorize, or, N not a multiple of 16, as one
+row [1, 1, 1, N, 1], which a kernel built for its shape runs in vectors over N padded
+(View.element_y; as [1, N, 1, 1, 1] small_fc_lopt's MLP ran a lane at a time on a
+(50257,) bias: 5.7x the time of (50256,)). On the GPU [1, N/32, 1, 32, 1], a warp's width
+(or [1, N/16, 1, 16, 1], [1, N, 1, 1, 1]).
 """
 from __future__ import annotations
 
@@ -168,7 +171,9 @@ def view_of(shape: tuple[int, ...], axes: tuple[int, int] | None, gpu: bool = Fa
     the CUDA kernels (shape-generic)."""
     n = math.prod(shape)
     if axes is None:
-        lanes = next(w for w in ((WARP, LANES, 1) if gpu else (LANES, 1)) if n % w == 0)
+        if not gpu and n % LANES:   # one row, padded to whole vectors where built for its shape
+            return View((1, 1, 1, n, 1), None)
+        lanes = next(w for w in ((WARP, LANES, 1) if gpu else (LANES,)) if n % w == 0)
         return View((1, n // lanes, 1, lanes, 1), None, symbolic=gpu, gpu=gpu)
     lo, hi = sorted(axes)
     dims = (math.prod(shape[:lo]), shape[lo], math.prod(shape[lo + 1:hi]), shape[hi], math.prod(shape[hi + 1:]))
