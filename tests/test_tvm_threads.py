@@ -37,12 +37,17 @@ def test_loaded_kernels_launch_on_openmp_not_tvms_pool(tmp_path, programs):
     sig = generic_signatures(program, "float32")["unfactored"][0]
     load_kernel(program, "unfactored", sig, llvm_target(), BuildCache(tmp_path))
     libraries = _loaded_kernel_libraries()   # this one, and any other this process loaded
-    assert libraries
     tvm_pool = ctypes.cast(ctypes.CDLL(str(Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"))
                            .TVMBackendParallelLaunch, ctypes.c_void_p).value
+    launching = []
     for library in libraries:
-        slot = ctypes.c_void_p.in_dll(ctypes.CDLL(library), "__TVMBackendParallelLaunch").value
+        try:
+            slot = ctypes.c_void_p.in_dll(ctypes.CDLL(library), "__TVMBackendParallelLaunch").value
+        except ValueError:   # no parallel loop: a one-row tensor's kernel that splits its rows (one)
+            continue
+        launching.append(library)
         assert slot not in (None, tvm_pool), library
+    assert launching, libraries   # (the one loaded here has a parallel loop)
 
 
 def _run_velo(parallel_within_from: int, threads: int) -> list[torch.Tensor]:

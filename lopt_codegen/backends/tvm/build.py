@@ -58,13 +58,20 @@ def pass_key(program: Program, variant: str, sig: PassSignature, target: tvm.tar
             "param_dtype": sig.param_dtype, "grad_dtype": sig.grad_dtype, "target": str(target)}
 
 
+# TVM's TIR common-subexpression pass emits a variable before its definition on the MLP
+# stages (InternalError "used before definition"); LLVM does the CSE anyway.
+LOWERING = {"tirx.disable_cse_tir": True}
+# CPU pass kernels: loops with a `likely` condition (a padded row's clamp, stages.clamped)
+# split where it holds, constant extents too (the other kernels: the same code, built in
+# the same time).
+CPU_PASS_LOWERING = {**LOWERING, "s_tir.LoopPartition": {"partition_const_loop": True}}
+
+
 def compile_pass(sig: PassSignature, target: tvm.target.Target) -> tvm.runtime.Module:
     """The CPU kernel of a pass, over a group of tensors (batched.py)."""
     func = batch_over_tensors(schedule_llvm(build_pass_function(sig), sig).mod["main"],
                               parallel=not sig.view.parallel_within)
-    # TVM's TIR common-subexpression pass emits a variable before its definition on the
-    # MLP stages (InternalError "used before definition"); LLVM does the CSE anyway.
-    with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+    with tvm.transform.PassContext(config=CPU_PASS_LOWERING):
         return tvm.compile(tvm.IRModule({"main": func}), target=target)
 
 
@@ -84,7 +91,7 @@ def _llvm_job(program: Program, variant: str, sig: LlvmSignature, target: tvm.ta
            "target": str(target)}
 
     def compile_small() -> tvm.runtime.Module:
-        with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        with tvm.transform.PassContext(config=LOWERING):
             return tvm.compile(tvm.IRModule({"main": build_small_function(sig)}), target=target)
     return key, compile_small
 
@@ -151,7 +158,7 @@ def cuda_source(sigs: list[PassSignature], arch: str) -> str:
 
     funcs = {name: func for sig in sigs for name, func in gpu_kernel_functions(sig).items()}
     target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "cuda_host"})
-    with target, tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+    with target, tvm.transform.PassContext(config=LOWERING):
         built = tvm.compile(tvm.IRModule(funcs), target=target)
     # TVM writes __launch_bounds__(threads); with that alone ptxas (CUDA 13) caps the
     # unrolled MLP kernels at 80 registers for occupancy and spills. ", 1" (one block

@@ -117,9 +117,9 @@ class _Inputs:
         the padded Y extent (View.element_y), so loads clamp y to the last real element."""
         sig = self.sig
         at = index
-        if padded and sig.view.element_y not in (None, self.dims[3]):
+        if padded and sig.view.padded_y:
             a, x, b, y, c = index
-            at = (a, x, b, tirx.min(y, self.dims[3] - 1), c)
+            at = (a, x, b, clamped(y, self.dims[3]), c)
 
         def small_index(shape) -> tuple:
             full = _unravel(self.flat[1] + index[0], self.dims[1:]) if self.flat is not None else at
@@ -205,7 +205,7 @@ def _along_axes(sig: PassSignature, dims: tuple, element_y: int | tirx.PrimExpr)
         return node.level < Level.ELEMENT and isinstance(extent, int) and extent == 1
     A, X, B, Y, C = dims
     col_at = lambda i: (i[0], 0, i[2], i[3], i[4])  # noqa: E731
-    col_point = col_at if view.whole_vectors else lambda i: (i[0], 0, i[2], tirx.min(i[3], Y - 1), i[4])  # noqa: E731
+    col_point = col_at if view.whole_vectors else lambda i: (i[0], 0, i[2], clamped(i[3], Y), i[4])  # noqa: E731
     if view.folded:   # (B = C = 1 in the kernel's dims)
         every = LANES * view.period
         return AlongAxes(lambda n: constant(n, 3), lambda n: constant(n, 1), (A, X, 1, 1, every), (A, 1, 1, Y, 1),
@@ -215,6 +215,15 @@ def _along_axes(sig: PassSignature, dims: tuple, element_y: int | tirx.PrimExpr)
                      lambda i: (i[0], i[1], i[2], 0, i[4]), col_at, lambda j: j, col_point)
 
 
+def clamped(y: tirx.PrimExpr, extent) -> tirx.PrimExpr:
+    """y where y < extent, else extent - 1: a padded Y's index (View.element_y). As a
+    `likely` condition, which the loop partitioning (build.CPU_PASS_LOWERING) splits
+    off: the whole vectors before it then load contiguously, the last vector alone a
+    lane at a time (min(y, extent - 1) had every vector gathered: Adam on a (50257,)
+    tensor 2x the time of LLVM's own vectorization of its scalar loop)."""
+    return tirx.Select(tirx.likely(y < extent), y, extent - 1)
+
+
 def _masked(inside: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Select(inside, value, tirx.const(0, F32))
 
@@ -222,8 +231,7 @@ def _masked(inside: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
 def _sums_padded(sig: PassSignature) -> bool:
     """Whether the CPU sums along Y (Q, M) run over the element stages' Y padded to whole
     vectors (View.element_y; loads clamped), the padding masked out (_along_y)."""
-    view = sig.view
-    return sig.lanes > 1 and not view.folded and view.element_y not in (None, view.kernel_dims()[3])
+    return sig.lanes > 1 and not sig.view.folded and sig.view.padded_y
 
 
 def _summed_y(sig: PassSignature, Y) -> int | tirx.PrimExpr:
@@ -327,8 +335,8 @@ def _m_sums(inputs: _Inputs, sig: PassSignature) -> list[te.Tensor]:
     split) and all of b and c, in sig.lanes interleaved lanes along Y (one vector a
     channel, which a row's loop keeps in a register)."""
     A, X, B, Y, C = inputs.dims
-    L, rows = sig.lanes, X // sig.chunks
-    axes = [te.reduce_axis((0, n), name) for n, name in ((rows, "r"), (B, "b"), (C, "c"), (_summed_y(sig, Y) // L, "q"))]
+    L, rows, vectors = sig.lanes, X // sig.chunks, _summed_y(sig, Y) // sig.lanes
+    axes = [te.reduce_axis((0, n), name) for n, name in ((rows, "r"), (B, "b"), (C, "c"), (vectors, "q"))]
     r, b, c, q = axes
 
     def chunk_sums(t, a, l):

@@ -136,6 +136,11 @@ class View:
         return -(-y // LANES) * LANES
 
     @property
+    def padded_y(self) -> bool:
+        """Whether the element stages run past Y (element_y pads it)."""
+        return self.element_y is not None and self.element_y != self.kernel_dims()[3]
+
+    @property
     def whole_vectors(self) -> bool:
         """Whether the element stages' Y is whole vectors (element_y pads none)."""
         return self.vectors or (self.element_y is not None and self.element_y == self.kernel_dims()[3])
