@@ -26,6 +26,7 @@ RTOL = 1e-5
 # Shapes whose specialized kernels take the vectorized paths (rows/cols multiples of 16).
 VECTOR_SHAPES = [(48,), (32, 48), (48, 32), (2, 16, 32), (3, 384), (384, 3),   # (rows of 384: means in Q)
                  (12, 20), (40, 13), (3, 390), (5, 9, 2),   # padded rows (of 390: in Q); padded and strided by C
+                 (3, 13), (2, 20),   # padded rows, sums in M (rows under 16: clamped; else vectors whole)
                  (45,), (100,), (401,)]   # flat, one padded row (sums in M, P, Q)
 # Axes after Y, none between X and Y, Y whole vectors: folded views (View.folded), factored
 # over d1 (X: axis 0 of (4, 16, 3)) and over d0 (X: axis 1 of (2, 32, 16, 3), A = 2).
