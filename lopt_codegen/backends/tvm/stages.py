@@ -241,7 +241,7 @@ def _masked(inside: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
 
 def _sums_padded(sig: PassSignature) -> bool:
     """Whether the CPU sums along Y (Q, M) run over the element stages' Y padded to whole
-    vectors (View.element_y; loads clamped), the padding masked out (_along_y)."""
+    vectors (View.element_y; loads clamped or shifted), the padding masked out (_along_y)."""
     return sig.lanes > 1 and not sig.view.folded and sig.view.padded_y
 
 
