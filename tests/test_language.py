@@ -82,11 +82,16 @@ class FactsOracle(torch.optim.Optimizer):
                 p.sub_(group["lr"] * step)
 
 
+def _compiled(tmp_path_factory, name: str, text: str) -> type:
+    """The optimizer class of spec `text`, compiled by the CLI as <name>.yaml and imported."""
+    out = tmp_path_factory.mktemp(name)
+    (out / f"{name}.yaml").write_text(text)
+    return compile_and_import(str(out), f"lopt_{name}", [str(out / f"{name}.yaml")])[name]
+
+
 @pytest.fixture(scope="session")
 def facts(tmp_path_factory) -> type:
-    out = tmp_path_factory.mktemp("facts")
-    (out / "facts.yaml").write_text(FACTS_SPEC)
-    return compile_and_import(str(out), "lopt_facts", [str(out / "facts.yaml")])["facts"]
+    return _compiled(tmp_path_factory, "facts", FACTS_SPEC)
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (3, 5, 2), (4, 2, 3, 3), (1, 6), (6, 1), (2, 1, 3, 1)])
@@ -224,9 +229,7 @@ class PowersOracle(torch.optim.Optimizer):
 
 @pytest.fixture(scope="session")
 def powers(tmp_path_factory) -> type:
-    out = tmp_path_factory.mktemp("powers")
-    (out / "powers.yaml").write_text(POWERS_SPEC)
-    return compile_and_import(str(out), "lopt_powers", [str(out / "powers.yaml")])["powers"]
+    return _compiled(tmp_path_factory, "powers", POWERS_SPEC)
 
 
 def test_usual_powers_lower_to_vector_instructions(powers):
@@ -384,9 +387,7 @@ class ProgramsOracle(torch.optim.Optimizer):
 
 @pytest.fixture(scope="session")
 def programs_class(tmp_path_factory) -> type:
-    out = tmp_path_factory.mktemp("programs")
-    (out / "programs.yaml").write_text(PROGRAMS_SPEC)
-    return compile_and_import(str(out), "lopt_programs", [str(out / "programs.yaml")])["programs"]
+    return _compiled(tmp_path_factory, "programs", PROGRAMS_SPEC)
 
 
 def test_tensor_functions_on_the_reference_match_torch(programs_class):
@@ -714,9 +715,7 @@ class GruOracle:
 
 @pytest.fixture(scope="session")
 def gru_class(tmp_path_factory) -> type:
-    out = tmp_path_factory.mktemp("gru")
-    (out / "gru_routes.yaml").write_text(GRU_SPEC)
-    return compile_and_import(str(out), "lopt_gru", [str(out / "gru_routes.yaml")])["gru_routes"]
+    return _compiled(tmp_path_factory, "gru_routes", GRU_SPEC)
 
 
 def _gru_updates(cls: type, make_oracle, backend: str, steps: int = 8):
