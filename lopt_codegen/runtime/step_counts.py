@@ -9,6 +9,7 @@ goes to torch.distributed.checkpoint, which should not meet views into a buffer)
 added to one by one as before."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -20,6 +21,7 @@ class StepCounts:
         self.views = views
         self._steps: list[torch.Tensor] = []
         self._buffer: torch.Tensor | None = None   # the counts' values, where `_steps` are its views
+        self._array: np.ndarray | None = None      # the buffer as a numpy array
         self._pointers: list[int] = []   # where the buffer's views lie, in the step's order
 
     def track(self, states: list[dict]) -> None:
@@ -29,9 +31,14 @@ class StepCounts:
             self._make_views(states)
 
     def add(self, amount: float | torch.Tensor) -> None:
-        """Adds `amount` (a float, or a 0-D tensor) to every tracked count."""
+        """Adds `amount` (a float, or a 0-D tensor) to every tracked count. A float by
+        numpy: after a step's kernels, from cold caches, torch's add_ took ~100 us and
+        numpy's ~20 (a fifth of Adam's step on 1M parameters)."""
         if self._buffer is not None:
-            self._buffer.add_(amount)
+            if isinstance(amount, float):
+                np.add(self._array, amount, out=self._array)
+            else:
+                self._buffer.add_(amount)
         elif self._steps:
             steps = self._steps
             torch._foreach_add_(steps, amount if isinstance(amount, float) else [amount.to(s.device) for s in steps])
@@ -43,6 +50,7 @@ class StepCounts:
         if not self._steps or not all(s.is_cpu for s in self._steps):
             return
         self._buffer = torch.stack([s.detach().reshape(()).to(torch.float32) for s in self._steps])
+        self._array = self._buffer.numpy()
         self._steps = list(self._buffer.unbind(0))
         for state, view in zip(states, self._steps):
             state["step"] = view
