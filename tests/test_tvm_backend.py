@@ -20,6 +20,7 @@ from lopt_codegen.backends.base import TensorTask
 from lopt_codegen.backends.tvm import TvmBackend, small_work, unsupported_reason
 from lopt_codegen.backends.tvm.build import compile_pass, llvm_target
 from lopt_codegen.backends.tvm.printer import _BINARY, _UNARY, F32
+from lopt_codegen.backends.tvm.view import LANES, SHORT_ROWS_MACS
 
 STEPS = 10
 RTOL = 1e-5
@@ -174,6 +175,26 @@ def test_a_flat_tensor_of_odd_length_runs_in_whole_vectors(name):
     for k in kernels:
         asm = compile_pass(k.sig, llvm_target()).mod.inspect_source("asm")
         assert "gather" not in asm and "zmm" in asm, k.sig.index
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
+def test_short_rows_run_in_vectors_in_a_pass_with_a_heavy_mlp(name):
+    """Rows under LANES / 2 elements (a conv stem's 7, a depthwise conv's 3) run padded to
+    a vector in a pass whose MLP takes SHORT_ROWS_MACS or more multiply-adds an element
+    (small_fc_lopt's: its MLP a lane at a time took 4.7x as long on (64, 3, 7, 7)), a lane
+    at a time elsewhere (VeLO's); every pass of a tensor lays its sums out alike (lanes),
+    and the kernels match the reference."""
+    pair = make_pair(name, [(5, 3), (4, 2, 3, 3)], specialize_from=0)
+    assert run_and_compare(*pair, steps=3) <= RTOL
+    kernels = [k for ks in pair[3].backend._kernels.values() for k in ks]
+    heavy = {k.sig.index for k in kernels if k.sig.mlp is not None and
+             pair[3].backend.plans["factored"].passes[k.sig.index].macs >= SHORT_ROWS_MACS}
+    assert bool(heavy) == (name == "small_fc_lopt")
+    for k in kernels:
+        assert k.sig.view.dims[3] < 8 and k.sig.view.pad_short_rows == (k.sig.index in heavy)
+        assert (k.sig.view.element_y == LANES) == (k.sig.index in heavy)
+        assert k.sig.lanes == 1   # (the element stages' vectors: View.vector_y, schedule_llvm)
+        assert k.sig.view.vector_y == (k.sig.index in heavy)
 
 
 @pytest.mark.parametrize("kernels", ["specialized", "generic"])

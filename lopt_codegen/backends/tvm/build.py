@@ -54,7 +54,7 @@ def pass_key(program: Program, variant: str, sig: PassSignature, target: tvm.tar
     return {"spec": program.spec_sha256, "compiler": compiler_version(), "tvm": tvm.__version__,
             "variant": variant, "pass": sig.index, "x_axis": sig.view.x_axis,
             "view": ("vectors" if sig.view.vectors else "symbolic") if sig.view.symbolic else list(sig.view.dims),
-            "parallel_within": sig.view.parallel_within,
+            "parallel_within": sig.view.parallel_within, "short_rows": sig.view.pad_short_rows,
             "param_dtype": sig.param_dtype, "grad_dtype": sig.grad_dtype, "target": str(target)}
 
 

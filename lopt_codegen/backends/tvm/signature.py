@@ -2,12 +2,12 @@
 TVM object (so binding a cached module costs no compile-time work)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ...ir.mlp_fold import MlpFold
 from ...ir.nodes import LEAVES, Level, Node
 from ...ir.plan import Pass
-from .view import LANES, ROW_CHUNKS, View
+from .view import LANES, ROW_CHUNKS, SHORT_ROWS_MACS, View
 
 # Rows from this long sum tensor means along the rows (PassSignature.means_over_y): VeLO's
 # 16 such channels then keep 24 KB of column sums, most of L1 beside the streamed values.
@@ -60,7 +60,9 @@ class PassSignature:
         _, _, _, y, c = view.dims
         if view.folded:
             return LANES
-        return LANES if view.fixed_y and c == 1 and (y % LANES == 0 or view.element_y is not None) else 1
+        # (not for short rows, padded or not: a tensor's passes lay their sums out alike)
+        padded = view.element_y is not None and y >= LANES // 2
+        return LANES if view.fixed_y and c == 1 and (y % LANES == 0 or padded) else 1
 
     @property
     def means_in_m(self) -> bool:
@@ -92,6 +94,8 @@ class PassSignature:
 
 def pass_signature(p: Pass, graph_new_param: Node, accumulators: dict[str, Node], view: View,
                    param_dtype: str, grad_dtype: str) -> PassSignature:
+    if p.macs >= SHORT_ROWS_MACS and not view.symbolic:
+        view = replace(view, pad_short_rows=True)
     sig = PassSignature(p.index, view, param_dtype, grad_dtype, stored=dict(p.stored))
     for name in p.writes:
         node = graph_new_param if name == "param" else accumulators[name]

@@ -20,6 +20,11 @@ from tvm import tirx
 from ...ir.nodes import Level
 
 LANES = 16   # floats per vector in the element loops (two AVX2 / one AVX-512 register)
+# A pass whose MLP takes at least this many multiply-adds an element runs rows shorter
+# than LANES / 2 in vectors too (View.pad_short_rows): small_fc_lopt's (1600) on a conv's
+# stem, rows of 7, took 3.56 ms a lane at a time, 0.76 padded; VeLO's (100) gained
+# nothing and its passes without an MLP lost up to a third.
+SHORT_ROWS_MACS = 512
 SYMBOLIC_BELOW = 4096   # smaller tensors share one shape-generic (scalar) kernel
 # CPU: a tensor with fewer elements is too little work to split across cores; its group's
 # kernel runs whole tensors on each core instead (View.parallel_within).
@@ -51,6 +56,9 @@ class View:
     # flat tensors): only X and Y / LANES vary, so the element loops vectorize as in a
     # kernel built for one shape (VeLO's apply pass on 8192x384: 260 ms unvectorized)
     vectors: bool = False
+    # (built for the shape, CPU) Rows of 2 to LANES / 2 - 1 elements run padded to a vector
+    # (element_y), for a pass whose MLP makes lanes wasted cheaper than lanes run one at a time
+    pad_short_rows: bool = False
 
     def generic(self) -> "View":
         """The shape-generic view: vectorized over Y where the dims allow (`vectors`). A
@@ -127,11 +135,11 @@ class View:
         """The Y extent of a specialized kernel's element stages (None: not vectorized):
         Y when it is a multiple of LANES, else Y padded up to one (the extra lanes
         recompute the last real element and are never stored). Not for Y < LANES / 2,
-        where padding would waste over half of every vector."""
+        where padding wastes over half of every vector, unless pad_short_rows (Y >= 2)."""
         if self.symbolic:
             return None
         y = self.kernel_dims()[3]
-        if y < LANES // 2:
+        if y < (2 if self.pad_short_rows else LANES // 2):
             return None
         return -(-y // LANES) * LANES
 
