@@ -135,6 +135,22 @@ def use_torch_threads(library: Path) -> None:
         launcher.use_omp_threads(str(library))
 
 
+_launch_limit = 0   # the launcher's thread limit as _limit_launches last set it (its only setter)
+
+
+def _limit_launches(limit: int) -> None:
+    """At most `limit` threads per kernel launch (0: no limit), once a kernel has loaded
+    the launcher. Compared with the limit set last, not read through the launcher at
+    every step (an FFI call: 5-10 us from cold caches)."""
+    global _launch_limit
+    if limit == _launch_limit or not _launcher_or_none.cache_info().currsize:   # (none loaded: nothing to limit)
+        return
+    launcher = _launcher_or_none()
+    if launcher is not None:
+        launcher.set_launch_threads(limit)
+    _launch_limit = limit
+
+
 SAMPLE_EVERY = 8   # steps between two looks at the machine (each reads ~10 small /proc files: 50 us)
 # ... and at least this long: every 8 steps was 6 us a step of Adam's on a 1M matrix.
 LOOK_INTERVAL_S = 0.02
@@ -194,23 +210,22 @@ class Contention:
         self.probe, self.steps, self.busy = probe, 0, False
         self.interval, self._looked = interval, 0.0
         self._seen_change = False   # the last step's look disagreed with `busy`: look again
+        # torch's threads, read where a look may be due (12 us a read from cold caches, as
+        # after a step's kernels; a change in between only delays a limit that is one thread)
+        self._threads = 1
 
     def before_step(self) -> None:
-        threads = torch.get_num_threads()
-        if threads > 1 and (self._seen_change or self.steps % SAMPLE_EVERY == 0 and
-                            (self.steps == 0 or time.monotonic() - self._looked >= self.interval)):
-            self._looked = time.monotonic()
-            changed = self._outnumbered(threads) != self.busy
-            if changed and self._seen_change:
-                self.busy = not self.busy
-            self._seen_change = changed and not self._seen_change
+        if self._seen_change or self.steps % SAMPLE_EVERY == 0:
+            self._threads = threads = torch.get_num_threads()
+            if threads > 1 and (self._seen_change or self.steps == 0 or
+                                time.monotonic() - self._looked >= self.interval):
+                self._looked = time.monotonic()
+                changed = self._outnumbered(threads) != self.busy
+                if changed and self._seen_change:
+                    self.busy = not self.busy
+                self._seen_change = changed and not self._seen_change
         self.steps += 1
-        limit = 1 if self.busy and threads > 1 else 0   # 0: torch's threads
-        if not _launcher_or_none.cache_info().currsize:   # no kernel loaded yet: nothing to limit
-            return
-        launcher = _launcher_or_none()
-        if launcher is not None and launcher.launch_thread_limit() != limit:
-            launcher.set_launch_threads(limit)
+        _limit_launches(1 if self.busy and self._threads > 1 else 0)   # 0: torch's threads
 
     def _outnumbered(self, threads: int) -> bool:
         """Whether other processes' runnable threads and `threads` outnumber the cores."""
