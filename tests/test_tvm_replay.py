@@ -276,20 +276,22 @@ def test_replayed_steps_on_a_busy_machine_run_on_one_thread(replays, monkeypatch
     assert replays == [2, 2, 2, 1, 1]
 
 
+@pytest.mark.parametrize("width", [3, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("pick", ["evenly spaced", "one", "unevenly spaced", "reversed", "two bases", "not views"])
-def test_stacked_into_writes_the_sources_as_they_are_when_it_runs(pick, dtype):
+def test_stacked_into_writes_the_sources_as_they_are_when_it_runs(pick, dtype, width):
     """stacked_into's op (the step counts' and small states' copies, recorded for replays)
     copies the sources' values at each run: from one strided view of their base where
     there is one or they are evenly spaced views of it (numpy's copy for float32, torch's
-    else: into float32 rows), else stacked."""
+    else: into float32 rows), by one numpy gather where they are single float32 elements
+    of one base (the step counts of a group), else stacked."""
     gen = torch.Generator().manual_seed(4)
-    base, other = torch.randn(12, 3, generator=gen, dtype=dtype), torch.randn(12, 3, generator=gen, dtype=dtype)
+    base, other = (torch.randn(12, width, generator=gen, dtype=dtype) for _ in range(2))
     rows = {"evenly spaced": [base[1], base[4], base[7], base[10]], "one": [base[5]],
             "unevenly spaced": [base[1], base[4], base[6], base[10]], "reversed": [base[9], base[6], base[3]],
             "two bases": [base[0], other[2], base[4]],
-            "not views": [torch.randn(3, generator=gen, dtype=dtype) for _ in range(3)]}[pick]
-    dst = torch.empty(len(rows), 1, 3)
+            "not views": [torch.randn(width, generator=gen, dtype=dtype) for _ in range(3)]}[pick]
+    dst = torch.empty(len(rows), 1, width)
     op = replay.stacked_into(dst, rows)
     for _ in range(2):
         op()
@@ -300,6 +302,8 @@ def test_stacked_into_writes_the_sources_as_they_are_when_it_runs(pick, dtype):
     assert one_copy == (pick in ("evenly spaced", "one"))
     if one_copy:
         assert (op.func is np.copyto) == (dtype == torch.float32)
+    gathered = isinstance(op, functools.partial) and op.func is replay._take
+    assert gathered == (pick in ("unevenly spaced", "reversed") and dtype == torch.float32 and width == 1)
 
 
 def test_row_buffers_made_together_are_aligned_apart_and_pointed_at():
