@@ -36,8 +36,7 @@ def _network(r: tuple, weights: dict, reads_v: bool = False, v_first: bool = Tru
 def _pair(body: tuple, weights: dict, outputs: dict[str, int]) -> tuple[SpecNetwork, SpecNetwork]:
     ir = NetworkIR(state={"h": (("const", (0.0,) * H), H)}, body=body, outputs=outputs, mlp=(), groups=("g",))
     folded = SpecNetwork(ir, weights, None, torch.device("cpu"))
-    written = SpecNetwork(ir, weights, None, torch.device("cpu"))
-    written.body = list(ir.body)
+    written = SpecNetwork(ir, weights, None, torch.device("cpu"), fold=False)
     return folded, written
 
 
