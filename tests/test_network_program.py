@@ -1,14 +1,17 @@
 """A spec's network as compiled once into closures (backends/network_program.py): its
-folded subexpressions follow the hyperparameters they read, checked on VeLO's loss
-buffer against the oracle's (tests/oracle.py) over fresh random losses, one network
-object running two horizons in turn."""
+folded subexpressions follow the hyperparameters they read (VeLO's loss buffer against
+the oracle's, tests/oracle.py, over fresh random losses, one network object running two
+horizons in turn); its values in numpy arrays (the CPU's) give torch's."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from generated.velo import VeLO
-from lopt_codegen.backends.network_program import SpecNetwork
+from lopt_codegen.backends import numpy_ops, torch_ops
+from lopt_codegen.backends.network_fold import FOLD_FROM_ROWS
+from lopt_codegen.backends.network_program import NUMPY_ROWS, SpecNetwork
 from oracle import LossBuffer
 
 
@@ -44,3 +47,45 @@ def test_folded_values_follow_the_hyperparameters_they_read():
         np.testing.assert_allclose(values["loss_running_min"], oracle.running_min, rtol=1e-5, err_msg=f"step {step}")
         # (features are clipped to [-1, 1], ratios of differences of the means: 1e-5 of their range)
         np.testing.assert_allclose(values["loss_features"], oracle.features(), rtol=0, atol=1e-5, err_msg=f"step {step}")
+
+
+def test_numpy_ops_are_torch_ops():
+    """Every element-wise op of the IR in numpy (a network's on the CPU) gives torch's
+    values, non-finite inputs included, to float32 rounding."""
+    assert set(numpy_ops.UNARY) == set(torch_ops.UNARY) and set(numpy_ops.BINARY) == set(torch_ops.BINARY)
+    rng = np.random.default_rng(1)
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30, 80.0, -80.0, 1e30], np.float32)
+    a = np.concatenate([rng.standard_normal(200).astype(np.float32) * 3, special, special]).reshape(1, -1)
+    b = np.concatenate([rng.standard_normal(200).astype(np.float32) * 3, special, special[::-1]]).reshape(1, -1)
+    with np.errstate(all="ignore"):
+        for name, f in numpy_ops.UNARY.items():
+            want = torch_ops.UNARY[name](torch.from_numpy(a)).numpy()
+            got = f(a)
+            assert got.dtype == np.float32, name
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-38, equal_nan=True, err_msg=name)
+        for name, f in numpy_ops.BINARY.items():
+            want = torch_ops.BINARY[name](torch.from_numpy(a), torch.from_numpy(np.abs(b) if name == "pow" else b))
+            got = f(a, np.abs(b) if name == "pow" else b)
+            assert got.dtype == np.float32, name
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-38, equal_nan=True, err_msg=name)
+
+
+@pytest.mark.parametrize("rows", [1, 2, FOLD_FROM_ROWS + 1, 37])
+def test_a_network_on_numpy_arrays_gives_torch_values(rows):
+    """VeLO's network (random weights) over fresh random inputs and state, its values in
+    numpy arrays (the CPU's up to NUMPY_ROWS tensors) and in torch tensors (a GPU's, and
+    the CPU's beyond): the same outputs, MLP weights and new state."""
+    opt = VeLO([torch.nn.Parameter(torch.randn(3))], weights="random", num_steps=10)
+    net = opt._network(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 30, generator=gen)
+    state = {k: torch.randn(rows, c, generator=gen) for k, (_, c) in net.ir.state.items()}
+    nets = {kind: SpecNetwork(net.ir, net.weights, opt.program.mlp.sizes, torch.device("cpu"), arrays=kind)
+            for kind in ("numpy", "torch")}
+    (out_n, mlp_n, state_n), (out_t, mlp_t, state_t) = (nets[k].forward(x, dict(state)) for k in ("numpy", "torch"))
+    pairs = [*zip(out_n.values(), out_t.values()), *zip(mlp_n, mlp_t), *zip(state_n.values(), state_t.values())]
+    assert len(pairs) == 1 + 6 + 2
+    for a, b in pairs:
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+    assert (rows <= NUMPY_ROWS) == (net._program(rows).arrays.__class__.__name__ == "NumpyArrays")

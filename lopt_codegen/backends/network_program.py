@@ -2,168 +2,207 @@
 rows of all tensors: the one implementation every backend calls (through run_network)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..ir.network import NetworkIR
 from ..ir.program import mlp_weight_shapes
+from .network_arrays import NumpyArrays, TorchArrays, Value, concat_tensors
 from .network_fold import FOLD_FROM_ROWS, FoldedLinear, folded_body
 from .torch_ops import BINARY, UNARY
 
 
-Compiled = Callable[[dict[str, torch.Tensor]], torch.Tensor]   # scope -> an expression's value
+Compiled = Callable[[dict[str, Value]], Value]   # scope -> an expression's value
+# Rows (tensors) up to which a network on the CPU holds its values in numpy arrays
+# (network_arrays.py), beyond which torch's ops on two cores are faster. VeLO's network
+# from cold caches, a call, numpy / torch: 2 rows 0.95-0.97 / 1.04-1.05 ms, 76 rows 2.85 /
+# 2.95, 200 rows 4.80 / 4.71; its loss buffer (1 row) 227-229 / 324-325 us.
+NUMPY_ROWS = 128
+
+
+@dataclass
+class _Program:
+    """The network compiled for one kind of arrays."""
+    arrays: TorchArrays
+    statements: list[tuple[str, Compiled]]
+    mlp: list[Compiled]
 
 
 class SpecNetwork:
     """A network with its weights on one device (fold=False: its body as written, no layer
-    folded through another: network_fold.py). Its expressions are compiled once into
+    folded through another: network_fold.py; arrays: "numpy" or "torch" for every call,
+    else numpy's on the CPU up to NUMPY_ROWS rows). Its expressions are compiled once into
     closures (`_compile`): walking the nested tuples at every step, hashing the folded
     subexpressions to find their values, took most of the loss buffer's time (VeLO's:
     30 ops on 10 floats, about 250 us a step from cold caches)."""
 
     def __init__(self, ir: NetworkIR, weights: dict[str, dict[str, torch.Tensor]], mlp_sizes: tuple[int, ...] | None,
-                 device: torch.device, fold: bool = True):
+                 device: torch.device, fold: bool = True, arrays: str | None = None):
         self.ir, self.weights, self.device = ir, weights, device
+        self._arrays = arrays
         self._hyper: dict[str, float] = {}
         self.state_keys = tuple(ir.state)
         # The body as it runs: linear layers over a concat folded through the layer before (network_fold.py)
         self.body = folded_body(ir, weights) if fold else list(ir.body)
         self.mlp_shapes = [] if mlp_sizes is None else mlp_weight_shapes(mlp_sizes)
-        # (kind, rows) -> the shared row; a sharded step (runtime/sharding.py) reduces over
-        # every rank's tensors.
-        self.over_tensors: Callable[[str, torch.Tensor], torch.Tensor] = _over_local_tensors
+        # A sharded step's reduction over every rank's tensors (runtime/sharding.py), on torch
+        # tensors; None: over the step's rows.
+        self.over_tensors: Callable[[str, torch.Tensor], torch.Tensor] | None = None
         # State key -> (rows (T, channels), the row views that are the last step's tensors'
         # state, in their order): while the tensors' states are those views, a step reads
         # the rows and writes its new state with one copy, where stacking and writing back
         # 200 tensors' states took about 0.7 ms of VeLO's 21-22 ms step (reference.run_network).
         self.state_rows: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        self._statements = [(name, self._compile(expr)) for _, name, expr in self.body]
-        self._mlp = [self._compile(e) for e in ir.mlp]
+        self._programs: dict[str, _Program] = {}
 
     def initial_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         """One tensor's network state before its first step: each (channels,)."""
-        return {name: self._compile(init)({}).reshape(-1).to(device, copy=True)
-                for name, (init, _) in self.ir.state.items()}
+        arrays = self._program(1).arrays
+        with arrays.quiet():
+            return {name: arrays.tensor(self._compile(init, arrays)({})).reshape(-1).to(device, copy=True)
+                    for name, (init, _) in self.ir.state.items()}
 
     def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor]
                 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]:
         """x: (T, inputs); state: each (T, channels). Returns the outputs (T, channels), the
         MLP weights [w0 (T, out, in), b0 (T, out), ...] and the new state."""
-        scope = self.run({"x": x, **state})
         count = x.shape[0]
-        rows = lambda v: v.expand(count, v.shape[1])  # noqa: E731  (a shared row for every tensor)
+        program = self._program(count)
+        arrays = program.arrays
+        with arrays.quiet():
+            scope = self._run(program, {"x": x, **state})
+            mlp = [e(scope) for e in program.mlp]
+        rows = lambda v: arrays.tensor(v).expand(count, v.shape[1])  # noqa: E731  (a shared row for every tensor)
         outputs = {name: rows(scope[name]) for name in self.ir.outputs}
-        mlp = [rows(e(scope)).reshape(count, *shape) for e, shape in zip(self._mlp, self.mlp_shapes)]
+        mlp = [rows(w).reshape(count, *shape) for w, shape in zip(mlp, self.mlp_shapes)]
         return outputs, mlp, {name: rows(scope[name]) for name in self.ir.state}
 
     def run(self, scope: dict[str, torch.Tensor], hyper: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
         """The body's values from its inputs and state (scope), each (T or 1, channels)."""
-        self._hyper = hyper or {}
-        scope = dict(scope)
-        for name, value in self._statements:
-            scope[name] = value(scope)
-        return scope
+        program = self._program(max(v.shape[0] for v in scope.values()))
+        with program.arrays.quiet():
+            values = self._run(program, scope, hyper)
+        return {name: program.arrays.tensor(v) for name, v in values.items()}
 
-    def _compile(self, e: tuple) -> Compiled:
-        """A function of the scope computing expression e."""
+    def _program(self, rows: int) -> _Program:
+        """The body compiled for the arrays that hold the values of `rows` tensors."""
+        kind = self._arrays or ("numpy" if self.device.type == "cpu" and rows <= NUMPY_ROWS else "torch")
+        if kind not in self._programs:
+            arrays = (NumpyArrays if kind == "numpy" else TorchArrays)(self.device)
+            self._programs[kind] = _Program(arrays, [(name, self._compile(expr, arrays)) for _, name, expr in self.body],
+                                            [self._compile(e, arrays) for e in self.ir.mlp])
+        return self._programs[kind]
+
+    def _run(self, program: _Program, scope: dict[str, torch.Tensor], hyper: dict[str, float] | None = None
+             ) -> dict[str, Value]:
+        self._hyper = hyper or {}
+        values = {name: program.arrays.of(v) for name, v in scope.items()}
+        for name, value in program.statements:
+            values[name] = value(values)
+        return values
+
+    def _compile(self, e: tuple, arrays: TorchArrays) -> Compiled:
+        """A function of the scope computing expression e on `arrays`."""
         kind = e[0]
         if kind in ("fold", "hyper"):
-            return self._folded(e[1] if kind == "fold" else e)
+            return self._folded(e[1] if kind == "fold" else e, arrays)
         if kind == "const":
-            value = torch.tensor(e[1], dtype=torch.float32, device=self.device).reshape(1, -1)
+            value = arrays.row(torch.tensor(e[1], dtype=torch.float32))
             return lambda scope: value
         if kind == "var":
             name = e[1]
             return lambda scope: scope[name]
         if kind == "weight":
             group, key = e[1], e[2]
-            return lambda scope: self.weights[group][key].reshape(1, -1)
+            return lambda scope: arrays.of(self.weights[group][key].reshape(1, -1))
         if kind == "linear":
             # (W x^T + b)^T: the layer's outputs as the product's rows, so that BLAS splits the
             # product over the cores even for a few tensors' rows (torch.nn.functional.linear,
             # x W^T, ran VeLO's 2 tensors' LSTM as matrix-vector products on one core: 7.1 vs
             # 5.9 ms a step at 1M)
-            x, group, weight, bias = self._compile(e[1]), e[2], f"{e[3]}.weight", f"{e[3]}.bias"
+            x, group, weight, bias = self._compile(e[1], arrays), e[2], f"{e[3]}.weight", f"{e[3]}.bias"
 
-            def linear(scope: dict[str, torch.Tensor]) -> torch.Tensor:
+            def linear(scope: dict[str, Value]) -> Value:
                 w = self.weights[group]
-                return torch.addmm(w[bias].unsqueeze(1), w[weight], x(scope).t()).t()
+                return arrays.of(torch.addmm(w[bias].unsqueeze(1), w[weight], arrays.tensor(x(scope)).t()).t())
             return linear
         if kind == "project":
-            x, group, key = self._compile(e[1]), e[2], e[3]
+            x, group, key = self._compile(e[1], arrays), e[2], e[3]
 
-            def project(scope: dict[str, torch.Tensor]) -> torch.Tensor:
+            def project(scope: dict[str, Value]) -> Value:
                 w = self.weights[group][key]
-                return x(scope) @ w.reshape(w.shape[0], -1)
+                return arrays.of(arrays.tensor(x(scope)) @ w.reshape(w.shape[0], -1))
             return project
         if kind == "concat":
-            parts = [self._compile(a) for a in e[1]]
-            return lambda scope: _concat([part(scope) for part in parts])
+            parts = [self._compile(a, arrays) for a in e[1]]
+            return lambda scope: arrays.concat([part(scope) for part in parts])
         if kind == "folded_linear":
-            return self._folded_linear(e[1])
+            return self._folded_linear(e[1], arrays)
         if kind == "slice":
-            x, start, stop = self._compile(e[1]), e[2], e[2] + e[3]
+            x, start, stop = self._compile(e[1], arrays), e[2], e[2] + e[3]
             return lambda scope: x(scope)[:, start:stop]
         if kind == "over_tensors":
-            x, reduction = self._compile(e[2]), e[1]
-            return lambda scope: self.over_tensors(reduction, x(scope))
+            x, reduction = self._compile(e[2], arrays), e[1]
+
+            def over_tensors(scope: dict[str, Value]) -> Value:
+                if self.over_tensors is None:
+                    return arrays.over_tensors(reduction, x(scope))
+                return arrays.of(self.over_tensors(reduction, arrays.tensor(x(scope))))
+            return over_tensors
         if kind == "max_channels":
-            x = self._compile(e[1])
-            return lambda scope: x(scope).amax(1, keepdim=True)
+            x = self._compile(e[1], arrays)
+            return lambda scope: arrays.max_channels(x(scope))
         if kind == "full":
-            x, channels = self._compile(e[2]), e[1]
-            return lambda scope: x(scope).expand(-1, channels)
-        args = [self._compile(a) for a in e[2]]
+            x, channels = self._compile(e[2], arrays), e[1]
+
+            def full(scope: dict[str, Value]) -> Value:
+                v = x(scope)
+                return arrays.expand(v, v.shape[0], channels)
+            return full
+        args = [self._compile(a, arrays) for a in e[2]]
         if e[1] == "where":
             cond, a, b = args
-            return lambda scope: torch.where(cond(scope) != 0, a(scope), b(scope))
-        if e[1] in UNARY:
-            f, (a,) = UNARY[e[1]], args
+            return lambda scope: arrays.where(cond(scope), a(scope), b(scope))
+        if e[1] in arrays.unary:
+            f, (a,) = arrays.unary[e[1]], args
             return lambda scope: f(a(scope))
-        f, (a, b) = BINARY[e[1]], args
+        f, (a, b) = arrays.binary[e[1]], args
         return lambda scope: f(a(scope), b(scope))
 
-    def _folded(self, e: tuple) -> Compiled:
+    def _folded(self, e: tuple, arrays: TorchArrays) -> Compiled:
         """Numbers and hyperparameters alone: float64 on the host, as Python computes them,
         then float32 on the device; made once per values of the hyperparameters it reads
         (a steady step copies nothing from the host)."""
         names = _hyper_names(e)
-        made: dict[tuple[float, ...], torch.Tensor] = {}
+        made: dict[tuple[float, ...], Value] = {}
 
-        def folded(scope: dict[str, torch.Tensor]) -> torch.Tensor:
+        def folded(scope: dict[str, Value]) -> Value:
             key = tuple(float(self._hyper[n]) for n in names)
             value = made.get(key)
             if value is None:
                 if len(made) >= _CONSTS_LIMIT:   # a schedule changing a value every step
                     made.clear()
-                value = made[key] = _host(e, self._hyper).to(device=self.device, dtype=torch.float32).reshape(1, -1)
+                value = made[key] = arrays.row(_host(e, self._hyper))
             return value
         return folded
 
-    def _folded_linear(self, fold: FoldedLinear) -> Compiled:
+    def _folded_linear(self, fold: FoldedLinear, arrays: TorchArrays) -> Compiled:
         """The folded layer from FOLD_FROM_ROWS rows, as written below (network_fold.py)."""
-        parts, written = [self._compile(a) for a in fold.parts], self._compile(fold.written)
+        parts, written = [self._compile(a, arrays) for a in fold.parts], self._compile(fold.written, arrays)
 
-        def folded_linear(scope: dict[str, torch.Tensor]) -> torch.Tensor:
+        def folded_linear(scope: dict[str, Value]) -> Value:
             values = [part(scope) for part in parts]
             if max(v.shape[0] for v in values) < FOLD_FROM_ROWS:
                 return written(scope)
-            return fold.apply(self.weights, values, _concat, scope[fold.shared])
+            tensor = arrays.tensor
+            return arrays.of(fold.apply(self.weights, list(map(tensor, values)), concat_tensors,
+                                             tensor(scope[fold.shared])))
         return folded_linear
 
 
 _CONSTS_LIMIT = 4096
-
-
-def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
-    # A shared row (1, C) beside rows (T, C) takes T rows; T is 0 on a rank with no tensors.
-    count = 0 if any(p.shape[0] == 0 for p in parts) else max(p.shape[0] for p in parts)
-    return torch.cat([p.expand(count, p.shape[1]) for p in parts], dim=1)
-
-
-def _over_local_tensors(kind: str, x: torch.Tensor) -> torch.Tensor:
-    return {"max": torch.amax, "mean": torch.mean, "sum": torch.sum}[kind](x, 0, keepdim=True)
 
 
 def _hyper_names(e: tuple) -> list[str]:
