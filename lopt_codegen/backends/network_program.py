@@ -3,7 +3,7 @@ rows of all tensors: the one implementation every backend calls (through run_net
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -74,17 +74,25 @@ class SpecNetwork:
         with arrays.quiet():
             scope = self._run(program, {"x": x, **state})
             mlp = [e(scope) for e in program.mlp]
-        rows = lambda v: arrays.tensor(v).expand(count, v.shape[1])  # noqa: E731  (a shared row for every tensor)
+
+        def rows(v: Value, shape: tuple[int, ...] = ()) -> torch.Tensor:
+            """(T, *shape) of v's rows, a shared row for every tensor; shaped in the arrays' own
+            library, then one conversion (from cold caches each torch call costs)."""
+            if v.shape[0] != count:
+                v = arrays.expand(v, count, v.shape[1])
+            return arrays.tensor(v.reshape(count, *shape) if shape else v)
         outputs = {name: rows(scope[name]) for name in self.ir.outputs}
-        mlp = [rows(w).reshape(count, *shape) for w, shape in zip(mlp, self.mlp_shapes)]
+        mlp = [rows(w, shape) for w, shape in zip(mlp, self.mlp_shapes)]
         return outputs, mlp, {name: rows(scope[name]) for name in self.ir.state}
 
-    def run(self, scope: dict[str, torch.Tensor], hyper: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
-        """The body's values from its inputs and state (scope), each (T or 1, channels)."""
+    def run(self, scope: dict[str, torch.Tensor], hyper: dict[str, float] | None = None,
+            names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The body's values from its inputs and state (scope), each (T or 1, channels):
+        those of `names`, or all."""
         program = self._program(max(v.shape[0] for v in scope.values()))
         with program.arrays.quiet():
             values = self._run(program, scope, hyper)
-        return {name: program.arrays.tensor(v) for name, v in values.items()}
+        return {name: program.arrays.tensor(values[name]) for name in (values if names is None else names)}
 
     def _program(self, rows: int) -> _Program:
         """The body compiled for the arrays that hold the values of `rows` tensors."""

@@ -239,7 +239,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         state = self.state.get("loss_buffer")
         if state is None:   # (not setdefault: that made the initial state again at every step)
             state = self.state["loss_buffer"] = buffer.initial_state(device)
-        scope = buffer.run({"loss": loss.reshape(1, 1), **{k: v.reshape(1, -1) for k, v in state.items()}}, hyper)
+        scope = buffer.run({"loss": loss.reshape(1, 1), **{k: v.reshape(1, -1) for k, v in state.items()}}, hyper,
+                           (*buffer.state_keys, "loss_features"))
         for k in buffer.state_keys:   # new tensors, in the shapes kept (a 0-D count from older checkpoints)
             new = scope[k].reshape(state[k].shape)
             state[k] = new if skip is None else torch.where(skip.reshape(()) != 0, state[k], new)
