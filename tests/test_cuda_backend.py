@@ -16,6 +16,7 @@ from generated.adam import Adam
 from generated.small_fc_lopt import SmallFcLopt
 from generated.velo import VeLO
 from lopt_codegen.backends.cuda import CudaBackend
+from lopt_codegen.backends.network_fold import FOLD_FROM_ROWS
 from oracle import SMALL_FC_SHAPES, VELO_MLP_SHAPES, VELO_RNN_SHAPES
 from test_reference_vs_oracle import as_torch, seeded_weights
 
@@ -178,7 +179,8 @@ class _CountOps(TorchDispatchMode):
 def test_torch_work_per_step_does_not_grow_with_same_shape_tensors(name):
     """The host side (small values, MLP fold, finishing reductions) runs per group of
     same-shape tensors: on a GPU each torch call is a launch, so a model's many equal
-    layers must not multiply them."""
+    layers must not multiply them. (A network folds a layer from FOLD_FROM_ROWS tensors,
+    network_fold.py: its calls are compared on each side of that count.)"""
     def calls(copies: int) -> int:
         params = [torch.nn.Parameter(torch.randn(s)) for s in [(40, 24), (24,)] * copies]
         opt = MAKERS[name](params, "cuda")
@@ -189,7 +191,9 @@ def test_torch_work_per_step_does_not_grow_with_same_shape_tensors(name):
                 opt.step(loss=torch.tensor(1.0))
         return counter.count
 
-    assert calls(6) == calls(1)
+    few, many = FOLD_FROM_ROWS // 2 - 1, FOLD_FROM_ROWS // 2   # (copies of two tensors)
+    assert calls(few) == calls(1)
+    assert calls(many + 2) == calls(many)
 
 
 def test_rejects_non_contiguous_params():
