@@ -221,10 +221,11 @@ NetworkOut = tuple[dict[str, torch.Tensor], list[torch.Tensor]]   # (outputs, ML
 
 
 def run_network_over_groups(batch: StepBatch, groups: list[GroupValues], inputs: list[Node],
-                            hold: Callable[[NetworkOut], NetworkOut] | None = None) -> None:
+                            hold: Callable[[NetworkOut], NetworkOut] | None = None, take: bool = True) -> None:
     """One network call over every tensor of the step (inputs[i]: the network input node
     of groups[i]); each group takes its rows of the outputs and MLP weights (of
-    `hold(outputs, mlp)`'s where given: tensors of the caller's)."""
+    `hold(outputs, mlp)`'s where given: tensors of the caller's), unless not `take`
+    (they hold those rows already)."""
     x = torch.cat([g.dense(node).reshape(len(g), -1) for g, node in zip(groups, inputs)])
     tasks = [t for g in groups for t in g.tasks]
     if any(t.shard is not None for t in tasks):
@@ -239,6 +240,8 @@ def run_network_over_groups(batch: StepBatch, groups: list[GroupValues], inputs:
         outputs, mlp = run_network(batch, tasks, x)
     if hold is not None:
         outputs, mlp = hold((outputs, mlp))
+    if not take:
+        return
     start = 0
     for g in groups:
         g.ev.take_network(outputs, mlp, slice(start, start + len(g)))

@@ -190,7 +190,9 @@ class NetworkCall:
         self.kept: NetworkOut | None = None
 
     def __call__(self) -> None:
-        run_network_over_groups(self.batch, self.groups, self.inputs, self._hold)
+        # A replay's groups hold their rows of the kept tensors since the recorded call
+        # (taking them again: 14 slices of VeLO's, from cold caches).
+        run_network_over_groups(self.batch, self.groups, self.inputs, self._hold, take=self.kept is None)
 
     def _hold(self, out: NetworkOut) -> NetworkOut:
         outputs, mlp = out
