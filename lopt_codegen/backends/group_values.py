@@ -226,7 +226,8 @@ def run_network_over_groups(batch: StepBatch, groups: list[GroupValues], inputs:
     of groups[i]); each group takes its rows of the outputs and MLP weights (of
     `hold(outputs, mlp)`'s where given: tensors of the caller's), unless not `take`
     (they hold those rows already)."""
-    x = torch.cat([g.dense(node).reshape(len(g), -1) for g, node in zip(groups, inputs)])
+    parts = [g.dense(node).reshape(len(g), -1) for g, node in zip(groups, inputs)]
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)   # (only read)
     tasks = [t for g in groups for t in g.tasks]
     if any(t.shard is not None for t in tasks):
         # FSDP2: ranks group the tensors by their own rows, so each orders them differently;
