@@ -1,5 +1,7 @@
-"""Runs a spec's per-tensor network (ir/network.py) with torch, once per step over the
-rows of all tensors: the one implementation every backend calls (through run_network)."""
+"""Runs a spec's per-tensor network (ir/network.py) once per step over the rows of all
+tensors: the one implementation every backend calls (through run_network). Its linear
+layers run in torch; its values are numpy arrays on the CPU, torch tensors on a GPU
+(network_arrays.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
