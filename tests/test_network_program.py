@@ -92,25 +92,32 @@ def test_a_network_on_numpy_arrays_gives_torch_values(rows):
 
 
 @pytest.mark.parametrize("arrays", ["numpy", "torch"])
-def test_projections_of_one_value_run_as_one_product(arrays):
-    """VeLO's six MLP banks projected from `controls` run as one product; each MLP weight
-    is still controls x its bank x 100/256, also after a bank is written in place (the
-    stacked weight made again)."""
+def test_products_of_one_value_run_as_one(arrays):
+    """VeLO's two linear layers over lstm_h (controls, lr_mult) and its six MLP banks
+    projected from controls run as one product each; every value is still its own
+    product (controls = W lstm_h + b, each MLP weight controls x its bank x 100/256), also
+    after a bias and a bank are written in place (the stacked weights made again)."""
     opt = VeLO([torch.nn.Parameter(torch.randn(3))], weights="random", num_steps=10)
     base = opt._network(torch.device("cpu"))
     weights = {g: {k: v.clone() for k, v in d.items()} for g, d in base.weights.items()}
     net = SpecNetwork(base.ir, weights, opt.program.mlp.sizes, torch.device("cpu"), arrays=arrays)
-    assert [len(keys) for keys in net._merged.values()] == [6]
-    keys = ["input_weights_", "input_bias_", "hidden_weights_.0", "hidden_bias_.0", "output_weights_", "output_bias_"]
+    banks = ["input_weights_", "input_bias_", "hidden_weights_.0", "hidden_bias_.0", "output_weights_", "output_bias_"]
+    assert net._merged == {("linear", ("var", "lstm_h"), "rnn"): ["rnn_to_controls", "step_size"],
+                           ("project", ("var", "controls"), "mlp"): banks}
     gen = torch.Generator().manual_seed(3)
     rows = 3
     x = torch.randn(rows, 30, generator=gen)
     state = {k: torch.randn(rows, c, generator=gen) for k, (_, c) in net.ir.state.items()}
+    rnn, mlp_banks = weights["rnn"], weights["mlp"]
     for written in (False, True):
         if written:
-            weights["mlp"]["hidden_bias_.0"].mul_(-2.0).add_(0.5)
-        controls = net.run({"x": x, **state}, names=["controls"])["controls"]
+            rnn["step_size.bias"].add_(0.25)
+            mlp_banks["hidden_bias_.0"].mul_(-2.0).add_(0.5)
+        values = net.run({"x": x, **state}, names=["lstm_h", "controls", "lr_mult"])
+        for name, layer in (("controls", "rnn_to_controls"), ("lr_mult", "step_size")):
+            want = values["lstm_h"] @ rnn[f"{layer}.weight"].t() + rnn[f"{layer}.bias"]
+            torch.testing.assert_close(values[name], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=name)
         _, mlp, _ = net.forward(x, dict(state))
-        for w, key, shape in zip(mlp, keys, net.mlp_shapes):
-            want = (controls @ weights["mlp"][key].reshape(256, -1) * (100 / 256)).reshape(rows, *shape)
+        for w, key, shape in zip(mlp, banks, net.mlp_shapes):
+            want = (values["controls"] @ mlp_banks[key].reshape(256, -1) * (100 / 256)).reshape(rows, *shape)
             torch.testing.assert_close(w, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=key)

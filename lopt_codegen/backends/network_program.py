@@ -59,11 +59,13 @@ class SpecNetwork:
         # 200 tensors' states took about 0.7 ms of VeLO's 21-22 ms step (reference.run_network).
         self.state_rows: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._programs: dict[str, _Program] = {}
-        # Projections of one value with one weight group run as one product (`_projected`):
-        # (value's expression, group) -> the keys, where two or more; their stacked weight
-        # kept per version of the weights. VeLO's six MLP banks, a network call from cold
-        # caches: 0.99-1.14 -> 0.78-0.91 ms on 2 tensors, 3.57 -> 3.37 ms on 76.
-        self._merged = {k: keys for k, keys in _projections([e for _, _, e in self.body] + list(ir.mlp)).items()
+        # Linear layers, and projections, of one value with one weight group run as one
+        # product (`_merged_product`): (kind, value's expression, group) -> the layers or
+        # keys, where two or more; their stacked weights kept per version of the weights.
+        # A network call of VeLO's from cold caches, its six MLP banks merged: 0.99-1.14 ->
+        # 0.78-0.91 ms on 2 tensors, 3.57 -> 3.37 ms on 76; then its two layers over lstm_h
+        # too: 0.91-0.93 -> 0.76-0.78 ms on 2, 3.12 -> 2.80 ms on 76.
+        self._merged = {k: keys for k, keys in _products([e for _, _, e in self.body] + list(ir.mlp)).items()
                         if len(keys) > 1}
         self._stacked: dict[tuple, tuple] = {}
 
@@ -141,6 +143,8 @@ class SpecNetwork:
             # x W^T, ran VeLO's 2 tensors' LSTM as matrix-vector products on one core: 7.1 vs
             # 5.9 ms a step at 1M)
             x, group, weight, bias = self._compile(e[1], arrays), e[2], f"{e[3]}.weight", f"{e[3]}.bias"
+            if e[3] in self._merged.get(e[:3], ()):
+                return self._merged_product(e[:3], x, e[3], arrays)
 
             def linear(scope: dict[str, Value]) -> Value:
                 w = self.weights[group]
@@ -148,8 +152,8 @@ class SpecNetwork:
             return linear
         if kind == "project":
             x, group, key = self._compile(e[1], arrays), e[2], e[3]
-            if key in self._merged.get((e[1], group), ()):
-                return self._projected(e[1], x, group, key, arrays)
+            if key in self._merged.get(e[:3], ()):
+                return self._merged_product(e[:3], x, key, arrays)
 
             def project(scope: dict[str, Value]) -> Value:
                 w = self.weights[group][key]
@@ -191,30 +195,41 @@ class SpecNetwork:
         f, (a, b) = arrays.binary[e[1]], args
         return lambda scope: f(a(scope), b(scope))
 
-    def _projected(self, value: tuple, x: Compiled, group: str, key: str, arrays: TorchArrays) -> Compiled:
-        """Projection `key` of `value` as its columns of the product with every key merged
-        with it (self._merged), made by the first of them a call reaches."""
-        keys = tuple(self._merged[(value, group)])
-        made = f":projected{list(self._merged).index((value, group))}"   # (not a name a spec can write)
+    def _merged_product(self, merge: tuple, x: Compiled, key: str, arrays: TorchArrays) -> Compiled:
+        """Layer or projection `key` of a merged product (self._merged[merge]) as its
+        columns of that product, made by the first of its keys a call reaches."""
+        kind, _, group = merge
+        keys = tuple(self._merged[merge])
+        made = f":product{list(self._merged).index(merge)}"   # (not a name a spec can write)
         # (the weights' shapes are the spec's: checked when they load)
-        widths = [math.prod(self.weights[group][k].shape[1:]) for k in keys]
+        widths = [self.weights[group][f"{k}.weight"].shape[0] if kind == "linear"
+                  else math.prod(self.weights[group][k].shape[1:]) for k in keys]
         stop = sum(widths[:keys.index(key) + 1])
         start = stop - widths[keys.index(key)]
 
-        def project(scope: dict[str, Value]) -> Value:
+        def product(scope: dict[str, Value]) -> Value:
             if made not in scope:
-                scope[made] = arrays.of(arrays.tensor(x(scope)) @ self._stack(group, keys))
+                weight, bias = self._stack(kind, group, keys)
+                v = arrays.tensor(x(scope))
+                # (a linear layer as the unmerged one: (W x^T + b)^T)
+                scope[made] = arrays.of(v @ weight if bias is None else torch.addmm(bias, weight, v.t()).t())
             return scope[made][:, start:stop]
-        return project
+        return product
 
-    def _stack(self, group: str, keys: tuple[str, ...]) -> torch.Tensor:
-        """The weights of `keys` side by side, each (in, ...) as (in, prod(...)); made again
+    def _stack(self, kind: str, group: str, keys: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Linear layers' weights one above the other and their biases as a column, or
+        projections' weights side by side, each (in, ...) as (in, prod(...)); made again
         when one is written to or replaced."""
-        weights = [self.weights[group][k] for k in keys]
-        seen = tuple((id(w), w._version) for w in weights)
-        kept = self._stacked.get((group, keys))
+        names = [f"{k}.{part}" for k in keys for part in ("weight", "bias")] if kind == "linear" else list(keys)
+        tensors = [self.weights[group][n] for n in names]
+        seen = tuple((id(t), t._version) for t in tensors)
+        kept = self._stacked.get((kind, group, keys))
         if kept is None or kept[0] != seen:
-            kept = self._stacked[(group, keys)] = (seen, torch.cat([w.reshape(w.shape[0], -1) for w in weights], 1))
+            if kind == "linear":
+                stacked = (torch.cat(tensors[0::2]), torch.cat(tensors[1::2]).unsqueeze(1))
+            else:
+                stacked = (torch.cat([t.reshape(t.shape[0], -1) for t in tensors], 1), None)
+            kept = self._stacked[(kind, group, keys)] = (seen, stacked)
         return kept[1]
 
     def _folded(self, e: tuple, arrays: TorchArrays) -> Compiled:
@@ -251,17 +266,16 @@ class SpecNetwork:
 _CONSTS_LIMIT = 4096
 
 
-def _projections(exprs: list) -> dict[tuple, list[str]]:
-    """(projected expression, weight group) -> the keys projected from it, in order."""
+def _products(exprs: list) -> dict[tuple, list[str]]:
+    """("linear" | "project", the expression multiplied, weight group) -> the layers or
+    keys it is multiplied with, in order; not inside a folded layer (network_fold.py),
+    which runs either of two products."""
     found: dict[tuple, list[str]] = {}
 
     def visit(e: object) -> None:
-        if isinstance(e, FoldedLinear):
-            for part in (*e.parts, e.written):
-                visit(part)
-        elif isinstance(e, tuple):
-            if e and e[0] == "project":
-                keys = found.setdefault((e[1], e[2]), [])
+        if isinstance(e, tuple):
+            if e and e[0] in ("linear", "project"):
+                keys = found.setdefault(e[:3], [])
                 if e[3] not in keys:
                     keys.append(e[3])
             for part in e:
