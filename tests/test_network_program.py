@@ -10,6 +10,7 @@ import torch
 
 from generated.velo import VeLO
 from lopt_codegen.backends import numpy_ops, torch_ops
+from lopt_codegen.backends.network_arrays import NumpyArrays
 from lopt_codegen.backends.network_fold import FOLD_FROM_ROWS
 from lopt_codegen.backends.network_program import NUMPY_ROWS, SpecNetwork
 from oracle import LossBuffer
@@ -88,7 +89,7 @@ def test_a_network_on_numpy_arrays_gives_torch_values(rows):
     for a, b in pairs:
         assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
-    assert (rows <= NUMPY_ROWS) == (net._program(rows).arrays.__class__.__name__ == "NumpyArrays")
+    assert (rows <= NUMPY_ROWS) == isinstance(net._program(rows).arrays, NumpyArrays)
 
 
 @pytest.mark.parametrize("arrays", ["numpy", "torch"])
