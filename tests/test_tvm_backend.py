@@ -20,7 +20,7 @@ from lopt_codegen.backends.base import TensorTask
 from lopt_codegen.backends.tvm import TvmBackend, small_work, unsupported_reason
 from lopt_codegen.backends.tvm.build import compile_pass, llvm_target
 from lopt_codegen.backends.tvm.printer import _BINARY, _UNARY, F32
-from lopt_codegen.backends.tvm.view import LANES, SHORT_ROWS_MACS
+from lopt_codegen.backends.tvm.view import LANES, OWN_LANES_FROM, SHORT_ROWS_MACS
 
 STEPS = 10
 RTOL = 1e-5
@@ -95,10 +95,12 @@ def test_matches_reference_on_every_shape(name, kernels, poisoned_buffers):
     shapes = SHAPES + VECTOR_SHAPES + FOLDED_SHAPES
     # The larger shapes split their own loops across the cores (shape-generic: where their
     # rows split into chunks too), the smaller ones run whole per core (both kinds of CPU
-    # parallel loop). Torch small work: the path CUDA groups take.
+    # parallel loop). Torch small work: the path CUDA groups take. Generic: every tensor
+    # on them, also those that would take their own to run a heavy MLP in vectors.
+    everyone = 1 << 40
     options = {"specialized": {"specialize_from": 0, "parallel_within_from": 64},
-               "generic": {"parallel_within_from": 64},
-               "generic, torch small work": {"compiled_small_work": False}}[kernels]
+               "generic": {"parallel_within_from": 64, "own_lanes_from": everyone},
+               "generic, torch small work": {"compiled_small_work": False, "own_lanes_from": everyone}}[kernels]
     pair = make_pair(name, shapes, **options)
     assert run_and_compare(*pair) <= RTOL
     backend = pair[3].backend
@@ -195,6 +197,24 @@ def test_short_rows_run_in_vectors_in_a_pass_with_a_heavy_mlp(name):
         assert (k.sig.view.element_y == LANES) == (k.sig.index in heavy)
         assert k.sig.lanes == 1   # (the element stages' vectors: View.vector_y, schedule_llvm)
         assert k.sig.view.vector_y == (k.sig.index in heavy)
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
+def test_small_tensors_of_a_heavy_mlp_take_their_own_vector_kernels(name):
+    """Tensors under specialize_from share the shape-generic kernels, which run rows that
+    are not whole vectors a lane at a time. Where a pass's MLP is heavy (small_fc_lopt's,
+    not VeLO's) such a tensor of OWN_LANES_FROM or more elements takes its own kernels,
+    which run vectors (a (33,) bias: 650 ns an element on the shared ones). Whole-vector
+    rows and smaller tensors still share; all match the reference."""
+    shapes = [(33,), (7, 5), (31,), (8, 16), (33,)]
+    pair = make_pair(name, shapes, own_lanes_from=OWN_LANES_FROM)
+    assert OWN_LANES_FROM == 32 and run_and_compare(*pair, steps=3) <= RTOL
+    backend = pair[3].backend
+    own = {key[2]: (key[0], kernels) for key, kernels in backend._kernels.items() if key[2] is not True}
+    assert set(own) == ({(1, 1, 1, 33, 1), (1, 7, 1, 5, 1)} if name == "small_fc_lopt" else set())
+    for dims, (variant, kernels) in own.items():
+        heavy = [k for k in kernels if backend.plans[variant].passes[k.sig.index].macs >= SHORT_ROWS_MACS]
+        assert heavy and all(k.sig.view.element_y == (48 if dims[3] == 33 else LANES) for k in heavy)
 
 
 @pytest.mark.parametrize("kernels", ["specialized", "generic"])

@@ -30,7 +30,8 @@ from .signature import PassSignature, pass_signature
 from .small_function import is_plain, small_signatures
 from .small_work import GroupKept, GroupStep, SmallKernel
 from .threads import CONTENTION
-from .view import LANES, PARALLEL_WITHIN_FROM, ROW_CHUNKS, SYMBOLIC_BELOW, View, view_of
+from .view import LANES, OWN_LANES_FROM, PARALLEL_WITHIN_FROM, ROW_CHUNKS, SHORT_ROWS_MACS, SYMBOLIC_BELOW, View, \
+    view_of
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -89,11 +90,14 @@ class TvmBackend(Backend):
 
     def __init__(self, program: Program, cache: BuildCache = DEFAULT_CACHE, specialize_from: int = SYMBOLIC_BELOW,
                  parallel_within_from: int = PARALLEL_WITHIN_FROM, compiled_small_work: bool = True,
-                 background: bool | None = None):
+                 background: bool | None = None, own_lanes_from: int = OWN_LANES_FROM):
         super().__init__(program)
         # Tensors with fewer elements share shape-generic kernels (one build for all
-        # sizes, not vectorized); larger ones get kernels built for their shape.
+        # sizes); larger ones get kernels built for their shape...
         self.specialize_from = specialize_from
+        # ... and, from own_lanes_from elements, so do those whose shape-generic kernels
+        # would run a lane at a time where an MLP makes that slow (view.OWN_LANES_FROM).
+        self.own_lanes_from = own_lanes_from
         # Tensors this large split their own loops across the cores; a group of smaller
         # ones runs whole tensors per core (View.parallel_within).
         self.parallel_within_from = parallel_within_from
@@ -103,6 +107,7 @@ class TvmBackend(Backend):
         self.target = llvm_target()
         self.cache = cache
         self.plans = plan_program(program)
+        self._heavy_mlp = {v for v, plan in self.plans.items() if any(p.macs >= SHORT_ROWS_MACS for p in plan.passes)}
         self._with_calls = {v for v, graph in program.variants.items()
                             if any(n.op == "call" for n in topo_order(graph.roots()))}
         # Steps with a skip flag are never recorded (the flag is a value of the step, computed
@@ -137,7 +142,8 @@ class TvmBackend(Backend):
         return kernels
 
     def kernels(self, task: TensorTask, wait: bool = True) -> tuple[list[_Kernel] | None, bool]:
-        """The tensor's kernels: built for its shape when it is large enough, else
+        """The tensor's kernels: built for its shape when it is large enough (or when the
+        shape-generic ones would run its heavy MLP a lane at a time: _own_lanes), else
         shape-generic. wait=False: the best of those already built (its own, else the
         shape-generic ones, else None: the reference steps it), the better ones' builds
         started in the background. And whether they are the best (no better to come).
@@ -150,7 +156,8 @@ class TvmBackend(Backend):
         view = self.view(task)   # the GPU's is always shape-generic
         if not view.gpu and view.numel >= self.parallel_within_from:
             view = replace(view, parallel_within=True)
-        if view.numel < self.specialize_from or view.generic().parallel_within:
+        shared = view.numel < self.specialize_from and not self._own_lanes(task.variant, view)
+        if shared or view.generic().parallel_within:
             view = view.generic()
         arch = cuda_arch(p.device) if p.device.type == "cuda" else None
         wait = wait or view.gpu   # (CUDA kernels are shape-generic already)
@@ -174,6 +181,12 @@ class TvmBackend(Backend):
             self._kernels[keys[ready]] = [_Kernel(s, f) for s, f in zip(sigs[ready], self._load(task.variant,
                                                                                                   sigs[ready], arch))]
         return self._kernels[keys[ready]], ready == 0
+
+    def _own_lanes(self, variant: str, view: View) -> bool:
+        """Whether a small tensor takes its own kernels, which run vectors, where the
+        shape-generic ones would run its heavy MLP a lane at a time (OWN_LANES_FROM)."""
+        return (not view.gpu and view.numel >= self.own_lanes_from and variant in self._heavy_mlp
+                and not view.generic().vectors and replace(view, pad_short_rows=True).element_y is not None)
 
     def _built(self, key: tuple, variant: str, jobs: list, stand_in: bool) -> bool:
         """Whether a tier's kernels are built: in the cache when first asked (no build),

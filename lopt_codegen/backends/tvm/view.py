@@ -26,6 +26,11 @@ LANES = 16   # floats per vector in the element loops (two AVX2 / one AVX-512 re
 # nothing and its passes without an MLP lost up to a third.
 SHORT_ROWS_MACS = 512
 SYMBOLIC_BELOW = 4096   # smaller tensors share one shape-generic (scalar) kernel
+# ... except, from this many elements, a tensor whose shape-generic kernel would run a lane
+# at a time (rows not whole vectors) where a pass's MLP is heavy (SHORT_ROWS_MACS): its own
+# kernel runs vectors (element_y). small_fc_lopt's (33,) biases took 650 ns an element on
+# the scalar kernel against ~20 on their own, a build of ~2 s in the background.
+OWN_LANES_FROM = 2 * LANES
 # CPU: a tensor with fewer elements is too little work to split across cores; its group's
 # kernel runs whole tensors on each core instead (View.parallel_within).
 PARALLEL_WITHIN_FROM = 1 << 16
