@@ -184,9 +184,11 @@ def expanded_sizes(roots: list[Node], is_read: Callable[[Node], bool], limit: in
 
 class ElementPrinter:
     def __init__(self, load: Callable[[Node, int], tirx.PrimExpr], stored: set[int],
-                 mlp_output: Callable[[int], tirx.PrimExpr] | None = None):
+                 mlp_output: Callable[[int], tirx.PrimExpr] | None = None,
+                 shared: frozenset[int] | set[int] = frozenset()):
         self.load, self.stored = load, stored   # stored: ids of accumulators read from memory
         self.mlp_output = mlp_output            # channel -> the MLP stage's output here
+        self.shared = shared                    # ids of values more than one value reads
         self.memo: dict[int, list] = {}
         self.lets: list[tuple[tirx.Var, tirx.PrimExpr]] = []
 
@@ -220,11 +222,12 @@ class ElementPrinter:
 
     def _factors(self, node: Node) -> list[Node]:
         """The factors of a product of element values: its args, and theirs where an arg is
-        itself such a product (printed here, not stored)."""
+        itself such a product (printed here, not stored), read by this product alone (a
+        product another value reads too is computed anyway: a factor as it is)."""
         out = []
         for a in node.args:
-            nested = a.op == "mul" and a.level == Level.ELEMENT and id(a) not in self.stored
-            out += self._factors(a) if nested else [a]
+            own = id(a) not in self.stored and id(a) not in self.shared
+            out += self._factors(a) if a.op == "mul" and a.level == Level.ELEMENT and own else [a]
         return out
 
     def _emit(self, node: Node) -> list:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,7 +26,7 @@ import tvm_ffi
 from tvm import te, tirx
 
 from ...ir.mlp_fold import MlpFold
-from ...ir.nodes import LEAVES, Level, Node
+from ...ir.nodes import LEAVES, Level, Node, topo_order
 from .batched import OPAQUE_ZERO
 from .mlp_stages import AlongAxes, build_mlp_stages
 from .printer import F32, ElementPrinter, expanded_sizes
@@ -103,6 +104,11 @@ class _Inputs:
         self.scalars = te.placeholder((sig.scalar_count,), F32, "scalars") if sig.scalar_nodes else None
         self.own: dict[int, list[te.Tensor]] = {}   # values in stages of their own (own_stages)
         self.own_names = itertools.count()   # block names must be unique in a pass
+        # Values more than one of the kernel's values read (ElementPrinter._factors)
+        roots = [*sig.output_nodes.values(), *(r for r, _ in sig.x_sums + sig.y_sums + sig.m_sums),
+                 *([sig.mlp] if sig.mlp is not None else [])]
+        uses = Counter(id(a) for n in topo_order(roots) for a in n.args)
+        self.shared = {k for k, count in uses.items() if count > 1}
         self.mlp = None
         if sig.mlp is not None:
             shapes = MlpFold.of(sig.mlp).layer_shapes(sig.mlp.attrs[0])
@@ -143,7 +149,7 @@ class _Inputs:
             return to_float32(self.leaf[node.op][at], self.dtype[node.op])
 
         read_mlp = None if mlp_output is None else (lambda c: mlp_output[(c, *index)])
-        return ElementPrinter(load, set(sig.stored) | set(self.own), read_mlp)
+        return ElementPrinter(load, set(sig.stored) | set(self.own), read_mlp, self.shared)
 
     def _periodic(self, node: Node) -> te.Tensor:
         """A folded kernel's value without Y along a row's folded axis: its C values
