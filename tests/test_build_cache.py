@@ -43,20 +43,26 @@ def test_concurrent_builders_build_once(tmp_path):
     assert leftovers == []
 
 
-@pytest.mark.parametrize("damage", ["truncate", "meta", "delete_meta"])
+@pytest.mark.parametrize("damage", ["truncate", "same_size", "meta", "delete_meta"])
 def test_corrupted_entry_is_rebuilt(tmp_path, damage):
     cache = BuildCache(tmp_path)
     _get(str(tmp_path))
+
+    def read() -> str:
+        return cache.get("test", KEY, "module.txt", _slow_build, lambda p: p.read_text())
+    assert read() == "artifact for " + str(KEY)   # a hit: its checksum checked in this process
     entry = tmp_path / "test" / key_digest(KEY)
     if damage == "truncate":
         (entry / "module.txt").write_text("garb")
+    elif damage == "same_size":   # (checked in this process before, and checked again)
+        artifact = entry / "module.txt"
+        artifact.write_text("X" * len(artifact.read_text()))
     elif damage == "meta":
         (entry / "meta.json").write_text("{not json")
     else:
         (entry / "meta.json").unlink()
-    text = cache.get("test", KEY, "module.txt", _slow_build, lambda p: p.read_text())
-    assert text == "artifact for " + str(KEY)
-    assert (cache.hits, cache.builds) == (0, 1)
+    assert read() == "artifact for " + str(KEY)
+    assert (cache.hits, cache.builds) == (1, 1)
 
 
 def test_entry_that_fails_to_load_is_rebuilt(tmp_path):

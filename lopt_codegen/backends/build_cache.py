@@ -31,6 +31,7 @@ T = TypeVar("T")
 _VERSION = 1   # bump when the entry layout changes
 _STALE_TEMP_S = 24 * 3600   # a temporary folder this old is a dead build's, whatever its key
 _usable: dict[Path, Path] = {}   # a configured cache folder -> the folder used for it
+_checked: dict[Path, tuple] = {}   # artifacts whose checksum matched -> their files' identities then
 
 
 def cache_dir() -> Path:
@@ -66,11 +67,24 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _valid_artifact(entry: Path, filename: str) -> Path | None:
+    """The entry's artifact where its checksum matches the one recorded, checked once per
+    process while the files are unchanged (a first step asked has() then get() of each
+    kernel: two checksums of every file)."""
     artifact, meta = entry / filename, entry / "meta.json"
     try:
-        recorded = json.loads(meta.read_text())["sha256"]
-        return artifact if recorded == _file_sha256(artifact) else None
+        seen = (_identity(artifact), _identity(meta))
+        if _checked.get(artifact) == seen:
+            return artifact
+        if json.loads(meta.read_text())["sha256"] != _file_sha256(artifact):
+            return None
+        _checked[artifact] = seen
+        return artifact
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
