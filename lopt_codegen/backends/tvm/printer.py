@@ -44,7 +44,7 @@ _TAYLOR = [1 / math.factorial(k) for k in range(9)]   # the coefficient of r^k
 
 
 def _pow2(n: tirx.PrimExpr) -> tirx.PrimExpr:
-    """2^n for an int32 n in [-126, 127], built from its exponent bits."""
+    """2^n for an int32 n in [-127, 127] (-127: 0), built from its exponent bits."""
     return tirx.reinterpret(F32, (n + 127) << 23)
 
 
@@ -54,12 +54,17 @@ def _let(value: tirx.PrimExpr, body: Callable[[tirx.Var], tirx.PrimExpr]) -> tir
 
 
 def _exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    def scaled(clamped: tirx.Var) -> tirx.PrimExpr:
-        n = tirx.min(tirx.floor(clamped * _f(1.4426950408889634) + _f(0.5)), _f(127))
-        return _let(n, lambda n: _let(clamped - n * _f(_LN2_HI) - n * _f(_LN2_LO), lambda r:
-                                      _taylor(r) * _pow2(n.astype("int32"))))
+    # x is not clamped to the range first: that took two operations on every element's
+    # chain. Beyond the range n and r are meaningless and the Selects discard them; n is
+    # bounded below (-127: 2^n is 0) only where it becomes an int, so that the conversion
+    # is defined (CUDA C too). VeLO's MLP pass 0.8-1.3% faster, interleaved at 1M and 4M
+    # (2.5-3.6% without that bound, with an undefined conversion beyond the range).
+    def scaled(x: tirx.Var) -> tirx.PrimExpr:
+        n = tirx.min(tirx.floor(x * _f(1.4426950408889634) + _f(0.5)), _f(127))
+        return _let(n, lambda n: _let(x - n * _f(_LN2_HI) - n * _f(_LN2_LO), lambda r:
+                                      _taylor(r) * _pow2(tirx.max(n, _f(-127)).astype("int32"))))
 
-    out = _let(tirx.max(tirx.min(x, _f(_EXP_HI)), _f(_EXP_LO)), scaled)
+    out = _let(x, scaled)
     out = tirx.Select(x > _f(_EXP_HI), _f(float("inf")), tirx.Select(x < _f(_EXP_LO), _f(0), out))
     return tirx.Select(_is_nan(x), x, out)
 
