@@ -11,7 +11,7 @@ AdamW(foreach=True), on tensors of the same shapes, so machine noise hits all al
 Each spec also gets its floors in the same run: the traffic floor (the bytes its plan's
 passes move over these tensors, at the bandwidth fused AdamW reached: 28 B/element), the
 FMA floor (its MLP's multiply-adds over these tensors, and its network's, at the rate
-torch.mm of 1024x1024 matrices reached) and the pass floor (each pass at the slower of the two, one pass after
+torch.mm of 1024x1024 matrices reached, timed in turn with the steps) and the pass floor (each pass at the slower of the two, one pass after
 another: a spec whose passes are some memory-bound, some FMA-bound cannot go below it).
 `torch.compile(opt.step)` of the reference backend is
 measured in a child process (a compile that fails or runs past --compile-timeout is
@@ -232,12 +232,13 @@ def pass_floor(rounds: list[tuple[int, int]], bandwidth: float, rate: float) -> 
     return sum(max(nbytes / bandwidth, macs / rate) for nbytes, macs in rounds)
 
 
-def mm_rate(device: str, reps: int = 5) -> float:
-    """Multiply-adds per second of torch.mm on 1024x1024 float32 matrices: the FMA rate
-    this machine's BLAS reaches, the floor of an MLP-bound step."""
-    a, b = (torch.randn(1024, 1024, device=device) for _ in range(2))
-    medians, _ = time_interleaved({"mm": lambda: torch.mm(a, b)}, 1, reps, device)
-    return 1024 ** 3 / medians["mm"]
+MM_SIZE = 1024   # torch.mm of MM_SIZE x MM_SIZE float32 matrices: the FMA rate this
+# machine's BLAS reaches, the floor of an MLP-bound step
+
+
+def mm_fn(device: str) -> Callable[[], object]:
+    a, b = (torch.randn(MM_SIZE, MM_SIZE, device=device) for _ in range(2))
+    return lambda: torch.mm(a, b)
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -283,12 +284,15 @@ def all_finite(opt) -> bool:
 
 
 def measure_case_spec(spec: str, token: str, backends: list[str], args) -> dict:
-    """Backends of one spec and both AdamWs, interleaved on one case; then torch.mm's rate."""
+    """Backends of one spec, both AdamWs and torch.mm (the FMA floor's rate) interleaved on
+    one case: each floor's rate measured under the same load as the steps (torch.mm timed
+    on its own after them moved the FMA floor by up to 30% between runs)."""
     shapes = case_shapes(token)
     base, grads = make_tensors(shapes, args.seed, args.device)
     fns, opts, errors = {}, {}, {}
     for name, flavour in (("adamw_fused", "fused"), ("adamw_foreach", "foreach")):
         fns[name] = step_fn(torch.optim.AdamW(clone_params(base, grads), lr=LR, **{flavour: True}), schedule=True)
+    fns["torch.mm"] = mm_fn(args.device)
     for backend in backends:
         try:
             opts[backend] = make_optimizer(spec, backend, clone_params(base, grads))
@@ -297,7 +301,9 @@ def measure_case_spec(spec: str, token: str, backends: list[str], args) -> dict:
             errors[backend] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     medians, run_errors = time_interleaved(fns, args.warmup, args.steps, args.device)
     errors.update(run_errors)
-    return {"medians": medians, "errors": errors, "mm_rate": mm_rate(args.device),
+    if "torch.mm" not in medians:
+        raise RuntimeError(f"torch.mm failed: {errors.get('torch.mm')}")
+    return {"medians": medians, "errors": errors, "mm_rate": MM_SIZE ** 3 / medians.pop("torch.mm"),
             "finite": {b: all_finite(o) for b, o in opts.items() if b not in errors}}
 
 
@@ -453,7 +459,8 @@ def to_markdown(results: dict) -> str:
              f"the bytes its plan's passes move (and its network's weights, read once) / the bandwidth fused AdamW "
              f"reached ({ADAMW_BYTES} B/param); `FMA "
              "floor` = its MLP's multiply-adds (and its network's: VeLO's LSTM, once per tensor, its folded layer "
-             "as it runs) / the rate torch.mm of 1024x1024 matrices reached; `x traffic` and "
+             f"as it runs) / the rate torch.mm of {MM_SIZE}x{MM_SIZE} matrices reached (timed in the same "
+             "rotation as the steps); `x traffic` and "
              "`x FMA` = step time / that floor; `pass floor` = each pass at the slower of its traffic and "
              "its multiply-adds at those rates, the passes (and the network) one after another (pass k of every tensor "
              "before pass k+1: its small work needs pass k's sums), `x pass` = step time / that floor. `x ref` and `x compiled` divide this row's `x fused` by that of the "
